@@ -1,0 +1,1 @@
+"""Reading, checking, preprocessing and converting datasets to TFRecords."""

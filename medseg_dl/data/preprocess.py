@@ -1,0 +1,133 @@
+"""Offline preprocessing at conversion (numpy/scipy): checks, reorientation, resampling,
+intensity normalisation, and per-class voxel locations for class-balanced sampling."""
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from medseg_dl.data.io import spacing_from_affine
+from medseg_dl.errors import DataError
+
+
+def check_finite(image, path):
+    """Raise `DataError` if `image` holds NaN or Inf."""
+    if not np.all(np.isfinite(image)):
+        count = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise DataError(f"{path}: {count} voxels are NaN or Inf; repair the image (e.g. replace them with 0) "
+                        f"before conversion")
+
+
+def check_same_grid(reference_shape, reference_affine, shape, affine, path, reference_path, tolerance):
+    """Raise `DataError` unless `shape` equals and `affine` matches within `tolerance` (mm)."""
+    if tuple(shape[:3]) != tuple(reference_shape[:3]):
+        raise DataError(f"{path}: shape {tuple(shape[:3])} differs from {tuple(reference_shape[:3])} of "
+                        f"{reference_path}; all volumes of a subject must share one voxel grid, resample them")
+    deviation = float(np.max(np.abs(np.asarray(affine) - np.asarray(reference_affine))))
+    if deviation > tolerance:
+        raise DataError(f"{path}: affine differs from that of {reference_path} by {deviation:.4g} mm "
+                        f"(tolerance preprocessing.affine_tolerance = {tolerance}); the volumes are not "
+                        f"aligned, register or resample them")
+
+
+def to_labels(label, num_classes, path):
+    """(X, Y, Z) label map as int32, checked to hold integers in [0, num_classes)."""
+    rounded = np.rint(label)
+    if not np.array_equal(rounded, label):
+        raise DataError(f"{path}: label map holds non-integer values; labels must be class indices")
+    low, high = float(rounded.min()), float(rounded.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(f"{path}: label values span [{low:g}, {high:g}] but data.num_classes = {num_classes} "
+                        f"allows [0, {num_classes - 1}]; fix the labels or data.num_classes")
+    return rounded.astype(np.int32)
+
+
+def reorient_to_ras(data, affine):
+    """Reorder/flip the first three axes of `data` so they run along R, A, S; returns (data, affine)."""
+    current = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt("RAS"))
+    reoriented = nib.orientations.apply_orientation(data, transform)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(transform, data.shape[:3])
+    return np.ascontiguousarray(reoriented), new_affine
+
+
+def resample(data, affine, target_spacing_mm, order):
+    """Resample the first three axes of `data` to exactly `target_spacing_mm` with spline `order`
+    (3 for images, 0 for labels); returns (data, affine). Voxel (0, 0, 0) keeps its position; the
+    new shape covers the old extent: round(shape * spacing / target)."""
+    step = np.asarray(target_spacing_mm, np.float64) / spacing_from_affine(affine)
+    new_shape = tuple(int(n) for n in np.maximum(1, np.round(np.array(data.shape[:3]) / step)))
+    channels = data[..., None] if data.ndim == 3 else data
+    out = np.stack([ndimage.affine_transform(channels[..., c].astype(np.float32), np.diag(step),
+                                             output_shape=new_shape, order=order, mode="nearest",
+                                             prefilter=order > 1)
+                    for c in range(channels.shape[-1])], axis=-1)
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] @ np.diag(step)
+    return (out[..., 0] if data.ndim == 3 else out), new_affine
+
+
+def zscore(image, mask=None):
+    """Per-channel (x - mean) / std of an (X, Y, Z, C) float32 image, statistics inside `mask`
+    (X, Y, Z) bool when given (voxels outside the mask are set to 0)."""
+    out = np.empty_like(image, dtype=np.float32)
+    for c in range(image.shape[-1]):
+        channel = image[..., c].astype(np.float64)
+        values = channel[mask] if mask is not None else channel
+        mean, std = float(values.mean()), float(values.std())
+        out[..., c] = (channel - mean) / max(std, 1e-8)
+        if mask is not None:
+            out[..., c][~mask] = 0.0
+    return out
+
+
+def ct_normalize(image, ct_stats):
+    """Clip each channel to the dataset percentiles, then subtract the dataset mean and divide by its std.
+    `ct_stats` is a list (one per channel) of dicts with low, high, mean, std."""
+    out = np.empty_like(image, dtype=np.float32)
+    for c, stats in enumerate(ct_stats):
+        clipped = np.clip(image[..., c], stats["low"], stats["high"])
+        out[..., c] = (clipped - stats["mean"]) / max(stats["std"], 1e-8)
+    return out
+
+
+def ct_statistics(foreground_samples, percentiles):
+    """Dataset statistics for CT normalisation from pooled foreground intensities, one (M,) array per
+    channel: percentiles to clip to, then mean and std of the clipped values."""
+    stats = []
+    for values in foreground_samples:
+        low, high = np.percentile(values, percentiles)
+        clipped = np.clip(values, low, high)
+        stats.append({"low": float(low), "high": float(high), "mean": float(clipped.mean()),
+                      "std": float(clipped.std())})
+    return stats
+
+
+def normalize(image, method, mask=None, ct_stats=None):
+    """Apply `preprocessing.normalization` to an (X, Y, Z, C) image; returns float32."""
+    if method == "zscore":
+        return zscore(image)
+    if method == "zscore_mask":
+        return zscore(image, mask)
+    if method == "ct":
+        return ct_normalize(image, ct_stats)
+    return image.astype(np.float32)
+
+
+def class_locations(label, num_classes, max_per_class, rng):
+    """Voxel indices per class, at most `max_per_class` each, drawn without replacement.
+
+    Returns (locations (M, 3) int32 sorted by class, counts (num_classes,) int32 of stored locations,
+    voxels (num_classes,) int64 of all voxels of each class)."""
+    flat = label.ravel()
+    order = np.argsort(flat, kind="stable")
+    voxels = np.bincount(flat, minlength=num_classes).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(voxels)[:-1]])
+    chosen = []
+    for k in range(num_classes):
+        members = order[starts[k]: starts[k] + voxels[k]]
+        if voxels[k] > max_per_class:
+            members = np.sort(rng.choice(members, size=max_per_class, replace=False))
+        chosen.append(members)
+    counts = np.array([len(c) for c in chosen], np.int32)
+    flat_indices = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    locations = np.stack(np.unravel_index(flat_indices, label.shape), axis=-1).astype(np.int32)
+    return locations.reshape(-1, 3), counts, voxels

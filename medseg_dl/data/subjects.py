@@ -1,0 +1,195 @@
+"""Find subjects in a dataset folder, split them, and keep the split as JSON file lists.
+
+Three layouts (params `data.layout`):
+- `images_labels`: `images/<name>` and `labels/<name>` with equal names (one channel per file,
+  or a 4D file holding all channels); a name may be a DICOM series folder.
+- `msd`: Medical Segmentation Decathlon / nnU-Net raw: `dataset.json`, `imagesTr/`, `labelsTr/`;
+  channels as `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... or one 4D file `<case>.nii.gz`.
+- `subject_folders`: one folder per subject; `data.channels` are glob patterns, one per channel,
+  `data.label_pattern` finds the label, `data.mask_pattern` an optional mask.
+"""
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from medseg_dl.errors import DataError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class Subject:
+    """One case: its id, one path per channel (or one 4D file), and optional label and mask paths."""
+
+    id: str
+    channels: List[str]
+    label: Optional[str] = None
+    mask: Optional[str] = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def strip_suffix(name):
+    """'case_001.nii.gz' -> 'case_001'; a folder name (DICOM series) is returned unchanged."""
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_volume_path(path):
+    """A file with a known volume suffix, or a folder (a DICOM series)."""
+    return os.path.isdir(path) or path.endswith(VOLUME_SUFFIXES)
+
+
+def find_subjects(data_params):
+    """Subjects of `data_params.source_dir` in its layout, sorted by id; raises `DataError` if none."""
+    source_dir = data_params["source_dir"]
+    if not source_dir:
+        raise DataError("data.source_dir is not set; give the folder of your dataset in the params file "
+                        "or with --set data.source_dir=PATH")
+    if not os.path.isdir(source_dir):
+        raise DataError(f"{source_dir}: dataset folder not found; check data.source_dir")
+    finder = {"images_labels": _images_labels, "msd": _msd, "subject_folders": _subject_folders}
+    subjects = finder[data_params["layout"]](source_dir, data_params)
+    if not subjects:
+        raise DataError(f"{source_dir}: no subjects found for layout '{data_params['layout']}'; "
+                        f"check data.layout and the file patterns (see README, 'Your own data')")
+    ids = [s.id for s in subjects]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"{source_dir}: subject ids are not unique ({duplicates[:3]}); rename the files")
+    return sorted(subjects, key=lambda s: s.id)
+
+
+def _images_labels(source_dir, data_params):
+    images_dir, labels_dir = os.path.join(source_dir, "images"), os.path.join(source_dir, "labels")
+    for folder in (images_dir, labels_dir):
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: folder not found; layout 'images_labels' expects images/ and labels/ "
+                            f"with equal file names")
+    subjects = []
+    for name in sorted(os.listdir(images_dir)):
+        image_path = os.path.join(images_dir, name)
+        if name.startswith(".") or not is_volume_path(image_path):
+            continue
+        label_path = os.path.join(labels_dir, name)
+        if not os.path.exists(label_path):
+            raise DataError(f"{image_path}: no label {label_path}; add it or remove the image")
+        subjects.append(Subject(strip_suffix(name), [image_path], label_path))
+    return subjects
+
+
+def _msd(source_dir, data_params):
+    index_path = os.path.join(source_dir, "dataset.json")
+    if not os.path.isfile(index_path):
+        raise DataError(f"{index_path}: not found; layout 'msd' expects dataset.json, imagesTr/ and labelsTr/")
+    with open(index_path) as f:
+        index = json.load(f)
+    names = index.get("channel_names") or index.get("modality") or {"0": "image"}
+    ending = index.get("file_ending", ".nii.gz")
+    labels_dir, images_dir = os.path.join(source_dir, "labelsTr"), os.path.join(source_dir, "imagesTr")
+    subjects = []
+    for label_name in sorted(os.listdir(labels_dir)) if os.path.isdir(labels_dir) else []:
+        if label_name.startswith(".") or not label_name.endswith(ending):
+            continue
+        case = label_name[: -len(ending)]
+        split_files = [os.path.join(images_dir, f"{case}_{i:04d}{ending}") for i in range(len(names))]
+        single_file = os.path.join(images_dir, case + ending)
+        if all(os.path.isfile(p) for p in split_files):
+            channels = split_files
+        elif os.path.isfile(single_file):
+            channels = [single_file]
+        else:
+            raise DataError(f"{split_files[0]}: image of case '{case}' not found (nor {single_file}); "
+                            f"every label in labelsTr needs its image in imagesTr")
+        subjects.append(Subject(case, channels, os.path.join(labels_dir, label_name)))
+    return subjects
+
+
+def _match_one(folder, pattern, what, required):
+    matches = sorted(glob.glob(os.path.join(folder, pattern)))
+    if len(matches) > 1:
+        raise DataError(f"{folder}: {len(matches)} files match the {what} pattern '{pattern}'; "
+                        f"make the pattern specific")
+    if not matches and required:
+        return None
+    return matches[0] if matches else None
+
+
+def _subject_folders(source_dir, data_params):
+    subjects = []
+    candidates = sorted(glob.glob(os.path.join(source_dir, data_params["subject_glob"]), recursive=True))
+    for folder in (c for c in candidates if os.path.isdir(c)):
+        channels = [_match_one(folder, p, "channel", True) for p in data_params["channels"]]
+        if any(c is None for c in channels):
+            continue
+        label = _match_one(folder, data_params["label_pattern"], "label", True)
+        if label is None:
+            raise DataError(f"{folder}: channels found but no label matching '{data_params['label_pattern']}'; "
+                            f"fix data.label_pattern or remove the folder")
+        mask = _match_one(folder, data_params["mask_pattern"], "mask", False) \
+            if data_params["mask_pattern"] else None
+        subjects.append(Subject(os.path.basename(os.path.normpath(folder)), channels, label, mask))
+    return subjects
+
+
+def split_subjects(ids, split_params, seed):
+    """{'train', 'val', 'test'} lists of ids: explicit `split.lists`, or seeded fractions.
+
+    Fractions round to the nearest count, with at least one subject for a non-zero fraction.
+    """
+    ids = sorted(ids)
+    if split_params.get("lists"):
+        return _explicit_split(ids, split_params["lists"])
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    counts = {name: _count(split_params[name], len(ids)) for name in ("val", "test")}
+    if counts["val"] + counts["test"] >= len(ids):
+        raise DataError(f"only {len(ids)} subjects: data.split (val={split_params['val']}, "
+                        f"test={split_params['test']}) leaves none for training; lower the fractions")
+    val = shuffled[: counts["val"]]
+    test = shuffled[counts["val"]: counts["val"] + counts["test"]]
+    train = shuffled[counts["val"] + counts["test"]:]
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def _count(fraction, n):
+    return 0 if fraction <= 0 else max(1, int(round(fraction * n)))
+
+
+def _explicit_split(ids, lists):
+    known = set(ids)
+    split = {name: sorted(lists.get(name) or []) for name in ("train", "val", "test")}
+    for name, members in split.items():
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            raise DataError(f"data.split.lists.{name} names unknown subjects {unknown[:3]}; "
+                            f"known ids look like {sorted(known)[:3]}")
+    return split
+
+
+def save_filelists(folder, split, subjects_by_id):
+    """Write `<folder>/{train,val,test}.json`: lists of subject dicts (id and source paths)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, ids in split.items():
+        path = os.path.join(folder, f"{name}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([subjects_by_id[i].to_dict() for i in ids], f, indent=1)
+        os.replace(tmp, path)
+
+
+def load_filelist(folder, name):
+    """The subject ids of `<folder>/<name>.json`."""
+    path = os.path.join(folder, f"{name}.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
+                        f"params file first")
+    with open(path) as f:
+        return [entry["id"] for entry in json.load(f)]

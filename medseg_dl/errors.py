@@ -1,0 +1,21 @@
+"""Errors a user can cause. Each message names the file (or key) and the fix."""
+
+
+class MedsegError(Exception):
+    """Base class of every error caused by user input; the CLI prints it without a traceback."""
+
+
+class ParamsError(MedsegError):
+    """A params file or override is malformed, has an unknown key, or a bad value."""
+
+
+class DataError(MedsegError):
+    """A data file or folder is missing, unreadable or inconsistent."""
+
+
+class ModelDirError(MedsegError):
+    """The model folder cannot be created, resumed or written."""
+
+
+class TrainingError(MedsegError):
+    """Training cannot continue (non-finite loss, incompatible checkpoint, ...)."""
