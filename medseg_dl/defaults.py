@@ -78,6 +78,8 @@ SCHEMA = {
                        choices=["constant", "edge"]),
         "cache": Key(True, (bool,), "keep decoded volumes in memory after the first epoch"),
         "shuffle_buffer": Key(64, (int,), "volumes in the shuffle buffer", minimum=1),
+        "patch_shuffle_buffer": Key(16, (int,), "patches in the buffer that mixes patches of different "
+                                    "volumes into batches; 1: off", minimum=1),
         "deterministic": Key(False, (bool,), "repeatable order of parallel reads (slower)"),
     },
     "augmentation": {
@@ -121,6 +123,9 @@ SCHEMA = {
                            minimum=1),
         "dynamic_experts": Key(4, (int,), "medpatchnet: expert kernels that each position-conditioned "
                                           "convolution mixes per sample", minimum=1),
+        "bottleneck_kernel": Key(1, (int,), "medpatchnet: kernel size of the bottleneck's position-conditioned "
+                                            "convolution (3: E times the weights and cost of a static conv)",
+                                 choices=[1, 3]),
     },
     "loss": {
         "name": Key("dice_ce", (str,), "loss function", choices=["dice", "jaccard", "dice_ce", "jaccard_ce", "ce"]),
@@ -152,7 +157,8 @@ SCHEMA = {
         "blending": Key("gaussian", (str,), "window weighting", choices=["gaussian", "constant"]),
         "batch_size": Key(4, (int,), "windows per inference batch", minimum=1),
         "keep_best": Key(3, (int,), "best checkpoints kept in <model_dir>/best", minimum=1),
-        "metric": Key("mean_dice", (str,), "selection metric (higher is better)"),
+        "metric": Key("mean_dice", (str,), "selection metric of summary.json (higher is better)",
+                      choices=["mean_dice"]),
         "tta_mirroring": Key(False, (bool,), "average predictions over all 8 mirrorings"),
         "save_predictions": Key(False, (bool,), "write NIfTI predictions under eval/<step>/"),
         "save_overlays": Key(True, (bool,), "write overlay PNGs under eval/<step>/"),

@@ -1,0 +1,1 @@
+"""Networks, losses, metrics and optimisers: `model_fn(params)` assembles them into a `ModelSpec`."""

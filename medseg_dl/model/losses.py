@@ -1,0 +1,99 @@
+"""Segmentation losses on labels (N, X, Y, Z) int and logits (N, X, Y, Z, K), in float32.
+
+Soft overlap of softmax probabilities p and one-hot labels g, per class k, summed over the
+voxels of the whole batch (batch_dice) or of each sample:
+    Dice_k    = (2 sum p g + smooth) / (sum p + sum g + smooth)
+    Jaccard_k = (sum p g + smooth) / (sum p + sum g - sum p g + smooth)
+With squared_denominator, p and g are squared in the denominators. The loss is 1 - the mean
+over classes (and samples), background excluded unless include_background; the combined
+losses add ce_weight * the mean voxel cross-entropy.
+"""
+import functools
+
+import tensorflow as tf
+
+
+def _probabilities_and_onehot(labels, logits):
+    logits = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1], dtype=tf.float32)
+    return tf.nn.softmax(logits, axis=-1), onehot
+
+
+def _overlap_sums(labels, logits, squared_denominator, batch_dice):
+    """Intersection and the two denominator sums, shape (K,) if batch_dice else (N, K)."""
+    probs, onehot = _probabilities_and_onehot(labels, logits)
+    axes = [0, 1, 2, 3] if batch_dice else [1, 2, 3]
+    power = 2.0 if squared_denominator else 1.0
+    intersection = tf.reduce_sum(probs * onehot, axis=axes)
+    return intersection, tf.reduce_sum(probs ** power, axis=axes), tf.reduce_sum(onehot, axis=axes)  # g^2 = g
+
+
+def _mean_over_classes(scores, include_background):
+    if not include_background:
+        scores = scores[..., 1:]
+    return tf.reduce_mean(scores)
+
+
+def soft_dice_loss(labels, logits, smooth=1e-5, squared_denominator=False, batch_dice=True,
+                   include_background=False):
+    """1 - mean soft Dice (see the module docstring); a float32 scalar."""
+    intersection, pred_sum, label_sum = _overlap_sums(labels, logits, squared_denominator, batch_dice)
+    dice = (2.0 * intersection + smooth) / (pred_sum + label_sum + smooth)
+    return 1.0 - _mean_over_classes(dice, include_background)
+
+
+def soft_jaccard_loss(labels, logits, smooth=1e-5, squared_denominator=False, batch_dice=True,
+                      include_background=False):
+    """1 - mean soft Jaccard (intersection over union; see the module docstring); a float32 scalar."""
+    intersection, pred_sum, label_sum = _overlap_sums(labels, logits, squared_denominator, batch_dice)
+    jaccard = (intersection + smooth) / (pred_sum + label_sum - intersection + smooth)
+    return 1.0 - _mean_over_classes(jaccard, include_background)
+
+
+def cross_entropy_loss(labels, logits):
+    """Mean voxel softmax cross-entropy in nats; a float32 scalar."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)))
+
+
+def deep_supervision_loss(loss_fn, labels, logits_by_level):
+    """Weighted sum of `loss_fn` over the levels of a deep-supervised output.
+
+    logits_by_level[l]: (N, ceil(X/2^l), ceil(Y/2^l), ceil(Z/2^l), K), scored against the
+    labels sub-sampled by strided slicing, labels[:, ::2^l, ::2^l, ::2^l]. Level weights are
+    1, 1/2, 1/4, ... normalised to sum to 1.
+    """
+    weights = [0.5 ** level for level in range(len(logits_by_level))]
+    total = 0.0
+    for level, (weight, logits) in enumerate(zip(weights, logits_by_level)):
+        stride = 2 ** level
+        total += weight * loss_fn(labels[:, ::stride, ::stride, ::stride], logits)
+    return total / sum(weights)
+
+
+def _combined(overlap_loss, ce_weight, labels, logits):
+    return overlap_loss(labels, logits) + ce_weight * cross_entropy_loss(labels, logits)
+
+
+def make_loss(params):
+    """`fn(labels (N, X, Y, Z) int, logits) -> float32 scalar` for the params' `loss` section.
+
+    loss.name in dice, jaccard, dice_ce, jaccard_ce, ce; smooth; squared_denominator; batch_dice;
+    include_background; ce_weight. `logits` is one tensor (N, X, Y, Z, K) or a deep-supervision
+    list of them (see deep_supervision_loss).
+    """
+    loss_params = params.loss
+    overlap = dict(smooth=float(loss_params.smooth), squared_denominator=loss_params.squared_denominator,
+                   batch_dice=loss_params.batch_dice, include_background=loss_params.include_background)
+    dice = functools.partial(soft_dice_loss, **overlap)
+    jaccard = functools.partial(soft_jaccard_loss, **overlap)
+    ce_weight = float(loss_params.ce_weight)
+    single = {"dice": dice, "jaccard": jaccard, "ce": cross_entropy_loss,
+              "dice_ce": functools.partial(_combined, dice, ce_weight),
+              "jaccard_ce": functools.partial(_combined, jaccard, ce_weight)}[loss_params.name]
+
+    def loss_fn(labels, logits):
+        if isinstance(logits, (list, tuple)):
+            return deep_supervision_loss(single, labels, logits)
+        return single(labels, logits)
+    return loss_fn

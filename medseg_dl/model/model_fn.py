@@ -1,0 +1,127 @@
+"""params -> network, loss, metrics, optimizer and learning-rate schedule (`model_fn`).
+
+A training step with a `ModelSpec` (the same code with and without mixed precision):
+
+    with tf.GradientTape() as tape:
+        logits = spec.network(batch, training=True)
+        loss = spec.loss_fn(labels, logits)                      # float32
+        scaled = spec.optimizer.scale_loss(loss)                 # identity unless mixed precision
+    grads = tape.gradient(scaled, spec.network.trainable_variables)
+    spec.optimizer.apply(grads, spec.network.trainable_variables)  # unscales, clips, skips inf steps
+
+Call `model_fn` (and `ModelSpec.build`) inside a distribution strategy's scope when using one.
+"""
+import dataclasses
+import math
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from medseg_dl.errors import ParamsError
+from medseg_dl.model.architectures import build_network
+from medseg_dl.model.losses import make_loss
+from medseg_dl.model.metrics import StreamingDice
+
+POLY_EXPONENT = 0.9  # nnU-Net's polynomial decay
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What training and evaluation need from the model.
+
+    network: keras.Model on {"image", "position"} -> float32 logits (a list with deep supervision
+    in training mode); loss_fn(labels, logits) -> float32 scalar; metrics: {"dice": StreamingDice};
+    optimizer: a keras optimizer (a LossScaleOptimizer under mixed precision);
+    learning_rate: the schedule the optimizer follows, step -> float32.
+    """
+
+    network: keras.Model
+    loss_fn: Callable
+    metrics: dict
+    optimizer: keras.optimizers.Optimizer
+    learning_rate: keras.optimizers.schedules.LearningRateSchedule
+
+    def build(self, patch_size_vox):
+        """Create the network's and the optimizer's variables by one forward pass of zeros.
+
+        patch_size_vox: (X, Y, Z). Needed before restoring a checkpoint into fresh objects or
+        before a step runs inside `strategy.run` (variables cannot be created per replica).
+        """
+        dummy = {"image": tf.zeros((1, *patch_size_vox, self.network.input_channels)),
+                 "position": tf.zeros((1, 3))}
+        self.network(dummy, training=False)
+        self.optimizer.build(self.network.trainable_variables)
+
+
+@keras.saving.register_keras_serializable(package="medseg_dl")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak` over `warmup_steps`, then constant, poly or cosine decay to 0.
+
+    step < warmup: peak * (step + 1) / warmup. After: t = (step - warmup) / (total - warmup)
+    clipped to [0, 1]; constant: peak; poly: peak * (1 - t)^0.9; cosine: peak * (1 + cos(pi t)) / 2.
+    """
+
+    def __init__(self, peak, total_steps, warmup_steps=0, decay="poly"):
+        if decay not in ("constant", "poly", "cosine"):
+            raise ValueError(f"decay must be constant, poly or cosine, got {decay!r}")
+        self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = float(self.warmup_steps)
+        progress = tf.clip_by_value((step - warmup) / max(self.total_steps - warmup, 1.0), 0.0, 1.0)
+        if self.decay == "poly":
+            factor = (1.0 - progress) ** POLY_EXPONENT
+        elif self.decay == "cosine":
+            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            factor = tf.ones_like(progress)
+        if self.warmup_steps > 0:
+            factor = tf.where(step < warmup, (step + 1.0) / warmup, factor)
+        return self.peak * factor
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "decay": self.decay}
+
+
+def make_schedule(training):
+    """The learning-rate schedule of the params' `training` section."""
+    return WarmupDecay(float(training.learning_rate), training.steps, training.warmup_steps, training.schedule)
+
+
+def make_optimizer(training, schedule):
+    """Adam, AdamW or SGD with Nesterov momentum, following `schedule`, with decoupled weight decay
+    and global-norm gradient clipping (training.clip_norm; null: off); mixed precision wraps it in
+    a LossScaleOptimizer (dynamic loss scale)."""
+    common = dict(learning_rate=schedule, global_clipnorm=training.clip_norm)
+    decay = float(training.weight_decay)
+    if training.optimizer == "adam":
+        if decay > 0:
+            raise ParamsError(f"training.weight_decay = {decay} is applied by adamw and sgd only; set "
+                              f"training.optimizer: adamw, or training.weight_decay: 0")
+        optimizer = keras.optimizers.Adam(**common)
+    elif training.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(weight_decay=decay, **common)
+    else:
+        optimizer = keras.optimizers.SGD(momentum=float(training.momentum), nesterov=True,
+                                         weight_decay=decay or None, **common)
+    if training.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def set_precision_policy(mixed_precision):
+    """Set the global keras dtype policy: mixed_float16 or float32 (layers read it when created)."""
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+
+
+def model_fn(params):
+    """A `ModelSpec` for the params (sections model, loss, training, data); creates no variables
+    of the network (see ModelSpec.build). Sets the global dtype policy from training.mixed_precision."""
+    set_precision_policy(params.training.mixed_precision)
+    schedule = make_schedule(params.training)
+    return ModelSpec(network=build_network(params), loss_fn=make_loss(params),
+                     metrics={"dice": StreamingDice(params.data.num_classes, params.data.class_names)},
+                     optimizer=make_optimizer(params.training, schedule), learning_rate=schedule)
