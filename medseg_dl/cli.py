@@ -4,6 +4,7 @@ Every subcommand takes `--set section.key=value` overrides. A user mistake (`Med
 printed as one line naming the file and the fix, with exit code 2 and no traceback.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -29,14 +30,83 @@ def _cmd_convert(args):
           f"model folder {model_dir.root}")
 
 
+def _cmd_train(args):
+    from medseg_dl.data.convert import convert_dataset
+    from medseg_dl.model_dir import open_model_dir
+    from medseg_dl.training import run_training
+
+    params, model_dir, resumed = open_model_dir(args.params, args.set, args.overwrite)
+    convert_dataset(params)  # converts what is missing; skips subjects already converted
+    final_step = run_training(params, model_dir)
+    print(f"training stopped at step {final_step}; checkpoints in {model_dir.checkpoints}", flush=True)
+
+
+def _cmd_evaluate(args):
+    from medseg_dl import evaluation
+    from medseg_dl.model_dir import ModelDir, open_model_dir
+    from medseg_dl.params import Params
+
+    params = Params.load(args.params, args.set)
+    model_dir = ModelDir(params.experiment.model_dir)
+    if not os.path.isfile(model_dir.params_path):  # started before training: prepare the folder
+        params, model_dir, _ = open_model_dir(args.params, args.set)
+    poll_s = params.evaluation.poll_seconds
+    cases = evaluation.folder_cases(params, args.data, args.layout) if args.data else \
+        evaluation.validation_cases(params, model_dir, poll_s)
+    tag = os.path.basename(os.path.normpath(args.data)) if args.data else None
+    evaluator = evaluation.Evaluator(params, model_dir, cases, tag)
+    try:
+        if args.once:
+            summary = evaluator.evaluate(evaluation.resolve_checkpoint(model_dir, args.checkpoint))
+            if summary is not None:
+                print(json.dumps({"step": summary["step"], "mean_dice": summary["mean_dice"],
+                                  "dice": {k: v["dice"]["mean"] for k, v in summary["classes"].items()}}))
+        else:
+            evaluation.watch(evaluator, poll_s, args.timeout)
+    finally:
+        evaluator.close()
+
+
+def _cmd_predict(args):
+    from medseg_dl import evaluation
+    from medseg_dl.model_dir import ModelDir
+    from medseg_dl.params import Params
+    from medseg_dl.predict import run_predict
+
+    model_dir = ModelDir(os.path.abspath(args.model_dir))
+    params = Params.load(model_dir.params_path, args.set)
+    network = evaluation.build_network(params)
+    evaluation.restore(network, evaluation.resolve_checkpoint(model_dir, args.checkpoint))
+    written = run_predict(params, evaluation.segmenter(network, params), args.input, args.output)
+    print(f"wrote {len(written)} predictions to {args.output}")
+
+
+def _cmd_show(args):
+    from medseg_dl import show
+    from medseg_dl.model_dir import ModelDir
+    from medseg_dl.params import Params
+
+    if args.curves:
+        model_dir = ModelDir(os.path.abspath(args.curves))
+        params = Params.load(model_dir.params_path, args.set)
+        path = show.show_curves(model_dir, params.data.class_names, args.out or model_dir.path("curves.png"))
+    elif args.batch:
+        if not args.params:
+            raise MedsegError("medseg show --batch needs --params (the experiment, after `medseg convert`)")
+        params = Params.load(args.params, args.set)
+        path = show.show_batch(params, ModelDir(params.experiment.model_dir), args.out or "batch.png")
+    elif args.image:
+        path = show.show_files(args.image, args.label, args.prediction, args.out)
+    else:
+        raise MedsegError("medseg show: give an IMAGE file, --batch --params P, or --curves MODEL_DIR")
+    if path:
+        print(f"wrote {path}")
+
+
 def _cmd_params_doc(args):
     from medseg_dl.params_doc import params_reference
 
     print(params_reference())
-
-
-def _not_implemented(args):
-    raise MedsegError(f"'medseg {args.command}' is not implemented yet in this version")
 
 
 def build_parser():
@@ -51,22 +121,36 @@ def build_parser():
     train = commands.add_parser("train", help="train (resume with <model_dir>/params.yaml)")
     _add_params_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="empty a model folder of another experiment")
-    train.set_defaults(handler=_not_implemented)
+    train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="watch checkpoints and evaluate them")
     _add_params_arguments(evaluate)
-    evaluate.set_defaults(handler=_not_implemented)
+    evaluate.add_argument("--once", action="store_true", help="evaluate one checkpoint (--checkpoint) and exit")
+    evaluate.add_argument("--checkpoint", default="latest", help="with --once: latest, best, or a checkpoint path")
+    evaluate.add_argument("--data", metavar="DIR", help="evaluate this labelled folder instead of the val split")
+    evaluate.add_argument("--layout", choices=["images_labels", "msd", "subject_folders"],
+                          help="layout of --data (default: data.layout)")
+    evaluate.add_argument("--timeout", type=float, metavar="S",
+                          help="watch mode: stop after S seconds without a new checkpoint")
+    evaluate.set_defaults(handler=_cmd_evaluate)
 
     predict = commands.add_parser("predict", help="segment new images with a trained model")
-    predict.add_argument("--model-dir", required=True)
-    predict.add_argument("--input", required=True, nargs="+")
-    predict.add_argument("--output", required=True)
-    predict.add_argument("--set", action="append", default=[])
-    predict.set_defaults(handler=_not_implemented)
+    predict.add_argument("--model-dir", required=True, help="the trained experiment's model folder")
+    predict.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint path")
+    predict.add_argument("--input", required=True, nargs="+", help="image files, subject folders or folders")
+    predict.add_argument("--output", required=True, help="folder for the <subject>.nii.gz label maps")
+    predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    predict.set_defaults(handler=_cmd_predict)
 
     show = commands.add_parser("show", help="view volumes, labels, predictions, batches, curves")
+    show.add_argument("image", nargs="?", help="a volume file (NIfTI, NRRD, ...) or DICOM folder")
+    show.add_argument("--label", help="reference label map drawn as solid contours")
+    show.add_argument("--prediction", help="predicted label map drawn as dashed contours")
+    show.add_argument("--batch", action="store_true", help="draw one augmented training batch (needs --params)")
+    show.add_argument("--curves", metavar="MODEL_DIR", help="plot training loss and validation Dice")
+    show.add_argument("--out", help="PNG to write (without it and with a display, a viewer opens)")
     _add_params_arguments(show, required=False)
-    show.set_defaults(handler=_not_implemented)
+    show.set_defaults(handler=_cmd_show)
 
     doc = commands.add_parser("params-doc", help="print the params reference (Markdown)")
     doc.set_defaults(handler=_cmd_params_doc)

@@ -101,7 +101,7 @@ def _is_non_empty(folder):
 def _make_folders(model_dir):
     try:
         for folder in (model_dir.root, model_dir.filelists, model_dir.checkpoints, model_dir.best,
-                       model_dir.logs("train"), model_dir.logs("eval")):
+                       model_dir.logs("train"), model_dir.logs("eval"), model_dir.path("eval")):
             os.makedirs(folder, exist_ok=True)
         probe = model_dir.path(f".write-test-{os.getpid()}")
         with open(probe, "w") as f:

@@ -48,3 +48,36 @@ def hippo_params(root, model_dir, **sections):
 def write_nifti(path, data, affine=None):
     """Save `data` as NIfTI with `affine` (identity by default)."""
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+
+
+def synthetic_dataset(root, cases=4, shape=(20, 20, 20), seed=0):
+    """images/ + labels/ of `cases` noisy volumes with a bright sphere (label 1) and a dark cube (label 2)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    for i in range(cases):
+        centre = rng.uniform(6, np.array(shape) - 6)
+        label = np.zeros(shape, np.uint8)
+        label[np.linalg.norm(grid - centre, axis=-1) < 4] = 1
+        corner = rng.integers(1, np.array(shape) - 6)
+        cube = tuple(slice(c, c + 4) for c in corner)
+        label[cube] = np.where(label[cube] == 0, 2, label[cube])
+        image = np.choose(label, [0.0, 2.0, -2.0]) + rng.normal(0, 0.3, shape)
+        write_nifti(root / "images" / f"case_{i:02d}.nii.gz", image.astype(np.float32))
+        write_nifti(root / "labels" / f"case_{i:02d}.nii.gz", label)
+    return root
+
+
+def tiny_params(root, model_dir, **sections):
+    """A params dict for a tiny, fast experiment on `synthetic_dataset(root)`."""
+    params = {"seed": 3, "experiment": {"name": "tiny", "model_dir": str(model_dir)},
+              "data": {"source_dir": str(root), "layout": "images_labels", "channels": ["img"],
+                       "num_classes": 3, "workers": 1, "gzip": False, "split": {"val": 0.25}},
+              "sampling": {"patch_size": [12, 12, 12], "batch_size": 2, "samples_per_volume": 2},
+              "model": {"architecture": "unet", "base_filters": 4, "depth": 2},
+              "training": {"steps": 20, "learning_rate": 0.01, "checkpoint_every": 5, "keep_last": 2,
+                           "log_every": 5, "image_summary_every": 10}}
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    return params

@@ -87,3 +87,12 @@ def test_reference_lists_every_key():
     reference = params_reference()
     for dotted, _ in all_keys():
         assert f"`{dotted}`" in reference
+
+
+def test_docs_params_md_is_generated_from_the_schema():
+    import os
+
+    from conftest import REPO
+
+    with open(os.path.join(REPO, "docs", "params.md")) as f:
+        assert f.read().strip() == params_reference().strip(), "regenerate: medseg params-doc > docs/params.md"

@@ -73,7 +73,7 @@ def test_model_dir_create_resume_refuse_overwrite(hippo_dir, tmp_path):
     path = _write_params(tmp_path, hippo_dir)
     params, model_dir, resumed = open_model_dir(path)
     assert not resumed
-    assert sorted(os.listdir(model_dir.root)) == ["best", "checkpoints", "filelists", "logs", "params.yaml"]
+    assert sorted(os.listdir(model_dir.root)) == ["best", "checkpoints", "eval", "filelists", "logs", "params.yaml"]
     val = json.load(open(os.path.join(model_dir.filelists, "val.json")))
     assert len(val) == 1 and val[0]["id"] in HIPPO_CASES
     _, _, resumed = open_model_dir(model_dir.params_path, overrides=["training.steps=5"])

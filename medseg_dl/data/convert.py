@@ -34,57 +34,76 @@ def settings_hash(settings):
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_subject(subject: Subject, settings):
-    """Read and check one subject. Returns (image (X,Y,Z,C) float32, label (X,Y,Z) int32,
+def read_image(subject: Subject, settings):
+    """Read and check the channels (and mask) of one subject. Returns (image (X,Y,Z,C) float32,
     mask (X,Y,Z) bool or None, affine (4,4) float64). Raises `DataError` naming the file."""
     volumes = [read_volume(p) for p in subject.channels]
     first = volumes[0]
+    tolerance = settings["preprocessing"]["affine_tolerance"]
     for path, volume in zip(subject.channels, volumes):
         preprocess.check_finite(volume.data, path)
     for path, volume in zip(subject.channels[1:], volumes[1:]):
         preprocess.check_same_grid(first.data.shape, first.affine, volume.data.shape, volume.affine,
-                                   path, subject.channels[0], settings["preprocessing"]["affine_tolerance"])
+                                   path, subject.channels[0], tolerance)
     arrays = [v.data[..., None] if v.data.ndim == 3 else v.data for v in volumes]
     image = np.concatenate(arrays, axis=-1).astype(np.float32)
     expected = len(settings["channels"])
     if image.shape[-1] != expected:
         raise DataError(f"{subject.channels[0]}: subject '{subject.id}' has {image.shape[-1]} channels but "
                         f"data.channels lists {expected}; every subject needs the same channels")
+    mask = None
+    if subject.mask:
+        mask_volume = read_volume(subject.mask)
+        preprocess.check_same_grid(first.data.shape, first.affine, mask_volume.data.shape, mask_volume.affine,
+                                   subject.mask, subject.channels[0], tolerance)
+        mask = mask_volume.data > 0.5
+    return image, mask, first.affine
+
+
+def read_subject(subject: Subject, settings):
+    """`read_image` plus the checked label map: (image, label (X,Y,Z) int32, mask, affine)."""
+    image, mask, affine = read_image(subject, settings)
     label_volume = read_volume(subject.label)
-    preprocess.check_same_grid(first.data.shape, first.affine, label_volume.data.shape, label_volume.affine,
+    preprocess.check_same_grid(image.shape, affine, label_volume.data.shape, label_volume.affine,
                                subject.label, subject.channels[0], settings["preprocessing"]["affine_tolerance"])
     label = preprocess.to_labels(np.asarray(label_volume.data), settings["num_classes"], subject.label)
-    mask = read_volume(subject.mask).data > 0.5 if subject.mask else None
-    return image, label, mask, first.affine
+    return image, label, mask, affine
+
+
+def to_model_grid(array, affine, prep, order):
+    """Reorient (preprocessing.reorient_ras) and resample (target_spacing_mm) one array with spline
+    `order`; returns (array, affine) on the grid the model sees."""
+    if prep["reorient_ras"]:
+        array, affine = preprocess.reorient_to_ras(array, affine)
+    if prep["target_spacing_mm"]:
+        array, affine = preprocess.resample(array, affine, prep["target_spacing_mm"], order)
+    return array, affine
+
+
+def prepare_image(image, mask, affine, settings, ct_stats, subject_id):
+    """Image (and mask) on the model grid, normalised: (image float32, mask or None, affine)."""
+    prep = settings["preprocessing"]
+    if prep["normalization"] == "zscore_mask" and mask is None:
+        raise DataError(f"subject '{subject_id}': preprocessing.normalization is zscore_mask but it has no "
+                        f"mask; set data.mask_pattern or use zscore")
+    image_grid, grid_affine = to_model_grid(image, affine, prep, order=3)
+    mask_grid = to_model_grid(mask.astype(np.float32), affine, prep, 0)[0] > 0.5 if mask is not None else None
+    return preprocess.normalize(image_grid, prep["normalization"], mask_grid, ct_stats), mask_grid, grid_affine
 
 
 def preprocess_subject(subject: Subject, settings, ct_stats=None):
     """Read, check, reorient, resample and normalise one subject; returns a case dict ready for
     `tfrecords.serialize_subject` (see its module docstring)."""
     image, label, mask, affine = read_subject(subject, settings)
-    prep = settings["preprocessing"]
-    original_shape, original_affine = label.shape, affine
-    if prep["reorient_ras"]:
-        image, _ = preprocess.reorient_to_ras(image, affine)
-        mask = preprocess.reorient_to_ras(mask, affine)[0] if mask is not None else None
-        label, affine = preprocess.reorient_to_ras(label, affine)
-    if prep["target_spacing_mm"]:
-        image, _ = preprocess.resample(image, affine, prep["target_spacing_mm"], order=3)
-        mask = preprocess.resample(mask.astype(np.float32), affine, prep["target_spacing_mm"], 0)[0] > 0.5 \
-            if mask is not None else None
-        label, affine = preprocess.resample(label, affine, prep["target_spacing_mm"], order=0)
-        label = label.astype(np.int32)
-    if prep["normalization"] == "zscore_mask" and mask is None:
-        raise DataError(f"{subject.channels[0]}: preprocessing.normalization is zscore_mask but subject "
-                        f"'{subject.id}' has no mask; set data.mask_pattern or use zscore")
-    image = preprocess.normalize(image, prep["normalization"], mask, ct_stats)
+    image_grid, _, grid_affine = prepare_image(image, mask, affine, settings, ct_stats, subject.id)
+    label_grid = to_model_grid(label, affine, settings["preprocessing"], order=0)[0].astype(np.int32)
     rng = np.random.default_rng([settings["seed"], zlib.crc32(subject.id.encode())])
-    locations, counts, voxels = preprocess.class_locations(label, settings["num_classes"],
-                                                           prep["max_locations_per_class"], rng)
-    return {"subject": subject.id, "image": image, "label": label, "affine": affine,
-            "spacing_mm": spacing_from_affine(affine), "class_locations": locations,
+    locations, counts, voxels = preprocess.class_locations(
+        label_grid, settings["num_classes"], settings["preprocessing"]["max_locations_per_class"], rng)
+    return {"subject": subject.id, "image": image_grid, "label": label_grid, "affine": grid_affine,
+            "spacing_mm": spacing_from_affine(grid_affine), "class_locations": locations,
             "class_location_counts": counts, "class_voxels": voxels,
-            "original_shape": original_shape, "original_affine": original_affine}
+            "original_shape": label.shape, "original_affine": affine}
 
 
 def _convert_one(job):

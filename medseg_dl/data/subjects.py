@@ -112,29 +112,33 @@ def _msd(source_dir, data_params):
     return subjects
 
 
-def _match_one(folder, pattern, what, required):
+def match_one(folder, pattern, what):
+    """The one file of `folder` matching `pattern`, or None; `DataError` if several match."""
     matches = sorted(glob.glob(os.path.join(folder, pattern)))
     if len(matches) > 1:
         raise DataError(f"{folder}: {len(matches)} files match the {what} pattern '{pattern}'; "
                         f"make the pattern specific")
-    if not matches and required:
-        return None
     return matches[0] if matches else None
+
+
+def folder_channels(folder, patterns):
+    """One file per channel pattern in `folder`, or None when a channel is missing."""
+    channels = [match_one(folder, p, "channel") for p in patterns]
+    return None if any(c is None for c in channels) else channels
 
 
 def _subject_folders(source_dir, data_params):
     subjects = []
     candidates = sorted(glob.glob(os.path.join(source_dir, data_params["subject_glob"]), recursive=True))
     for folder in (c for c in candidates if os.path.isdir(c)):
-        channels = [_match_one(folder, p, "channel", True) for p in data_params["channels"]]
-        if any(c is None for c in channels):
+        channels = folder_channels(folder, data_params["channels"])
+        if channels is None:
             continue
-        label = _match_one(folder, data_params["label_pattern"], "label", True)
+        label = match_one(folder, data_params["label_pattern"], "label")
         if label is None:
             raise DataError(f"{folder}: channels found but no label matching '{data_params['label_pattern']}'; "
                             f"fix data.label_pattern or remove the folder")
-        mask = _match_one(folder, data_params["mask_pattern"], "mask", False) \
-            if data_params["mask_pattern"] else None
+        mask = match_one(folder, data_params["mask_pattern"], "mask") if data_params["mask_pattern"] else None
         subjects.append(Subject(os.path.basename(os.path.normpath(folder)), channels, label, mask))
     return subjects
 

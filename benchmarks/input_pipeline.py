@@ -1,0 +1,290 @@
+"""W1 of BENCHMARKS.md: training input pipeline throughput in patches/s (higher is better).
+
+    python benchmarks/input_pipeline.py --workload W1a [--quick] [--peers]
+
+Decoded, z-scored volumes are held in memory; each library draws class-balanced patches with flips,
+rotation, scaling, elastic deformation and Gaussian noise; batches are fetched and thrown away.
+After a warm-up, 3 segments of about 200 patches are timed; the figure is the median rate. With
+--peers (and torch, monai, torchio importable) MONAI and TorchIO run the same workload in the same
+run; every (workload, library) runs in its own subprocess, one after the other, and the medseg_dl
+line gets `ratio_<peer>` keys (ours / theirs). One JSON line per (workload, library).
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medseg_dl.data.io import read_volume  # noqa: E402
+from medseg_dl.data.preprocess import class_locations, zscore  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+WORKLOADS = {
+    "W1a": {"patch": [40, 56, 40], "batch": 9, "classes": 3, "segment": 198, "peer_segment": 198},
+    "W1b": {"patch": [96, 96, 96], "batch": 2, "classes": 5, "segment": 200, "peer_segment": 24},
+}
+SAMPLES_PER_VOLUME = 8
+ROTATE_DEG, SCALE_RANGE, NOISE_STD = 15.0, (0.85, 1.25), 0.1
+
+
+def machine():
+    model = platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{os.cpu_count()} cores, {model}, no GPU"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def load_cases(workload, quick):
+    """List of dicts: image (X, Y, Z, C) float32 z-scored per case, label (X, Y, Z) int32, subject."""
+    cases = []
+    if workload == "W1a":
+        labels = sorted(glob.glob(os.path.join(DATA, "msd_hippocampus", "labels", "*.nii.gz")))[: 8 if quick else None]
+        for path in labels:
+            image = read_volume(path.replace(os.sep + "labels" + os.sep, os.sep + "images" + os.sep)).data
+            cases.append({"image": zscore(image[..., None].astype(np.float32)),
+                          "label": np.rint(read_volume(path).data).astype(np.int32),
+                          "subject": os.path.basename(path).split(".")[0]})
+    else:
+        folders = sorted(glob.glob(os.path.join(DATA, "brats2015_deepmedic", "*", "brats_*")))[: 1 if quick else None]
+        for folder in folders:
+            channels = [read_volume(glob.glob(os.path.join(folder, f"{name}*.nii.gz"))[0]).data.astype(np.float32)
+                        for name in ("Flair", "T1c")]
+            cases.append({"image": zscore(np.stack(channels, axis=-1)),
+                          "label": np.rint(read_volume(os.path.join(folder, "OTMultiClass.nii.gz")).data).astype(
+                              np.int32),
+                          "subject": os.path.basename(folder)})
+    return cases
+
+
+def padded_to(array, size, channel_first):
+    """`array` zero-padded at the end of its spatial axes to at least `size` (peers need this)."""
+    spatial = array.shape[1:] if channel_first else array.shape[:3]
+    pads = [(0, max(0, s - n)) for s, n in zip(size, spatial)]
+    return np.pad(array, ([(0, 0)] + pads) if channel_first else pads + [(0, 0)] * (array.ndim - 3))
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def timed_rates(next_batch, warmup_patches, segment_patches, segments=3):
+    """Patches/s of `segments` timed segments after a warm-up; next_batch() returns its patch count."""
+    done = 0
+    while done < warmup_patches:
+        done += next_batch()
+    rates = []
+    for _ in range(segments):
+        count, start = 0, time.perf_counter()
+        while count < segment_patches:
+            count += next_batch()
+        rates.append(count / (time.perf_counter() - start))
+    return rates
+
+
+def result_line(workload, library, rates, **details):
+    return {"workload": workload, "library": library, "value": round(statistics.median(rates), 3),
+            "unit": "patches/s", "median_of": len(rates), "min": round(min(rates), 3), "max": round(max(rates), 3),
+            "machine": machine(), **details}
+
+
+# --- medseg_dl ------------------------------------------------------------------------------------
+
+
+def medseg_params(spec):
+    from medseg_dl.params import Params
+
+    classes = spec["classes"]
+    return Params.from_dict({
+        "seed": 0,
+        "data": {"num_classes": classes},
+        "sampling": {"patch_size": spec["patch"], "batch_size": spec["batch"],
+                     "samples_per_volume": SAMPLES_PER_VOLUME, "class_probabilities": [1.0 / classes] * classes},
+        "augmentation": {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [ROTATE_DEG] * 3},
+                         "scale": {"p": 1.0, "range": list(SCALE_RANGE)},
+                         "elastic": {"p": 1.0, "sigma_vox": [5.0, 8.0], "magnitude_vox": [0.2, 1.2],
+                                     "grid_points": 7},
+                         "noise": {"p": 1.0, "std": [NOISE_STD, NOISE_STD]}}})
+
+
+def memory_dataset(cases, num_classes):
+    """A tf.data.Dataset of decoded-volume dicts (as data/tfrecords.py decodes) from in-memory cases."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    locations, counts = zip(*[class_locations(c["label"], num_classes, 2000, rng)[:2] for c in cases])
+
+    def ragged(arrays):  # row i: arrays[i] with its leading axes flattened ((N,) or (N, 3))
+        rows = [a.reshape(-1, *a.shape[1:]) if a.ndim == 2 else a.ravel() for a in arrays]
+        return tf.RaggedTensor.from_row_lengths(np.concatenate(rows), [len(r) for r in rows])
+
+    slices = {"image": ragged([c["image"] for c in cases]), "label": ragged([c["label"] for c in cases]),
+              "class_locations": ragged(list(locations)), "class_location_counts": np.stack(counts),
+              "shape": np.array([c["label"].shape for c in cases], np.int32),
+              "subject": [c["subject"] for c in cases]}
+    channels = cases[0]["image"].shape[-1]
+
+    def unflatten(case):
+        return {**case, "image": tf.reshape(case["image"], tf.concat([case["shape"], [channels]], 0)),
+                "label": tf.reshape(case["label"], case["shape"])}
+
+    return tf.data.Dataset.from_tensor_slices(slices).map(unflatten)
+
+
+def run_medseg(workload, cases, quick):
+    import tensorflow as tf
+
+    from medseg_dl.pipeline.inputs import patch_dataset
+
+    spec = WORKLOADS[workload]
+    params = medseg_params(spec)
+    volumes = memory_dataset(cases, spec["classes"]).cache().shuffle(64, seed=0).repeat()
+    iterator = iter(patch_dataset(volumes, params))
+
+    def next_batch():
+        return int(next(iterator)["image"].shape[0])
+
+    start = time.perf_counter()
+    first = next_batch()
+    warmup = len(cases) * SAMPLES_PER_VOLUME  # one pass: every size bucket compiled
+    rates = timed_rates(next_batch, max(warmup - first, 0), 2 * spec["batch"] if quick else spec["segment"])
+    return result_line(workload, "medseg_dl", rates, cases=len(cases), first_batch_s=round(time.perf_counter() -
+                       start, 1), samples_per_volume=SAMPLES_PER_VOLUME, tf_version=tf.__version__)
+
+
+# --- peers ---------------------------------------------------------------------------------------
+
+
+def run_monai(workload, cases, quick):
+    import monai
+    import torch
+    from monai import transforms as mt
+
+    spec = WORKLOADS[workload]
+    classes, patch = spec["classes"], spec["patch"]
+    region = [min(int(np.ceil(p * 1.5)), max(c["label"].shape[i] for c in cases)) for i, p in enumerate(patch)]
+    data = [{"image": padded_to(np.moveaxis(c["image"], -1, 0), region, True),
+             "label": padded_to(c["label"][None], region, True)} for c in cases]
+    deterministic = [mt.ClassesToIndicesd(keys="label", num_classes=classes)]
+    random = [mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=region,
+                                         ratios=[1] * classes, num_classes=classes, num_samples=1,
+                                         indices_key="label_cls_indices", warn=False),
+              mt.Rand3DElasticd(keys=["image", "label"], sigma_range=(5, 8), magnitude_range=(50, 150), prob=1.0,
+                                spatial_size=patch, rotate_range=[np.deg2rad(ROTATE_DEG)] * 3,
+                                scale_range=[(SCALE_RANGE[0] - 1, SCALE_RANGE[1] - 1)] * 3,
+                                mode=("bilinear", "nearest"), padding_mode="zeros"),
+              *[mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis) for axis in range(3)],
+              mt.RandGaussianNoised(keys="image", prob=1.0, std=NOISE_STD)]
+    dataset = monai.data.CacheDataset(data, mt.Compose(deterministic + random), progress=False)
+    loader = monai.data.DataLoader(dataset, batch_size=spec["batch"], shuffle=True, num_workers=2,
+                                   persistent_workers=True, drop_last=True)
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        return int(batch["image"].shape[0])
+
+    segment = 2 * spec["batch"] if quick else spec["peer_segment"]
+    rates = timed_rates(next_batch, 2 * spec["batch"], segment)
+    return result_line(workload, "monai", rates, cases=len(cases), crop_region=region, workers=2,
+                       scale="1+U(-0.15,0.25) per axis", monai_version=monai.__version__,
+                       torch_version=torch.__version__, segment_patches=segment)
+
+
+def run_torchio(workload, cases, quick, samples_per_volume):
+    import torch
+    import torchio as tio
+
+    spec = WORKLOADS[workload]
+    classes, patch = spec["classes"], spec["patch"]
+    subjects = [tio.Subject(image=tio.ScalarImage(tensor=padded_to(np.moveaxis(c["image"], -1, 0), patch, True)),
+                            label=tio.LabelMap(tensor=padded_to(c["label"][None], patch, True)))
+                for c in cases]
+    transform = tio.Compose([tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
+                             tio.RandomAffine(scales=SCALE_RANGE, degrees=ROTATE_DEG, p=1.0),
+                             tio.RandomElasticDeformation(num_control_points=7, max_displacement=7.5, p=1.0),
+                             tio.RandomNoise(std=(NOISE_STD, NOISE_STD), p=1.0)])
+    sampler = tio.LabelSampler(patch, label_name="label", label_probabilities={k: 1 for k in range(classes)})
+    queue = tio.Queue(tio.SubjectsDataset(subjects, transform=transform), max_length=4 * SAMPLES_PER_VOLUME,
+                      samples_per_volume=samples_per_volume, sampler=sampler, num_workers=2)
+    loader = torch.utils.data.DataLoader(queue, batch_size=spec["batch"], num_workers=0)
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        return int(batch["image"][tio.DATA].shape[0])
+
+    segment = 2 * spec["batch"] if quick else spec["peer_segment"]
+    rates = timed_rates(next_batch, 2 * spec["batch"], segment)
+    mode = "queue" if samples_per_volume > 1 else "per_patch"
+    return result_line(workload, "torchio", rates, cases=len(cases), mode=mode, samples_per_volume=samples_per_volume,
+                       workers=2, torchio_version=tio.__version__, segment_patches=segment)
+
+
+RUNNERS = {"medseg_dl": run_medseg, "monai": run_monai,
+           "torchio": lambda w, c, q: run_torchio(w, c, q, SAMPLES_PER_VOLUME),
+           "torchio_per_patch": lambda w, c, q: run_torchio(w, c, q, 1)}
+
+
+def peers_available():
+    try:
+        import monai  # noqa: F401
+        import torch  # noqa: F401
+        import torchio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_in_subprocess(workload, library, quick):
+    command = [sys.executable, os.path.abspath(__file__), "--workload", workload, "--library", library]
+    output = subprocess.run(command + (["--quick"] if quick else []), check=True, capture_output=True, text=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--quick", action="store_true", help="few cases and patches (a smoke run)")
+    parser.add_argument("--peers", action="store_true", help="also run MONAI and TorchIO (if importable)")
+    parser.add_argument("--library", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for workload in args.workload or sorted(WORKLOADS):
+        if args.library or not (args.peers and peers_available()):
+            library = args.library or "medseg_dl"
+            print(json.dumps(RUNNERS[library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
+            continue
+        lines = [run_in_subprocess(workload, library, args.quick) for library in RUNNERS]
+        ours = lines[0]
+        for line in lines[1:]:
+            key = "torchio_per_patch" if line.get("mode") == "per_patch" else line["library"]
+            ours[f"ratio_{key}"] = round(ours["value"] / line["value"], 2)
+            line["ratio"] = round(ours["value"] / line["value"], 2)
+        for line in lines:
+            print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Training throughput on W1a (hippocampus, patch 40x56x40, batch 9) for both networks.
+
+Runs the real training process (`medseg_dl.training.run_training`) with the W1a augmentations of
+../shared/BENCHMARKS.md and reports, per network, the median over the timed log intervals of
+patches/s and of the share of step time spent waiting for the input pipeline (the first interval,
+which includes tracing, is the warm-up). Prints one JSON line per network.
+
+    python benchmarks/training.py [--steps 40] [--quick] [--mixed-precision]
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
+W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 15]},
+                   "scale": {"p": 1.0, "range": [0.85, 1.25]}, "elastic": {"p": 1.0},
+                   "noise": {"p": 1.0, "std": [0.1, 0.1]}}
+
+
+def machine():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+                 platform.processor())
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return f"{os.cpu_count()} cores, {model}" + (f", GPU {gpus}" if gpus else ", no GPU")
+
+
+def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision, quick):
+    from medseg_dl.data.convert import convert_dataset
+    from medseg_dl.model_dir import ModelDir, write_filelists
+    from medseg_dl.params import Params
+    from medseg_dl.training import run_training
+
+    params = Params.from_dict({
+        "seed": 0, "experiment": {"model_dir": os.path.join(work_dir, architecture)},
+        "data": {"source_dir": HIPPO, "tfrecords_dir": tfrecords_dir, "channels": ["mri"], "num_classes": 3,
+                 "split": {"val": 0.0}},
+        "sampling": {"patch_size": [40, 56, 40], "batch_size": 9, "samples_per_volume": 8,
+                     "class_probabilities": [1 / 3] * 3},
+        "augmentation": W1_AUGMENTATION,
+        "model": {"architecture": architecture, **({"base_filters": 4, "depth": 2} if quick else {})},
+        "training": {"steps": steps, "log_every": log_every, "checkpoint_every": 10 ** 6,
+                     "image_summary_every": 10 ** 6, "mixed_precision": mixed_precision}})
+    model_dir = ModelDir(params.experiment.model_dir)
+    os.makedirs(model_dir.checkpoints, exist_ok=True)
+    os.makedirs(model_dir.logs("train"), exist_ok=True)
+    convert_dataset(params)
+    write_filelists(params, model_dir)
+    run_training(params, model_dir)
+    with open(os.path.join(model_dir.logs("train"), "scalars.csv")) as f:
+        rows = list(csv.DictReader(f))[1:]  # the first interval includes tracing: warm-up
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="a few steps of a small network (smoke test)")
+    parser.add_argument("--mixed-precision", action="store_true")
+    parser.add_argument("--architectures", nargs="+", default=["unet", "medpatchnet"])
+    args = parser.parse_args()
+    steps, log_every = (6, 2) if args.quick else (args.steps, max(args.steps // 4, 1))
+    sys.path.insert(0, REPO)
+    with tempfile.TemporaryDirectory() as work_dir:
+        tfrecords_dir = os.path.join(work_dir, "tfrecords")
+        for architecture in args.architectures:
+            rows = run(architecture, steps, log_every, work_dir, tfrecords_dir, args.mixed_precision, args.quick)
+            rates = [float(r["patches_per_s"]) for r in rows]
+            waits = [float(r["data_wait_fraction"]) for r in rows]
+            print(json.dumps({"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
+                              "value": float(np.median(rates)), "unit": "patches/s", "median_of": len(rates),
+                              "min": min(rates), "max": max(rates),
+                              "data_wait_fraction": float(np.median(waits)),
+                              "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
+                              "mixed_precision": args.mixed_precision, "machine": machine()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Patch centres: uniform over the volume, or class-balanced over stored class locations (TF ops).
+
+A centre is an integer voxel (x, y, z). The patch drawn around centre `c` covers the voxels
+`c - patch // 2 ... c - patch // 2 + patch - 1` on each axis, so it always contains `c`; its
+geometric middle is `c - patch // 2 + (patch - 1) / 2` (a half voxel before `c` for even sizes):
+rotations and flips turn about the middle; the reported position is `c / (shape - 1)`.
+All randomness is stateless: a `seed` is an int32/int64 tensor of shape (2,).
+"""
+import tensorflow as tf
+
+
+def uniform_centres(shape_vox, count, seed):
+    """(count, 3) int32 voxels drawn uniformly from a volume of spatial shape `shape_vox` (3,) int32."""
+    unit = tf.random.stateless_uniform([count, 3], seed, dtype=tf.float32)
+    shape = tf.cast(shape_vox, tf.float32)
+    return tf.minimum(tf.cast(tf.floor(unit * shape), tf.int32), tf.cast(shape_vox, tf.int32) - 1)
+
+
+def class_weights(class_location_counts, class_probabilities=None):
+    """(K,) float32 weights of drawing each class: `class_probabilities` (K floats; None: equal)
+    with classes that have no stored location set to 0. Not normalised; may be all zero."""
+    present = tf.cast(class_location_counts > 0, tf.float32)
+    if class_probabilities is None:
+        return present
+    return present * tf.constant(class_probabilities, tf.float32)
+
+
+def class_balanced_centres(class_locations, class_location_counts, class_probabilities, shape_vox, count,
+                           seed):
+    """(count, 3) int32 centres: a class drawn with `class_probabilities` renormalised over the classes
+    present in this volume, then one of its stored locations uniformly.
+
+    class_locations (M, 3) int32 sorted by class; class_location_counts (K,) int32 locations per class;
+    class_probabilities: K floats or None (equal over the classes present). If no class with a positive
+    probability is present, the centres are drawn uniformly over the volume instead."""
+    class_seed, member_seed, fallback_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    weights = class_weights(class_location_counts, class_probabilities)
+
+    def located():
+        classes = tf.random.stateless_categorical(tf.math.log(weights)[None], count, class_seed,
+                                                  dtype=tf.int32)[0]
+        counts = tf.gather(class_location_counts, classes)
+        starts = tf.gather(tf.cumsum(class_location_counts, exclusive=True), classes)
+        unit = tf.random.stateless_uniform([count], member_seed, dtype=tf.float32)
+        members = tf.minimum(tf.cast(unit * tf.cast(counts, tf.float32), tf.int32), counts - 1)
+        return tf.gather(class_locations, starts + members)
+
+    return tf.cond(tf.reduce_sum(weights) > 0, located, lambda: uniform_centres(shape_vox, count, fallback_seed))
+
+
+def patch_centres(volume, sampling_params, count, seed):
+    """(count, 3) int32 centres for one decoded volume dict (see data/tfrecords.py), following
+    `sampling.class_probabilities`: [] uniform; null equal over present classes; a list per class."""
+    probabilities = sampling_params.class_probabilities
+    if probabilities is not None and len(probabilities) == 0:
+        return uniform_centres(volume["shape"], count, seed)
+    return class_balanced_centres(volume["class_locations"], volume["class_location_counts"], probabilities,
+                                  volume["shape"], count, seed)
+
+
+def patch_starts(centres, patch_size_vox):
+    """(S, 3) int32 first voxel of each patch: centre - patch // 2."""
+    return centres - tf.constant([p // 2 for p in patch_size_vox], tf.int32)
+
+
+def patch_middles(centres, patch_size_vox):
+    """(S, 3) float32 geometric middle of each patch in voxel coordinates: start + (patch - 1) / 2."""
+    offset = tf.constant([(p - 1) / 2 - p // 2 for p in patch_size_vox], tf.float32)
+    return tf.cast(centres, tf.float32) + offset
+
+
+def normalized_positions(centres, shape_vox):
+    """(S, 3) float32 patch positions in [0, 1]: the centre voxel (S, 3) int32 (the patch voxel at index
+    patch // 2) divided by (shape - 1) per axis (0 on a 1-voxel axis)."""
+    extent = tf.maximum(tf.cast(shape_vox, tf.float32) - 1.0, 1.0)
+    return tf.cast(centres, tf.float32) / extent
