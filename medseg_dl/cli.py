@@ -52,7 +52,7 @@ def _cmd_evaluate(args):
         params, model_dir, _ = open_model_dir(args.params, args.set)
     poll_s = params.evaluation.poll_seconds
     cases = evaluation.folder_cases(params, args.data, args.layout) if args.data else \
-        evaluation.validation_cases(params, model_dir, poll_s)
+        evaluation.split_cases(params, model_dir, poll_s)
     tag = os.path.basename(os.path.normpath(args.data)) if args.data else None
     evaluator = evaluation.Evaluator(params, model_dir, cases, tag)
     try:

@@ -161,12 +161,12 @@ def _numpy_case(volume):
             "affine": volume["affine"].numpy()}
 
 
-def validation_cases(params, model_dir, poll_seconds):
-    """The decoded validation subjects; waits while training is still converting them."""
-    ids = load_filelist(model_dir.filelists, "val")
+def split_cases(params, model_dir, poll_seconds, split="val"):
+    """The decoded subjects of a split (default: validation); waits while training still converts them."""
+    ids = load_filelist(model_dir.filelists, split)
     if not ids:
-        raise MedsegError(f"{model_dir.filelists}/val.json is empty; set data.split.val > 0 or give explicit "
-                          f"lists, or evaluate another folder with --data DIR")
+        raise MedsegError(f"{model_dir.filelists}/{split}.json is empty; set data.split.{split} > 0 or give "
+                          f"explicit lists, or evaluate another folder with --data DIR")
     while True:
         try:
             files = record_paths(params.data.tfrecords_dir, ids)

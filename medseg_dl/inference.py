@@ -7,7 +7,7 @@
 The network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
 (the normalised window centres in the original volume) and returning logits (N, px, py, pz, K); it
 is called with training=False when it accepts that argument. Windows are batched through it inside
-one tf.function per channel count (traced once for every volume shape and batch size). The window logits are
+one tf.function per channel count, traced once whatever the volume shape. The window logits are
 blended with Gaussian or constant weights (medseg_dl.pipeline.patches) and the softmax of the
 weighted average is the probability, as in nnU-Net (the softmax runs once per voxel, not once per
 window). With mirroring test-time augmentation a window's logits are log(mean over the 8 flips of
@@ -24,6 +24,8 @@ from medseg_dl.pipeline import patches
 
 MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
 TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
+FINISH_SOFTMAX = patches.make_finisher(lambda average: tf.nn.softmax(average, axis=-1))
+FINISH_ARGMAX = patches.make_finisher(lambda average: tf.argmax(average, axis=-1, output_type=tf.int32))
 
 
 def accepts_training(network):
@@ -55,8 +57,6 @@ class Predictor:
         self.tta_mirroring = bool(tta_mirroring)
         self._training_kwargs = {"training": False} if accepts_training(network) else {}
         self._steps = {}
-        self._softmax = patches.make_finisher(lambda average: tf.nn.softmax(average, axis=-1))
-        self._argmax = patches.make_finisher(lambda average: tf.argmax(average, axis=-1, output_type=tf.int32))
 
     @classmethod
     def from_params(cls, network, params):
@@ -69,12 +69,12 @@ class Predictor:
     def probabilities(self, image):
         """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
         accumulator, grid = self._accumulate(image)
-        return patches.finish_slabs(self._softmax, accumulator, grid, grid.crop(accumulator))
+        return patches.finish_slabs(FINISH_SOFTMAX, accumulator, grid, grid.crop(accumulator))
 
     def labels(self, image):
         """Most probable class (X, Y, Z) int32 numpy of an image (X, Y, Z, C) float32."""
         accumulator, grid = self._accumulate(image)
-        return patches.finish_slabs(self._argmax, accumulator, grid, np.empty(grid.shape_vox, np.int32))
+        return patches.finish_slabs(FINISH_ARGMAX, accumulator, grid, np.empty(grid.shape_vox, np.int32))
 
     def _accumulate(self, image):
         image = _check_image(image)
@@ -94,7 +94,7 @@ class Predictor:
     def _logits(self, windows, positions):
         logits = self.network({"image": windows, "position": positions}, **self._training_kwargs)
         expected = tuple(windows.shape[1:4]) + (self.num_classes,)
-        if tuple(logits.shape[1:]) != expected:
+        if not logits.shape[1:].is_compatible_with(expected):
             raise ParamsError(f"the network returns logits of shape {tuple(logits.shape[1:])} per window, expected "
                               f"{expected} (sampling.patch_size + data.num_classes); use a window the network "
                               f"accepts and the num_classes it was built with")

@@ -27,7 +27,7 @@ def trained(tmp_path, steps=10):
 
 def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
     params, model_dir = trained(tmp_path)
-    cases = evaluation.validation_cases(params, model_dir, 0.1)
+    cases = evaluation.split_cases(params, model_dir, 0.1)
     assert len(cases) == 1
     evaluator = evaluation.Evaluator(params, model_dir, cases)
     assert evaluation.watch(evaluator, poll_seconds=0.1, timeout_s=30) == 10
@@ -53,7 +53,7 @@ def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
 
 def test_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, capsys):
     params, model_dir = trained(tmp_path, steps=5)
-    evaluator = evaluation.Evaluator(params, model_dir, evaluation.validation_cases(params, model_dir, 0.1))
+    evaluator = evaluation.Evaluator(params, model_dir, evaluation.split_cases(params, model_dir, 0.1))
     prefix = os.path.join(model_dir.checkpoints, "ckpt-5")
     for name in os.listdir(model_dir.checkpoints):
         if name.startswith("ckpt-5.data"):

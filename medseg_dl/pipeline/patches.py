@@ -214,10 +214,13 @@ def finish_slabs(finish, accumulator, grid, out):
     return out
 
 
+FINISH_AVERAGE = make_finisher()
+
+
 def recombine(predict_batch, volume, grid, batch_size, num_outputs):
     """Weighted average (X, Y, Z, K) float32 numpy of the window outputs of `predict_batch` over `volume`.
 
     Arguments as for `accumulate`; an identity `predict_batch` gives the volume back.
     """
     accumulator = accumulate(predict_batch, volume, grid, batch_size, num_outputs)
-    return finish_slabs(make_finisher(), accumulator, grid, grid.crop(accumulator))
+    return finish_slabs(FINISH_AVERAGE, accumulator, grid, grid.crop(accumulator))
