@@ -4,10 +4,13 @@
 
 Decoded, z-scored volumes are held in memory; each library draws class-balanced patches with flips,
 rotation, scaling, elastic deformation and Gaussian noise; batches are fetched and thrown away.
-After a warm-up, 3 segments of about 200 patches are timed; the figure is the median rate. With
+After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200; `segment_patches`); the figure
+is the median rate. With
 --peers (and torch, monai, torchio importable) MONAI and TorchIO run the same workload in the same
-run; every (workload, library) runs in its own subprocess, one after the other, and the medseg_dl
-line gets `ratio_<peer>` keys (ours / theirs). One JSON line per (workload, library).
+run; every (workload, library) runs in its own subprocess, one after the other; each peer line gets
+a `ratio` key and the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). W1b times
+its peers on segments of 16 patches: they run at about 1 patch/s. One JSON line per (workload,
+library).
 """
 import argparse
 import glob
@@ -28,11 +31,13 @@ from medseg_dl.data.preprocess import class_locations, zscore  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 WORKLOADS = {
-    "W1a": {"patch": [40, 56, 40], "batch": 9, "classes": 3, "segment": 198, "peer_segment": 198},
-    "W1b": {"patch": [96, 96, 96], "batch": 2, "classes": 5, "segment": 200, "peer_segment": 24},
+    "W1a": {"patch": [40, 56, 40], "batch": 9, "classes": 3, "segment": 288, "peer_segment": 288},
+    "W1b": {"patch": [96, 96, 96], "batch": 2, "classes": 5, "segment": 200, "peer_segment": 16},
 }
 SAMPLES_PER_VOLUME = 8
 ROTATE_DEG, SCALE_RANGE, NOISE_STD = 15.0, (0.85, 1.25), 0.1
+LONG_EPOCH = 2000  # patches per peer epoch (cases repeated or drawn with replacement)
+QUEUE_LENGTH = 16  # TorchIO refills its queue every 16 patches: peer segments are multiples of 16
 
 
 def machine():
@@ -145,11 +150,12 @@ def memory_dataset(cases, num_classes):
 def run_medseg(workload, cases, quick):
     import tensorflow as tf
 
-    from medseg_dl.pipeline.inputs import patch_dataset
+    from medseg_dl.pipeline.inputs import patch_dataset, prepare_volume
 
     spec = WORKLOADS[workload]
     params = medseg_params(spec)
-    volumes = memory_dataset(cases, spec["classes"]).cache().shuffle(64, seed=0).repeat()
+    volumes = memory_dataset(cases, spec["classes"]).map(lambda volume: prepare_volume(volume, "constant"))
+    volumes = volumes.cache().shuffle(64, seed=0).repeat()
     iterator = iter(patch_dataset(volumes, params))
 
     def next_batch():
@@ -158,9 +164,11 @@ def run_medseg(workload, cases, quick):
     start = time.perf_counter()
     first = next_batch()
     warmup = len(cases) * SAMPLES_PER_VOLUME  # one pass: every size bucket compiled
-    rates = timed_rates(next_batch, max(warmup - first, 0), 2 * spec["batch"] if quick else spec["segment"])
+    segment = 2 * spec["batch"] if quick else spec["segment"]
+    rates = timed_rates(next_batch, max(warmup - first, 0), segment)
     return result_line(workload, "medseg_dl", rates, cases=len(cases), first_batch_s=round(time.perf_counter() -
-                       start, 1), samples_per_volume=SAMPLES_PER_VOLUME, tf_version=tf.__version__)
+                       start, 1), samples_per_volume=SAMPLES_PER_VOLUME, tf_version=tf.__version__,
+                       segment_patches=segment)
 
 
 # --- peers ---------------------------------------------------------------------------------------
@@ -187,7 +195,8 @@ def run_monai(workload, cases, quick):
               *[mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis) for axis in range(3)],
               mt.RandGaussianNoised(keys="image", prob=1.0, std=NOISE_STD)]
     dataset = monai.data.CacheDataset(data, mt.Compose(deterministic + random), progress=False)
-    loader = monai.data.DataLoader(dataset, batch_size=spec["batch"], shuffle=True, num_workers=2,
+    endless = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=LONG_EPOCH)
+    loader = monai.data.DataLoader(dataset, batch_size=spec["batch"], sampler=endless, num_workers=2,
                                    persistent_workers=True, drop_last=True)
     batches = iter(())
 
@@ -221,7 +230,8 @@ def run_torchio(workload, cases, quick, samples_per_volume):
                              tio.RandomElasticDeformation(num_control_points=7, max_displacement=7.5, p=1.0),
                              tio.RandomNoise(std=(NOISE_STD, NOISE_STD), p=1.0)])
     sampler = tio.LabelSampler(patch, label_name="label", label_probabilities={k: 1 for k in range(classes)})
-    queue = tio.Queue(tio.SubjectsDataset(subjects, transform=transform), max_length=4 * SAMPLES_PER_VOLUME,
+    repeats = -(-LONG_EPOCH // (len(subjects) * samples_per_volume))  # no worker restarts while timing
+    queue = tio.Queue(tio.SubjectsDataset(subjects * repeats, transform=transform), max_length=QUEUE_LENGTH,
                       samples_per_volume=samples_per_volume, sampler=sampler, num_workers=2)
     loader = torch.utils.data.DataLoader(queue, batch_size=spec["batch"], num_workers=0)
     batches = iter(())
@@ -259,7 +269,7 @@ def peers_available():
 
 def run_in_subprocess(workload, library, quick):
     command = [sys.executable, os.path.abspath(__file__), "--workload", workload, "--library", library]
-    output = subprocess.run(command + (["--quick"] if quick else []), check=True, capture_output=True, text=True)
+    output = subprocess.run(command + (["--quick"] if quick else []), check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -276,14 +286,13 @@ def main():
             library = args.library or "medseg_dl"
             print(json.dumps(RUNNERS[library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
             continue
-        lines = [run_in_subprocess(workload, library, args.quick) for library in RUNNERS]
-        ours = lines[0]
-        for line in lines[1:]:
-            key = "torchio_per_patch" if line.get("mode") == "per_patch" else line["library"]
-            ours[f"ratio_{key}"] = round(ours["value"] / line["value"], 2)
+        ours = run_in_subprocess(workload, "medseg_dl", args.quick)
+        for library in list(RUNNERS)[1:]:  # each peer line as soon as it is measured
+            line = run_in_subprocess(workload, library, args.quick)
             line["ratio"] = round(ours["value"] / line["value"], 2)
-        for line in lines:
+            ours[f"ratio_{library}"] = line["ratio"]
             print(json.dumps(line), flush=True)
+        print(json.dumps(ours), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,4 +45,4 @@ def evaluation_rows(model_dir):
 def show_curves(model_dir, class_names, out):
     """Training loss and validation Dice per checkpoint of a model folder, as a PNG."""
     train_rows = plotting.read_csv_rows(os.path.join(model_dir.logs("train"), "scalars.csv"))
-    return plotting.learning_curves(train_rows, evaluation_rows(model_dir), out, class_names[1:])
+    return plotting.learning_curves(train_rows, evaluation_rows(model_dir), out, class_names)

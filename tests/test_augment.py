@@ -3,7 +3,7 @@ image/label alignment under random warps, intensity transforms against numpy/sci
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from medseg_dl.params import Params
 from medseg_dl.pipeline import augment, sampling
@@ -155,6 +155,15 @@ def test_noise_has_the_requested_std_and_zero_std_is_exact():
     np.testing.assert_array_equal(noisy[0], images[0])
     for s, std in ((1, 0.1), (2, 0.5)):
         np.testing.assert_allclose(np.std(noisy[s] - images[s]), std, rtol=0.05)
+
+
+def test_standard_normal_noise_is_gaussian_and_seeded():
+    values = augment.standard_normal(tf.constant([50, 41, 49]), SEED).numpy()
+    assert values.shape == (50, 41, 49) and values.dtype == np.float32
+    assert abs(values.mean()) < 0.01 and abs(values.std() - 1.0) < 0.01
+    assert stats.kstest(values.ravel()[::3], "norm").pvalue > 0.001
+    np.testing.assert_array_equal(values, augment.standard_normal(tf.constant([50, 41, 49]), SEED).numpy())
+    assert not np.array_equal(values, augment.standard_normal(tf.constant([50, 41, 49]), SEED + 1).numpy())
 
 
 def test_gamma_keeps_the_range_and_matches_numpy():

@@ -15,6 +15,7 @@ constant, so switching one transform on or off leaves the draws of the others un
 """
 import numpy as np
 import tensorflow as tf
+from scipy import special
 
 
 ALG = "philox"  # explicit: XLA's automatic choice on CPU is far slower
@@ -205,6 +206,28 @@ def _per_patch(values):
     return tf.reshape(values, [-1, 1, 1, 1, 1])
 
 
+def _normal_quantiles(levels=65536):
+    """(levels,) float32 standard normal quantiles at (i + 0.5) / levels, rescaled to unit variance."""
+    quantiles = special.ndtri((np.arange(levels) + 0.5) / levels)
+    return (quantiles / quantiles.std()).astype(np.float32)
+
+
+NORMAL_QUANTILES = _normal_quantiles()
+
+
+def standard_normal(shape, seed):
+    """Gaussian noise of `shape` (1-D int tensor), float32, mean 0 and variance 1: 16-bit uniform
+    integers (two per stateless Philox uint32) looked up in 65,536 equiprobable normal quantiles
+    (inverse-CDF sampling; |values| <= 4.2). About 3x faster on CPU than Box-Muller, and for additive
+    augmentation noise indistinguishable from it."""
+    count = tf.reduce_prod(shape)
+    bits = tf.random.stateless_uniform([(count + 1) // 2], seed, minval=None, maxval=None, dtype=tf.uint32,
+                                       alg=ALG)
+    halves = tf.stack([tf.bitwise.bitwise_and(bits, 0xFFFF), tf.bitwise.right_shift(bits, 16)], axis=-1)
+    index = tf.reshape(tf.cast(halves, tf.int32), [-1])[:count]
+    return tf.reshape(tf.gather(NORMAL_QUANTILES, index), shape)
+
+
 def add_noise(images, std, noise):
     """images (S, px, py, pz, C) float32 plus `noise` (same shape, standard normal) scaled by `std` (S,)
     float32 (intensity units; 0 leaves a patch exactly unchanged)."""
@@ -251,8 +274,8 @@ def gaussian_blur(images, sigma_vox, radius_vox):
 
 
 # --- random draws from the augmentation params ---------------------------------------------------
-# Draws run as plain TF ops (small tensors, and the noise field); the transforms they feed are
-# deterministic functions, compiled with XLA by the pipeline.
+# Draws are small tensors made with plain TF ops (the noise field is drawn from its seed inside the
+# transform); the transforms they feed are deterministic functions, XLA-compiled by the pipeline.
 
 _STREAMS = {name: i for i, name in enumerate(
     ["flip", "rotate", "rotate_angle", "scale", "scale_factor", "elastic", "elastic_sigma", "elastic_magnitude",
@@ -344,7 +367,7 @@ def draw_intensity(aug, image_shape, seed):
     """Random intensity parameters for patches of `image_shape` (S, px, py, pz, C), as a dict with the
     keys of the transforms that have p > 0: "blur_sigma_vox" (S,) (0: off); "brightness", "contrast",
     "gamma" (S,) float32 with "brightness_contrast_on", "gamma_on" (S,) bool; "noise_std" (S,) (0: off)
-    and "noise" (S, px, py, pz, C) standard normal."""
+    and "noise_seed" (2,) of the noise field (see `standard_normal`)."""
     count, drawn = image_shape[0], {}
     if aug.blur.p > 0:
         sigma = _uniform(seed, "blur_sigma", [count], aug.blur.sigma_vox)
@@ -360,7 +383,7 @@ def draw_intensity(aug, image_shape, seed):
     if aug.noise.p > 0:
         std = _uniform(seed, "noise_std", [count], aug.noise.std)
         drawn["noise_std"] = tf.where(_switch(seed, "noise", count, aug.noise.p), std, 0.0)
-        drawn["noise"] = tf.random.stateless_normal(image_shape, _stream(seed, "noise_field"), alg=ALG)
+        drawn["noise_seed"] = _stream(seed, "noise_field")
     return drawn
 
 
@@ -374,8 +397,8 @@ def apply_intensity(images, aug, drawn):
         images = tf.where(_per_patch(drawn["brightness_contrast_on"]), changed, images)
     if "gamma_on" in drawn:
         images = tf.where(_per_patch(drawn["gamma_on"]), adjust_gamma(images, drawn["gamma"]), images)
-    if "noise" in drawn:
-        images = add_noise(images, drawn["noise_std"], drawn["noise"])
+    if "noise_seed" in drawn:
+        images = add_noise(images, drawn["noise_std"], standard_normal(tf.shape(images), drawn["noise_seed"]))
     return images
 
 

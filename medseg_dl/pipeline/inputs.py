@@ -1,12 +1,15 @@
 """The tf.data pipelines: training patches (`train_inputs`, its patch stage `patch_dataset`) and
 whole volumes for evaluation metrics (`volume_inputs`).
 
-Training: shuffled files -> parallel interleaved reads -> decode -> optional in-memory cache ->
-shuffle of volumes -> repeat -> `samples_per_volume` augmented patches per loaded volume in one
-vectorised call -> shuffle of patches -> batch -> prefetch. Parallelism is AUTOTUNE'd. Patch draw
+Training: shuffled files -> parallel interleaved reads -> decode and flatten for sampling
+(`prepare_volume`) -> optional in-memory cache -> shuffle of volumes -> repeat ->
+`samples_per_volume` augmented patches per loaded volume in one vectorised call -> shuffle of
+patches -> batch -> prefetch. Parallelism is AUTOTUNE'd. Patch draw
 number i uses the stateless seed (params.seed, i), so with `sampling.deterministic` the same params
 give the same batches.
 """
+import json
+
 import tensorflow as tf
 
 from medseg_dl.data.tfrecords import decode_example, record_dataset
@@ -24,36 +27,46 @@ def patch_size_of(params):
     return list(size)
 
 
-def bucketed_flat(volume, padding):
-    """The volume's image (L, C) float32 and label (L,) int32 as the flat samplers read them
-    (augment.flatten_padded), zero-padded to L = the next of 2 steps per octave, and its spatial shape
-    (3,) int32. The compiled sampler then meets few distinct shapes (one XLA compilation each) at
-    < 50 % extra memory for this transient copy."""
+def prepare_volume(volume, padding):
+    """A decoded volume dict -> the dict the patch stage reads: flat_image (L, C) float32 and flat_label
+    (L,) uint8 (the volume with a one-voxel border, see augment.flatten_padded, zero-padded at the end
+    to L = the next of 8 steps per octave, so that the compiled sampler meets few distinct shapes at
+    <= 12.5 % extra memory), shape (3,) int32, class_locations, class_location_counts, subject.
+    Map it before `cache()`: the copy is then made once per volume, not once per draw."""
     flat_image, shape_vox = augment.flatten_padded(volume["image"], padding)
-    flat_label, _ = augment.flatten_padded(volume["label"], padding)
+    flat_label, _ = augment.flatten_padded(tf.cast(volume["label"], tf.uint8), padding)
     length = tf.shape(flat_label)[0]
     octave = tf.math.floor(tf.math.log(tf.cast(length, tf.float32)) / tf.math.log(2.0))
-    step = tf.cast(2.0 ** tf.maximum(octave - 1.0, 0.0), tf.int32)
+    step = tf.cast(2.0 ** tf.maximum(octave - 3.0, 0.0), tf.int32)
     extra = (length + step - 1) // step * step - length
-    return tf.pad(flat_image, [[0, extra], [0, 0]]), tf.pad(flat_label, [[0, extra]]), shape_vox
+    return {"flat_image": tf.pad(flat_image, [[0, extra], [0, 0]]), "flat_label": tf.pad(flat_label, [[0, extra]]),
+            "shape": shape_vox, "class_locations": volume["class_locations"],
+            "class_location_counts": volume["class_location_counts"], "subject": volume["subject"]}
+
+
+_PATCH_FUNCTIONS = {}  # one per configuration: pipelines built again reuse its XLA compilations
 
 
 def patch_function(params):
-    """A function (volume dict, middles (S, 3) float32, seed (2,) int64) -> (images (S, px, py, pz, C)
-    float32, labels (S, px, py, pz) int32): random parameters drawn with plain TF ops, then sampling
-    grid, sampling and intensity augmentation (params.augmentation, params.sampling.padding), each one
-    XLA-compiled call; only the sampling call compiles once per bucket of volume sizes."""
+    """A function (prepared volume dict (see `prepare_volume`), middles (S, 3) float32, seed (2,) int64)
+    -> (images (S, px, py, pz, C) float32, labels (S, px, py, pz) int32): random parameters drawn with
+    plain TF ops, then two XLA-compiled calls (params.augmentation, params.sampling.padding): sampling
+    grid + sampling (one compilation per bucket of volume sizes), and intensity augmentation."""
     size, aug, padding = patch_size_of(params), params.augmentation, params.sampling.padding
+    key = json.dumps([size, aug.to_dict(), padding], sort_keys=True)
+    if key not in _PATCH_FUNCTIONS:
+        _PATCH_FUNCTIONS[key] = _build_patch_function(size, aug, padding)
+    return _PATCH_FUNCTIONS[key]
+
+
+def _build_patch_function(size, aug, padding):
     image_sampler = augment.sample_linear_flat if augment.spatial_enabled(aug) else augment.sample_nearest_flat
 
     @tf.function(jit_compile=True)
-    def coordinates(middles, spatial):
-        return augment.spatial_coordinates(middles, size, spatial)
-
-    @tf.function(jit_compile=True)
-    def sample(flat_image, flat_label, shape_vox, coords):
+    def sample(flat_image, flat_label, shape_vox, middles, spatial):
+        coords = augment.spatial_coordinates(middles, size, spatial)
         return (image_sampler(flat_image, shape_vox, coords, padding),
-                augment.sample_nearest_flat(flat_label, shape_vox, coords, padding))
+                tf.cast(augment.sample_nearest_flat(flat_label, shape_vox, coords, padding), tf.int32))
 
     @tf.function(jit_compile=True)
     def intensity(images, drawn):
@@ -61,7 +74,7 @@ def patch_function(params):
 
     def patches(volume, middles, seed):
         spatial = augment.draw_spatial(aug, middles.shape[0], tf.random.experimental.stateless_fold_in(seed, 0))
-        images, labels = sample(*bucketed_flat(volume, padding), coordinates(middles, spatial))
+        images, labels = sample(volume["flat_image"], volume["flat_label"], volume["shape"], middles, spatial)
         if augment.intensity_enabled(aug):
             drawn = augment.draw_intensity(aug, tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 1))
             images = intensity(images, drawn)
@@ -70,19 +83,18 @@ def patch_function(params):
     return patches
 
 
-def volume_patches(volume, params, seed, make_patches=None):
-    """`samples_per_volume` augmented patches of one decoded volume dict (data/tfrecords.py) as a dict:
+def volume_patches(volume, params, seed):
+    """`samples_per_volume` augmented patches of one prepared volume dict (`prepare_volume`) as a dict:
     image (S, px, py, pz, C) float32, label (S, px, py, pz) int32, position (S, 3) float32 (centre
-    voxel / (shape - 1), see sampling.py), subject (S,) string. seed: (2,) int64 stateless seed of this draw;
-    make_patches: the `patch_function(params)` to reuse (built when None)."""
+    voxel / (shape - 1), see sampling.py), subject (S,) string. seed: (2,) int64 stateless seed of
+    this draw."""
     size = patch_size_of(params)
     count = params.sampling.samples_per_volume
-    make_patches = make_patches or patch_function(params)
     centres = sampling.patch_centres(volume, params.sampling, count,
                                      tf.random.experimental.stateless_fold_in(seed, 0))
     middles = sampling.patch_middles(centres, size)
-    image, label = make_patches(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
-    channels = volume["image"].shape[-1]
+    image, label = patch_function(params)(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
+    channels = volume["flat_image"].shape[-1]
     return {"image": tf.ensure_shape(image, [count, *size, channels]),
             "label": tf.ensure_shape(label, [count, *size]),
             "position": sampling.normalized_positions(centres, volume["shape"]),
@@ -91,7 +103,8 @@ def volume_patches(volume, params, seed, make_patches=None):
 
 def patch_dataset(volumes, params, seed=None):
     """Batches of augmented patches from a dataset of decoded volume dicts (at least image (X,Y,Z,C)
-    float32, label (X,Y,Z) int32, shape (3,) int32, class_locations, class_location_counts, subject).
+    float32, label (X,Y,Z) int32, class_locations, class_location_counts, subject) or of dicts
+    already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does).
 
     Yields dicts: image (N, px, py, pz, C) float32, label (N, px, py, pz) int32, position (N, 3)
     float32, subject (N,) string, N = sampling.batch_size; ends when `volumes` ends (after the last
@@ -100,10 +113,13 @@ def patch_dataset(volumes, params, seed=None):
     sampling_params = params.sampling
     deterministic = sampling_params.deterministic
 
-    make_patches = patch_function(params)
+    patch_size_of(params)  # a bad patch size raises here, not inside tf.data
+    if "flat_image" not in volumes.element_spec:
+        volumes = volumes.map(lambda volume: prepare_volume(volume, sampling_params.padding), AUTOTUNE,
+                              deterministic=deterministic)
 
     def draw(index, volume):
-        return volume_patches(volume, params, tf.stack([tf.constant(seed, tf.int64), index]), make_patches)
+        return volume_patches(volume, params, tf.stack([tf.constant(seed, tf.int64), index]))
 
     patches = volumes.enumerate().map(draw, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     patches = patches.unbatch()
@@ -125,7 +141,8 @@ def train_inputs(params, files):
     volumes = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=params.seed)
     volumes = volumes.interleave(lambda path: record_dataset(path, params.data.gzip), cycle_length=AUTOTUNE,
                                  num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    volumes = volumes.map(lambda record: decode_example(record, len(params.data.channels)),
+    volumes = volumes.map(lambda record: prepare_volume(decode_example(record, len(params.data.channels)),
+                                                        sampling_params.padding),
                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if sampling_params.cache:
         volumes = volumes.cache()
