@@ -4,25 +4,27 @@
 
 Decoded, z-scored volumes are held in memory; each library draws class-balanced patches with flips,
 rotation, scaling, elastic deformation and Gaussian noise; batches are fetched and thrown away.
-After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200; `segment_patches`); the figure
-is the median rate. With
---peers (and torch, monai, torchio importable) MONAI and TorchIO run the same workload in the same
-run; every (workload, library) runs in its own subprocess, one after the other; each peer line gets
-a `ratio` key and the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). W1b times
-its peers on segments of 16 patches: they run at about 1 patch/s. One JSON line per (workload,
-library).
+After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200, W1b peers 16: they run at about
+1 patch/s; `segment_patches`); the figure is the median rate.
+
+With --peers (and torch, monai, torchio importable) MONAI and TorchIO run the same workload in the
+same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
+per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
+library) runs in its own subprocess, one after the other; each peer line gets a `ratio` key and
+the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). One JSON line per
+(workload, library).
 """
 import argparse
 import glob
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+from machine_info import describe_machine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,16 +39,7 @@ WORKLOADS = {
 SAMPLES_PER_VOLUME = 8
 ROTATE_DEG, SCALE_RANGE, NOISE_STD = 15.0, (0.85, 1.25), 0.1
 LONG_EPOCH = 2000  # patches per peer epoch (cases repeated or drawn with replacement)
-QUEUE_LENGTH = 16  # TorchIO refills its queue every 16 patches: peer segments are multiples of 16
-
-
-def machine():
-    model = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{os.cpu_count()} cores, {model}, no GPU"
+QUEUE_LENGTH = 16  # TorchIO's queue refills every 16 patches: peer segments are multiples of 16
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ def timed_rates(next_batch, warmup_patches, segment_patches, segments=3):
 def result_line(workload, library, rates, **details):
     return {"workload": workload, "library": library, "value": round(statistics.median(rates), 3),
             "unit": "patches/s", "median_of": len(rates), "min": round(min(rates), 3), "max": round(max(rates), 3),
-            "machine": machine(), **details}
+            "machine": describe_machine(), **details}
 
 
 # --- medseg_dl ------------------------------------------------------------------------------------
@@ -174,6 +167,23 @@ def run_medseg(workload, cases, quick):
 # --- peers ---------------------------------------------------------------------------------------
 
 
+def loader_rates(loader, patches_in, spec, quick):
+    """timed_rates over a torch DataLoader (re-iterated when an epoch ends); patches_in(batch) -> int."""
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        return patches_in(batch)
+
+    segment = 2 * spec["batch"] if quick else spec["peer_segment"]
+    return timed_rates(next_batch, 2 * spec["batch"], segment), segment
+
+
 def run_monai(workload, cases, quick):
     import monai
     import torch
@@ -198,63 +208,66 @@ def run_monai(workload, cases, quick):
     endless = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=LONG_EPOCH)
     loader = monai.data.DataLoader(dataset, batch_size=spec["batch"], sampler=endless, num_workers=2,
                                    persistent_workers=True, drop_last=True)
-    batches = iter(())
-
-    def next_batch():
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        return int(batch["image"].shape[0])
-
-    segment = 2 * spec["batch"] if quick else spec["peer_segment"]
-    rates = timed_rates(next_batch, 2 * spec["batch"], segment)
+    rates, segment = loader_rates(loader, lambda batch: int(batch["image"].shape[0]), spec, quick)
     return result_line(workload, "monai", rates, cases=len(cases), crop_region=region, workers=2,
                        scale="1+U(-0.15,0.25) per axis", monai_version=monai.__version__,
                        torch_version=torch.__version__, segment_patches=segment)
 
 
-def run_torchio(workload, cases, quick, samples_per_volume):
-    import torch
+def torchio_parts(spec, cases):
+    """TorchIO subjects (padded to the patch size), the W1 transform and the class-balanced sampler."""
     import torchio as tio
 
-    spec = WORKLOADS[workload]
-    classes, patch = spec["classes"], spec["patch"]
-    subjects = [tio.Subject(image=tio.ScalarImage(tensor=padded_to(np.moveaxis(c["image"], -1, 0), patch, True)),
-                            label=tio.LabelMap(tensor=padded_to(c["label"][None], patch, True)))
+    subjects = [tio.Subject(image=tio.ScalarImage(tensor=padded_to(np.moveaxis(c["image"], -1, 0), spec["patch"],
+                                                                   True)),
+                            label=tio.LabelMap(tensor=padded_to(c["label"][None], spec["patch"], True)))
                 for c in cases]
     transform = tio.Compose([tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
                              tio.RandomAffine(scales=SCALE_RANGE, degrees=ROTATE_DEG, p=1.0),
                              tio.RandomElasticDeformation(num_control_points=7, max_displacement=7.5, p=1.0),
                              tio.RandomNoise(std=(NOISE_STD, NOISE_STD), p=1.0)])
-    sampler = tio.LabelSampler(patch, label_name="label", label_probabilities={k: 1 for k in range(classes)})
-    repeats = -(-LONG_EPOCH // (len(subjects) * samples_per_volume))  # no worker restarts while timing
-    queue = tio.Queue(tio.SubjectsDataset(subjects * repeats, transform=transform), max_length=QUEUE_LENGTH,
-                      samples_per_volume=samples_per_volume, sampler=sampler, num_workers=2)
-    loader = torch.utils.data.DataLoader(queue, batch_size=spec["batch"], num_workers=0)
-    batches = iter(())
+    sampler = tio.LabelSampler(spec["patch"], label_name="label",
+                               label_probabilities={k: 1 for k in range(spec["classes"])})
+    return subjects, transform, sampler
 
-    def next_batch():
-        nonlocal batches
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        return int(batch["image"][tio.DATA].shape[0])
 
-    segment = 2 * spec["batch"] if quick else spec["peer_segment"]
-    rates = timed_rates(next_batch, 2 * spec["batch"], segment)
-    mode = "queue" if samples_per_volume > 1 else "per_patch"
-    return result_line(workload, "torchio", rates, cases=len(cases), mode=mode, samples_per_volume=samples_per_volume,
-                       workers=2, torchio_version=tio.__version__, segment_patches=segment)
+class PerPatchDataset:
+    """TorchIO per patch: item i draws one patch of subject i % n with `sampler`, then transforms it."""
+
+    def __init__(self, subjects, sampler, transform):
+        self.subjects, self.sampler, self.transform = subjects, sampler, transform
+
+    def __len__(self):
+        return LONG_EPOCH
+
+    def __getitem__(self, index):
+        return self.transform(next(iter(self.sampler(self.subjects[index % len(self.subjects)], 1))))
+
+
+def run_torchio(workload, cases, quick, per_patch):
+    """TorchIO's usual Queue (the transform on each subject, 8 patches per draw), or per patch."""
+    import torch
+    import torchio as tio
+
+    spec = WORKLOADS[workload]
+    subjects, transform, sampler = torchio_parts(spec, cases)
+    if per_patch:
+        loader = torch.utils.data.DataLoader(PerPatchDataset(subjects, sampler, transform), batch_size=spec["batch"],
+                                             shuffle=True, num_workers=2, persistent_workers=True, drop_last=True)
+    else:
+        repeats = -(-LONG_EPOCH // (len(subjects) * SAMPLES_PER_VOLUME))  # no worker restarts while timing
+        queue = tio.Queue(tio.SubjectsDataset(subjects * repeats, transform=transform), max_length=QUEUE_LENGTH,
+                          samples_per_volume=SAMPLES_PER_VOLUME, sampler=sampler, num_workers=2)
+        loader = torch.utils.data.DataLoader(queue, batch_size=spec["batch"], num_workers=0)
+    rates, segment = loader_rates(loader, lambda batch: int(batch["image"][tio.DATA].shape[0]), spec, quick)
+    return result_line(workload, "torchio", rates, cases=len(cases), mode="per_patch" if per_patch else "queue",
+                       samples_per_volume=1 if per_patch else SAMPLES_PER_VOLUME, workers=2,
+                       torchio_version=tio.__version__, segment_patches=segment)
 
 
 RUNNERS = {"medseg_dl": run_medseg, "monai": run_monai,
-           "torchio": lambda w, c, q: run_torchio(w, c, q, SAMPLES_PER_VOLUME),
-           "torchio_per_patch": lambda w, c, q: run_torchio(w, c, q, 1)}
+           "torchio": lambda w, c, q: run_torchio(w, c, q, per_patch=False),
+           "torchio_per_patch": lambda w, c, q: run_torchio(w, c, q, per_patch=True)}
 
 
 def peers_available():
@@ -267,9 +280,16 @@ def peers_available():
     return True
 
 
-def run_in_subprocess(workload, library, quick):
+def run_in_subprocess(workload, library, quick, timeout_s=1800):
+    """The JSON line of one (workload, library) run in a fresh interpreter; None (reported on stderr)
+    if it fails or takes longer than `timeout_s`."""
     command = [sys.executable, os.path.abspath(__file__), "--workload", workload, "--library", library]
-    output = subprocess.run(command + (["--quick"] if quick else []), check=True, stdout=subprocess.PIPE, text=True)
+    try:
+        output = subprocess.run(command + (["--quick"] if quick else []), check=True, stdout=subprocess.PIPE,
+                                text=True, timeout=timeout_s)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        print(f"{workload} {library}: no result ({err})", file=sys.stderr)
+        return None
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -289,10 +309,12 @@ def main():
         ours = run_in_subprocess(workload, "medseg_dl", args.quick)
         for library in list(RUNNERS)[1:]:  # each peer line as soon as it is measured
             line = run_in_subprocess(workload, library, args.quick)
-            line["ratio"] = round(ours["value"] / line["value"], 2)
-            ours[f"ratio_{library}"] = line["ratio"]
-            print(json.dumps(line), flush=True)
-        print(json.dumps(ours), flush=True)
+            if line and ours:
+                line["ratio"] = ours[f"ratio_{library}"] = round(ours["value"] / line["value"], 2)
+            if line:
+                print(json.dumps(line), flush=True)
+        if ours:
+            print(json.dumps(ours), flush=True)
 
 
 if __name__ == "__main__":

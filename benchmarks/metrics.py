@@ -32,6 +32,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine_info import describe_machine
 from scipy import ndimage
 
 from medseg_dl.scoring import score_case
@@ -201,16 +202,6 @@ def max_relative_differences(ours, theirs):
     return worst, skipped
 
 
-def machine_description():
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores, {model}"
-
-
 def result_line(library, timing, cases, repetitions, machine):
     (value, low, high), (aniso_value, aniso_low, aniso_high) = timing
     return {"workload": "W3", "library": library, "value": round(value, 4), "unit": "s", "median_of": repetitions,
@@ -255,7 +246,7 @@ def load_peers(names):
 
 def main(argv=None):
     args = parse_args(argv)
-    machine = machine_description()
+    machine = describe_machine()
     cases = load_cases(args.data_dir, args.subjects)
     peers, skipped = load_peers(args.peer_names)
     results = measure({"medseg_dl": medseg_runner(), **peers}, cases, args.repetitions)

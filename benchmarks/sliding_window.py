@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+from machine_info import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBJECT_DIR = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
@@ -31,17 +32,6 @@ NUM_CLASSES, BATCH_SIZE, OVERLAP = 5, 4, 0.5
 CONFIGS = {"medseg_dl": ("gaussian", "constant"), "monai": ("gaussian", "constant"), "torchio": ("hann", "average")}
 MATCHING_BLENDING = {"gaussian": {"monai": "gaussian", "torchio": "hann"},
                      "constant": {"monai": "constant", "torchio": "average"}}
-
-
-def machine():
-    """'<cores> cores, <CPU model>' of this machine."""
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores, {model}"
 
 
 def load_volume(subject_dir, quick):
@@ -210,7 +200,7 @@ def main(argv=None):
         child(*args.child, args)
         return
     libraries = ["medseg_dl"] + (peers_available() if args.peers else [])
-    machine_name = machine()
+    machine_name = describe_machine()
     lines = [line(library, blending, measure(library, blending, args), machine_name)
              for library in libraries for blending in CONFIGS[library]]
     add_ratios(lines)

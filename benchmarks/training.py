@@ -11,26 +11,17 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 
 import numpy as np
+from machine_info import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
 W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 15]},
                    "scale": {"p": 1.0, "range": [0.85, 1.25]}, "elastic": {"p": 1.0},
                    "noise": {"p": 1.0, "std": [0.1, 0.1]}}
-
-
-def machine():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-                 platform.processor())
-    import tensorflow as tf
-
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return f"{os.cpu_count()} cores, {model}" + (f", GPU {gpus}" if gpus else ", no GPU")
 
 
 def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision, quick):
@@ -80,7 +71,7 @@ def main():
                               "min": min(rates), "max": max(rates),
                               "data_wait_fraction": float(np.median(waits)),
                               "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
-                              "mixed_precision": args.mixed_precision, "machine": machine()}), flush=True)
+                              "mixed_precision": args.mixed_precision, "machine": describe_machine()}), flush=True)
 
 
 if __name__ == "__main__":
