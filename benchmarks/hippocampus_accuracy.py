@@ -1,27 +1,45 @@
 """Accuracy on held-out hippocampus cases after a fixed training budget.
 
 Trains `params/hippocampus.yaml` (20% of the 208 cases held out as the test split, never seen in
-training or model selection) for `--minutes` of wall time (the training process is stopped with
-SIGTERM, which saves a checkpoint) or `--steps`, then scores the last checkpoint on the test
-cases and prints one JSON line: per-class Dice, ASSD, HD95 (means), minutes, steps, network.
+training or model selection) for `--steps`, or for `--minutes` of wall time: a 40-step calibration
+run measures this machine's steps/s and the step count (and so the learning-rate schedule, which
+decays to zero at the last step) is set to fill the budget; training is stopped with SIGTERM (which
+saves a checkpoint) if it overruns by 20% plus 2 minutes for start-up, conversion and tracing.
+Then the last checkpoint is scored on the test cases and one JSON line is printed: per-class Dice,
+ASSD, HD95 (means), minutes, steps, network, settings.
 
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture unet
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture medpatchnet [--no-position]
 """
 import argparse
+import csv
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+
+from machine_info import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+CALIBRATION_STEPS = 40
+STARTUP_MINUTES = 2.0  # TensorFlow import, conversion of missing cases, tracing: not in the budget
+# On a few CPU cores a small network that trains many steps beats params/hippocampus.yaml's
+# base_filters 16, batch 9 (about 9 s/step here); `--set` overrides these (e.g. on a GPU).
+CPU_BUDGET = ["model.base_filters=8", "sampling.batch_size=4", "training.learning_rate=0.003",
+              "evaluation.tta_mirroring=true"]
+
+
 def train(params_path, overrides, minutes):
-    """Run `medseg train` in a subprocess; SIGTERM after `minutes` (None: run to training.steps)."""
+    """Run `medseg train` in a subprocess; SIGTERM after `minutes` (None: run to training.steps).
+
+    Returns the wall time in minutes."""
     command = [sys.executable, "-m", "medseg_dl.cli", "train", "--params", params_path, "--overwrite"]
     for override in overrides:
         command += ["--set", override]
@@ -35,6 +53,18 @@ def train(params_path, overrides, minutes):
     if process.returncode != 0:
         raise SystemExit(f"training failed with exit code {process.returncode}")
     return (time.time() - started) / 60
+
+
+def calibrated_steps(params_path, overrides, model_dir, minutes):
+    """Steps that fill `minutes`, from the median step time of a short run (its first 10 steps,
+    which include tracing, are left out)."""
+    calibration_dir = model_dir + "-calibration"
+    train(params_path, [*overrides, f"experiment.model_dir={calibration_dir}",
+                        f"training.steps={CALIBRATION_STEPS}", "training.log_every=10"], None)
+    with open(os.path.join(calibration_dir, "logs", "train", "scalars.csv")) as f:
+        step_times_s = [float(row["step_time_s"]) for row in csv.DictReader(f)][1:]
+    shutil.rmtree(calibration_dir)
+    return max(1, int(minutes * 60 / statistics.median(step_times_s)))
 
 
 def score_test_split(model_dir_path, overrides):
@@ -65,15 +95,20 @@ def main():
     args = parser.parse_args()
     name = args.architecture + ("-noposition" if args.no_position else "")
     model_dir = os.path.join(args.model_dir, name)
-    overrides = [f"experiment.model_dir={model_dir}", f"model.architecture={args.architecture}",
-                 "data.split.val=0.0", "data.split.test=0.2", "training.checkpoint_every=250",
-                 f"model.use_position={not args.no_position}".lower(),
-                 f"training.steps={args.steps or 10 ** 6}", *args.set]
-    minutes = train(os.path.join(REPO, "params", "hippocampus.yaml"), overrides,
-                    None if args.steps else args.minutes)
+    params_path = os.path.join(REPO, "params", "hippocampus.yaml")
+    overrides = [f"model.architecture={args.architecture}", "data.split.val=0.0", "data.split.test=0.2",
+                 f"data.tfrecords_dir={os.path.join(args.model_dir, 'tfrecords')}",
+                 f"model.use_position={not args.no_position}".lower(), *CPU_BUDGET, *args.set]
+    steps = args.steps or calibrated_steps(params_path, overrides, model_dir, args.minutes)
+    minutes = train(params_path, [*overrides, f"experiment.model_dir={model_dir}", f"training.steps={steps}",
+                                  f"training.checkpoint_every={max(1, steps // 10)}"],
+                    None if args.steps else 1.2 * args.minutes + STARTUP_MINUTES)
     params, summary = score_test_split(model_dir, [])
     result = {"benchmark": "hippocampus_accuracy", "network": name, "minutes": round(minutes, 1),
-              "steps": summary["step"], "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"]}
+              "steps": summary["step"], "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"],
+              "base_filters": params.model.base_filters, "patch_size": params.sampling.patch_size,
+              "batch_size": params.sampling.batch_size, "learning_rate": params.training.learning_rate,
+              "tta_mirroring": params.evaluation.tta_mirroring, "machine": describe_machine()}
     for class_name, stats in summary["classes"].items():
         for metric in ("dice", "assd_mm", "hd95_mm"):
             result[f"{metric}_{class_name}"] = stats[metric]["mean"]
