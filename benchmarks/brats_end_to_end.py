@@ -64,5 +64,6 @@ def main():
                       "val_dice": {name: stats["dice"]["mean"] for name, stats in summary["classes"].items()},
                       "machine": describe_machine()}), flush=True)
 
+
 if __name__ == "__main__":
     main()
