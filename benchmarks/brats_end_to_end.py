@@ -18,6 +18,7 @@ import time
 from machine_info import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 # Runs a command and reports the largest peak RSS among its (waited-for) descendants, in KiB.
 PEAK_RSS_WRAPPER = ("import resource, subprocess, sys\n"
                     "code = subprocess.call(sys.argv[1:])\n"
@@ -54,7 +55,9 @@ def main():
     output, evaluate_min, evaluate_mb = run_stage(["evaluate", "--params", params_path, "--once",
                                                    "--checkpoint", "latest"])
     step = json.loads(output.strip().splitlines()[-1])["step"]
-    with open(os.path.join(args.model_dir, "eval", str(step), "summary.json")) as f:
+    from medseg_dl.experiment.model_dir import ModelDir
+
+    with open(ModelDir(os.path.abspath(args.model_dir)).summary_path(step)) as f:
         summary = json.load(f)
     print(json.dumps({"benchmark": "brats_end_to_end", "steps": step, "settings": overrides[1:],
                       "minutes": {"convert": round(convert_min, 1), "train": round(train_min, 1),

@@ -61,26 +61,22 @@ def calibrated_steps(params_path, overrides, model_dir, minutes):
     calibration_dir = model_dir + "-calibration"
     train(params_path, [*overrides, f"experiment.model_dir={calibration_dir}",
                         f"training.steps={CALIBRATION_STEPS}", "training.log_every=10"], None)
-    with open(os.path.join(calibration_dir, "logs", "train", "scalars.csv")) as f:
+    from medseg_dl.experiment.model_dir import ModelDir
+
+    with open(ModelDir(calibration_dir).scalars_csv) as f:
         step_times_s = [float(row["step_time_s"]) for row in csv.DictReader(f)][1:]
     shutil.rmtree(calibration_dir)
     return max(1, int(minutes * 60 / statistics.median(step_times_s)))
 
 
 def score_test_split(model_dir_path, overrides):
-    from medseg_dl import evaluation
-    from medseg_dl.model_dir import ModelDir
-    from medseg_dl.params import Params
+    from medseg_dl.config.params import Params
+    from medseg_dl.evaluation.watcher import score_checkpoint, split_cases
+    from medseg_dl.experiment.model_dir import ModelDir
 
     model_dir = ModelDir(model_dir_path)
     params = Params.load(model_dir.params_path, overrides)
-    prefix = evaluation.resolve_checkpoint(model_dir, "latest")
-    evaluator = evaluation.Evaluator(params, model_dir, evaluation.split_cases(params, model_dir, 1.0, "test"),
-                                     tag="test")
-    try:
-        summary = evaluator.evaluate(prefix)
-    finally:
-        evaluator.close()
+    summary = score_checkpoint(params, model_dir, split_cases(params, model_dir, 1.0, "test"), "test", "latest")
     return params, summary
 
 

@@ -101,7 +101,7 @@ def result_line(workload, library, rates, **details):
 
 
 def medseg_params(spec):
-    from medseg_dl.params import Params
+    from medseg_dl.config.params import Params
 
     classes = spec["classes"]
     return Params.from_dict({
@@ -149,7 +149,7 @@ def run_medseg(workload, cases, quick):
     params = medseg_params(spec)
     volumes = memory_dataset(cases, spec["classes"]).map(lambda volume: prepare_volume(volume, "constant"))
     volumes = volumes.cache().shuffle(64, seed=0).repeat()
-    iterator = iter(patch_dataset(volumes, params))
+    iterator = iter(patch_dataset(volumes, params, seed=0))
 
     def next_batch():
         return int(next(iterator)["image"].shape[0])

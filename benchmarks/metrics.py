@@ -18,7 +18,7 @@ With --peers, MONAI, medpy and DeepMind surface-distance run the same work when 
 (else a "skipped" line). Their lines add "ratio" (peer s/subject / medseg_dl s/subject at
 spacing 1, both measured in this run) and "max_rel_diff" per metric of our values against
 theirs, over (subject, class, spacing) where both are finite; "same_convention" lists the
-metrics whose convention medseg_dl.scoring documents as that peer's (they must differ by
+metrics whose convention medseg_dl.evaluation.scoring documents as that peer's (they must differ by
 < 1e-6 relative). Usage: python benchmarks/metrics.py [--workload W3] [--quick] [--peers]
 """
 import argparse
@@ -35,7 +35,7 @@ import numpy as np
 from machine_info import describe_machine
 from scipy import ndimage
 
-from medseg_dl.scoring import score_case
+from medseg_dl.evaluation.scoring import score_case
 
 CLASSES = (1, 2, 3, 4)
 NUM_CLASSES = 5

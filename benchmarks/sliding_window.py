@@ -58,8 +58,8 @@ def run_medseg_dl(image, window, blending, repetitions):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
-    from medseg_dl.inference import Predictor
-    from medseg_dl.pipeline.patches import window_grid
+    from medseg_dl.inference.predictor import Predictor
+    from medseg_dl.inference.windows import window_grid
 
     conv = keras.layers.Conv3D(NUM_CLASSES, 1)
     conv.build((None, window, window, window, image.shape[-1]))

@@ -1,6 +1,6 @@
 """Training throughput on W1a (hippocampus, patch 40x56x40, batch 9) for both networks.
 
-Runs the real training process (`medseg_dl.training.run_training`) with the W1a augmentations of
+Runs the real training process (`medseg_dl.training.loop.run_training`) with the W1a augmentations of
 ../shared/BENCHMARKS.md and reports, per network, the median over the timed log intervals of
 patches/s and of the share of step time spent waiting for the input pipeline (the first interval,
 which includes tracing, is the warm-up). Prints one JSON line per network.
@@ -25,10 +25,9 @@ W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 
 
 
 def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision, quick):
-    from medseg_dl.data.convert import convert_dataset
-    from medseg_dl.model_dir import ModelDir, write_filelists
-    from medseg_dl.params import Params
-    from medseg_dl.training import run_training
+    from medseg_dl.config.params import Params
+    from medseg_dl.experiment.model_dir import ModelDir, write_filelists
+    from medseg_dl.training.loop import run_training
 
     params = Params.from_dict({
         "seed": 0, "experiment": {"model_dir": os.path.join(work_dir, architecture)},
@@ -43,10 +42,9 @@ def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision
     model_dir = ModelDir(params.experiment.model_dir)
     os.makedirs(model_dir.checkpoints, exist_ok=True)
     os.makedirs(model_dir.logs("train"), exist_ok=True)
-    convert_dataset(params)
     write_filelists(params, model_dir)
-    run_training(params, model_dir)
-    with open(os.path.join(model_dir.logs("train"), "scalars.csv")) as f:
+    run_training(params, model_dir)  # converts first
+    with open(model_dir.scalars_csv) as f:
         rows = list(csv.DictReader(f))[1:]  # the first interval includes tracing: warm-up
     return rows
 

@@ -20,7 +20,7 @@ def _add_params_arguments(parser, required=True):
 
 def _cmd_convert(args):
     from medseg_dl.data.convert import convert_dataset
-    from medseg_dl.model_dir import open_model_dir
+    from medseg_dl.experiment.model_dir import open_model_dir
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite)
     index = convert_dataset(params, overwrite=args.overwrite)
@@ -31,65 +31,42 @@ def _cmd_convert(args):
 
 
 def _cmd_train(args):
-    from medseg_dl.data.convert import convert_dataset
-    from medseg_dl.model_dir import open_model_dir
-    from medseg_dl.training import run_training
+    from medseg_dl.experiment.model_dir import open_model_dir
+    from medseg_dl.training.loop import run_training
 
-    params, model_dir, resumed = open_model_dir(args.params, args.set, args.overwrite)
-    convert_dataset(params)  # converts what is missing; skips subjects already converted
+    params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite)
     final_step = run_training(params, model_dir)
     print(f"training stopped at step {final_step}; checkpoints in {model_dir.checkpoints}", flush=True)
 
 
 def _cmd_evaluate(args):
-    from medseg_dl import evaluation
-    from medseg_dl.model_dir import ModelDir, open_model_dir
-    from medseg_dl.params import Params
+    from medseg_dl.evaluation.watcher import run_evaluation
+    from medseg_dl.experiment.model_dir import load_experiment
 
-    params = Params.load(args.params, args.set)
-    model_dir = ModelDir(params.experiment.model_dir)
-    if not os.path.isfile(model_dir.params_path):  # started before training: prepare the folder
-        params, model_dir, _ = open_model_dir(args.params, args.set)
-    poll_s = params.evaluation.poll_seconds
-    cases = evaluation.folder_cases(params, args.data, args.layout) if args.data else \
-        evaluation.split_cases(params, model_dir, poll_s)
-    tag = os.path.basename(os.path.normpath(args.data)) if args.data else None
-    evaluator = evaluation.Evaluator(params, model_dir, cases, tag)
-    try:
-        if args.once:
-            summary = evaluator.evaluate(evaluation.resolve_checkpoint(model_dir, args.checkpoint))
-            if summary is not None:
-                print(json.dumps({"step": summary["step"], "mean_dice": summary["mean_dice"],
-                                  "dice": {k: v["dice"]["mean"] for k, v in summary["classes"].items()}}))
-        else:
-            evaluation.watch(evaluator, poll_s, args.timeout)
-    finally:
-        evaluator.close()
+    params, model_dir = load_experiment(args.params, args.set)
+    summary = run_evaluation(params, model_dir, once=args.once, checkpoint=args.checkpoint, data_dir=args.data,
+                             layout=args.layout, timeout_s=args.timeout)
+    if summary is not None:
+        print(json.dumps({"step": summary["step"], "mean_dice": summary["mean_dice"],
+                          "dice": {k: v["dice"]["mean"] for k, v in summary["classes"].items()}}))
 
 
 def _cmd_predict(args):
-    from medseg_dl import evaluation
-    from medseg_dl.model_dir import ModelDir
-    from medseg_dl.params import Params
-    from medseg_dl.predict import run_predict
+    from medseg_dl.inference.predict import run_prediction
 
-    model_dir = ModelDir(os.path.abspath(args.model_dir))
-    params = Params.load(model_dir.params_path, args.set)
-    network = evaluation.build_network(params)
-    evaluation.restore(network, evaluation.resolve_checkpoint(model_dir, args.checkpoint))
-    written = run_predict(params, evaluation.segmenter(network, params), args.input, args.output)
+    written = run_prediction(args.model_dir, args.checkpoint, args.input, args.output, args.set)
     print(f"wrote {len(written)} predictions to {args.output}")
 
 
 def _cmd_show(args):
-    from medseg_dl import show
-    from medseg_dl.model_dir import ModelDir
-    from medseg_dl.params import Params
+    from medseg_dl.config.params import Params
+    from medseg_dl.experiment.model_dir import ModelDir
+    from medseg_dl.viz import show
 
     if args.curves:
         model_dir = ModelDir(os.path.abspath(args.curves))
         params = Params.load(model_dir.params_path, args.set)
-        path = show.show_curves(model_dir, params.data.class_names, args.out or model_dir.path("curves.png"))
+        path = show.show_curves(model_dir, params.data.class_names, args.out or model_dir.curves_png)
     elif args.batch:
         if not args.params:
             raise MedsegError("medseg show --batch needs --params (the experiment, after `medseg convert`)")
@@ -104,7 +81,7 @@ def _cmd_show(args):
 
 
 def _cmd_params_doc(args):
-    from medseg_dl.params_doc import params_reference
+    from medseg_dl.config.reference import params_reference
 
     print(params_reference())
 
@@ -127,7 +104,8 @@ def build_parser():
     _add_params_arguments(evaluate)
     evaluate.add_argument("--once", action="store_true", help="evaluate one checkpoint (--checkpoint) and exit")
     evaluate.add_argument("--checkpoint", default="latest", help="with --once: latest, best, or a checkpoint path")
-    evaluate.add_argument("--data", metavar="DIR", help="evaluate this labelled folder instead of the val split")
+    evaluate.add_argument("--data", metavar="DIR",
+                          help="evaluate one checkpoint (--checkpoint) on this labelled folder instead of the val split")
     evaluate.add_argument("--layout", choices=["images_labels", "msd", "subject_folders"],
                           help="layout of --data (default: data.layout)")
     evaluate.add_argument("--timeout", type=float, metavar="S",

@@ -31,9 +31,11 @@ wait $eval_pid
 $medseg show --curves $run --out $run/curves.png
 .venv/bin/python - "$run" <<'PY'
 import json, os, sys
+from medseg_dl.experiment.model_dir import ModelDir
 run = sys.argv[1]
-best = json.load(open(os.path.join(run, "best", "best.json")))[0]
-summary = json.load(open(os.path.join(run, "eval", str(best["step"]), "summary.json")))
+model_dir = ModelDir(os.path.abspath(run))
+best = json.load(open(model_dir.best_index))[0]
+summary = json.load(open(model_dir.summary_path(best["step"])))
 print(f"best checkpoint: step {best['step']} ({summary['subjects']} validation cases)")
 for name, stats in summary["classes"].items():
     print(f"  {name:10s} Dice {stats['dice']['mean']:.3f}  ASSD {stats['assd_mm']['mean']:.2f} mm  "

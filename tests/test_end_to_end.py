@@ -1,14 +1,13 @@
 """The tiny experiment end to end on real hippocampus cases: convert, train, evaluate, predict, show."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 
-from conftest import HIPPO, REPO, synthetic_dataset, tiny_params, write_nifti
+from conftest import REPO, synthetic_dataset, tiny_params, write_nifti
 
 ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
 

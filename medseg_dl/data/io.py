@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 from medio import read_img
 
+from medseg_dl import atomic
 from medseg_dl.errors import DataError
 
 
@@ -24,16 +25,16 @@ class Volume:
     affine: np.ndarray
 
     @property
-    def spacing_mm(self):
+    def spacing_mm(self) -> np.ndarray:
         return spacing_from_affine(self.affine)
 
 
-def spacing_from_affine(affine):
+def spacing_from_affine(affine) -> np.ndarray:
     """Voxel size in mm along each array axis: the norms of the affine's first three columns."""
     return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
-def read_volume(path):
+def read_volume(path) -> Volume:
     """Read a volume file or DICOM series folder; raises `DataError` naming the path on failure."""
     path = str(path)
     if not os.path.exists(path):
@@ -49,13 +50,11 @@ def read_volume(path):
     return Volume(data, np.asarray(metadata.affine, np.float64))
 
 
-def write_nifti(path, data, affine, header=None):
-    """Write `data` with `affine` as NIfTI, atomically (a crash leaves no partial file)."""
-    path = str(path)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}-{name}")
+def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header=None) -> None:
+    """Write `data` with `affine` (4, 4) as NIfTI (.nii or .nii.gz by the suffix of `path`), atomically;
+    with a `header` (a nibabel NIfTI header) its fields are kept and the data type is `data`'s."""
     image = nib.Nifti1Image(data, affine, header=header)
     if header is not None:
         image.set_data_dtype(data.dtype)
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as temporary:
+        nib.save(image, temporary)

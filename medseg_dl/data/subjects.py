@@ -1,4 +1,4 @@
-"""Find subjects in a dataset folder, split them, and keep the split as JSON file lists.
+"""Find subjects in a dataset folder and split them (the model folder keeps the split: experiment/).
 
 Three layouts (params `data.layout`):
 - `images_labels`: `images/<name>` and `labels/<name>` with equal names (one channel per file,
@@ -12,7 +12,7 @@ import glob
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -30,11 +30,11 @@ class Subject:
     label: Optional[str] = None
     mask: Optional[str] = None
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
-def strip_suffix(name):
+def strip_suffix(name: str) -> str:
     """'case_001.nii.gz' -> 'case_001'; a folder name (DICOM series) is returned unchanged."""
     for suffix in VOLUME_SUFFIXES:
         if name.endswith(suffix):
@@ -42,12 +42,12 @@ def strip_suffix(name):
     return name
 
 
-def is_volume_path(path):
+def is_volume_path(path: str) -> bool:
     """A file with a known volume suffix, or a folder (a DICOM series)."""
     return os.path.isdir(path) or path.endswith(VOLUME_SUFFIXES)
 
 
-def find_subjects(data_params):
+def find_subjects(data_params) -> List[Subject]:
     """Subjects of `data_params.source_dir` in its layout, sorted by id; raises `DataError` if none."""
     source_dir = data_params["source_dir"]
     if not source_dir:
@@ -112,7 +112,7 @@ def _msd(source_dir, data_params):
     return subjects
 
 
-def match_one(folder, pattern, what):
+def match_one(folder: str, pattern: str, what: str) -> Optional[str]:
     """The one file of `folder` matching `pattern`, or None; `DataError` if several match."""
     matches = sorted(glob.glob(os.path.join(folder, pattern)))
     if len(matches) > 1:
@@ -121,7 +121,7 @@ def match_one(folder, pattern, what):
     return matches[0] if matches else None
 
 
-def folder_channels(folder, patterns):
+def folder_channels(folder: str, patterns: List[str]) -> Optional[List[str]]:
     """One file per channel pattern in `folder`, or None when a channel is missing."""
     channels = [match_one(folder, p, "channel") for p in patterns]
     return None if any(c is None for c in channels) else channels
@@ -143,7 +143,7 @@ def _subject_folders(source_dir, data_params):
     return subjects
 
 
-def split_subjects(ids, split_params, seed):
+def split_subjects(ids: List[str], split_params, seed: int) -> Dict[str, List[str]]:
     """{'train', 'val', 'test'} lists of ids: explicit `split.lists`, or seeded fractions.
 
     Fractions round to the nearest count, with at least one subject for a non-zero fraction.
@@ -176,24 +176,3 @@ def _explicit_split(ids, lists):
             raise DataError(f"data.split.lists.{name} names unknown subjects {unknown[:3]}; "
                             f"known ids look like {sorted(known)[:3]}")
     return split
-
-
-def save_filelists(folder, split, subjects_by_id):
-    """Write `<folder>/{train,val,test}.json`: lists of subject dicts (id and source paths)."""
-    os.makedirs(folder, exist_ok=True)
-    for name, ids in split.items():
-        path = os.path.join(folder, f"{name}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([subjects_by_id[i].to_dict() for i in ids], f, indent=1)
-        os.replace(tmp, path)
-
-
-def load_filelist(folder, name):
-    """The subject ids of `<folder>/<name>.json`."""
-    path = os.path.join(folder, f"{name}.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
-                        f"params file first")
-    with open(path) as f:
-        return [entry["id"] for entry in json.load(f)]

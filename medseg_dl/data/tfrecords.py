@@ -1,4 +1,4 @@
-"""One subject <-> one `tf.train.Example` in its own TFRecord file; `dataset.json` indexes the set.
+"""One subject <-> one `tf.train.Example` in its own TFRecord file (the set's index: index.py).
 
 Schema of the Example (all keys required):
 
@@ -20,19 +20,13 @@ spacing_mm (3,) float32, affine (4,4) float64, class_locations (M,3) int32,
 class_location_counts (K,) int32, original_shape (3,) int32, original_affine (4,4) float64,
 subject () string, shape (3,) int32 (spatial shape).
 """
-import json
-import os
-
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl.errors import DataError
-
-INDEX_NAME = "dataset.json"
-MAX_CLASSES = 256  # labels are stored as uint8
+from medseg_dl import atomic
 
 
-def record_name(subject_id, gzip):
+def record_name(subject_id: str, gzip: bool) -> str:
     return f"{subject_id}.tfrecord" + (".gz" if gzip else "")
 
 
@@ -48,35 +42,31 @@ def _floats(values):
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
 
 
-def serialize_subject(case):
-    """Serialise a preprocessed case (dict of numpy arrays, see the module docstring) to bytes."""
-    image = np.ascontiguousarray(case["image"], np.float32)
+def serialize_case(case, class_locations: np.ndarray, class_location_counts: np.ndarray) -> bytes:
+    """Serialise a labelled `data.cases.Case` with its sampling locations (M, 3) int32 sorted by class
+    and their counts per class (K,) to the Example of the module docstring."""
+    image = np.ascontiguousarray(case.image, np.float32)
     feature = {
-        "subject": _bytes(case["subject"].encode()),
+        "subject": _bytes(case.subject_id.encode()),
         "image": _bytes(image.tobytes()),
         "image_shape": _ints(image.shape),
-        "label": _bytes(np.ascontiguousarray(case["label"], np.uint8).tobytes()),
-        "spacing_mm": _floats(case["spacing_mm"]),
-        "affine": _bytes(np.asarray(case["affine"], np.float64).tobytes()),
-        "class_locations": _bytes(np.ascontiguousarray(case["class_locations"], np.int32).tobytes()),
-        "class_location_counts": _ints(case["class_location_counts"]),
-        "original_shape": _ints(case["original_shape"]),
-        "original_affine": _bytes(np.asarray(case["original_affine"], np.float64).tobytes()),
+        "label": _bytes(np.ascontiguousarray(case.label, np.uint8).tobytes()),
+        "spacing_mm": _floats(case.spacing_mm),
+        "affine": _bytes(np.asarray(case.affine, np.float64).tobytes()),
+        "class_locations": _bytes(np.ascontiguousarray(class_locations, np.int32).tobytes()),
+        "class_location_counts": _ints(class_location_counts),
+        "original_shape": _ints(case.original_shape),
+        "original_affine": _bytes(np.asarray(case.original_affine, np.float64).tobytes()),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_record(path, serialized, gzip):
-    """Write one serialised Example to `path` under a temporary name, then rename (atomic)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_record(path: str, serialized: bytes, gzip: bool) -> None:
+    """Write one serialised Example to `path` (GZIP-compressed if `gzip`), atomically."""
     options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
-    try:
-        with tf.io.TFRecordWriter(tmp, options) as writer:
+    with atomic.replacing(path) as temporary:
+        with tf.io.TFRecordWriter(temporary, options) as writer:
             writer.write(serialized)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 FEATURES = {
@@ -93,7 +83,7 @@ FEATURES = {
 }
 
 
-def decode_example(serialized, num_channels=None):
+def decode_example(serialized, num_channels=None) -> dict:
     """Parse one serialised Example into a dict of tensors (shapes in the module docstring).
     `num_channels`, when given, fixes the static channel dimension of `image`."""
     f = tf.io.parse_single_example(serialized, FEATURES)
@@ -119,31 +109,3 @@ def decode_example(serialized, num_channels=None):
 def record_dataset(paths, gzip):
     """`tf.data.Dataset` of serialised Examples, one per path (no decoding)."""
     return tf.data.TFRecordDataset(paths, compression_type="GZIP" if gzip else "")
-
-
-def read_index(tfrecords_dir):
-    """The `dataset.json` of a converted folder; `DataError` if the folder was not converted."""
-    path = os.path.join(tfrecords_dir, INDEX_NAME)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found; convert the dataset first with `medseg convert --params P`")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_index(tfrecords_dir, index):
-    """Write `dataset.json` atomically."""
-    path = os.path.join(tfrecords_dir, INDEX_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, path)
-
-
-def record_paths(tfrecords_dir, subject_ids):
-    """Paths of the records of `subject_ids` from the index; `DataError` for a subject not converted."""
-    index = read_index(tfrecords_dir)
-    missing = [s for s in subject_ids if s not in index["subjects"]]
-    if missing:
-        raise DataError(f"{os.path.join(tfrecords_dir, INDEX_NAME)}: subjects {missing[:3]} are not converted; "
-                        f"run `medseg convert` with the same params")
-    return [os.path.join(tfrecords_dir, index["subjects"][s]["file"]) for s in subject_ids]

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from medseg_dl.errors import ParamsError
-from medseg_dl.model.architectures import build_network
+from medseg_dl.model.architectures import build_network, create_variables
 from medseg_dl.model.losses import make_loss
 from medseg_dl.model.metrics import StreamingDice
 
@@ -48,9 +48,7 @@ class ModelSpec:
         patch_size_vox: (X, Y, Z). Needed before restoring a checkpoint into fresh objects or
         before a step runs inside `strategy.run` (variables cannot be created per replica).
         """
-        dummy = {"image": tf.zeros((1, *patch_size_vox, self.network.input_channels)),
-                 "position": tf.zeros((1, 3))}
-        self.network(dummy, training=False)
+        create_variables(self.network, patch_size_vox)
         self.optimizer.build(self.network.trainable_variables)
 
 

@@ -1,1 +1,2 @@
-"""tf.data input pipelines: patch sampling (sampling.py), augmentation (augment.py), datasets (inputs.py)."""
+"""The training input pipeline in tf.data: patch centres and positions (sampling.py), spatial and
+intensity augmentation (spatial.py, intensity.py, random draws in streams.py), datasets (inputs.py)."""

@@ -5,7 +5,7 @@ Training: shuffled files -> parallel interleaved reads -> decode and flatten for
 (`prepare_volume`) -> optional in-memory cache -> shuffle of volumes -> repeat ->
 `samples_per_volume` augmented patches per loaded volume in one vectorised call -> shuffle of
 patches -> batch -> prefetch. Parallelism is AUTOTUNE'd. Patch draw
-number i uses the stateless seed (params.seed, i), so with `sampling.deterministic` the same params
+number i uses the stateless seed (seed, i), so with `sampling.deterministic` the same params
 give the same batches.
 """
 import json
@@ -13,28 +13,20 @@ import json
 import tensorflow as tf
 
 from medseg_dl.data.tfrecords import decode_example, record_dataset
-from medseg_dl.errors import DataError, ParamsError
-from medseg_dl.pipeline import augment, sampling
+from medseg_dl.errors import DataError
+from medseg_dl.pipeline import intensity, sampling, spatial
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def patch_size_of(params):
-    """The patch size (3 positive ints, voxels) from `sampling.patch_size`; `ParamsError` otherwise."""
-    size = params.sampling.patch_size
-    if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in size):
-        raise ParamsError(f"sampling.patch_size = {size!r}: expected 3 positive integers (voxels)")
-    return list(size)
-
-
 def prepare_volume(volume, padding):
     """A decoded volume dict -> the dict the patch stage reads: flat_image (L, C) float32 and flat_label
-    (L,) uint8 (the volume with a one-voxel border, see augment.flatten_padded, zero-padded at the end
+    (L,) uint8 (the volume with a one-voxel border, see spatial.flatten_padded, zero-padded at the end
     to L = the next of 8 steps per octave, so that the compiled sampler meets few distinct shapes at
     <= 12.5 % extra memory), shape (3,) int32, class_locations, class_location_counts, subject.
     Map it before `cache()`: the copy is then made once per volume, not once per draw."""
-    flat_image, shape_vox = augment.flatten_padded(volume["image"], padding)
-    flat_label, _ = augment.flatten_padded(tf.cast(volume["label"], tf.uint8), padding)
+    flat_image, shape_vox = spatial.flatten_padded(volume["image"], padding)
+    flat_label, _ = spatial.flatten_padded(tf.cast(volume["label"], tf.uint8), padding)
     length = tf.shape(flat_label)[0]
     octave = tf.math.floor(tf.math.log(tf.cast(length, tf.float32)) / tf.math.log(2.0))
     step = tf.cast(2.0 ** tf.maximum(octave - 3.0, 0.0), tf.int32)
@@ -52,7 +44,7 @@ def patch_function(params):
     -> (images (S, px, py, pz, C) float32, labels (S, px, py, pz) int32): random parameters drawn with
     plain TF ops, then two XLA-compiled calls (params.augmentation, params.sampling.padding): sampling
     grid + sampling (one compilation per bucket of volume sizes), and intensity augmentation."""
-    size, aug, padding = patch_size_of(params), params.augmentation, params.sampling.padding
+    size, aug, padding = list(params.sampling.patch_size), params.augmentation, params.sampling.padding
     key = json.dumps([size, aug.to_dict(), padding], sort_keys=True)
     if key not in _PATCH_FUNCTIONS:
         _PATCH_FUNCTIONS[key] = _build_patch_function(size, aug, padding)
@@ -60,24 +52,24 @@ def patch_function(params):
 
 
 def _build_patch_function(size, aug, padding):
-    image_sampler = augment.sample_linear_flat if augment.spatial_enabled(aug) else augment.sample_nearest_flat
+    image_sampler = spatial.sample_linear_flat if spatial.spatial_enabled(aug) else spatial.sample_nearest_flat
 
     @tf.function(jit_compile=True)
-    def sample(flat_image, flat_label, shape_vox, middles, spatial):
-        coords = augment.spatial_coordinates(middles, size, spatial)
+    def sample(flat_image, flat_label, shape_vox, middles, drawn):
+        coords = spatial.spatial_coordinates(middles, size, drawn)
         return (image_sampler(flat_image, shape_vox, coords, padding),
-                tf.cast(augment.sample_nearest_flat(flat_label, shape_vox, coords, padding), tf.int32))
+                tf.cast(spatial.sample_nearest_flat(flat_label, shape_vox, coords, padding), tf.int32))
 
     @tf.function(jit_compile=True)
-    def intensity(images, drawn):
-        return augment.apply_intensity(images, aug, drawn)
+    def change_intensity(images, drawn):
+        return intensity.apply_intensity(images, aug, drawn)
 
     def patches(volume, middles, seed):
-        spatial = augment.draw_spatial(aug, middles.shape[0], tf.random.experimental.stateless_fold_in(seed, 0))
-        images, labels = sample(volume["flat_image"], volume["flat_label"], volume["shape"], middles, spatial)
-        if augment.intensity_enabled(aug):
-            drawn = augment.draw_intensity(aug, tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 1))
-            images = intensity(images, drawn)
+        drawn = spatial.draw_spatial(aug, middles.shape[0], tf.random.experimental.stateless_fold_in(seed, 0))
+        images, labels = sample(volume["flat_image"], volume["flat_label"], volume["shape"], middles, drawn)
+        if intensity.intensity_enabled(aug):
+            drawn = intensity.draw_intensity(aug, tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 1))
+            images = change_intensity(images, drawn)
         return images, labels
 
     return patches
@@ -85,35 +77,33 @@ def _build_patch_function(size, aug, padding):
 
 def volume_patches(volume, params, seed):
     """`samples_per_volume` augmented patches of one prepared volume dict (`prepare_volume`) as a dict:
-    image (S, px, py, pz, C) float32, label (S, px, py, pz) int32, position (S, 3) float32 (centre
-    voxel / (shape - 1), see sampling.py), subject (S,) string. seed: (2,) int64 stateless seed of
-    this draw."""
-    size = patch_size_of(params)
+    image (S, px, py, pz, C) float32, label (S, px, py, pz) int32, position (S, 3) float32
+    (`sampling.patch_positions`), subject (S,) string. seed: (2,) int64 stateless seed of this draw."""
+    size = list(params.sampling.patch_size)
     count = params.sampling.samples_per_volume
     centres = sampling.patch_centres(volume, params.sampling, count,
                                      tf.random.experimental.stateless_fold_in(seed, 0))
-    middles = sampling.patch_middles(centres, size)
+    starts = sampling.patch_starts(centres, size)
+    middles = sampling.patch_middles(starts, size)
     image, label = patch_function(params)(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
     channels = volume["flat_image"].shape[-1]
     return {"image": tf.ensure_shape(image, [count, *size, channels]),
             "label": tf.ensure_shape(label, [count, *size]),
-            "position": sampling.normalized_positions(centres, volume["shape"]),
+            "position": sampling.patch_positions(starts, size, volume["shape"]),
             "subject": tf.fill([count], volume["subject"])}
 
 
-def patch_dataset(volumes, params, seed=None):
+def patch_dataset(volumes, params, seed):
     """Batches of augmented patches from a dataset of decoded volume dicts (at least image (X,Y,Z,C)
     float32, label (X,Y,Z) int32, class_locations, class_location_counts, subject) or of dicts
     already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does).
 
     Yields dicts: image (N, px, py, pz, C) float32, label (N, px, py, pz) int32, position (N, 3)
     float32, subject (N,) string, N = sampling.batch_size; ends when `volumes` ends (after the last
-    full batch). seed: int, default params.seed."""
-    seed = params.seed if seed is None else seed
+    full batch). seed: int of the patch draws and the patch shuffle."""
     sampling_params = params.sampling
     deterministic = sampling_params.deterministic
 
-    patch_size_of(params)  # a bad patch size raises here, not inside tf.data
     if "flat_image" not in volumes.element_spec:
         volumes = volumes.map(lambda volume: prepare_volume(volume, sampling_params.padding), AUTOTUNE,
                               deterministic=deterministic)
@@ -129,16 +119,17 @@ def patch_dataset(volumes, params, seed=None):
     return patches.prefetch(AUTOTUNE).with_options(_options(deterministic))
 
 
-def train_inputs(params, files):
+def train_inputs(params, files, seed):
     """Endless training batches (see `patch_dataset`) from TFRecord `files` (list of paths, one
-    subject each; GZIP per data.gzip)."""
+    subject each; GZIP per data.gzip). seed: int of the file and volume shuffles and the patch draws
+    (training passes params.seed + the step it resumes from)."""
     files = [str(f) for f in files]
     if not files:
         raise DataError("train_inputs: no TFRecord files given; check the training file list "
                         "(<model_dir>/filelists/train.json) and run `medseg convert`")
     sampling_params = params.sampling
     deterministic = sampling_params.deterministic
-    volumes = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=params.seed)
+    volumes = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
     volumes = volumes.interleave(lambda path: record_dataset(path, params.data.gzip), cycle_length=AUTOTUNE,
                                  num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     volumes = volumes.map(lambda record: prepare_volume(decode_example(record, len(params.data.channels)),
@@ -146,8 +137,8 @@ def train_inputs(params, files):
                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if sampling_params.cache:
         volumes = volumes.cache()
-    volumes = volumes.shuffle(sampling_params.shuffle_buffer, seed=params.seed).repeat()
-    return patch_dataset(volumes, params)
+    volumes = volumes.shuffle(sampling_params.shuffle_buffer, seed=seed).repeat()
+    return patch_dataset(volumes, params, seed)
 
 
 def volume_inputs(params, files):

@@ -1,9 +1,10 @@
-"""Patch centres: uniform over the volume, or class-balanced over stored class locations (TF ops).
+"""Patch centres (uniform, or class-balanced over stored class locations) and patch positions (TF ops).
 
-A centre is an integer voxel (x, y, z). The patch drawn around centre `c` covers the voxels
-`c - patch // 2 ... c - patch // 2 + patch - 1` on each axis, so it always contains `c`; its
-geometric middle is `c - patch // 2 + (patch - 1) / 2` (a half voxel before `c` for even sizes):
-rotations and flips turn about the middle; the reported position is `c / (shape - 1)`.
+A centre is an integer voxel (x, y, z). The patch drawn around centre `c` starts at
+`c - patch // 2` on each axis and covers `patch` voxels, so it always contains `c`; its geometric
+middle is `start + (patch - 1) / 2` (a half voxel before `c` for even sizes). Rotations and flips
+turn about the middle, and the position a network is given (`patch_positions`) is the middle
+divided by (shape - 1): the one rule for training patches and inference windows alike.
 All randomness is stateless: a `seed` is an int32/int64 tensor of shape (2,).
 """
 import tensorflow as tf
@@ -59,18 +60,21 @@ def patch_centres(volume, sampling_params, count, seed):
 
 
 def patch_starts(centres, patch_size_vox):
-    """(S, 3) int32 first voxel of each patch: centre - patch // 2."""
+    """(S, 3) int32 first voxel of each patch around `centres` (S, 3) int32: centre - patch // 2."""
     return centres - tf.constant([p // 2 for p in patch_size_vox], tf.int32)
 
 
-def patch_middles(centres, patch_size_vox):
-    """(S, 3) float32 geometric middle of each patch in voxel coordinates: start + (patch - 1) / 2."""
-    offset = tf.constant([(p - 1) / 2 - p // 2 for p in patch_size_vox], tf.float32)
-    return tf.cast(centres, tf.float32) + offset
+def patch_middles(starts_vox, patch_size_vox):
+    """(S, 3) float32 geometric middle of each patch starting at `starts_vox` (S, 3) int:
+    start + (patch - 1) / 2 voxels."""
+    offset = tf.constant([(p - 1) / 2 for p in patch_size_vox], tf.float32)
+    return tf.cast(starts_vox, tf.float32) + offset
 
 
-def normalized_positions(centres, shape_vox):
-    """(S, 3) float32 patch positions in [0, 1]: the centre voxel (S, 3) int32 (the patch voxel at index
-    patch // 2) divided by (shape - 1) per axis (0 on a 1-voxel axis)."""
+def patch_positions(starts_vox, patch_size_vox, shape_vox):
+    """(S, 3) float32 positions in [0, 1] of patches starting at `starts_vox` (S, 3) int (voxels of a
+    volume of spatial shape `shape_vox` (3,); a start may be negative where the patch reaches past the
+    border): the geometric middle start + (patch - 1) / 2 divided by (shape - 1) per axis (0 on a
+    1-voxel axis), clipped to [0, 1]. MedPatchNet's position input, for training and inference."""
     extent = tf.maximum(tf.cast(shape_vox, tf.float32) - 1.0, 1.0)
-    return tf.cast(centres, tf.float32) / extent
+    return tf.clip_by_value(patch_middles(starts_vox, patch_size_vox) / extent, 0.0, 1.0)

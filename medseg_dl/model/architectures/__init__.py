@@ -7,6 +7,8 @@ patch size (see each module for deep supervision). Register a new one with
     @register("name")
     def build_name(params) -> keras.Model: ...
 """
+import tensorflow as tf
+
 from medseg_dl.errors import ParamsError
 
 _BUILDERS = {}
@@ -28,12 +30,20 @@ def registered():
 
 
 def build_network(params):
-    """The network named by params.model.architecture, built from params.model and params.data."""
+    """The network named by params.model.architecture, built from params.model and params.data;
+    its variables do not exist until it is called (see `create_variables`)."""
     name = params.model.architecture
     if name not in _BUILDERS:
         raise ParamsError(f"model.architecture = {name!r} is not a registered network; choose one of "
                           f"{registered()}")
     return _BUILDERS[name](params)
+
+
+def create_variables(network, patch_size_vox):
+    """Create the variables of `network` by one forward pass (training=False) of a zero batch of one
+    patch (1, X, Y, Z, network.input_channels) at position 0; patch_size_vox: (X, Y, Z)."""
+    dummy = {"image": tf.zeros((1, *patch_size_vox, network.input_channels)), "position": tf.zeros((1, 3))}
+    network(dummy, training=False)
 
 
 from medseg_dl.model.architectures import medpatchnet, unet  # noqa: E402,F401  (registers the networks)

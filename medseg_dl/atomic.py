@@ -1,0 +1,72 @@
+"""Atomic writes: a file or folder appears complete under its name, or not at all.
+
+Every writer of the project goes through `replacing`: the content is written under a temporary
+name in the target's folder (`.tmp-<pid>-<token>-<name>`, hidden, ending with the real name so
+that writers which pick a format from the suffix, such as nibabel, still do), then renamed onto
+the target. A failure (or an exception raised by the caller) in the middle removes the temporary
+and leaves the previous file intact. A crash that kills the process may leave a temporary behind,
+never a half-written target.
+"""
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterator
+
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def temporary_name(path: str) -> str:
+    """A fresh temporary path beside `path`: <folder>/.tmp-<pid>-<8 hex>-<name>."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+
+
+@contextlib.contextmanager
+def replacing(path) -> Iterator[str]:
+    """Yield a temporary path to write instead of `path`; on leaving the block without an error it
+    replaces `path` (a file, or a folder the caller created there). On an error the temporary is
+    removed, `path` keeps its previous content, and the error propagates."""
+    path = os.fspath(path)
+    temporary = temporary_name(path)
+    try:
+        yield temporary
+        _move_onto(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def _move_onto(temporary: str, path: str) -> None:
+    """Rename `temporary` onto `path`; an existing folder is moved aside first, then deleted."""
+    if not os.path.isdir(path):
+        os.replace(temporary, path)
+        return
+    aside = temporary_name(path)
+    os.replace(path, aside)
+    os.replace(temporary, path)
+    _remove(aside)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_text(path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with replacing(path) as temporary, open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+
+
+def write_json(path, value: Any, indent: int = 1) -> None:
+    """Write `value` as JSON to `path` atomically (non-JSON numbers such as numpy floats as float)."""
+    write_text(path, json.dumps(value, indent=indent, default=float))
+
+
+def copy_file(source, target) -> None:
+    """Copy the file `source` to `target` atomically (raises FileNotFoundError if `source` is gone)."""
+    with replacing(target) as temporary:
+        shutil.copyfile(source, temporary)

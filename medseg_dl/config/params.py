@@ -1,0 +1,192 @@
+"""Params: YAML-backed experiment parameters with dict and attribute access.
+
+    p = Params.load("params/hippocampus.yaml", overrides=["training.steps=200"])
+    p["training"]["steps"] == p.training.steps == 200
+
+Values are merged over the schema's defaults (schema.py), validated (unknown keys get a
+"did you mean" hint; types, bounds, choices and list lengths are checked), and paths are
+made absolute against the working directory, so a saved `params.yaml` resumes from anywhere.
+"""
+import copy
+import difflib
+import os
+
+import yaml
+
+from medseg_dl import atomic
+from medseg_dl.config.schema import SCHEMA
+from medseg_dl.errors import ParamsError
+
+PATH_KEYS = ("experiment.model_dir", "data.source_dir", "data.tfrecords_dir")
+
+
+class Params(dict):
+    """A nested dict of validated parameters; sections are `Params` too, so `p.a.b == p['a']['b']`."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no params key '{name}'") from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __deepcopy__(self, memo):
+        return Params(copy.deepcopy(dict(self), memo))
+
+    @classmethod
+    def load(cls, path, overrides=()):
+        """Read a YAML file (safe_load), apply `section.key=value` overrides, merge, validate."""
+        return cls.from_dict(read_yaml_mapping(path), overrides=overrides, source=str(path))
+
+    @classmethod
+    def from_dict(cls, user, overrides=(), source="<dict>"):
+        """Merge a plain dict (plus overrides) over the defaults and validate it."""
+        user = copy.deepcopy(user or {})
+        for override in overrides:
+            _apply_override(user, override)
+        merged = _merge(defaults_dict(), user, SCHEMA, prefix="", source=source)
+        _validate(merged, SCHEMA, prefix="", source=source)
+        _resolve(merged)
+        return _wrap(merged)
+
+    def to_dict(self):
+        """A plain nested dict (for YAML or JSON)."""
+        return _unwrap(self)
+
+    def save(self, path):
+        """Write the parameters as YAML, atomically (a failure leaves the previous file intact)."""
+        atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def model_structure(self):
+        """The keys that fix the network's variables; a resume must not change them."""
+        return {"model": self.model.to_dict(), "num_classes": self.data.num_classes,
+                "channels": len(self.data.channels)}
+
+
+def read_yaml_mapping(path):
+    """Load a YAML file that must hold a mapping; `ParamsError` names the file otherwise."""
+    if not os.path.isfile(path):
+        raise ParamsError(f"{path}: params file not found; pass an existing YAML file "
+                          f"(examples are in params/)")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a YAML mapping of sections (seed:, data:, training:, ...), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def defaults_dict(schema=SCHEMA):
+    """The defaults as a plain nested dict."""
+    return {k: defaults_dict(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+            for k, v in schema.items()}
+
+
+def all_keys(schema=SCHEMA, prefix=""):
+    """Every dotted key of the schema with its `Key`, in schema order."""
+    for name, entry in schema.items():
+        dotted = prefix + name
+        if isinstance(entry, dict):
+            yield from all_keys(entry, dotted + ".")
+        else:
+            yield dotted, entry
+
+
+def _apply_override(user, override):
+    if "=" not in override:
+        raise ParamsError(f"--set {override!r}: expected section.key=value, e.g. training.steps=100")
+    dotted, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = user
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"--set {override!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _unknown_key_error(dotted, source):
+    known = [k for k, _ in all_keys()] + [k for k in _section_names()]
+    hint = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
+    if not hint:  # a typo in the last part: compare last parts within the section
+        section, _, last = dotted.rpartition(".")
+        near = difflib.get_close_matches(last, [k.rpartition(".")[2] for k in known if k.startswith(section)],
+                                         n=1, cutoff=0.5)
+        hint = [f"{section}.{near[0]}" if section else near[0]] if near else []
+    did_you_mean = f"; did you mean {hint[0]}?" if hint else ""
+    return ParamsError(f"{source}: unknown key '{dotted}'{did_you_mean}")
+
+
+def _section_names(schema=SCHEMA, prefix=""):
+    for name, entry in schema.items():
+        if isinstance(entry, dict):
+            yield prefix + name
+            yield from _section_names(entry, prefix + name + ".")
+
+
+def _merge(base, user, schema, prefix, source):
+    if not isinstance(user, dict):
+        raise ParamsError(f"{source}: '{prefix.rstrip('.')}' must be a mapping of keys, got {user!r}")
+    for name, value in user.items():
+        dotted = prefix + str(name)
+        if name not in schema:
+            raise _unknown_key_error(dotted, source)
+        if isinstance(schema[name], dict):
+            base[name] = _merge(base[name], value, schema[name], dotted + ".", source)
+        else:
+            base[name] = value
+    return base
+
+
+def _validate(values, schema, prefix, source):
+    for name, entry in schema.items():
+        dotted = prefix + name
+        if isinstance(entry, dict):
+            _validate(values[name], entry, dotted + ".", source)
+        else:
+            entry.check(values[name], dotted, source)
+
+
+def _resolve(values):
+    """Absolute paths, derived defaults (tfrecords_dir, class_names), consistency checks."""
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        if values[section][key] is not None:
+            values[section][key] = os.path.abspath(os.path.expanduser(values[section][key]))
+    data = values["data"]
+    if data["tfrecords_dir"] is None:
+        data["tfrecords_dir"] = os.path.join(values["experiment"]["model_dir"], "tfrecords")
+    if data["class_names"] is None:
+        data["class_names"] = [f"class_{i}" for i in range(data["num_classes"])]
+    if len(data["class_names"]) != data["num_classes"]:
+        raise ParamsError(f"data.class_names has {len(data['class_names'])} names but data.num_classes is "
+                          f"{data['num_classes']}; give one name per class")
+    if data["split"]["val"] + data["split"]["test"] >= 1.0:
+        raise ParamsError("data.split: val + test must leave subjects for training (sum < 1)")
+    probs = values["sampling"]["class_probabilities"]
+    if probs and len(probs) != data["num_classes"]:
+        raise ParamsError(f"sampling.class_probabilities has {len(probs)} values; expected "
+                          f"data.num_classes = {data['num_classes']}, or null")
+
+
+def _wrap(value):
+    if isinstance(value, dict):
+        return Params({k: _wrap(v) for k, v in value.items()})
+    return value
+
+
+def _unwrap(value):
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,225 @@
+"""The one schema of every params key: default, accepted types, bounds and meaning.
+
+`Params` (params.py) merges a user's YAML over these defaults and validates it against
+this schema; the params reference is generated from it (`medseg params-doc`). A key's `types`
+lists the Python types a YAML value may have (`type(None)` allows null), `items` the types of
+the elements of a list value. Every bound and choice of the project is written here once: code
+that takes such a value from elsewhere than a params file checks it with `check(dotted, value)`.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from medseg_dl.errors import ParamsError
+
+NUMBER = (int, float)
+NONE = type(None)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One params key: its default, accepted types, optional bounds/choices, and meaning."""
+
+    default: Any
+    types: tuple
+    doc: str
+    choices: Optional[Sequence[Any]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    length: Optional[int] = None  # required list length, when the value is a list
+    items: Optional[tuple] = None  # accepted types of the elements, when the value is a list
+
+    def check(self, value, dotted, source=""):
+        """Raise `ParamsError` ("<source>: <dotted> = <value>: expected ...") unless `value` fits."""
+        where = f"{source}: {dotted}" if source else dotted
+        if isinstance(value, bool) and bool not in self.types:
+            raise ParamsError(f"{where} = {value!r}: expected {type_names(self.types)}")
+        if not isinstance(value, self.types):
+            raise ParamsError(f"{where} = {value!r}: expected {type_names(self.types)}, "
+                              f"got {type(value).__name__}")
+        if value is None:
+            return
+        if self.choices is not None and value not in self.choices:
+            raise ParamsError(f"{where} = {value!r}: expected one of {list(self.choices)}")
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if self.length is not None and isinstance(value, (list, tuple)) and len(value) != self.length:
+            raise ParamsError(f"{where} = {value!r}: expected a list of {self.length} values")
+        if self.items is not None and not all(_is_instance(v, self.items) for v in values):
+            raise ParamsError(f"{where} = {value!r}: expected a list of {type_names(self.items)}")
+        for number in values:
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                continue
+            if self.minimum is not None and number < self.minimum:
+                raise ParamsError(f"{where} = {value!r}: must be >= {self.minimum}")
+            if self.maximum is not None and number > self.maximum:
+                raise ParamsError(f"{where} = {value!r}: must be <= {self.maximum}")
+
+
+def _is_instance(value, types):
+    """isinstance that does not take a bool for an int (YAML's true is not a number of voxels)."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def type_names(types):
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _prob(doc="probability of applying this transform to a patch"):
+    return Key(0.0, NUMBER, doc, minimum=0.0, maximum=1.0)
+
+
+SCHEMA = {
+    "seed": Key(42, (int,), "one seed for splits, sampling, augmentation and weights", minimum=0),
+    "experiment": {
+        "name": Key("experiment", (str,), "experiment name, recorded in the model folder"),
+        "model_dir": Key("runs/experiment", (str,), "model folder: params, file lists, checkpoints, logs, evaluations"),
+    },
+    "data": {
+        "source_dir": Key(None, (str, NONE), "folder of the raw dataset"),
+        "layout": Key("images_labels", (str,), "how subjects are laid out in source_dir",
+                      choices=["images_labels", "msd", "subject_folders"]),
+        "tfrecords_dir": Key(None, (str, NONE), "where converted TFRecords go; null: <model_dir>/tfrecords"),
+        "channels": Key(["image"], (list,), "channel names; subject_folders: one glob pattern per channel "
+                                            "(e.g. 'Flair*.nii.gz'), msd: names only"),
+        "label_pattern": Key("*label*", (str,), "subject_folders: glob of the label file in a subject folder"),
+        "mask_pattern": Key(None, (str, NONE), "subject_folders: glob of an optional brain/body mask"),
+        "subject_glob": Key("**", (str,), "subject_folders: glob (relative to source_dir) of candidate subject folders"),
+        "num_classes": Key(2, (int,), "number of label values, background included: labels lie in [0, num_classes)",
+                           minimum=2, maximum=256),
+        "class_names": Key(None, (list, NONE), "one name per class; null: class_0, class_1, ..."),
+        "split": {
+            "val": Key(0.2, NUMBER, "fraction of subjects for validation", minimum=0.0, maximum=1.0),
+            "test": Key(0.0, NUMBER, "fraction of subjects for testing", minimum=0.0, maximum=1.0),
+            "lists": Key(None, (dict, NONE), "explicit {train: [...], val: [...], test: [...]} subject ids; "
+                                             "overrides the fractions"),
+        },
+        "gzip": Key(True, (bool,), "GZIP-compress the TFRecords"),
+        "workers": Key(2, (int,), "parallel processes for conversion", minimum=1),
+    },
+    "preprocessing": {
+        "normalization": Key("zscore", (str,), "per-channel intensity normalisation: zscore (per case), "
+                             "zscore_mask (per case inside the mask), ct (clip to dataset percentiles, then "
+                             "dataset mean/std), none", choices=["zscore", "zscore_mask", "ct", "none"]),
+        "ct_percentiles": Key([0.5, 99.5], (list,), "ct: clipping percentiles of foreground intensities", length=2),
+        "target_spacing_mm": Key(None, (list, NONE), "resample to this spacing (x, y, z) in mm; null keeps it",
+                                 length=3),
+        "reorient_ras": Key(False, (bool,), "reorient volumes to RAS at conversion"),
+        "max_locations_per_class": Key(2000, (int,), "voxel locations stored per class for class-balanced "
+                                                      "sampling", minimum=1),
+        "affine_tolerance": Key(1e-3, NUMBER, "largest |image affine - label affine| accepted", minimum=0.0),
+    },
+    "sampling": {
+        "patch_size": Key([40, 56, 40], (list,), "patch size in voxels (x, y, z)", length=3, items=(int,),
+                          minimum=1),
+        "batch_size": Key(9, (int,), "patches per training batch (global, over all replicas)", minimum=1),
+        "samples_per_volume": Key(8, (int,), "patches drawn from each loaded volume", minimum=1),
+        "class_probabilities": Key(None, (list, NONE), "probability of centring a patch on each class; "
+                                   "null: equal over classes present in the volume; [] : uniform centres"),
+        "padding": Key("constant", (str,), "how patches reaching past the volume are filled",
+                       choices=["constant", "edge"]),
+        "cache": Key(True, (bool,), "keep decoded volumes in memory after the first epoch"),
+        "shuffle_buffer": Key(64, (int,), "volumes in the shuffle buffer", minimum=1),
+        "patch_shuffle_buffer": Key(16, (int,), "patches in the buffer that mixes patches of different "
+                                    "volumes into batches; 1: off", minimum=1),
+        "deterministic": Key(False, (bool,), "repeatable order of parallel reads (slower)"),
+    },
+    "augmentation": {
+        "flip": {"p": _prob("probability of mirroring, drawn per axis"),
+                 "axes": Key([0, 1, 2], (list,), "axes that may be mirrored")},
+        "rotate": {"p": _prob(), "max_deg": Key([15.0, 15.0, 15.0], (list,),
+                                                "largest rotation about each axis in degrees", length=3)},
+        "scale": {"p": _prob(), "range": Key([0.85, 1.25], (list,), "zoom factor range (>1 enlarges)", length=2),
+                  "anisotropic": Key(False, (bool,), "draw one factor per axis instead of one for all")},
+        "elastic": {"p": _prob(),
+                    "sigma_vox": Key([5.0, 8.0], (list,), "range of the smoothing sigma of the displacement "
+                                                         "field in voxels", length=2),
+                    "magnitude_vox": Key([0.2, 1.2], (list,), "range of the RMS displacement in voxels", length=2),
+                    "grid_points": Key(7, (int,), "control points per axis of the coarse displacement grid",
+                                       minimum=2)},
+        "noise": {"p": _prob(), "std": Key([0.0, 0.1], (list,), "range of the Gaussian noise std", length=2)},
+        "gamma": {"p": _prob(), "range": Key([0.7, 1.5], (list,), "gamma exponent range", length=2)},
+        "brightness_contrast": {"p": _prob(),
+                                "brightness": Key([-0.1, 0.1], (list,), "additive shift range", length=2),
+                                "contrast": Key([0.75, 1.25], (list,), "multiplicative factor range", length=2)},
+        "blur": {"p": _prob(), "sigma_vox": Key([0.5, 1.0], (list,), "Gaussian blur sigma range in voxels",
+                                                length=2)},
+    },
+    "model": {
+        "architecture": Key("unet", (str,), "network, from the architecture registry",
+                            choices=["unet", "medpatchnet"]),
+        "base_filters": Key(16, (int,), "filters of the first stage", minimum=1),
+        "depth": Key(4, (int,), "resolution levels (each halves the size)", minimum=1),
+        "norm": Key("instance", (str,), "normalisation layer", choices=["batch", "instance", "group", "none"]),
+        "activation": Key("leaky_relu", (str,), "activation", choices=["relu", "leaky_relu", "prelu"]),
+        "deep_supervision": Key(False, (bool,), "unet: extra losses on coarser decoder outputs"),
+        "esp_branches": Key(4, (int,), "medpatchnet: parallel dilated branches per ESP block (rates 1,2,4,..)",
+                            minimum=1),
+        "use_position": Key(True, (bool,), "medpatchnet: condition dynamic convolutions on the patch position"),
+        "fourier_features": Key(4, (int,), "medpatchnet: Fourier frequencies per position coordinate",
+                                minimum=0),
+        "dropout": Key(0.0, NUMBER, "dropout rate before the classifier", minimum=0.0, maximum=1.0),
+        "residual": Key(False, (bool,), "unet: residual encoder stages (nnU-Net ResEnc style) instead of plain "
+                                        "conv pairs"),
+        "norm_groups": Key(8, (int,), "group norm: groups per layer (the gcd with the layer's channel count)",
+                           minimum=1),
+        "dynamic_experts": Key(4, (int,), "medpatchnet: expert kernels that each position-conditioned "
+                                          "convolution mixes per sample", minimum=1),
+        "bottleneck_kernel": Key(1, (int,), "medpatchnet: kernel size of the bottleneck's position-conditioned "
+                                            "convolution (3: E times the weights and cost of a static conv)",
+                                 choices=[1, 3]),
+    },
+    "loss": {
+        "name": Key("dice_ce", (str,), "loss function", choices=["dice", "jaccard", "dice_ce", "jaccard_ce", "ce"]),
+        "smooth": Key(1e-5, NUMBER, "smoothing added to numerator and denominator", minimum=0.0),
+        "squared_denominator": Key(False, (bool,), "square the terms of the soft Dice/Jaccard denominator"),
+        "batch_dice": Key(True, (bool,), "sum over the whole batch (true) or per sample then average"),
+        "include_background": Key(False, (bool,), "include class 0 in the Dice/Jaccard term"),
+        "ce_weight": Key(1.0, NUMBER, "weight of cross-entropy in the combined losses", minimum=0.0),
+    },
+    "training": {
+        "steps": Key(10000, (int,), "training steps", minimum=1),
+        "optimizer": Key("adam", (str,), "optimizer", choices=["adam", "adamw", "sgd"]),
+        "learning_rate": Key(0.001, NUMBER, "initial learning rate", minimum=0.0),
+        "schedule": Key("poly", (str,), "learning rate schedule", choices=["constant", "poly", "cosine"]),
+        "warmup_steps": Key(0, (int,), "linear warm-up steps", minimum=0),
+        "weight_decay": Key(0.0, NUMBER, "decoupled weight decay (adamw, sgd)", minimum=0.0),
+        "momentum": Key(0.99, NUMBER, "sgd: Nesterov momentum", minimum=0.0, maximum=1.0),
+        "clip_norm": Key(12.0, (int, float, NONE), "global gradient norm clipping; null: off", minimum=0.0),
+        "checkpoint_every": Key(500, (int,), "steps between checkpoints", minimum=1),
+        "keep_last": Key(5, (int,), "training checkpoints kept", minimum=1),
+        "log_every": Key(50, (int,), "steps between scalar logs", minimum=1),
+        "image_summary_every": Key(500, (int,), "steps between image summaries", minimum=1),
+        "strategy": Key("auto", (str,), "tf.distribute strategy",
+                        choices=["auto", "default", "mirrored", "multi_worker"]),
+        "mixed_precision": Key(False, (bool,), "mixed_float16 compute with loss scaling"),
+    },
+    "evaluation": {
+        "overlap": Key(0.5, NUMBER, "fractional overlap of sliding windows", minimum=0.0, maximum=0.95),
+        "blending": Key("gaussian", (str,), "window weighting", choices=["gaussian", "constant"]),
+        "batch_size": Key(4, (int,), "windows per inference batch", minimum=1),
+        "keep_best": Key(3, (int,), "best checkpoints kept in <model_dir>/best", minimum=1),
+        "metric": Key("mean_dice", (str,), "selection metric of summary.json (higher is better)",
+                      choices=["mean_dice"]),
+        "tta_mirroring": Key(False, (bool,), "average predictions over all 8 mirrorings"),
+        "save_predictions": Key(False, (bool,), "write NIfTI predictions under eval/<step>/"),
+        "save_overlays": Key(True, (bool,), "write overlay PNGs under eval/<step>/"),
+        "surface_tolerance_mm": Key(1.0, NUMBER, "tolerance of the surface Dice", minimum=0.0),
+        "poll_seconds": Key(10.0, NUMBER, "watch mode: seconds between checks for new checkpoints",
+                            minimum=0.0),
+    },
+}
+
+
+def key(dotted, schema=SCHEMA):
+    """The `Key` of a dotted name such as "evaluation.overlap"; `KeyError` for an unknown one."""
+    entry = schema
+    for part in dotted.split("."):
+        entry = entry[part]
+    if not isinstance(entry, Key):
+        raise KeyError(f"{dotted} is a section, not a key")
+    return entry
+
+
+def check(dotted, value):
+    """Check one value against the schema's rule for `dotted`; returns it, or raises `ParamsError`."""
+    key(dotted).check(value, dotted)
+    return value

@@ -1,0 +1,139 @@
+"""One subject -> one preprocessed `Case`: the only path from raw files to what the model sees.
+
+Conversion (`medseg convert`), evaluation of another labelled folder (`medseg evaluate --data`) and
+prediction (`medseg predict`) all call `subject_case`: read and check the channels (and mask and
+label), reorient (preprocessing.reorient_ras), resample (preprocessing.target_spacing_mm; order 3
+for images, nearest for labels) and normalise (preprocessing.normalization). The validation split,
+already converted, comes back as `Case`s from its records (`case_from_record`).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from medseg_dl.data import preprocess
+from medseg_dl.data.index import read_index
+from medseg_dl.data.io import read_volume, spacing_from_affine
+from medseg_dl.data.subjects import Subject
+from medseg_dl.errors import DataError
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One subject on the model grid, with the geometry of its source files.
+
+    image (X, Y, Z, C) float32, normalised; label (X, Y, Z) int32 in [0, num_classes), or None for an
+    unlabelled subject; affine (4, 4) float64 voxel -> RAS mm of the model grid; original_shape (3,)
+    and original_affine (4, 4) float64 of the source grid (before reorientation and resampling).
+    """
+
+    subject_id: str
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    affine: np.ndarray
+    original_shape: Tuple[int, int, int]
+    original_affine: np.ndarray
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        """(3,) float64 voxel size of the model grid in mm."""
+        return spacing_from_affine(self.affine)
+
+
+@dataclass(frozen=True)
+class CaseRecipe:
+    """How a subject becomes a case: the channel and class counts it must have, the `preprocessing`
+    params section as a plain dict, and for normalization "ct" the dataset statistics (one dict per
+    channel: low, high, mean, std; see preprocess.ct_statistics)."""
+
+    num_channels: int
+    num_classes: int
+    preprocessing: dict
+    ct_stats: Optional[list] = None
+
+
+def recipe_from_params(params, ct_stats: Optional[list] = None) -> CaseRecipe:
+    """The `CaseRecipe` of an experiment's params, with the given CT statistics."""
+    return CaseRecipe(len(params.data.channels), params.data.num_classes, params.preprocessing.to_dict(), ct_stats)
+
+
+def stored_recipe(params) -> CaseRecipe:
+    """The recipe of a converted experiment: for normalization "ct", with the statistics stored in
+    its `dataset.json` at conversion, so new subjects are normalised exactly like the training data."""
+    ct_stats = read_index(params.data.tfrecords_dir).get("ct_stats") \
+        if params.preprocessing.normalization == "ct" else None
+    return recipe_from_params(params, ct_stats)
+
+
+def read_image(subject: Subject, recipe: CaseRecipe) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """Read and check the channels (and mask) of one subject. Returns (image (X, Y, Z, C) float32,
+    mask (X, Y, Z) bool or None, affine (4, 4) float64). Raises `DataError` naming the file."""
+    volumes = [read_volume(p) for p in subject.channels]
+    first = volumes[0]
+    tolerance = recipe.preprocessing["affine_tolerance"]
+    for path, volume in zip(subject.channels, volumes):
+        preprocess.check_finite(volume.data, path)
+    for path, volume in zip(subject.channels[1:], volumes[1:]):
+        preprocess.check_same_grid(first.data.shape, first.affine, volume.data.shape, volume.affine,
+                                   path, subject.channels[0], tolerance)
+    arrays = [v.data[..., None] if v.data.ndim == 3 else v.data for v in volumes]
+    image = np.concatenate(arrays, axis=-1).astype(np.float32)
+    if image.shape[-1] != recipe.num_channels:
+        raise DataError(f"{subject.channels[0]}: subject '{subject.id}' has {image.shape[-1]} channels but "
+                        f"data.channels lists {recipe.num_channels}; every subject needs the same channels")
+    mask = None
+    if subject.mask:
+        mask_volume = read_volume(subject.mask)
+        preprocess.check_same_grid(first.data.shape, first.affine, mask_volume.data.shape, mask_volume.affine,
+                                   subject.mask, subject.channels[0], tolerance)
+        mask = mask_volume.data > 0.5
+    return image, mask, first.affine
+
+
+def read_label(subject: Subject, image_shape, affine: np.ndarray, recipe: CaseRecipe) -> np.ndarray:
+    """The subject's label map (X, Y, Z) int32, checked against the image grid and the class range."""
+    label_volume = read_volume(subject.label)
+    preprocess.check_same_grid(image_shape, affine, label_volume.data.shape, label_volume.affine, subject.label,
+                               subject.channels[0], recipe.preprocessing["affine_tolerance"])
+    return preprocess.to_labels(np.asarray(label_volume.data), recipe.num_classes, subject.label)
+
+
+def to_model_grid(array: np.ndarray, affine: np.ndarray, preprocessing: dict,
+                  order: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Reorient (reorient_ras) and resample (target_spacing_mm) one array (X, Y, Z[, C]) with spline
+    `order`; returns (array, affine (4, 4)) on the grid the model sees."""
+    if preprocessing["reorient_ras"]:
+        array, affine = preprocess.reorient_to_ras(array, affine)
+    if preprocessing["target_spacing_mm"]:
+        array, affine = preprocess.resample(array, affine, preprocessing["target_spacing_mm"], order)
+    return array, affine
+
+
+def prepare_image(image: np.ndarray, mask: Optional[np.ndarray], affine: np.ndarray, recipe: CaseRecipe,
+                  subject_id: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Image (X, Y, Z, C) on the model grid, normalised (float32), and its affine (4, 4)."""
+    prep = recipe.preprocessing
+    if prep["normalization"] == "zscore_mask" and mask is None:
+        raise DataError(f"subject '{subject_id}': preprocessing.normalization is zscore_mask but it has no "
+                        f"mask; set data.mask_pattern or use zscore")
+    image_grid, grid_affine = to_model_grid(image, affine, prep, order=3)
+    mask_grid = to_model_grid(mask.astype(np.float32), affine, prep, 0)[0] > 0.5 if mask is not None else None
+    return preprocess.normalize(image_grid, prep["normalization"], mask_grid, recipe.ct_stats), grid_affine
+
+
+def subject_case(subject: Subject, recipe: CaseRecipe) -> Case:
+    """Read, check, reorient, resample and normalise one subject (its label too, when it has one)."""
+    image, mask, affine = read_image(subject, recipe)
+    label = read_label(subject, image.shape, affine, recipe) if subject.label else None
+    image_grid, grid_affine = prepare_image(image, mask, affine, recipe, subject.id)
+    label_grid = None if label is None else \
+        to_model_grid(label, affine, recipe.preprocessing, order=0)[0].astype(np.int32)
+    return Case(subject.id, image_grid, label_grid, grid_affine, tuple(int(n) for n in image.shape[:3]), affine)
+
+
+def case_from_record(volume) -> Case:
+    """The `Case` of one decoded record (a dict of tensors or arrays, see tfrecords.decode_example)."""
+    value = {k: np.asarray(v) for k, v in volume.items()}
+    return Case(value["subject"].item().decode(), value["image"], value["label"].astype(np.int32),
+                value["affine"].astype(np.float64), tuple(int(n) for n in value["original_shape"]),
+                value["original_affine"].astype(np.float64))

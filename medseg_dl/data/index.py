@@ -1,0 +1,35 @@
+"""`dataset.json`: the index of a converted folder (settings, settings hash, CT statistics, and per
+subject its record file, shape, spacing, class voxel counts and source paths), written by convert.py.
+"""
+import json
+import os
+from typing import List
+
+from medseg_dl import atomic
+from medseg_dl.errors import DataError
+
+INDEX_NAME = "dataset.json"
+
+
+def read_index(tfrecords_dir: str) -> dict:
+    """The `dataset.json` of a converted folder; `DataError` if the folder was not converted."""
+    path = os.path.join(tfrecords_dir, INDEX_NAME)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found; convert the dataset first with `medseg convert --params P`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_index(tfrecords_dir: str, index: dict) -> None:
+    """Write `dataset.json` atomically."""
+    atomic.write_json(os.path.join(tfrecords_dir, INDEX_NAME), index)
+
+
+def record_paths(tfrecords_dir: str, subject_ids) -> List[str]:
+    """Paths of the records of `subject_ids` from the index; `DataError` for a subject not converted."""
+    index = read_index(tfrecords_dir)
+    missing = [s for s in subject_ids if s not in index["subjects"]]
+    if missing:
+        raise DataError(f"{os.path.join(tfrecords_dir, INDEX_NAME)}: subjects {missing[:3]} are not converted; "
+                        f"run `medseg convert` with the same params")
+    return [os.path.join(tfrecords_dir, index["subjects"][s]["file"]) for s in subject_ids]

@@ -1,0 +1,96 @@
+"""Checkpoint files as the evaluation process sees them: listing, staging, best-K keeping.
+
+Training's CheckpointManager may delete a checkpoint at any moment. The evaluator therefore
+first copies a checkpoint's files into a private staging folder (a deletion before or during the
+copy is reported as `CheckpointGone`), restores from the copy, and promotes that copy into
+`<model_dir>/best/` when it ranks among the best K (copied under a temporary name, then renamed).
+"""
+import glob
+import json
+import os
+import re
+import shutil
+from typing import List, Optional
+
+from medseg_dl import atomic
+
+_STEP = re.compile(r"ckpt-(\d+)$")
+
+
+class CheckpointGone(Exception):
+    """The checkpoint was deleted (by training's rotation) before it could be copied."""
+
+
+def checkpoint_step(prefix: str) -> int:
+    """The step number of a checkpoint prefix '.../ckpt-<step>'."""
+    match = _STEP.search(os.path.basename(prefix))
+    if not match:
+        raise ValueError(f"{prefix}: not a checkpoint prefix of the form ckpt-<step>")
+    return int(match.group(1))
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """Complete checkpoint prefixes in `folder` (their .index file exists), sorted by step."""
+    prefixes = [p[: -len(".index")] for p in glob.glob(os.path.join(folder, "ckpt-*.index"))]
+    return sorted((p for p in prefixes if _STEP.search(os.path.basename(p))), key=checkpoint_step)
+
+
+def _files_of(prefix):
+    return sorted(glob.glob(prefix + ".index") + glob.glob(prefix + ".data-*"))
+
+
+def stage_checkpoint(prefix: str, staging_dir: str) -> str:
+    """Copy a checkpoint's files into `staging_dir`; returns the staged prefix.
+    Raises `CheckpointGone` if any file vanishes under us."""
+    os.makedirs(staging_dir, exist_ok=True)
+    files = _files_of(prefix)
+    if not any(f.endswith(".index") for f in files) or not any(".data-" in f for f in files):
+        raise CheckpointGone(prefix)
+    try:
+        for path in files:
+            shutil.copyfile(path, os.path.join(staging_dir, os.path.basename(path)))
+    except FileNotFoundError:
+        raise CheckpointGone(prefix) from None
+    return os.path.join(staging_dir, os.path.basename(prefix))
+
+
+def remove_checkpoint(prefix: str) -> None:
+    """Delete the .index and .data-* files of a checkpoint prefix."""
+    for path in _files_of(prefix):
+        os.remove(path)
+
+
+class BestCheckpoints:
+    """The best `keep` checkpoints by a metric (higher is better) in `folder`, listed in the JSON file
+    `index_path` (the model folder's best/best.json) as [{"step", "metric", "value", "checkpoint"}]
+    from best to worst."""
+
+    def __init__(self, folder: str, index_path: str, keep: int, metric: str):
+        self.folder, self.path, self.keep, self.metric = folder, index_path, keep, metric
+        self.entries = json.load(open(self.path)) if os.path.isfile(self.path) else []
+
+    def offer(self, staged_prefix: str, step: int, value: float) -> bool:
+        """Keep the staged checkpoint if it ranks among the best; returns True if kept."""
+        if value != value:  # NaN never ranks
+            return False
+        ranked = sorted(self.entries + [{"step": step, "value": value}], key=lambda e: -e["value"])
+        if {"step": step, "value": value} not in ranked[: self.keep]:
+            return False
+        name = os.path.basename(staged_prefix)
+        for path in _files_of(staged_prefix):
+            atomic.copy_file(path, os.path.join(self.folder, os.path.basename(path)))
+        self.entries = [e for e in self.entries if e["step"] != step] + [
+            {"step": step, "metric": self.metric, "value": value, "checkpoint": name}]
+        self.entries.sort(key=lambda e: -e["value"])
+        for dropped in self.entries[self.keep:]:
+            remove_checkpoint(os.path.join(self.folder, dropped["checkpoint"]))
+        self.entries = self.entries[: self.keep]
+        self._write()
+        return True
+
+    def best_prefix(self) -> Optional[str]:
+        """The prefix of the best kept checkpoint, or None."""
+        return os.path.join(self.folder, self.entries[0]["checkpoint"]) if self.entries else None
+
+    def _write(self):
+        atomic.write_json(self.path, self.entries)

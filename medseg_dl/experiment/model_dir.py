@@ -1,0 +1,204 @@
+"""The model folder of one experiment. `ModelDir` is the one place that names its files:
+
+    <model_dir>/params.yaml                resolved parameters; passing this path resumes the run
+    <model_dir>/filelists/{train,val,test}.json
+    <model_dir>/checkpoints/               last N training checkpoints, done.json, structure.json
+    <model_dir>/best/                      best K checkpoints + best.json
+    <model_dir>/logs/{train,eval}/         TensorBoard event files; logs/train/scalars.csv
+    <model_dir>/eval/<step>/               metrics.csv, summary.json, overlays/, predictions/
+    <model_dir>/eval/<step>-<folder>/      the same for another labelled folder (evaluate --data)
+    <model_dir>/eval/history.json          evaluated steps; eval/PAUSE pauses the evaluator
+    <model_dir>/nonfinite_batch.json       subjects of a batch whose loss was not finite
+    <model_dir>/curves.png                 learning curves (medseg show --curves)
+
+The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the params (config/params.py).
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from medseg_dl import atomic
+from medseg_dl.config.params import Params
+from medseg_dl.data.index import record_paths
+from medseg_dl.data.subjects import Subject, find_subjects, split_subjects
+from medseg_dl.errors import DataError, ModelDirError, ParamsError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """Paths inside one model folder (`root`, absolute)."""
+
+    root: str
+
+    REPORT_METRICS = "metrics.csv"
+    REPORT_SUMMARY = "summary.json"
+    REPORT_OVERLAYS = "overlays"
+    REPORT_PREDICTIONS = "predictions"
+    STAGING_PREFIX = "staging-"  # eval/staging-*/: the evaluator's private copies of checkpoints
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def params_path(self) -> str:
+        return self.path("params.yaml")
+
+    @property
+    def filelists(self) -> str:
+        return self.path("filelists")
+
+    def filelist(self, split: str) -> str:
+        return self.path("filelists", f"{split}.json")
+
+    @property
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
+
+    @property
+    def done_marker(self) -> str:
+        return self.path("checkpoints", "done.json")
+
+    @property
+    def structure_file(self) -> str:
+        return self.path("checkpoints", "structure.json")
+
+    def worker_checkpoints(self, pid: int) -> str:
+        """Where a non-chief multi-worker process must write its (discarded) checkpoints."""
+        return self.path(f".worker-checkpoints-{pid}")
+
+    @property
+    def best(self) -> str:
+        return self.path("best")
+
+    @property
+    def best_index(self) -> str:
+        return self.path("best", "best.json")
+
+    def logs(self, which: str) -> str:
+        return self.path("logs", which)
+
+    @property
+    def scalars_csv(self) -> str:
+        return self.path("logs", "train", "scalars.csv")
+
+    @property
+    def eval_root(self) -> str:
+        return self.path("eval")
+
+    def report_dir(self, step: int, tag: Optional[str] = None) -> str:
+        """eval/<step>/ for the validation split, eval/<step>-<tag>/ for another folder."""
+        return self.path("eval", str(step) if tag is None else f"{step}-{tag}")
+
+    def summary_path(self, step: int, tag: Optional[str] = None) -> str:
+        return os.path.join(self.report_dir(step, tag), self.REPORT_SUMMARY)
+
+    def validation_summaries(self) -> List[Tuple[int, str]]:
+        """(step, summary.json path) of every validation report, sorted by step."""
+        steps = [int(n) for n in os.listdir(self.eval_root) if n.isdigit()] if os.path.isdir(self.eval_root) else []
+        return [(s, self.summary_path(s)) for s in sorted(steps) if os.path.isfile(self.summary_path(s))]
+
+    @property
+    def history(self) -> str:
+        return self.path("eval", "history.json")
+
+    @property
+    def pause_file(self) -> str:
+        return self.path("eval", "PAUSE")
+
+    @property
+    def nonfinite_batch(self) -> str:
+        return self.path("nonfinite_batch.json")
+
+    @property
+    def curves_png(self) -> str:
+        return self.path("curves.png")
+
+
+def open_model_dir(params_path: str, overrides=(), overwrite: bool = False) -> Tuple[Params, ModelDir, bool]:
+    """Load params (once) and prepare their model folder; returns (params, ModelDir, resumed).
+
+    Resume when `params_path` is the folder's own `params.yaml`, or when the folder already holds
+    the same resolved parameters. A non-empty folder with other parameters is refused unless
+    `overwrite`, which empties it first."""
+    params = Params.load(params_path, overrides)
+    model_dir = ModelDir(params.experiment.model_dir)
+    own_params = os.path.abspath(params_path) == os.path.abspath(model_dir.params_path)
+    resumed = own_params or _same_experiment(model_dir, params)
+    if not resumed and _is_non_empty(model_dir.root):
+        if not overwrite:
+            raise ModelDirError(f"{model_dir.root}: model folder is not empty and holds another experiment; "
+                                f"resume it with --params {model_dir.params_path}, choose another "
+                                f"experiment.model_dir, or pass --overwrite to empty it")
+        shutil.rmtree(model_dir.root)
+    _make_folders(model_dir)
+    params.save(model_dir.params_path)
+    if not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
+        write_filelists(params, model_dir)
+    return params, model_dir, resumed
+
+
+def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:
+    """Params (loaded once) and their model folder, for a process beside training (the evaluator):
+    the folder is prepared only when training has not created it yet, and never rewritten."""
+    params = Params.load(params_path, overrides)
+    model_dir = ModelDir(params.experiment.model_dir)
+    if os.path.isfile(model_dir.params_path):
+        return params, model_dir
+    params, model_dir, _ = open_model_dir(params_path, overrides)
+    return params, model_dir
+
+
+def write_filelists(params: Params, model_dir: ModelDir) -> Dict[str, List[str]]:
+    """Discover subjects, split them by `data.split` and the seed, and save `filelists/<split>.json`
+    (lists of subject dicts: id and source paths). Returns the split {name: [ids]}."""
+    subjects = find_subjects(params.data)
+    split = split_subjects([s.id for s in subjects], params.data.split, params.seed)
+    by_id: Dict[str, Subject] = {s.id: s for s in subjects}
+    os.makedirs(model_dir.filelists, exist_ok=True)
+    for name, ids in split.items():
+        atomic.write_json(model_dir.filelist(name), [by_id[i].to_dict() for i in ids])
+    return split
+
+
+def read_filelist(model_dir: ModelDir, split: str) -> List[str]:
+    """The subject ids of `filelists/<split>.json`; `DataError` if it does not exist."""
+    path = model_dir.filelist(split)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
+                        f"params file first")
+    with open(path) as f:
+        return [entry["id"] for entry in json.load(f)]
+
+
+def split_record_paths(params: Params, model_dir: ModelDir, split: str) -> List[str]:
+    """TFRecord paths of the subjects of `split`; `DataError` if one is not converted yet."""
+    return record_paths(params.data.tfrecords_dir, read_filelist(model_dir, split))
+
+
+def _same_experiment(model_dir: ModelDir, params: Params) -> bool:
+    if not os.path.isfile(model_dir.params_path):
+        return False
+    try:
+        return Params.load(model_dir.params_path).to_dict() == params.to_dict()
+    except ParamsError:  # an unreadable old params.yaml is just "another experiment"
+        return False
+
+
+def _is_non_empty(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def _make_folders(model_dir: ModelDir) -> None:
+    try:
+        for folder in (model_dir.root, model_dir.filelists, model_dir.checkpoints, model_dir.best,
+                       model_dir.logs("train"), model_dir.logs("eval"), model_dir.eval_root):
+            os.makedirs(folder, exist_ok=True)
+        atomic.write_text(model_dir.path(".write-test"), "ok")
+        os.remove(model_dir.path(".write-test"))
+    except OSError as err:
+        raise ModelDirError(f"{model_dir.root}: cannot write the model folder ({err.strerror}); choose a "
+                            f"writable experiment.model_dir or free disk space") from None

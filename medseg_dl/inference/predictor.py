@@ -1,0 +1,116 @@
+"""Whole-volume prediction by sliding windows (used by evaluation and predict).
+
+    predictor = Predictor.from_params(network, params)
+    probabilities = predictor.probabilities(image)   # (X, Y, Z, K) float32
+    labels = predictor.labels(image)                 # (X, Y, Z) int32
+
+The network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
+(the window positions of `pipeline.sampling.patch_positions`) and returning logits (N, px, py, pz, K); it
+is called with training=False when it accepts that argument. Windows are batched through it inside
+one tf.function per channel count, traced once whatever the volume shape. The window logits are
+blended with Gaussian or constant weights (windows.py) and the softmax of the
+weighted average is the probability, as in nnU-Net (the softmax runs once per voxel, not once per
+window). With mirroring test-time augmentation a window's logits are log(mean over the 8 flips of
+the softmax probabilities), so a window predicted alone gets exactly the flip-averaged probabilities.
+"""
+import inspect
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from medseg_dl.config import schema
+from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.inference import windows
+
+MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
+TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
+FINISH_SOFTMAX = windows.make_finisher(lambda average: tf.nn.softmax(average, axis=-1))
+FINISH_ARGMAX = windows.make_finisher(lambda average: tf.argmax(average, axis=-1, output_type=tf.int32))
+
+
+def accepts_training(network) -> bool:
+    """True when `network` can be called with a `training=` keyword."""
+    try:
+        parameters = inspect.signature(network).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "training" or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+class Predictor:
+    """Sliding-window prediction of whole volumes with one network; caches its tf.function per channel count.
+
+    patch_size_vox: window (3,) in voxels; num_classes: K; overlap: fraction in [0, 1); blending:
+    "gaussian" or "constant"; batch_size: windows per network call; tta_mirroring: average the
+    probabilities over all 8 flips of each window (8x the network calls).
+    """
+
+    def __init__(self, network, patch_size_vox, num_classes: int, overlap: float = 0.5, blending: str = "gaussian",
+                 batch_size: int = 4, tta_mirroring: bool = False):
+        self.network = network
+        self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
+        self.num_classes = schema.check("data.num_classes", int(num_classes))
+        self.overlap = schema.check("evaluation.overlap", float(overlap))
+        self.blending = schema.check("evaluation.blending", blending)
+        self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
+        self.tta_mirroring = bool(tta_mirroring)
+        self._training_kwargs = {"training": False} if accepts_training(network) else {}
+        self._steps = {}
+
+    @classmethod
+    def from_params(cls, network, params):
+        """Window from sampling.patch_size, K from data.num_classes, the rest from the evaluation section."""
+        evaluation = params.evaluation
+        return cls(network, params.sampling.patch_size, params.data.num_classes, overlap=evaluation.overlap,
+                   blending=evaluation.blending, batch_size=evaluation.batch_size,
+                   tta_mirroring=evaluation.tta_mirroring)
+
+    def probabilities(self, image) -> np.ndarray:
+        """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
+        accumulator, grid = self._accumulate(image)
+        return windows.finish_slabs(FINISH_SOFTMAX, accumulator, grid, grid.crop(accumulator))
+
+    def labels(self, image) -> np.ndarray:
+        """Most probable class (X, Y, Z) int32 numpy of an image (X, Y, Z, C) float32."""
+        accumulator, grid = self._accumulate(image)
+        return windows.finish_slabs(FINISH_ARGMAX, accumulator, grid, np.empty(grid.shape_vox, np.int32))
+
+    def _accumulate(self, image):
+        image = _check_image(image)
+        grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)
+        accumulator = windows.accumulate(self._step(image.shape[3]), image, grid, self.batch_size, self.num_classes)
+        return accumulator, grid
+
+    def _step(self, num_channels):
+        """The tf.function (windows (N, px, py, pz, C), positions (N, 3)) -> window logits (N, px, py, pz, K)."""
+        if num_channels not in self._steps:
+            window_fn = self._mirrored_logits if self.tta_mirroring else self._logits
+            signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
+                         tf.TensorSpec((None, 3), tf.float32)]
+            self._steps[num_channels] = tf.function(window_fn, input_signature=signature)
+        return self._steps[num_channels]
+
+    def _logits(self, windows, positions):
+        logits = self.network({"image": windows, "position": positions}, **self._training_kwargs)
+        expected = tuple(windows.shape[1:4]) + (self.num_classes,)
+        if not logits.shape[1:].is_compatible_with(expected):
+            raise ParamsError(f"the network returns logits of shape {tuple(logits.shape[1:])} per window, expected "
+                              f"{expected} (sampling.patch_size + data.num_classes); use a window the network "
+                              f"accepts and the num_classes it was built with")
+        return tf.cast(logits, tf.float32)
+
+    def _mirrored_logits(self, windows, positions):
+        total = 0.0
+        for axes in MIRROR_AXES:
+            probabilities = tf.nn.softmax(self._logits(tf.reverse(windows, axes), positions), axis=-1)
+            total += tf.reverse(probabilities, axes)
+        return tf.math.log(tf.maximum(total / len(MIRROR_AXES), TINY_PROBABILITY))
+
+
+def _check_image(image):
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 4:
+        raise DataError(f"the image to predict has shape {image.shape}; expected (X, Y, Z, C) channels-last "
+                        f"(add a trailing channel axis to a single-channel volume)")
+    return image

@@ -1,0 +1,47 @@
+"""What `medseg show` draws: a volume with labels, a batch of training patches, learning curves."""
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from medseg_dl.config.params import Params
+from medseg_dl.data.io import read_volume
+from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
+from medseg_dl.viz import plotting
+
+
+def show_files(image_path: str, label_path: Optional[str] = None, prediction_path: Optional[str] = None,
+               out: Optional[str] = None, class_names=None) -> Optional[str]:
+    """A volume file with optional label and prediction files: a viewer or a PNG (see plotting.show_volume)."""
+    image = read_volume(image_path)
+    read_labels = lambda p: np.rint(read_volume(p).data).astype(np.int32) if p else None
+    return plotting.show_volume(image.data, read_labels(label_path), read_labels(prediction_path), out,
+                                spacing_mm=image.spacing_mm, class_names=class_names,
+                                title=os.path.basename(image_path))
+
+
+def show_batch(params: Params, model_dir: ModelDir, out: str) -> str:
+    """One augmented training batch (seed params.seed) as a PNG grid: what the network is fed."""
+    from medseg_dl.pipeline.inputs import train_inputs  # TensorFlow only for this picture
+
+    batches = train_inputs(params, split_record_paths(params, model_dir, "train"), seed=params.seed)
+    return plotting.batch_grid({k: v.numpy() for k, v in next(iter(batches)).items()}, out)
+
+
+def evaluation_rows(model_dir: ModelDir) -> List[Dict]:
+    """Per evaluated step of the validation split: step, mean_dice and dice_<class>."""
+    rows = []
+    for step, path in model_dir.validation_summaries():
+        with open(path) as f:
+            summary = json.load(f)
+        row = {"step": step, "mean_dice": summary["mean_dice"]}
+        row.update({f"dice_{name}": stats["dice"]["mean"] for name, stats in summary["classes"].items()})
+        rows.append(row)
+    return rows
+
+
+def show_curves(model_dir: ModelDir, class_names, out: str) -> str:
+    """Training loss and validation Dice per checkpoint of a model folder, as a PNG."""
+    train_rows = plotting.read_csv_rows(model_dir.scalars_csv)
+    return plotting.learning_curves(train_rows, evaluation_rows(model_dir), out, class_names)

@@ -1,0 +1,98 @@
+import pytest
+import yaml
+
+from medseg_dl.config.params import Params, all_keys, defaults_dict
+from medseg_dl.config.reference import params_reference
+from medseg_dl.errors import ParamsError
+
+
+def write(tmp_path, data, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_merge_and_both_access_styles(tmp_path):
+    p = Params.load(write(tmp_path, {"training": {"steps": 7}}))
+    assert p["training"]["steps"] == p.training.steps == 7
+    assert p.training.learning_rate == defaults_dict()["training"]["learning_rate"]
+    assert p.augmentation.flip.p == 0.0
+
+
+def test_every_default_validates():
+    p = Params.from_dict({})
+    assert set(p.to_dict()) == set(defaults_dict())
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ParamsError, match=r"training\.learning_rat.*did you mean training\.learning_rate\?"):
+        Params.load(write(tmp_path, {"training": {"learning_rat": 0.1}}))
+    with pytest.raises(ParamsError, match="did you mean sampling"):
+        Params.load(write(tmp_path, {"samplng": {}}))
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("training", "steps", "ten", "expected int"),
+    ("training", "steps", 0, ">= 1"),
+    ("training", "steps", True, "expected int"),
+    ("evaluation", "blending", "hann", "one of"),
+    ("sampling", "patch_size", [40, 56], "list of 3"),
+    ("augmentation", "flip", {"p": 1.5}, "<= 1"),
+])
+def test_bad_values_name_the_key(tmp_path, section, key, value, message):
+    with pytest.raises(ParamsError, match=message) as err:
+        Params.load(write(tmp_path, {section: {key: value}}))
+    assert f"{section}.{key}" in str(err.value)
+
+
+def test_yaml_not_a_mapping_and_missing_file(tmp_path):
+    path = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a YAML mapping") as err:
+        Params.load(path)
+    assert path in str(err.value)
+    with pytest.raises(ParamsError, match="not found"):
+        Params.load(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        Params.load(write(tmp_path, "a: [1, 2\n"))
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    p = Params.load(write(tmp_path, {}), overrides=["training.steps=12", "sampling.patch_size=[8, 8, 8]",
+                                                    "evaluation.tta_mirroring=true"])
+    assert p.training.steps == 12 and p.sampling.patch_size == [8, 8, 8] and p.evaluation.tta_mirroring is True
+    with pytest.raises(ParamsError, match="did you mean training.steps"):
+        Params.load(write(tmp_path, {}), overrides=["training.stepz=3"])
+    with pytest.raises(ParamsError, match="section.key=value"):
+        Params.load(write(tmp_path, {}), overrides=["training.steps"])
+
+
+def test_save_round_trip_and_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = Params.load(write(tmp_path, {"experiment": {"model_dir": "runs/x"}, "data": {"num_classes": 3}}))
+    assert p.experiment.model_dir == str(tmp_path / "runs" / "x")
+    assert p.data.tfrecords_dir == str(tmp_path / "runs" / "x" / "tfrecords")
+    assert p.data.class_names == ["class_0", "class_1", "class_2"]
+    p.save(str(tmp_path / "saved.yaml"))
+    assert Params.load(str(tmp_path / "saved.yaml")) == p
+
+
+def test_consistency_checks():
+    with pytest.raises(ParamsError, match="class_names"):
+        Params.from_dict({"data": {"num_classes": 3, "class_names": ["a", "b"]}})
+    with pytest.raises(ParamsError, match="class_probabilities"):
+        Params.from_dict({"data": {"num_classes": 3}, "sampling": {"class_probabilities": [0.5, 0.5]}})
+
+
+def test_reference_lists_every_key():
+    reference = params_reference()
+    for dotted, _ in all_keys():
+        assert f"`{dotted}`" in reference
+
+
+def test_docs_params_md_is_generated_from_the_schema():
+    import os
+
+    from conftest import REPO
+
+    with open(os.path.join(REPO, "docs", "params.md")) as f:
+        assert f.read().strip() == params_reference().strip(), "regenerate: medseg params-doc > docs/params.md"

@@ -1,0 +1,117 @@
+"""Conversion of real cases: decoded records equal what nibabel reads and normalises directly."""
+import gzip
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import tensorflow as tf
+
+from conftest import HIPPO_CASES, hippo_params
+from medseg_dl.config.params import Params
+from medseg_dl.data import tfrecords
+from medseg_dl.data.convert import convert_dataset
+
+
+def decode_file(path, gzip_records=True):
+    serialized = next(iter(tfrecords.record_dataset([path], gzip_records)))
+    return {k: v.numpy() for k, v in tfrecords.decode_example(serialized).items()}
+
+
+def nibabel_zscore(path):
+    data = np.asanyarray(nib.load(path).dataobj).astype(np.float64)
+    return ((data - data.mean()) / data.std()).astype(np.float32)
+
+
+def test_hippocampus_records_equal_nibabel(hippo_dir, tmp_path):
+    params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
+    index = convert_dataset(params)
+    assert sorted(index["subjects"]) == HIPPO_CASES
+    for case in HIPPO_CASES:
+        record = decode_file(os.path.join(params.data.tfrecords_dir, index["subjects"][case]["file"]))
+        image_nib = nib.load(str(hippo_dir / "images" / f"{case}.nii.gz"))
+        label = np.asanyarray(nib.load(str(hippo_dir / "labels" / f"{case}.nii.gz")).dataobj)
+        np.testing.assert_allclose(record["image"][..., 0], nibabel_zscore(image_nib.get_filename()), atol=1e-5)
+        np.testing.assert_array_equal(record["label"], label.astype(np.int32))
+        np.testing.assert_array_equal(record["affine"], image_nib.affine)
+        np.testing.assert_allclose(record["spacing_mm"], image_nib.header.get_zooms()[:3])
+        assert record["subject"].decode() == case
+        counts = record["class_location_counts"]
+        assert counts.sum() == len(record["class_locations"])
+        start = 0
+        for k, n in enumerate(counts):  # every stored location really holds its class
+            locs = record["class_locations"][start:start + n]
+            assert np.all(record["label"][tuple(locs.T)] == k)
+            start += n
+
+
+def test_second_run_skips_and_overwrite_redoes(hippo_dir, tmp_path):
+    params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
+    convert_dataset(params)
+    record = os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz")
+    mtime = os.path.getmtime(record)
+    convert_dataset(params)
+    assert os.path.getmtime(record) == mtime
+    convert_dataset(params, overwrite=True)
+    assert os.path.getmtime(record) > mtime
+    with gzip.open(record) as f:  # a complete GZIP stream
+        assert len(f.read()) > 0
+
+
+def test_parallel_workers_give_identical_records(hippo_dir, tmp_path):
+    serial = Params.from_dict(hippo_params(hippo_dir, tmp_path / "a"))
+    parallel = Params.from_dict(hippo_params(hippo_dir, tmp_path / "b", data={"workers": 2, "gzip": False}))
+    convert_dataset(serial)
+    convert_dataset(parallel)
+    for case in HIPPO_CASES[:2]:
+        a = decode_file(os.path.join(serial.data.tfrecords_dir, f"{case}.tfrecord.gz"))
+        b = decode_file(os.path.join(parallel.data.tfrecords_dir, f"{case}.tfrecord"), gzip_records=False)
+        for key in ("image", "label", "class_locations"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_brats_subject_two_channels_equal_nibabel(brats_subject_dir, tmp_path):
+    params = Params.from_dict({
+        "experiment": {"model_dir": str(tmp_path / "run")},
+        "data": {"source_dir": str(brats_subject_dir), "layout": "subject_folders",
+                 "channels": ["Flair*.nii.gz", "T1c*.nii.gz"], "label_pattern": "OTMultiClass*",
+                 "mask_pattern": "brainmask*", "num_classes": 5, "workers": 1},
+        "preprocessing": {"normalization": "zscore_mask"}})
+    index = convert_dataset(params)
+    entry = index["subjects"]["brats_2013_pat0005_1"]
+    assert entry["class_voxels"] == [8847318, 23030, 35416, 3882, 18354]  # as documented in the data README
+    record = decode_file(os.path.join(params.data.tfrecords_dir, entry["file"]))
+    folder = brats_subject_dir / "brats_2013_pat0005_1"
+    mask = nib.load(str(folder / "brainmask.nii.gz")).get_fdata() > 0.5
+    assert record["image"].shape == (240, 240, 155, 2)
+    for c, name in enumerate(["Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd"]):
+        image = nib.load(str(folder / f"{name}.nii.gz"))
+        data = np.asanyarray(image.dataobj).astype(np.float64)
+        expected = np.where(mask, (data - data[mask].mean()) / data[mask].std(), 0.0)
+        np.testing.assert_allclose(record["image"][..., c], expected, atol=1e-5)
+        np.testing.assert_array_equal(record["affine"], image.affine)  # LPS affine kept as is
+    assert json.load(open(os.path.join(params.data.tfrecords_dir, "dataset.json")))["num_classes"] == 5
+
+
+def test_resampling_and_reorientation_keep_geometry(hippo_dir, tmp_path):
+    params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run", preprocessing={
+        "target_spacing_mm": [2.0, 2.0, 1.5], "reorient_ras": True}))
+    convert_dataset(params)
+    record = decode_file(os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz"))
+    source = nib.load(str(hippo_dir / "images" / f"{HIPPO_CASES[0]}.nii.gz"))
+    np.testing.assert_allclose(record["spacing_mm"], [2.0, 2.0, 1.5])
+    np.testing.assert_array_equal(record["original_shape"], source.shape)
+    np.testing.assert_array_equal(record["original_affine"], source.affine)
+    np.testing.assert_allclose(record["affine"][:3, 3], source.affine[:3, 3])  # voxel 0 stays in place
+    expected_shape = np.round(np.array(source.shape) / np.array([2.0, 2.0, 1.5])).astype(int)
+    np.testing.assert_array_equal(record["shape"], expected_shape)
+    assert set(np.unique(record["label"])) <= {0, 1, 2}
+
+
+def test_decode_fixes_channel_dimension(hippo_dir, tmp_path):
+    params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
+    convert_dataset(params)
+    path = os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz")
+    dataset = tfrecords.record_dataset([path], True).map(lambda s: tfrecords.decode_example(s, num_channels=1))
+    assert dataset.element_spec["image"].shape.as_list() == [None, None, None, 1]
+    assert dataset.element_spec["label"].dtype == tf.int32

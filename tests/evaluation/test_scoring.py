@@ -1,0 +1,241 @@
+"""medseg_dl.scoring against analytic shapes and a brute-force full-volume reference."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import ndimage
+
+from conftest import REPO
+from medseg_dl.errors import DataError
+from medseg_dl.evaluation.scoring import ScoringInputError, dice, score_case, summarize, surface_distances, surface_voxels
+
+ANISOTROPIC = (0.8, 0.8, 2.5)
+
+
+def ball(shape, centre, radius):
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+
+
+def box_mask(shape, lower, upper):
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(lo, hi) for lo, hi in zip(lower, upper))] = True
+    return mask
+
+
+def labels_of(*masks, shape=None):
+    """An int32 label map with masks[i] painted as class i + 1 (later masks win)."""
+    labels = np.zeros(shape if shape is not None else masks[0].shape, np.int32)
+    for value, mask in enumerate(masks, start=1):
+        labels[mask] = value
+    return labels
+
+
+def one(reference, prediction, spacing=(1.0, 1.0, 1.0), tolerance=1.0):
+    """The row of class 1 for two boolean masks."""
+    return score_case(labels_of(reference), labels_of(prediction), 2, spacing, tolerance)[0]
+
+
+def brute_force(reference, prediction, spacing, tolerance):
+    """Independent full-volume reference: scipy erosion (border 0) and full-array EDT."""
+    a, b = reference, prediction
+    sa, sb = a ^ ndimage.binary_erosion(a), b ^ ndimage.binary_erosion(b)
+    pred_to_ref = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
+    ref_to_pred = ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
+    pooled = np.concatenate([pred_to_ref, ref_to_pred])
+    inter = np.logical_and(a, b).sum()
+    return {
+        "dice": 2 * inter / (a.sum() + b.sum()),
+        "jaccard": inter / np.logical_or(a, b).sum(),
+        "assd_mm": pooled.mean(),
+        "hd95_mm": max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)),
+        "surface_dice": np.mean(pooled <= tolerance),
+        "reference_mm3": a.sum() * np.prod(spacing),
+        "predicted_mm3": b.sum() * np.prod(spacing),
+    }
+
+
+def random_labels(rng, shape, num_classes):
+    """Smooth random blobs of classes 1..num_classes-1, many touching the array border."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+    levels = np.quantile(field, np.linspace(0.55, 0.97, num_classes)[:-1])
+    return ((1 + np.digitize(field, levels[1:])) * (field > levels[0])).astype(np.int32)
+
+
+def test_concentric_spheres_assd_is_radius_difference():
+    shape, centre = (48, 48, 48), (24, 24, 24)
+    row = one(ball(shape, centre, 14), ball(shape, centre, 10))
+    assert abs(row["assd_mm"] - 4.0) < 0.5
+    assert abs(row["hd95_mm"] - 4.0) < 1.0
+    assert row["dice"] == pytest.approx(2 * 10 ** 3 / (10 ** 3 + 14 ** 3), rel=0.03)
+
+
+@pytest.mark.parametrize("spacing, axis, gap, expected_mm", [
+    ((1.0, 1.0, 1.0), 2, 2, 2.0),
+    (ANISOTROPIC, 2, 2, 5.0),
+    (ANISOTROPIC, 0, 3, 2.4),
+])
+def test_parallel_plates_distance_scales_with_spacing(spacing, axis, gap, expected_mm):
+    shape = (32, 32, 32)
+    lower, upper = [4, 4, 4], [28, 28, 28]
+    ref_lower, ref_upper = list(lower), list(upper)
+    ref_lower[axis], ref_upper[axis] = 10, 11
+    pred_lower, pred_upper = list(ref_lower), list(ref_upper)
+    pred_lower[axis], pred_upper[axis] = 10 + gap, 11 + gap
+    row = one(box_mask(shape, ref_lower, ref_upper), box_mask(shape, pred_lower, pred_upper), spacing)
+    assert row["assd_mm"] == pytest.approx(expected_mm, rel=1e-12)
+    assert row["hd95_mm"] == pytest.approx(expected_mm, rel=1e-12)
+    assert row["dice"] == 0.0 and row["surface_dice"] == 0.0
+
+
+def test_dice_jaccard_and_volumes_of_known_overlap():
+    shape = (20, 20, 20)
+    reference = box_mask(shape, (2, 2, 2), (12, 12, 12))
+    prediction = box_mask(shape, (4, 2, 2), (14, 12, 12))
+    row = one(reference, prediction, ANISOTROPIC)
+    assert row["dice"] == pytest.approx(0.8, rel=1e-12)
+    assert row["jaccard"] == pytest.approx(2 / 3, rel=1e-12)
+    assert row["reference_mm3"] == pytest.approx(1000 * 0.8 * 0.8 * 2.5)
+    assert row["predicted_mm3"] == pytest.approx(1000 * 0.8 * 0.8 * 2.5)
+    assert dice(reference, prediction) == pytest.approx(0.8, rel=1e-12)
+
+
+@pytest.mark.parametrize("axis, expected_mm", [(0, 0.8), (2, 2.5)])
+def test_hd95_of_one_voxel_shift_is_the_spacing(axis, expected_mm):
+    reference = box_mask((20, 20, 20), (5, 5, 5), (15, 15, 15))
+    row = one(reference, np.roll(reference, 1, axis=axis), ANISOTROPIC)
+    assert row["hd95_mm"] == pytest.approx(expected_mm, rel=1e-12)
+    assert 0 < row["assd_mm"] < expected_mm
+
+
+def test_identical_masks_score_perfectly():
+    mask = ball((24, 24, 24), (12, 12, 12), 7)
+    row = one(mask, mask, ANISOTROPIC, tolerance=0.0)
+    assert row["dice"] == row["jaccard"] == row["surface_dice"] == 1.0
+    assert row["assd_mm"] == row["hd95_mm"] == 0.0
+
+
+def test_empty_masks_are_counted_never_dropped():
+    shape = (16, 16, 16)
+    blob, nothing = box_mask(shape, (3, 3, 3), (8, 8, 8)), np.zeros(shape, bool)
+    corner = box_mask(shape, (10, 10, 10), (12, 12, 12))
+    reference = labels_of(blob, nothing, nothing, corner)
+    prediction = labels_of(nothing, blob, nothing, corner)
+    rows = score_case(reference, prediction, 5)
+    missed, invented, absent, hit = rows
+    assert missed["empty_prediction"] and not missed["empty_reference"]
+    assert invented["empty_reference"] and not invented["empty_prediction"]
+    for row in (missed, invented):
+        assert row["dice"] == row["jaccard"] == row["surface_dice"] == 0.0
+        assert np.isnan(row["assd_mm"]) and np.isnan(row["hd95_mm"])
+    assert missed["reference_mm3"] == 125.0 and missed["predicted_mm3"] == 0.0
+    assert absent["empty_reference"] and absent["empty_prediction"]
+    assert absent["dice"] == absent["jaccard"] == absent["surface_dice"] == 1.0
+    assert absent["assd_mm"] == absent["hd95_mm"] == 0.0
+    assert hit["dice"] == 1.0 and not hit["empty_reference"]
+    empty = np.zeros(shape, np.int32)
+    assert all(row["dice"] == 1.0 and row["empty_reference"] for row in score_case(empty, empty, 3))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), ANISOTROPIC])
+def test_cropped_computation_equals_full_volume_brute_force(spacing):
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        shape = tuple(rng.integers(18, 30, size=3))
+        reference, prediction = random_labels(rng, shape, 4), random_labels(rng, shape, 4)
+        for row in score_case(reference, prediction, 4, spacing, tolerance_mm=1.5):
+            a, b = reference == row["class"], prediction == row["class"]
+            if not (a.any() and b.any()):
+                continue
+            expected = brute_force(a, b, spacing, 1.5)
+            for key, value in expected.items():
+                assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_surface_voxels_and_distances_match_scipy():
+    rng = np.random.default_rng(3)
+    a = random_labels(rng, (20, 17, 15), 2) == 1
+    b = random_labels(rng, (20, 17, 15), 2) == 1
+    np.testing.assert_array_equal(surface_voxels(a), a ^ ndimage.binary_erosion(a))
+    a_to_b, b_to_a = surface_distances(a, b, ANISOTROPIC)
+    sa, sb = a ^ ndimage.binary_erosion(a), b ^ ndimage.binary_erosion(b)
+    np.testing.assert_allclose(a_to_b, ndimage.distance_transform_edt(~sb, sampling=ANISOTROPIC)[sa], rtol=1e-12)
+    np.testing.assert_allclose(b_to_a, ndimage.distance_transform_edt(~sa, sampling=ANISOTROPIC)[sb], rtol=1e-12)
+
+
+def test_two_dimensional_label_maps():
+    reference = np.zeros((12, 12), np.int32)
+    reference[2:6, 2:6] = 1
+    prediction = np.roll(reference, 1, axis=1)
+    row = score_case(reference, prediction, 2, (0.5, 2.0))[0]
+    assert row["dice"] == pytest.approx(0.75) and row["hd95_mm"] == pytest.approx(2.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    arrays(bool, (7, 6, 5)),
+    arrays(bool, (7, 6, 5)),
+    st.tuples(*[st.sampled_from([0.5, 1.0, 2.5])] * 3),
+)
+def test_metrics_are_symmetric_in_reference_and_prediction(a, b, spacing):
+    forward, backward = one(a, b, spacing), one(b, a, spacing)
+    for key in ("dice", "jaccard", "assd_mm", "hd95_mm", "surface_dice"):
+        np.testing.assert_allclose(forward[key], backward[key], rtol=1e-12, err_msg=key)
+    assert forward["empty_reference"] == backward["empty_prediction"]
+
+
+def test_summarize_is_nan_aware_and_counts_empty_cases():
+    rows = [
+        {"class": 1, "dice": 0.5, "jaccard": 1 / 3, "assd_mm": 2.0, "hd95_mm": 4.0, "surface_dice": 0.5,
+         "reference_mm3": 10.0, "predicted_mm3": 10.0, "empty_reference": False, "empty_prediction": False},
+        {"class": 1, "dice": 0.0, "jaccard": 0.0, "assd_mm": float("nan"), "hd95_mm": float("nan"),
+         "surface_dice": 0.0, "reference_mm3": 8.0, "predicted_mm3": 0.0, "empty_reference": False,
+         "empty_prediction": True},
+        {"class": 2, "dice": 0.9, "jaccard": 0.9 / 1.1, "assd_mm": 1.0, "hd95_mm": 1.0, "surface_dice": 1.0,
+         "reference_mm3": 5.0, "predicted_mm3": 5.0, "empty_reference": False, "empty_prediction": False},
+    ]
+    summary = summarize(rows, ["background", "a", "b"])
+    a = summary["classes"]["a"]
+    assert a["cases"] == 2 and a["empty_prediction"] == 1 and a["empty_reference"] == 0
+    assert a["dice"] == {"mean": 0.25, "std": 0.25, "median": 0.25, "count": 2, "nan_count": 0}
+    assert a["assd_mm"]["mean"] == 2.0 and a["assd_mm"]["count"] == 1 and a["assd_mm"]["nan_count"] == 1
+    assert summary["mean_dice"] == pytest.approx((0.25 + 0.9) / 2)
+    all_nan = summarize(rows[1:2], ["background", "a"])["classes"]["a"]["hd95_mm"]
+    assert np.isnan(all_nan["mean"]) and all_nan["nan_count"] == 1
+    assert np.isnan(summarize([], ["background"])["mean_dice"])
+
+
+def test_bad_inputs_raise_with_the_facts():
+    good = np.zeros((4, 5, 6), np.int32)
+    with pytest.raises(ValueError, match=r"\(4, 5, 6\).*\(4, 5, 7\)"):
+        score_case(good, np.zeros((4, 5, 7), np.int32), 2)
+    with pytest.raises(ScoringInputError, match="float32.*np.rint"):
+        score_case(good, good.astype(np.float32), 2)
+    out_of_range = good.copy()
+    out_of_range[1, 1, 1] = 5
+    with pytest.raises(DataError, match="label 5, outside 0 .. 2"):
+        score_case(good, out_of_range, 3)
+    with pytest.raises(ScoringInputError, match="spacing_mm"):
+        score_case(good, good, 2, spacing_mm=(1.0, 0.0, 1.0))
+    with pytest.raises(ScoringInputError, match="classes"):
+        score_case(good, good, 2, classes=[2])
+    with pytest.raises(ScoringInputError, match="non-empty"):
+        surface_distances(good == 1, good == 0)
+
+
+def test_benchmark_quick_prints_json_lines():
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "metrics.py"), "--quick"],
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    ours = lines[0]
+    assert ours["workload"] == "W3" and ours["library"] == "medseg_dl" and ours["unit"] == "s"
+    assert ours["value"] > 0 and ours["median_of"] == 1 and ours["subjects"] == 1
+    assert ours["anisotropic"]["spacing_mm"] == [0.8, 0.8, 2.5] and "cores" in ours["machine"]
+    assert 0.5 < ours["mean_dice_spacing_1"] < 1.0

@@ -1,0 +1,81 @@
+"""The evaluation process: each checkpoint once, deletions skipped, restarts redo nothing, best-K kept."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO, synthetic_dataset, tiny_params
+from medseg_dl.data.convert import convert_dataset
+from medseg_dl.evaluation import watcher as evaluation
+from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.training.loop import run_training
+
+
+def trained(tmp_path, steps=10):
+    root = synthetic_dataset(tmp_path / "data")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run", training={"steps": steps},
+                                               evaluation={"keep_best": 1, "poll_seconds": 0.1})))
+    params, model_dir, _ = open_model_dir(str(path))
+    convert_dataset(params)
+    run_training(params, model_dir)
+    return params, model_dir
+
+
+def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
+    params, model_dir = trained(tmp_path)
+    cases = evaluation.split_cases(params, model_dir, 0.1)
+    assert len(cases) == 1
+    evaluator = evaluation.Evaluator(params, model_dir, cases)
+    assert evaluation.watch(evaluator, poll_seconds=0.1, timeout_s=30) == 10
+    evaluator.close()
+    history = json.load(open(model_dir.history))
+    assert sorted(history) == ["10", "5"]
+    for step in (5, 10):
+        with open(os.path.join(model_dir.report_dir(step), "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert [r["class"] for r in rows] == ["1", "2"]
+        assert {"dice", "jaccard", "assd_mm", "hd95_mm", "reference_mm3", "predicted_mm3"} <= set(rows[0])
+        summary = json.load(open(os.path.join(model_dir.report_dir(step), "summary.json")))
+        assert summary["subjects"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0
+        assert os.path.isfile(os.path.join(model_dir.report_dir(step), "overlays", f"{cases[0].subject_id}.png"))
+    best = json.load(open(model_dir.best_index))
+    assert len(best) == 1 and best[0]["value"] == max(history[s]["mean_dice"] for s in history)
+    assert os.path.isfile(os.path.join(model_dir.best, best[0]["checkpoint"] + ".index"))
+    restarted = evaluation.Evaluator(params, model_dir, cases)
+    assert restarted.pending() == []
+    restarted.close()
+    assert not [f for f in os.listdir(model_dir.eval_root) if "tmp" in f or f.startswith("staging")]
+
+
+def test_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, capsys):
+    params, model_dir = trained(tmp_path, steps=5)
+    evaluator = evaluation.Evaluator(params, model_dir, evaluation.split_cases(params, model_dir, 0.1))
+    prefix = os.path.join(model_dir.checkpoints, "ckpt-5")
+    for name in os.listdir(model_dir.checkpoints):
+        if name.startswith("ckpt-5.data"):
+            os.remove(os.path.join(model_dir.checkpoints, name))
+    assert evaluator.evaluate(prefix) is None
+    assert "removed before it could be read" in capsys.readouterr().out
+    assert evaluator.pending() == []  # not retried
+    evaluator.close()
+
+
+def test_cli_once_and_other_folder(tmp_path):
+    params, model_dir = trained(tmp_path, steps=5)
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "data", other)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--params", model_dir.params_path,
+                             "--once", "--checkpoint", "latest", "--data", str(other)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 5 and set(summary["dice"]) == {"class_1", "class_2"}
+    report = json.load(open(os.path.join(model_dir.summary_path(5, "other"))))
+    assert report["subjects"] == 4
+    assert not os.path.exists(model_dir.history)  # other data changes no history

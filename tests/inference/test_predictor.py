@@ -1,0 +1,170 @@
+"""Whole-volume sliding-window inference (medseg_dl.inference) against independent whole-volume passes."""
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from medseg_dl.config.params import Params
+from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.inference import windows
+from medseg_dl.inference.predictor import Predictor
+
+BRATS_SUBJECT = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
+
+
+def conv_network(kernel):
+    """A translation-equivariant network: one fixed 3D convolution with 'same' zero padding."""
+    kernel = tf.constant(kernel)
+    return lambda inputs: tf.nn.conv3d(inputs["image"], kernel, [1] * 5, "SAME")
+
+
+def random_kernel(seed, channels=2, classes=3):
+    return np.random.default_rng(seed).normal(size=(3, 3, 3, channels, classes)).astype(np.float32)
+
+
+def whole_volume_probabilities(network, image):
+    logits = network({"image": image[None], "position": np.full((1, 3), 0.5, np.float32)})
+    return tf.nn.softmax(logits, axis=-1).numpy()[0]
+
+
+def exact_voxels(grid):
+    """Per axis, the original coordinates that no window has on a border inside the padded volume.
+
+    A 3x3x3 'same' convolution of a window equals the whole-volume one except on the window's faces
+    that lie inside the volume (there the window pads zeros where the volume has data); a voxel off
+    every such face gets the whole-volume value from each window that covers it.
+    """
+    good = []
+    for axis in range(3):
+        padded = grid.padded_shape_vox[axis]
+        faces = {s for s in grid.starts_vox[:, axis] if s > 0}
+        faces |= {s + grid.patch_size_vox[axis] - 1 for s in grid.starts_vox[:, axis]
+                  if s + grid.patch_size_vox[axis] < padded}
+        before = grid.padding_vox[axis, 0]
+        good.append(np.array([v for v in range(grid.shape_vox[axis]) if v + before not in faces]))
+    return np.ix_(*good)
+
+
+@pytest.mark.parametrize("shape", [(37, 30, 21), (20, 11, 16)])
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+def test_equivariant_network_matches_a_whole_volume_pass_off_the_window_faces(shape, overlap, blending):
+    image = np.random.default_rng(2).normal(size=shape + (2,)).astype(np.float32)
+    network = conv_network(random_kernel(3))
+    predictor = Predictor(network, (16, 12, 16), 3, overlap=overlap, blending=blending, batch_size=3)
+    result = predictor.probabilities(image)
+    reference = whole_volume_probabilities(network, image)
+    region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, blending))
+    assert result.shape == shape + (3,) and result.dtype == np.float32
+    assert result[region].size > 0.4 * result.size
+    np.testing.assert_allclose(result[region], reference[region], atol=2e-6)
+    np.testing.assert_allclose(result.sum(axis=-1), 1.0, atol=1e-5)
+    if overlap == 0.0 and blending == "constant":  # on a face the window's zero padding shows
+        assert np.abs(result - reference).max() > 1e-3
+
+
+def test_labels_are_the_argmax_of_the_probabilities():
+    image = np.random.default_rng(4).normal(size=(26, 19, 17, 2)).astype(np.float32)
+    predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), 3)
+    labels = predictor.labels(image)
+    assert labels.dtype == np.int32 and labels.shape == image.shape[:3]
+    np.testing.assert_array_equal(labels, np.argmax(predictor.probabilities(image), axis=-1))
+
+
+def symmetric_kernel(seed):
+    kernel = random_kernel(seed)
+    flips = [np.flip(kernel, axes) if axes else kernel for axes in
+             [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]]
+    return np.mean(flips, axis=0).astype(np.float32)
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+def test_mirroring_changes_nothing_for_a_mirror_symmetric_network(blending):
+    image = np.random.default_rng(6).normal(size=(30, 22, 18, 2)).astype(np.float32)
+    network = conv_network(symmetric_kernel(7))
+    plain = Predictor(network, (16, 16, 16), 3, blending=blending).probabilities(image)
+    mirrored = Predictor(network, (16, 16, 16), 3, blending=blending, tta_mirroring=True).probabilities(image)
+    np.testing.assert_allclose(mirrored, plain, atol=2e-6)
+
+
+def test_mirroring_averages_the_probabilities_of_the_8_flips():
+    """One window covering the volume: the result is the mean of the 8 flipped-back softmax outputs."""
+    image = np.random.default_rng(8).normal(size=(16, 16, 16, 2)).astype(np.float32)
+    network = conv_network(random_kernel(9))
+    reference = np.mean([np.flip(whole_volume_probabilities(network, np.flip(image, axes).copy()), axes)
+                         for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]], axis=0)
+    mirrored = Predictor(network, (16, 16, 16), 3, tta_mirroring=True).probabilities(image)
+    plain = Predictor(network, (16, 16, 16), 3).probabilities(image)
+    np.testing.assert_allclose(mirrored, reference, atol=2e-6)
+    assert np.abs(plain - reference).max() > 1e-2  # the kernel is not symmetric: mirroring matters
+
+
+def test_network_receives_the_window_positions():
+    """Logits 10 * position: without overlap each voxel gets softmax(10 * its window's centre)."""
+    network = lambda inputs: 10.0 * tf.broadcast_to(inputs["position"][:, None, None, None, :],
+                                                    tf.concat([tf.shape(inputs["image"])[:4], [3]], 0))
+    image = np.zeros((32, 16, 10, 1), np.float32)
+    result = Predictor(network, (16, 16, 16), 3, overlap=0.0).probabilities(image)
+    x = np.arange(32)
+    centres = np.stack([(16 * (x // 16) + 7.5) / 31, np.full(32, 7.5 / 15), np.full(32, 0.5)], axis=-1)
+    expected = tf.nn.softmax(10.0 * centres, axis=-1).numpy()
+    np.testing.assert_allclose(result[:, 3, 4], expected, atol=1e-6)
+
+
+class DropoutNetwork(keras.Model):
+    """1x1x1 convolution then dropout: deterministic only when called with training=False."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv3D(3, 1)
+        self.dropout = keras.layers.Dropout(0.5)
+
+    def call(self, inputs, training=None):
+        return self.dropout(self.conv(inputs["image"]), training=training)
+
+
+def test_keras_models_are_called_with_training_false():
+    network = DropoutNetwork()
+    image = np.random.default_rng(10).normal(size=(20, 16, 16, 2)).astype(np.float32)
+    result = Predictor(network, (16, 16, 16), 3, overlap=0.25).probabilities(image)
+    logits = network.conv(image[None]).numpy()[0]
+    np.testing.assert_allclose(result, tf.nn.softmax(logits, axis=-1).numpy(), atol=2e-6)
+
+
+def test_predictor_from_params_takes_window_classes_and_evaluation_settings():
+    params = Params.from_dict({"data": {"num_classes": 4}, "sampling": {"patch_size": [8, 12, 16]},
+                               "evaluation": {"overlap": 0.25, "blending": "constant", "batch_size": 2,
+                                              "tta_mirroring": True}})
+    predictor = Predictor.from_params(conv_network(random_kernel(11, classes=4)), params)
+    assert (predictor.patch_size_vox, predictor.num_classes, predictor.overlap, predictor.blending,
+            predictor.batch_size, predictor.tta_mirroring) == ((8, 12, 16), 4, 0.25, "constant", 2, True)
+    assert predictor.probabilities(np.zeros((9, 12, 20, 2), np.float32)).shape == (9, 12, 20, 4)
+
+
+def test_user_errors_name_the_fix():
+    network = conv_network(random_kernel(12))
+    with pytest.raises(ParamsError, match="data.num_classes"):
+        Predictor(network, (8, 8, 8), 5).probabilities(np.zeros((8, 8, 8, 2), np.float32))
+    with pytest.raises(DataError, match=r"\(X, Y, Z, C\)"):
+        Predictor(network, (8, 8, 8), 3).probabilities(np.zeros((8, 8, 8), np.float32))
+    with pytest.raises(ParamsError, match="evaluation.blending"):
+        Predictor(network, (8, 8, 8), 3, blending="hann")
+
+
+@pytest.mark.skipif(not os.path.isdir(BRATS_SUBJECT), reason="BraTS data not available")
+def test_benchmark_quick_run_prints_one_line_per_blending():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sliding_window.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, check=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    lines = [json.loads(text) for text in result.stdout.strip().splitlines()]
+    assert [(item["library"], item["blending"]) for item in lines] == [("medseg_dl", "gaussian"),
+                                                                      ("medseg_dl", "constant")]
+    for item in lines:
+        assert item["workload"] == "W2" and item["unit"] == "s" and item["value"] > 0
+        assert item["peak_rss_mb"] > 0 and item["voxels_per_s"] > 0 and "cores" in item["machine"]

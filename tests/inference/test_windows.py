@@ -1,0 +1,153 @@
+"""Sliding-window geometry (medseg_dl.inference.windows): starts, padding, weights, positions (the
+training patches' rule), recombination."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medseg_dl.config.params import Params
+from medseg_dl.errors import ParamsError
+from medseg_dl.inference import windows
+from medseg_dl.pipeline import inputs
+
+
+def identity(windows, positions):
+    return windows
+
+
+@pytest.mark.parametrize("size, window, overlap, expected", [
+    (240, 96, 0.5, [0, 48, 96, 144]),
+    (155, 96, 0.5, [0, 30, 59]),        # linspace(0, 59, 3) = 0, 29.5, 59; numpy rounds half to even
+    (96, 96, 0.5, [0]),
+    (50, 20, 0.0, [0, 15, 30]),
+    (40, 20, 0.0, [0, 20]),
+    (41, 20, 0.25, [0, 10, 21]),        # step 15: ceil(21 / 15) + 1 = 3 windows
+])
+def test_window_starts_examples(size, window, overlap, expected):
+    assert windows.window_starts(size, window, overlap).tolist() == expected
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 32])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75, 0.9])
+def test_window_starts_cover_the_axis_with_the_fewest_windows(window, overlap):
+    step = window * (1 - overlap)
+    for size in range(window, window + 70):
+        starts = windows.window_starts(size, window, overlap)
+        assert starts[0] == 0 and starts[-1] == size - window  # the last window touches the border
+        covered = np.zeros(size, bool)
+        for start in starts:
+            covered[start:start + window] = True
+        assert covered.all()
+        assert np.all(np.diff(starts) > 0) and np.all(np.diff(starts) <= np.floor(step) + 1)
+        if len(starts) >= 3:  # one window fewer would need a step larger than P * (1 - overlap)
+            assert (size - window) / (len(starts) - 2) > step
+
+
+def test_bad_windowing_raises_params_error():
+    with pytest.raises(ParamsError, match="evaluation.overlap"):
+        windows.window_starts(50, 20, 1.0)
+    with pytest.raises(ParamsError, match="evaluation.blending"):
+        windows.importance_map((8, 8, 8), "hann")
+
+
+def test_padding_to_window_is_symmetric_and_only_where_needed():
+    padding = windows.padding_to_window((30, 100, 95), (40, 96, 96))
+    assert padding.tolist() == [[5, 5], [0, 0], [0, 1]]
+
+
+def test_gaussian_profile_has_sigma_one_eighth_of_the_window():
+    profile = windows.importance_profile(97, "gaussian")  # odd: the centre is voxel 48
+    sigma = 97 / 8
+    offsets = np.arange(-48, 49)
+    expected = np.maximum(np.exp(-0.5 * (offsets / sigma) ** 2), 1e-3)
+    np.testing.assert_allclose(profile, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [(16, 24, 9), (96, 96, 96), (5, 1, 2)])
+def test_importance_map_shape_symmetry_max_and_min(patch):
+    weights = windows.importance_map(patch, "gaussian")
+    assert weights.shape == patch and weights.dtype == np.float32
+    for axis in range(3):
+        np.testing.assert_array_equal(weights, np.flip(weights, axis))
+    assert weights.max() == pytest.approx(1.0)
+    assert weights.min() > 0
+    centre = tuple(p // 2 for p in patch)
+    assert weights[centre] == weights.max()
+    np.testing.assert_array_equal(windows.importance_map(patch, "constant"), np.ones(patch, np.float32))
+
+
+def test_grid_positions_are_window_centres_in_the_original_volume():
+    grid = windows.window_grid((50, 40, 10), (20, 20, 20), 0.0, "constant")
+    assert grid.padding_vox.tolist() == [[0, 0], [0, 0], [5, 5]]
+    expected_starts = [(x, y, 0) for x in (0, 15, 30) for y in (0, 20)]
+    assert [tuple(s) for s in grid.starts_vox] == expected_starts
+    for (x, y, _), position in zip(expected_starts, grid.positions):
+        # centre = start + 9.5 in the original volume; the z window spans the padded axis: 0 - 5 + 9.5 = 4.5
+        np.testing.assert_allclose(position, [(x + 9.5) / 49, (y + 9.5) / 39, 4.5 / 9], rtol=1e-6)
+    assert grid.positions.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape, size", [((20, 17, 9), (6, 8, 4)), ((4, 9, 5), (6, 5, 8)), ((11, 11, 11), (5, 5, 5))])
+def test_a_training_patch_and_a_window_at_the_same_start_get_the_same_position(shape, size):
+    """MedPatchNet's position: the training pipeline's patch that starts at a voxel and the inference
+    window that starts there get the same position (even sizes, and volumes smaller than the window)."""
+    grid = windows.window_grid(shape, size, 0.5, "constant")
+    params = Params.from_dict({"data": {"num_classes": 2}, "sampling": {
+        "patch_size": list(size), "batch_size": 1, "samples_per_volume": 1, "class_probabilities": [0.0, 1.0]}})
+    for padded_start, window_position in zip(grid.starts_vox, grid.positions):
+        centre = padded_start - grid.padding_vox[:, 0] + np.array(size) // 2  # the patch starting there
+        label = np.zeros(shape, np.int32)
+        label[tuple(centre)] = 1  # the only location of class 1: every training patch is centred on it
+        volume = inputs.prepare_volume({"image": np.zeros(shape + (1,), np.float32), "label": label,
+                                        "class_locations": centre[None].astype(np.int32),
+                                        "class_location_counts": np.array([0, 1], np.int32), "subject": "s"},
+                                       "constant")
+        patch = inputs.volume_patches(volume, params, tf.constant([0, 1], tf.int64))
+        np.testing.assert_array_equal(patch["position"].numpy()[0], window_position)
+
+
+@pytest.mark.parametrize("shape", [(23, 17, 9), (16, 16, 16), (5, 30, 12), (33, 8, 40)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+def test_identity_windows_recombine_to_the_input(shape, overlap, blending):
+    volume = np.random.default_rng(0).normal(size=shape + (2,)).astype(np.float32)
+    grid = windows.window_grid(shape, (16, 12, 10), overlap, blending)
+    result = windows.recombine(identity, volume, grid, batch_size=3, num_outputs=2)
+    assert result.shape == volume.shape and result.dtype == np.float32
+    np.testing.assert_allclose(result, volume, rtol=2e-6, atol=2e-6)
+
+
+def test_constant_blending_without_overlap_recombines_exactly():
+    volume = np.random.default_rng(1).normal(size=(32, 24, 20, 1)).astype(np.float32)
+    grid = windows.window_grid(volume.shape[:3], (16, 12, 10), 0.0, "constant")
+    np.testing.assert_array_equal(windows.recombine(identity, volume, grid, 4, 1), volume)
+
+
+def test_accumulated_weight_equals_the_separable_coverage():
+    """The weights summed window by window equal the outer product of the per-axis coverages."""
+    shape = (30, 21, 14)
+    grid = windows.window_grid(shape, (12, 10, 8), 0.5, "gaussian")
+    sums = windows.accumulate(lambda windows, positions: np.ones(tuple(windows.shape[:4]) + (1,), np.float32),
+                              np.zeros(shape + (1,), np.float32), grid, 5, 1)[..., 0]
+    weights = windows.importance_map(grid.patch_size_vox, "gaussian")
+    reference = np.zeros(shape)
+    for x, y, z in grid.starts_vox:
+        reference[x:x + 12, y:y + 10, z:z + 8] += weights
+    np.testing.assert_allclose(sums, reference, rtol=1e-5)
+    cx, cy, cz = grid.coverage
+    np.testing.assert_allclose(cx[:, None, None] * cy[None, :, None] * cz[None, None, :], reference, rtol=1e-5)
+    assert reference.min() > 0  # every voxel is covered
+
+
+def test_window_function_receives_its_window_position():
+    """Without overlap each voxel shows the position of the one window that covers it."""
+    shape = (40, 20, 8)  # x: two windows; z: smaller than the window, padded
+    grid = windows.window_grid(shape, (20, 20, 20), 0.0, "constant")
+
+    def positions_as_output(windows, positions):
+        return np.broadcast_to(np.asarray(positions)[:, None, None, None, :], tuple(windows.shape[:4]) + (3,))
+
+    result = windows.recombine(positions_as_output, np.zeros(shape + (1,), np.float32), grid, 2, 3)
+    x = np.arange(40)
+    np.testing.assert_allclose(result[:, 0, 0, 0], (20 * (x // 20) + 9.5) / 39, rtol=1e-6)
+    np.testing.assert_allclose(result[..., 1], 9.5 / 19, rtol=1e-6)
+    np.testing.assert_allclose(result[..., 2], 0.5, rtol=1e-6)  # padded window: (0 - 6 + 9.5) / 7

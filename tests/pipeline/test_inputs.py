@@ -1,0 +1,138 @@
+"""The tf.data pipelines: exact crops at the reported positions, repeatability, channels and small
+volumes, TFRecord reading (train_inputs, volume_inputs), and user errors."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medseg_dl.config.params import Params
+from medseg_dl.data.cases import Case
+from medseg_dl.data.preprocess import class_locations
+from medseg_dl.data.tfrecords import record_name, serialize_case, write_record
+from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.pipeline import inputs
+
+ALL_ON = {"flip": {"p": 0.5}, "rotate": {"p": 1.0}, "scale": {"p": 1.0}, "elastic": {"p": 1.0},
+          "noise": {"p": 1.0}, "gamma": {"p": 0.5}, "brightness_contrast": {"p": 0.5}, "blur": {"p": 0.5}}
+
+
+def subject(name, shape, channels=1, num_classes=3, seed=0):
+    """A decoded-volume dict of numpy arrays (as data/tfrecords.py decodes), random image and labels."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, num_classes, size=shape).astype(np.int32)
+    locations, counts, _ = class_locations(label, num_classes, 100, rng)
+    return {"subject": name, "image": rng.normal(size=(*shape, channels)).astype(np.float32), "label": label,
+            "shape": np.array(shape, np.int32), "class_locations": locations, "class_location_counts": counts}
+
+
+def volumes_dataset(subjects):
+    channels = subjects[0]["image"].shape[-1]
+    signature = {"subject": tf.TensorSpec([], tf.string), "image": tf.TensorSpec([None] * 3 + [channels]),
+                 "label": tf.TensorSpec([None] * 3, tf.int32), "shape": tf.TensorSpec([3], tf.int32),
+                 "class_locations": tf.TensorSpec([None, 3], tf.int32),
+                 "class_location_counts": tf.TensorSpec([None], tf.int32)}
+    return tf.data.Dataset.from_generator(lambda: iter(subjects), output_signature=signature)
+
+
+def make_params(augmentation=None, **sampling):
+    sampling = {"batch_size": 4, "samples_per_volume": 2, "patch_size": [6, 7, 5], "patch_shuffle_buffer": 1,
+                "deterministic": True, **sampling}
+    return Params.from_dict({"data": {"num_classes": 3, "channels": ["a", "b"]}, "sampling": sampling,
+                             "augmentation": augmentation or {}})
+
+
+def numpy_crop(volume, start, size, mode="constant"):
+    margin = max(size)
+    padded = np.pad(volume, [(margin, margin)] * 3 + [(0, 0)] * (volume.ndim - 3), mode=mode)
+    s = np.asarray(start) + margin
+    return padded[s[0]:s[0] + size[0], s[1]:s[1] + size[1], s[2]:s[2] + size[2]]
+
+
+def start_of(patch, volume, size, padding):
+    """The first voxel of the one crop of `volume` (around a centre inside it) that equals `patch`."""
+    shape = np.array(volume.shape[:3])
+    for centre in np.ndindex(*shape):
+        start = np.array(centre) - np.array(size) // 2
+        if np.array_equal(numpy_crop(volume, start, size, padding), patch):
+            return start
+    raise AssertionError("the patch is no crop of its volume")
+
+
+@pytest.mark.parametrize("padding", ["constant", "edge"])
+def test_plain_patches_are_exact_crops_at_their_position(padding):
+    subjects = [subject("a", (9, 10, 11), channels=2, seed=1), subject("b", (4, 5, 3), channels=2, seed=2),
+                subject("c", (12, 7, 9), channels=2, seed=3)]
+    size = [6, 7, 5]
+    by_name = {s["subject"]: s for s in subjects}
+    params = make_params(padding=padding)
+    batches = list(inputs.patch_dataset(volumes_dataset(subjects).repeat(2), params, seed=0).as_numpy_iterator())
+    assert len(batches) == 3  # 12 patches / 4
+    for batch in batches:
+        assert batch["image"].shape == (4, *size, 2) and batch["label"].shape == (4, *size)
+        assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+        for image, label, position, name in zip(batch["image"], batch["label"], batch["position"], batch["subject"]):
+            volume = by_name[name.decode()]
+            start = start_of(image, volume["image"], size, padding)
+            np.testing.assert_array_equal(label, numpy_crop(volume["label"], start, size, padding))
+            middle = start + (np.array(size) - 1) / 2  # the geometric middle, as for inference windows
+            np.testing.assert_allclose(position, np.clip(middle / np.maximum(volume["shape"] - 1, 1), 0, 1),
+                                       rtol=1e-6, atol=1e-7)
+
+
+def first_batches(params, subjects, seed=0, count=3):
+    dataset = inputs.patch_dataset(volumes_dataset(subjects).repeat(), params, seed)
+    return [b for _, b in zip(range(count), dataset.as_numpy_iterator())]
+
+
+def test_same_seed_same_batches_and_another_seed_differs():
+    subjects = [subject(f"s{i}", (8, 9, 7), channels=2, seed=i) for i in range(3)]
+    params = make_params(ALL_ON, patch_shuffle_buffer=3)
+    first, again = first_batches(params, subjects), first_batches(params, subjects)
+    other = first_batches(params, subjects, seed=1)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_two_channels_and_a_volume_smaller_than_the_patch_with_all_augmentations():
+    subjects = [subject("small", (31, 40, 24), channels=2, seed=4)]
+    params = make_params(ALL_ON, patch_size=[40, 56, 40], batch_size=3, samples_per_volume=3)
+    batch = first_batches(params, subjects, count=1)[0]
+    assert batch["image"].shape == (3, 40, 56, 40, 2) and batch["label"].shape == (3, 40, 56, 40)
+    assert np.all(np.isfinite(batch["image"]))
+    assert set(np.unique(batch["label"])) <= {0, 1, 2} and batch["label"].max() > 0
+    assert np.all((batch["position"] >= 0) & (batch["position"] <= 1))
+    assert np.std(batch["image"][..., 0]) > 0.1 and np.std(batch["image"][..., 1]) > 0.1
+
+
+def write_records(folder, subjects, gzip):
+    paths = []
+    for s in subjects:
+        case = Case(s["subject"], s["image"], s["label"], np.diag([1.0, 1.0, 1.5, 1.0]), tuple(s["shape"]), np.eye(4))
+        path = folder / record_name(s["subject"], gzip)
+        write_record(str(path), serialize_case(case, s["class_locations"], s["class_location_counts"]), gzip)
+        paths.append(str(path))
+    return paths
+
+
+def test_train_inputs_repeat_records_and_volume_inputs_keep_file_order(tmp_path):
+    subjects = [subject("rec_a", (9, 8, 7), channels=2, seed=5), subject("rec_b", (6, 10, 8), channels=2, seed=6)]
+    paths = write_records(tmp_path, subjects, gzip=True)
+    params = make_params(patch_shuffle_buffer=4)
+    batches = [b for _, b in zip(range(4), inputs.train_inputs(params, paths, seed=0).as_numpy_iterator())]
+    assert len(batches) == 4  # 16 patches from 2 volumes: the pipeline repeats
+    names = {n.decode() for b in batches for n in b["subject"]}
+    assert names == {"rec_a", "rec_b"}
+    volumes = list(inputs.volume_inputs(params, paths[::-1]).as_numpy_iterator())
+    assert [v["subject"].decode() for v in volumes] == ["rec_b", "rec_a"]
+    for volume, original in zip(volumes, subjects[::-1]):
+        np.testing.assert_array_equal(volume["image"], original["image"])
+        np.testing.assert_array_equal(volume["label"], original["label"])
+        np.testing.assert_array_equal(volume["shape"], original["shape"])
+
+
+def test_user_errors_name_the_fix():
+    with pytest.raises(DataError, match="no TFRecord files"):
+        inputs.train_inputs(make_params(), [], seed=0)
+    with pytest.raises(ParamsError, match="sampling.patch_size"):
+        make_params(patch_size=[4, 0, 4])

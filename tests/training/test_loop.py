@@ -1,0 +1,155 @@
+"""The training process: loss falls, checkpoints rotate, resume is exact, faults are handled."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from conftest import REPO, synthetic_dataset, tiny_params
+from medseg_dl.data.convert import convert_dataset
+from medseg_dl.errors import TrainingError
+from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.training import loop as training
+
+
+def write_params(tmp_path, **sections):
+    root = synthetic_dataset(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run", **sections)))
+    return str(path)
+
+
+def prepare(path, overrides=()):
+    params, model_dir, _ = open_model_dir(path, overrides)
+    convert_dataset(params)
+    return params, model_dir
+
+
+def read_scalars(model_dir):
+    with open(model_dir.scalars_csv) as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint_counters(path):
+    reader = tf.train.load_checkpoint(path)
+    return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")), \
+        int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_loss_falls_checkpoints_rotate_done_marker(tmp_path):
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 30, "log_every": 10}))
+    assert training.run_training(params, model_dir) == 30
+    rows = read_scalars(model_dir)
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    index_files = sorted(f for f in os.listdir(model_dir.checkpoints) if f.endswith(".index"))
+    assert index_files == ["ckpt-25.index", "ckpt-30.index"]  # keep_last = 2
+    assert json.load(open(model_dir.done_marker))["step"] == 30
+    assert checkpoint_counters(os.path.join(model_dir.checkpoints, "ckpt-30")) == (30, 30)
+    assert any(f.startswith("events.out") for f in os.listdir(model_dir.logs("train")))
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
+    params, model_dir = prepare(write_params(tmp_path))
+    real_model_fn = training.model_fn
+
+    def poisoned_model_fn(p):
+        spec = real_model_fn(p)
+        loss_fn = spec.loss_fn
+        spec.loss_fn = lambda labels, logits: loss_fn(labels, logits) * tf.where(
+            spec.optimizer.iterations >= 7, np.nan, 1.0)
+        return spec
+
+    monkeypatch.setattr(training, "model_fn", poisoned_model_fn)
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 8"):
+        training.run_training(params, model_dir)
+    record = json.load(open(model_dir.nonfinite_batch))
+    assert record["step"] == 8 and record["subjects"]
+    assert checkpoint_counters(os.path.join(model_dir.checkpoints, "ckpt-5")) == (5, 5)
+    assert not os.path.exists(model_dir.done_marker)
+
+
+def test_resume_refuses_a_changed_structure(tmp_path):
+    path = write_params(tmp_path, training={"steps": 5})
+    params, model_dir = prepare(path)
+    training.run_training(params, model_dir)
+    changed, _ = prepare(model_dir.params_path, ["model.base_filters=8"])
+    with pytest.raises(TrainingError, match="model structure"):
+        training.run_training(changed, model_dir)
+
+
+def _start(path, *extra):
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--params", path, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path, process, timeout_s=240):
+    deadline = time.time() + timeout_s
+    while not os.path.exists(path):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_sigterm_then_kill9_then_resume_continue_exactly(tmp_path):
+    path = write_params(tmp_path, training={"steps": 10000, "checkpoint_every": 5, "keep_last": 3})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    first = _start(path)
+    _wait_for(checkpoints / "ckpt-5.index", first)
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, output
+    assert "SIGTERM: saved checkpoint" in output
+    latest = tf.train.latest_checkpoint(str(checkpoints))
+    stopped_at = int(latest.rsplit("-", 1)[1])
+    assert checkpoint_counters(latest) == (stopped_at, stopped_at)
+
+    own_params = str(tmp_path / "run" / "params.yaml")
+    second = _start(own_params)  # resume, then die hard between checkpoints
+    _wait_for(checkpoints / f"ckpt-{(stopped_at // 5 + 2) * 5}.index", second)
+    time.sleep(0.3)
+    second.kill()
+    second.wait(timeout=60)
+    for index in checkpoints.glob("ckpt-*.index"):  # every kept checkpoint is readable
+        step, iterations = checkpoint_counters(str(index)[: -len(".index")])
+        assert step == iterations
+    resumed_from = int(tf.train.latest_checkpoint(str(checkpoints)).rsplit("-", 1)[1])
+    final_steps = resumed_from + 3
+    third = _start(own_params, "--set", f"training.steps={final_steps}")
+    output = third.communicate(timeout=240)[0]
+    assert third.returncode == 0, output
+    assert "resumed from" in output and f"at step {resumed_from}" in output
+    assert checkpoint_counters(str(checkpoints / f"ckpt-{final_steps}")) == (final_steps, final_steps)
+    assert json.load(open(checkpoints / "done.json"))["step"] == final_steps
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    path = write_params(tmp_path, training={"steps": 30, "strategy": "mirrored", "log_every": 10})
+    script = (
+        "import sys, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from medseg_dl.cli import main\n"
+        f"sys.exit(main(['train', '--params', {path!r}]))\n")
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_scalars(open_model_dir(str(tmp_path / "run" / "params.yaml"))[1])
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_scalars_csv_drops_rows_after_checkpoint_and_cut_lines(tmp_path):
+    from medseg_dl.training.reporting import ScalarCsv
+
+    path = tmp_path / "scalars.csv"
+    path.write_text("step,loss\n5,1.0\n10,0.9\n15,0.8\n2")  # killed while writing step 20
+    ScalarCsv(str(path), restored_step=10).append({"step": 15, "loss": 0.5})
+    assert path.read_text() == "step,loss\n5,1.0\n10,0.9\n15,0.5\n"
