@@ -41,7 +41,7 @@ def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision
                      "image_summary_every": 10 ** 6, "mixed_precision": mixed_precision}})
     model_dir = ModelDir(params.experiment.model_dir)
     os.makedirs(model_dir.checkpoints, exist_ok=True)
-    os.makedirs(model_dir.logs("train"), exist_ok=True)
+    os.makedirs(model_dir.train_logs, exist_ok=True)
     write_filelists(params, model_dir)
     run_training(params, model_dir)  # converts first
     with open(model_dir.scalars_csv) as f:

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from medseg_dl.config import schema
 from medseg_dl.errors import MedsegError
 
 
@@ -106,7 +107,7 @@ def build_parser():
     evaluate.add_argument("--checkpoint", default="latest", help="with --once: latest, best, or a checkpoint path")
     evaluate.add_argument("--data", metavar="DIR",
                           help="evaluate one checkpoint (--checkpoint) on this labelled folder instead of the val split")
-    evaluate.add_argument("--layout", choices=["images_labels", "msd", "subject_folders"],
+    evaluate.add_argument("--layout", choices=schema.key("data.layout").choices,
                           help="layout of --data (default: data.layout)")
     evaluate.add_argument("--timeout", type=float, metavar="S",
                           help="watch mode: stop after S seconds without a new checkpoint")

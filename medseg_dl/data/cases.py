@@ -7,10 +7,11 @@ for images, nearest for labels) and normalise (preprocessing.normalization). The
 already converted, comes back as `Case`s from its records (`case_from_record`).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess
 from medseg_dl.data.index import read_index
 from medseg_dl.data.io import read_volume, spacing_from_affine
@@ -52,12 +53,12 @@ class CaseRecipe:
     ct_stats: Optional[list] = None
 
 
-def recipe_from_params(params, ct_stats: Optional[list] = None) -> CaseRecipe:
+def recipe_from_params(params: Params, ct_stats: Optional[list] = None) -> CaseRecipe:
     """The `CaseRecipe` of an experiment's params, with the given CT statistics."""
     return CaseRecipe(len(params.data.channels), params.data.num_classes, params.preprocessing.to_dict(), ct_stats)
 
 
-def stored_recipe(params) -> CaseRecipe:
+def stored_recipe(params: Params) -> CaseRecipe:
     """The recipe of a converted experiment: for normalization "ct", with the statistics stored in
     its `dataset.json` at conversion, so new subjects are normalised exactly like the training data."""
     ct_stats = read_index(params.data.tfrecords_dir).get("ct_stats") \
@@ -90,7 +91,7 @@ def read_image(subject: Subject, recipe: CaseRecipe) -> Tuple[np.ndarray, Option
     return image, mask, first.affine
 
 
-def read_label(subject: Subject, image_shape, affine: np.ndarray, recipe: CaseRecipe) -> np.ndarray:
+def read_label(subject: Subject, image_shape: Sequence[int], affine: np.ndarray, recipe: CaseRecipe) -> np.ndarray:
     """The subject's label map (X, Y, Z) int32, checked against the image grid and the class range."""
     label_volume = read_volume(subject.label)
     preprocess.check_same_grid(image_shape, affine, label_volume.data.shape, label_volume.affine, subject.label,
@@ -131,7 +132,7 @@ def subject_case(subject: Subject, recipe: CaseRecipe) -> Case:
     return Case(subject.id, image_grid, label_grid, grid_affine, tuple(int(n) for n in image.shape[:3]), affine)
 
 
-def case_from_record(volume) -> Case:
+def case_from_record(volume: Mapping[str, Any]) -> Case:
     """The `Case` of one decoded record (a dict of tensors or arrays, see tfrecords.decode_example)."""
     value = {k: np.asarray(v) for k, v in volume.items()}
     return Case(value["subject"].item().decode(), value["image"], value["label"].astype(np.int32),

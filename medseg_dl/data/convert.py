@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
+from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, tfrecords
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
@@ -24,7 +25,7 @@ FORMAT_VERSION = 1
 CT_SAMPLES_PER_SUBJECT = 10000
 
 
-def conversion_settings(params):
+def conversion_settings(params: Params) -> dict:
     """Everything that changes a converted record: if it differs, a subject is converted again."""
     data = params.data
     return {"format_version": FORMAT_VERSION, "layout": data.layout, "channels": list(data.channels),
@@ -32,7 +33,7 @@ def conversion_settings(params):
             "preprocessing": params.preprocessing.to_dict()}
 
 
-def settings_hash(settings):
+def settings_hash(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -81,7 +82,7 @@ def _run_parallel(function, jobs, workers, description):
         pool.join()
 
 
-def convert_dataset(params, overwrite: bool = False) -> dict:
+def convert_dataset(params: Params, overwrite: bool = False) -> dict:
     """Convert every subject of `params.data.source_dir` into `params.data.tfrecords_dir`.
 
     Returns the index dict written to `dataset.json`. Raises `DataError` on the first bad subject;

@@ -3,7 +3,7 @@ subject its record file, shape, spacing, class voxel counts and source paths), w
 """
 import json
 import os
-from typing import List
+from typing import List, Sequence
 
 from medseg_dl import atomic
 from medseg_dl.errors import DataError
@@ -25,7 +25,7 @@ def write_index(tfrecords_dir: str, index: dict) -> None:
     atomic.write_json(os.path.join(tfrecords_dir, INDEX_NAME), index)
 
 
-def record_paths(tfrecords_dir: str, subject_ids) -> List[str]:
+def record_paths(tfrecords_dir: str, subject_ids: Sequence[str]) -> List[str]:
     """Paths of the records of `subject_ids` from the index; `DataError` for a subject not converted."""
     index = read_index(tfrecords_dir)
     missing = [s for s in subject_ids if s not in index["subjects"]]

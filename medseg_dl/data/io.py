@@ -7,6 +7,7 @@ nibabel's coordinate convention, so the 4x4 `affine` maps voxel indices to RAS m
 import os
 import zlib
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import nibabel as nib
 import numpy as np
@@ -29,12 +30,12 @@ class Volume:
         return spacing_from_affine(self.affine)
 
 
-def spacing_from_affine(affine) -> np.ndarray:
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each array axis: the norms of the affine's first three columns."""
     return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
-def read_volume(path) -> Volume:
+def read_volume(path: Union[str, os.PathLike]) -> Volume:
     """Read a volume file or DICOM series folder; raises `DataError` naming the path on failure."""
     path = str(path)
     if not os.path.exists(path):
@@ -50,7 +51,8 @@ def read_volume(path) -> Volume:
     return Volume(data, np.asarray(metadata.affine, np.float64))
 
 
-def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header=None) -> None:
+def write_nifti(path: str, data: np.ndarray, affine: np.ndarray,
+                header: Optional[nib.Nifti1Header] = None) -> None:
     """Write `data` with `affine` (4, 4) as NIfTI (.nii or .nii.gz by the suffix of `path`), atomically;
     with a `header` (a nibabel NIfTI header) its fields are kept and the data type is `data`'s."""
     image = nib.Nifti1Image(data, affine, header=header)

@@ -1,5 +1,7 @@
 """Offline preprocessing at conversion (numpy/scipy): checks, reorientation, resampling,
 intensity normalisation, and per-class voxel locations for class-balanced sampling."""
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
@@ -8,7 +10,7 @@ from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.errors import DataError
 
 
-def check_finite(image, path):
+def check_finite(image: np.ndarray, path: str) -> None:
     """Raise `DataError` if `image` holds NaN or Inf."""
     if not np.all(np.isfinite(image)):
         count = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
@@ -16,7 +18,8 @@ def check_finite(image, path):
                         f"before conversion")
 
 
-def check_same_grid(reference_shape, reference_affine, shape, affine, path, reference_path, tolerance):
+def check_same_grid(reference_shape: Sequence[int], reference_affine: np.ndarray, shape: Sequence[int],
+                    affine: np.ndarray, path: str, reference_path: str, tolerance: float) -> None:
     """Raise `DataError` unless `shape` equals and `affine` matches within `tolerance` (mm)."""
     if tuple(shape[:3]) != tuple(reference_shape[:3]):
         raise DataError(f"{path}: shape {tuple(shape[:3])} differs from {tuple(reference_shape[:3])} of "
@@ -28,7 +31,7 @@ def check_same_grid(reference_shape, reference_affine, shape, affine, path, refe
                         f"aligned, register or resample them")
 
 
-def to_labels(label, num_classes, path):
+def to_labels(label: np.ndarray, num_classes: int, path: str) -> np.ndarray:
     """(X, Y, Z) label map as int32, checked to hold integers in [0, num_classes)."""
     rounded = np.rint(label)
     if not np.array_equal(rounded, label):
@@ -40,7 +43,7 @@ def to_labels(label, num_classes, path):
     return rounded.astype(np.int32)
 
 
-def reorient_to_ras(data, affine):
+def reorient_to_ras(data: np.ndarray, affine: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Reorder/flip the first three axes of `data` so they run along R, A, S; returns (data, affine)."""
     current = nib.orientations.io_orientation(affine)
     transform = nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt("RAS"))
@@ -49,7 +52,8 @@ def reorient_to_ras(data, affine):
     return np.ascontiguousarray(reoriented), new_affine
 
 
-def resample(data, affine, target_spacing_mm, order):
+def resample(data: np.ndarray, affine: np.ndarray, target_spacing_mm: Sequence[float],
+             order: int) -> Tuple[np.ndarray, np.ndarray]:
     """Resample the first three axes of `data` to exactly `target_spacing_mm` with spline `order`
     (3 for images, 0 for labels); returns (data, affine). Voxel (0, 0, 0) keeps its position; the
     new shape covers the old extent: round(shape * spacing / target)."""
@@ -65,7 +69,7 @@ def resample(data, affine, target_spacing_mm, order):
     return (out[..., 0] if data.ndim == 3 else out), new_affine
 
 
-def zscore(image, mask=None):
+def zscore(image: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-channel (x - mean) / std of an (X, Y, Z, C) float32 image, statistics inside `mask`
     (X, Y, Z) bool when given (voxels outside the mask are set to 0)."""
     out = np.empty_like(image, dtype=np.float32)
@@ -79,7 +83,7 @@ def zscore(image, mask=None):
     return out
 
 
-def ct_normalize(image, ct_stats):
+def ct_normalize(image: np.ndarray, ct_stats: Sequence[Mapping[str, float]]) -> np.ndarray:
     """Clip each channel to the dataset percentiles, then subtract the dataset mean and divide by its std.
     `ct_stats` is a list (one per channel) of dicts with low, high, mean, std."""
     out = np.empty_like(image, dtype=np.float32)
@@ -89,7 +93,7 @@ def ct_normalize(image, ct_stats):
     return out
 
 
-def ct_statistics(foreground_samples, percentiles):
+def ct_statistics(foreground_samples: Sequence[np.ndarray], percentiles: Sequence[float]) -> List[Dict[str, float]]:
     """Dataset statistics for CT normalisation from pooled foreground intensities, one (M,) array per
     channel: percentiles to clip to, then mean and std of the clipped values."""
     stats = []
@@ -101,7 +105,8 @@ def ct_statistics(foreground_samples, percentiles):
     return stats
 
 
-def normalize(image, method, mask=None, ct_stats=None):
+def normalize(image: np.ndarray, method: str, mask: Optional[np.ndarray] = None,
+              ct_stats: Optional[Sequence[Mapping[str, float]]] = None) -> np.ndarray:
     """Apply `preprocessing.normalization` to an (X, Y, Z, C) image; returns float32."""
     if method == "zscore":
         return zscore(image)
@@ -112,7 +117,8 @@ def normalize(image, method, mask=None, ct_stats=None):
     return image.astype(np.float32)
 
 
-def class_locations(label, num_classes, max_per_class, rng):
+def class_locations(label: np.ndarray, num_classes: int, max_per_class: int,
+                    rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Voxel indices per class, at most `max_per_class` each, drawn without replacement.
 
     Returns (locations (M, 3) int32 sorted by class, counts (num_classes,) int32 of stored locations,

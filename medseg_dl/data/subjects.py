@@ -12,7 +12,7 @@ import glob
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def is_volume_path(path: str) -> bool:
     return os.path.isdir(path) or path.endswith(VOLUME_SUFFIXES)
 
 
-def find_subjects(data_params) -> List[Subject]:
+def find_subjects(data_params: Mapping) -> List[Subject]:
     """Subjects of `data_params.source_dir` in its layout, sorted by id; raises `DataError` if none."""
     source_dir = data_params["source_dir"]
     if not source_dir:
@@ -143,7 +143,7 @@ def _subject_folders(source_dir, data_params):
     return subjects
 
 
-def split_subjects(ids: List[str], split_params, seed: int) -> Dict[str, List[str]]:
+def split_subjects(ids: List[str], split_params: Mapping, seed: int) -> Dict[str, List[str]]:
     """{'train', 'val', 'test'} lists of ids: explicit `split.lists`, or seeded fractions.
 
     Fractions round to the nearest count, with at least one subject for a non-zero fraction.

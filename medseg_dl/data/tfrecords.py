@@ -20,10 +20,15 @@ spacing_mm (3,) float32, affine (4,4) float64, class_locations (M,3) int32,
 class_location_counts (K,) int32, original_shape (3,) int32, original_affine (4,4) float64,
 subject () string, shape (3,) int32 (spatial shape).
 """
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
 import numpy as np
 import tensorflow as tf
 
 from medseg_dl import atomic
+
+if TYPE_CHECKING:
+    from medseg_dl.data.cases import Case
 
 
 def record_name(subject_id: str, gzip: bool) -> str:
@@ -42,7 +47,7 @@ def _floats(values):
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
 
 
-def serialize_case(case, class_locations: np.ndarray, class_location_counts: np.ndarray) -> bytes:
+def serialize_case(case: "Case", class_locations: np.ndarray, class_location_counts: np.ndarray) -> bytes:
     """Serialise a labelled `data.cases.Case` with its sampling locations (M, 3) int32 sorted by class
     and their counts per class (K,) to the Example of the module docstring."""
     image = np.ascontiguousarray(case.image, np.float32)
@@ -83,7 +88,7 @@ FEATURES = {
 }
 
 
-def decode_example(serialized, num_channels=None) -> dict:
+def decode_example(serialized: tf.Tensor, num_channels: Optional[int] = None) -> dict:
     """Parse one serialised Example into a dict of tensors (shapes in the module docstring).
     `num_channels`, when given, fixes the static channel dimension of `image`."""
     f = tf.io.parse_single_example(serialized, FEATURES)
@@ -106,6 +111,6 @@ def decode_example(serialized, num_channels=None) -> dict:
     }
 
 
-def record_dataset(paths, gzip):
+def record_dataset(paths: Union[tf.Tensor, Sequence[str]], gzip: bool) -> tf.data.Dataset:
     """`tf.data.Dataset` of serialised Examples, one per path (no decoding)."""
     return tf.data.TFRecordDataset(paths, compression_type="GZIP" if gzip else "")

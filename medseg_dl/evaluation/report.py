@@ -12,12 +12,13 @@ The folder is written atomically (medseg_dl.atomic): it appears complete or not 
 import csv
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from medseg_dl import atomic
+from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case
 from medseg_dl.data.io import write_nifti
 from medseg_dl.evaluation import scoring
@@ -29,7 +30,7 @@ COLUMNS = ["subject", "class", "class_name", *scoring.METRICS, "empty_reference"
 Result = Tuple[Case, np.ndarray]  # a labelled case and its predicted label map (X, Y, Z) int32
 
 
-def score_results(results: Sequence[Result], params) -> List[Dict]:
+def score_results(results: Sequence[Result], params: Params) -> List[Dict]:
     """metrics.csv rows for (case, prediction) pairs."""
     rows = []
     names = params.data.class_names
@@ -40,7 +41,8 @@ def score_results(results: Sequence[Result], params) -> List[Dict]:
     return rows
 
 
-def write_report(report_dir: str, results: Sequence[Result], params, step: int, writer=None) -> Dict:
+def write_report(report_dir: str, results: Sequence[Result], params: Params, step: int,
+                 writer: Optional[tf.summary.SummaryWriter] = None) -> Dict:
     """Write the report folder for `results`; returns the summary dict. With a TensorBoard `writer`,
     also log the summary's scalars and the first case's middle slice at `step`."""
     rows = score_results(results, params)

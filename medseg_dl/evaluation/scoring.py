@@ -70,14 +70,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return _overlap(np.count_nonzero(a & b), np.count_nonzero(a), np.count_nonzero(b))[0]
 
 
-def surface_voxels(mask: np.ndarray) -> np.ndarray:
-    """Surface of a boolean mask (any shape): mask XOR its 6-connected erosion, outside = background."""
-    mask = np.asarray(mask, bool)
-    padded = np.zeros(tuple(n + 2 for n in mask.shape), bool)
-    padded[(slice(1, -1),) * mask.ndim] = mask
-    return _surface_of_padded(padded)
-
-
 def surface_distances(
     a: np.ndarray, b: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> Tuple[np.ndarray, np.ndarray]:

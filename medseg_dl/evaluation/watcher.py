@@ -53,7 +53,7 @@ class Evaluator:
         self.history = json.load(open(model_dir.history)) if os.path.isfile(model_dir.history) else {}
         self.best = BestCheckpoints(model_dir.best, model_dir.best_index, params.evaluation.keep_best,
                                     params.evaluation.metric)
-        self.writer = tf.summary.create_file_writer(model_dir.logs("eval"))
+        self.writer = tf.summary.create_file_writer(model_dir.eval_logs)
         self.staging = tempfile.mkdtemp(prefix=ModelDir.STAGING_PREFIX, dir=model_dir.eval_root)
 
     def evaluate(self, prefix: str) -> Optional[Dict]:

@@ -78,8 +78,13 @@ class ModelDir:
     def best_index(self) -> str:
         return self.path("best", "best.json")
 
-    def logs(self, which: str) -> str:
-        return self.path("logs", which)
+    @property
+    def train_logs(self) -> str:
+        return self.path("logs", "train")
+
+    @property
+    def eval_logs(self) -> str:
+        return self.path("logs", "eval")
 
     @property
     def scalars_csv(self) -> str:
@@ -125,6 +130,21 @@ def open_model_dir(params_path: str, overrides=(), overwrite: bool = False) -> T
     the same resolved parameters. A non-empty folder with other parameters is refused unless
     `overwrite`, which empties it first."""
     params = Params.load(params_path, overrides)
+    model_dir, resumed = _prepare(params, params_path, overwrite)
+    return params, model_dir, resumed
+
+
+def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:
+    """Params (loaded once) and their model folder, for a process beside training (the evaluator):
+    the folder is prepared only when training has not created it yet, and never rewritten."""
+    params = Params.load(params_path, overrides)
+    model_dir = ModelDir(params.experiment.model_dir)
+    if not os.path.isfile(model_dir.params_path):
+        model_dir, _ = _prepare(params, params_path, overwrite=False)
+    return params, model_dir
+
+
+def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDir, bool]:
     model_dir = ModelDir(params.experiment.model_dir)
     own_params = os.path.abspath(params_path) == os.path.abspath(model_dir.params_path)
     resumed = own_params or _same_experiment(model_dir, params)
@@ -138,18 +158,7 @@ def open_model_dir(params_path: str, overrides=(), overwrite: bool = False) -> T
     params.save(model_dir.params_path)
     if not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
         write_filelists(params, model_dir)
-    return params, model_dir, resumed
-
-
-def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:
-    """Params (loaded once) and their model folder, for a process beside training (the evaluator):
-    the folder is prepared only when training has not created it yet, and never rewritten."""
-    params = Params.load(params_path, overrides)
-    model_dir = ModelDir(params.experiment.model_dir)
-    if os.path.isfile(model_dir.params_path):
-        return params, model_dir
-    params, model_dir, _ = open_model_dir(params_path, overrides)
-    return params, model_dir
+    return model_dir, resumed
 
 
 def write_filelists(params: Params, model_dir: ModelDir) -> Dict[str, List[str]]:
@@ -195,7 +204,7 @@ def _is_non_empty(folder: str) -> bool:
 def _make_folders(model_dir: ModelDir) -> None:
     try:
         for folder in (model_dir.root, model_dir.filelists, model_dir.checkpoints, model_dir.best,
-                       model_dir.logs("train"), model_dir.logs("eval"), model_dir.eval_root):
+                       model_dir.train_logs, model_dir.eval_logs, model_dir.eval_root):
             os.makedirs(folder, exist_ok=True)
         atomic.write_text(model_dir.path(".write-test"), "ok")
         os.remove(model_dir.path(".write-test"))

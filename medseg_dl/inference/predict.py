@@ -6,7 +6,7 @@ probabilities are mapped back (trilinearly) onto the input's original voxel grid
 arg-max, so the saved label map has exactly the input's shape, affine and header.
 """
 import os
-from typing import List
+from typing import List, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +22,7 @@ from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import load_trained
 
 
-def input_subjects(paths: List[str], data_params) -> List[Subject]:
+def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:
     """Subjects to predict: volume files (one channel each, or one 4D file with all channels), or
     folders: a subject folder (layout subject_folders) or a folder of volume files."""
     subjects = []
@@ -49,7 +49,7 @@ def _is_dicom_folder(path):
     return any(n.lower().endswith(".dcm") for n in os.listdir(path))
 
 
-def to_original_grid(probabilities: np.ndarray, grid_affine: np.ndarray, original_shape,
+def to_original_grid(probabilities: np.ndarray, grid_affine: np.ndarray, original_shape: Sequence[int],
                      original_affine: np.ndarray) -> np.ndarray:
     """Labels (X, Y, Z) uint8 on the original grid from probabilities (x, y, z, K) on the model grid:
     each original voxel's position is mapped into the model grid and the probabilities are
@@ -74,7 +74,7 @@ def save_like(path: str, labels: np.ndarray, reference_path: str, affine: np.nda
 
 
 def run_prediction(model_dir_path: str, checkpoint: str, inputs: List[str], output_dir: str,
-                   overrides=()) -> List[str]:
+                   overrides: Sequence[str] = ()) -> List[str]:
     """`medseg predict`: segment every input with the model folder's network at `checkpoint` (best,
     latest or a path) and save `<output_dir>/<subject>.nii.gz` on each input's own grid; returns the
     written paths. overrides: `section.key=value` applied to the folder's params (e.g. evaluation.*)."""

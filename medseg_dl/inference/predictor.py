@@ -15,11 +15,13 @@ the softmax probabilities), so a window predicted alone gets exactly the flip-av
 """
 import inspect
 import itertools
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from medseg_dl.config import schema
+from medseg_dl.config.params import Params
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.inference import windows
 
@@ -29,7 +31,7 @@ FINISH_SOFTMAX = windows.make_finisher(lambda average: tf.nn.softmax(average, ax
 FINISH_ARGMAX = windows.make_finisher(lambda average: tf.argmax(average, axis=-1, output_type=tf.int32))
 
 
-def accepts_training(network) -> bool:
+def accepts_training(network: Callable) -> bool:
     """True when `network` can be called with a `training=` keyword."""
     try:
         parameters = inspect.signature(network).parameters.values()
@@ -46,8 +48,8 @@ class Predictor:
     probabilities over all 8 flips of each window (8x the network calls).
     """
 
-    def __init__(self, network, patch_size_vox, num_classes: int, overlap: float = 0.5, blending: str = "gaussian",
-                 batch_size: int = 4, tta_mirroring: bool = False):
+    def __init__(self, network: Callable, patch_size_vox: Sequence[int], num_classes: int, overlap: float = 0.5,
+                 blending: str = "gaussian", batch_size: int = 4, tta_mirroring: bool = False):
         self.network = network
         self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
         self.num_classes = schema.check("data.num_classes", int(num_classes))
@@ -59,19 +61,19 @@ class Predictor:
         self._steps = {}
 
     @classmethod
-    def from_params(cls, network, params):
+    def from_params(cls, network: Callable, params: Params) -> "Predictor":
         """Window from sampling.patch_size, K from data.num_classes, the rest from the evaluation section."""
         evaluation = params.evaluation
         return cls(network, params.sampling.patch_size, params.data.num_classes, overlap=evaluation.overlap,
                    blending=evaluation.blending, batch_size=evaluation.batch_size,
                    tta_mirroring=evaluation.tta_mirroring)
 
-    def probabilities(self, image) -> np.ndarray:
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
         accumulator, grid = self._accumulate(image)
         return windows.finish_slabs(FINISH_SOFTMAX, accumulator, grid, grid.crop(accumulator))
 
-    def labels(self, image) -> np.ndarray:
+    def labels(self, image: np.ndarray) -> np.ndarray:
         """Most probable class (X, Y, Z) int32 numpy of an image (X, Y, Z, C) float32."""
         accumulator, grid = self._accumulate(image)
         return windows.finish_slabs(FINISH_ARGMAX, accumulator, grid, np.empty(grid.shape_vox, np.int32))

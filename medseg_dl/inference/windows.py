@@ -22,6 +22,7 @@ accumulator plus one batch. The division by the weight sum and an optional per-v
 (softmax, argmax) then run XLA-fused over slabs of the accumulator.
 """
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +33,7 @@ from medseg_dl.pipeline.sampling import patch_positions
 SLAB_VALUES = 1 << 22  # accumulator values per slab of the final pass (16 MB of float32)
 
 
-def window_starts(size_vox, window_vox, overlap):
+def window_starts(size_vox: int, window_vox: int, overlap: float) -> np.ndarray:
     """Start indices (n,) int64 of windows of `window_vox` covering an axis of `size_vox` >= window.
 
     Consecutive windows overlap by at least `overlap` (fraction of the window); the first starts at
@@ -46,13 +47,13 @@ def window_starts(size_vox, window_vox, overlap):
     return np.unique(np.round(np.linspace(0, size_vox - window_vox, num)).astype(np.int64))
 
 
-def padding_to_window(shape_vox, patch_size_vox):
+def padding_to_window(shape_vox: Sequence[int], patch_size_vox: Sequence[int]) -> np.ndarray:
     """Zero padding (3, 2) int64 (before, after) per axis that makes every axis at least the window."""
     missing = np.maximum(np.asarray(patch_size_vox) - np.asarray(shape_vox), 0)
     return np.stack([missing // 2, missing - missing // 2], axis=1).astype(np.int64)
 
 
-def importance_profile(length_vox, blending, min_weight=1e-3):
+def importance_profile(length_vox: int, blending: str, min_weight: float = 1e-3) -> np.ndarray:
     """1D window weights (length,) float32: Gaussian (sigma = length / 8) or constant, max 1, >= min_weight."""
     schema.check("evaluation.blending", blending)
     if blending == "constant":
@@ -62,7 +63,7 @@ def importance_profile(length_vox, blending, min_weight=1e-3):
     return np.maximum(profile / profile.max(), min_weight).astype(np.float32)
 
 
-def importance_map(patch_size_vox, blending, min_weight=1e-3):
+def importance_map(patch_size_vox: Sequence[int], blending: str, min_weight: float = 1e-3) -> np.ndarray:
     """3D window weights (px, py, pz) float32: outer product of the per-axis profiles (max 1, > 0)."""
     px, py, pz = (importance_profile(p, blending, min_weight) for p in patch_size_vox)
     return px[:, None, None] * py[None, :, None] * pz[None, None, :]
@@ -89,18 +90,18 @@ class WindowGrid:
     coverage: tuple
 
     @property
-    def padded_shape_vox(self):
+    def padded_shape_vox(self) -> Tuple[int, ...]:
         return tuple(len(c) for c in self.coverage)
 
     @property
-    def num_windows(self):
+    def num_windows(self) -> int:
         return len(self.starts_vox)
 
-    def crop(self, padded):
+    def crop(self, padded: np.ndarray) -> np.ndarray:
         """The original region (a view) of an array whose first three axes are the padded volume."""
         return padded[self._original_region()]
 
-    def cropped_coverage(self):
+    def cropped_coverage(self) -> Tuple[np.ndarray, ...]:
         """The per-axis coverages (3 arrays (X,), (Y,), (Z,)) of the original region."""
         return tuple(c[region] for c, region in zip(self.coverage, self._original_region()))
 
@@ -108,7 +109,7 @@ class WindowGrid:
         return tuple(slice(b, b + s) for b, s in zip(self.padding_vox[:, 0], self.shape_vox))
 
 
-def window_grid(shape_vox, patch_size_vox, overlap, blending):
+def window_grid(shape_vox: Sequence[int], patch_size_vox: Sequence[int], overlap: float, blending: str) -> WindowGrid:
     """The `WindowGrid` of a volume of spatial shape `shape_vox` (3,) for windows `patch_size_vox` (3,)."""
     shape_vox = tuple(int(s) for s in shape_vox)
     patch_size_vox = tuple(int(p) for p in patch_size_vox)
@@ -128,20 +129,21 @@ def window_grid(shape_vox, patch_size_vox, overlap, blending):
                       positions, tuple(coverage))
 
 
-def pad_volume(volume, grid):
+def pad_volume(volume: np.ndarray, grid: WindowGrid) -> np.ndarray:
     """The volume (X, Y, Z, C) zero-padded to the grid's padded shape (the volume itself when no padding)."""
     if not grid.padding_vox.any():
         return volume
     return np.pad(volume, np.concatenate([grid.padding_vox, [[0, 0]]]))
 
 
-def extract_windows(padded, starts_vox, patch_size_vox):
+def extract_windows(padded: np.ndarray, starts_vox: np.ndarray, patch_size_vox: Sequence[int]) -> np.ndarray:
     """Windows (N, px, py, pz, C) cut out of a padded volume (X, Y, Z, C) at `starts_vox` (N, 3)."""
     px, py, pz = patch_size_vox
     return np.stack([padded[x:x + px, y:y + py, z:z + pz] for x, y, z in starts_vox])
 
 
-def accumulate(predict_batch, volume, grid, batch_size, num_outputs):
+def accumulate(predict_batch: Callable[[tf.Tensor, np.ndarray], Union[np.ndarray, tf.Tensor]], volume: np.ndarray,
+               grid: WindowGrid, batch_size: int, num_outputs: int) -> np.ndarray:
     """Importance-weighted sum (padded X, Y, Z, K) float32 numpy of the window outputs over `volume`.
 
     predict_batch: (windows (N, px, py, pz, C) float32 tensor, positions (N, 3) float32) -> outputs
@@ -163,7 +165,8 @@ def accumulate(predict_batch, volume, grid, batch_size, num_outputs):
     return accumulator
 
 
-def add_windows(accumulator, outputs, starts_vox, weights=None, scratch=None):
+def add_windows(accumulator: np.ndarray, outputs: np.ndarray, starts_vox: np.ndarray,
+                weights: Optional[np.ndarray] = None, scratch: Optional[np.ndarray] = None) -> None:
     """Add window outputs (N, px, py, pz, K), times `weights` (px, py, pz, 1) if given, into
     `accumulator` (X, Y, Z, K) at `starts_vox` (N, 3), in place; `scratch` (px, py, pz, K) holds
     the weighted window."""
@@ -174,7 +177,7 @@ def add_windows(accumulator, outputs, starts_vox, weights=None, scratch=None):
         accumulator[x:x + px, y:y + py, z:z + pz] += output
 
 
-def make_finisher(transform=None):
+def make_finisher(transform: Optional[Callable[[tf.Tensor], tf.Tensor]] = None) -> Callable[..., tf.Tensor]:
     """An XLA-compiled function (sums (n, Y, Z, K), coverage_x (n,), coverage_y (Y,), coverage_z (Z,)) -> result.
 
     The result is `transform(weighted average)` where the weighted average is sums / weight sum
@@ -191,7 +194,8 @@ def make_finisher(transform=None):
     return finish
 
 
-def finish_slabs(finish, accumulator, grid, out):
+def finish_slabs(finish: Callable[..., tf.Tensor], accumulator: np.ndarray, grid: WindowGrid,
+                 out: np.ndarray) -> np.ndarray:
     """Write `finish` of the original region of `accumulator` into `out` slab by slab along x.
 
     accumulator: (padded X, Y, Z, K) from `accumulate`; out: numpy array whose first three axes are
@@ -203,15 +207,3 @@ def finish_slabs(finish, accumulator, grid, out):
     for x in range(0, region.shape[0], rows):
         out[x:x + rows] = finish(region[x:x + rows], cx[x:x + rows], cy, cz).numpy()
     return out
-
-
-FINISH_AVERAGE = make_finisher()
-
-
-def recombine(predict_batch, volume, grid, batch_size, num_outputs):
-    """Weighted average (X, Y, Z, K) float32 numpy of the window outputs of `predict_batch` over `volume`.
-
-    Arguments as for `accumulate`; an identity `predict_batch` gives the volume back.
-    """
-    accumulator = accumulate(predict_batch, volume, grid, batch_size, num_outputs)
-    return finish_slabs(FINISH_AVERAGE, accumulator, grid, grid.crop(accumulator))

@@ -11,10 +11,9 @@ import math
 import keras
 from keras import ops
 
+from medseg_dl.config import schema
 from medseg_dl.errors import DataError
 
-NORMS = ("batch", "instance", "group", "none")
-ACTIVATIONS = ("relu", "leaky_relu", "prelu")
 LEAKY_SLOPE = 0.01  # nnU-Net's negative slope
 
 
@@ -24,26 +23,24 @@ def make_norm(kind, channels, groups=8, name=None):
     batch: BatchNormalization; instance: statistics per sample and channel over X, Y, Z;
     group: gcd(groups, channels) groups per sample. Statistics are float32 under mixed precision.
     """
+    schema.check("model.norm", kind)
     if kind == "batch":
         return keras.layers.BatchNormalization(name=name)
     if kind == "instance":
         return keras.layers.GroupNormalization(groups=channels, epsilon=1e-5, name=name)
     if kind == "group":
         return keras.layers.GroupNormalization(groups=math.gcd(groups, channels), epsilon=1e-5, name=name)
-    if kind == "none":
-        return None
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    return None  # none
 
 
 def make_activation(kind, name=None):
     """relu, leaky_relu (slope 0.01) or prelu (one learned slope per channel)."""
+    schema.check("model.activation", kind)
     if kind == "relu":
         return keras.layers.ReLU(name=name)
     if kind == "leaky_relu":
         return keras.layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=name)
-    if kind == "prelu":
-        return keras.layers.PReLU(shared_axes=[1, 2, 3], name=name)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+    return keras.layers.PReLU(shared_axes=[1, 2, 3], name=name)  # prelu
 
 
 class BuildOnCall:

@@ -18,6 +18,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from medseg_dl.config import schema
 from medseg_dl.errors import ParamsError
 from medseg_dl.model.architectures import build_network, create_variables
 from medseg_dl.model.losses import make_loss
@@ -61,8 +62,7 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, peak, total_steps, warmup_steps=0, decay="poly"):
-        if decay not in ("constant", "poly", "cosine"):
-            raise ValueError(f"decay must be constant, poly or cosine, got {decay!r}")
+        schema.check("training.schedule", decay)
         self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
 
     def __call__(self, step):

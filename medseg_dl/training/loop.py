@@ -131,7 +131,7 @@ class _Loop:
     def __init__(self, params, model_dir, strategy, spec, step, manager, start):
         self.params, self.model_dir, self.spec, self.step, self.manager = params, model_dir, spec, step, manager
         self.train_step = make_train_step(strategy, spec)
-        self.writer = tf.summary.create_file_writer(model_dir.logs("train"))
+        self.writer = tf.summary.create_file_writer(model_dir.train_logs)
         self.csv = reporting.ScalarCsv(model_dir.scalars_csv, start)
         self.progress = reporting.Progress(start, params.training.steps, params.training.log_every)
         self.patches_per_step = params.sampling.batch_size

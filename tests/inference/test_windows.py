@@ -14,6 +14,15 @@ def identity(windows, positions):
     return windows
 
 
+FINISH_AVERAGE = windows.make_finisher()
+
+
+def recombine(predict_batch, volume, grid, batch_size, num_outputs):
+    """Weighted average (X, Y, Z, K) of the window outputs of `predict_batch` over `volume`."""
+    accumulator = windows.accumulate(predict_batch, volume, grid, batch_size, num_outputs)
+    return windows.finish_slabs(FINISH_AVERAGE, accumulator, grid, grid.crop(accumulator))
+
+
 @pytest.mark.parametrize("size, window, overlap, expected", [
     (240, 96, 0.5, [0, 48, 96, 144]),
     (155, 96, 0.5, [0, 30, 59]),        # linspace(0, 59, 3) = 0, 29.5, 59; numpy rounds half to even
@@ -111,7 +120,7 @@ def test_a_training_patch_and_a_window_at_the_same_start_get_the_same_position(s
 def test_identity_windows_recombine_to_the_input(shape, overlap, blending):
     volume = np.random.default_rng(0).normal(size=shape + (2,)).astype(np.float32)
     grid = windows.window_grid(shape, (16, 12, 10), overlap, blending)
-    result = windows.recombine(identity, volume, grid, batch_size=3, num_outputs=2)
+    result = recombine(identity, volume, grid, batch_size=3, num_outputs=2)
     assert result.shape == volume.shape and result.dtype == np.float32
     np.testing.assert_allclose(result, volume, rtol=2e-6, atol=2e-6)
 
@@ -119,7 +128,7 @@ def test_identity_windows_recombine_to_the_input(shape, overlap, blending):
 def test_constant_blending_without_overlap_recombines_exactly():
     volume = np.random.default_rng(1).normal(size=(32, 24, 20, 1)).astype(np.float32)
     grid = windows.window_grid(volume.shape[:3], (16, 12, 10), 0.0, "constant")
-    np.testing.assert_array_equal(windows.recombine(identity, volume, grid, 4, 1), volume)
+    np.testing.assert_array_equal(recombine(identity, volume, grid, 4, 1), volume)
 
 
 def test_accumulated_weight_equals_the_separable_coverage():
@@ -146,7 +155,7 @@ def test_window_function_receives_its_window_position():
     def positions_as_output(windows, positions):
         return np.broadcast_to(np.asarray(positions)[:, None, None, None, :], tuple(windows.shape[:4]) + (3,))
 
-    result = windows.recombine(positions_as_output, np.zeros(shape + (1,), np.float32), grid, 2, 3)
+    result = recombine(positions_as_output, np.zeros(shape + (1,), np.float32), grid, 2, 3)
     x = np.arange(40)
     np.testing.assert_allclose(result[:, 0, 0, 0], (20 * (x // 20) + 9.5) / 39, rtol=1e-6)
     np.testing.assert_allclose(result[..., 1], 9.5 / 19, rtol=1e-6)

@@ -53,7 +53,7 @@ def test_loss_falls_checkpoints_rotate_done_marker(tmp_path):
     assert index_files == ["ckpt-25.index", "ckpt-30.index"]  # keep_last = 2
     assert json.load(open(model_dir.done_marker))["step"] == 30
     assert checkpoint_counters(os.path.join(model_dir.checkpoints, "ckpt-30")) == (30, 30)
-    assert any(f.startswith("events.out") for f in os.listdir(model_dir.logs("train")))
+    assert any(f.startswith("events.out") for f in os.listdir(model_dir.train_logs))
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
