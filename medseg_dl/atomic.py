@@ -5,16 +5,18 @@ name in the target's folder (`.tmp-<pid>-<token>-<name>`, hidden, ending with th
 that writers which pick a format from the suffix, such as nibabel, still do), then renamed onto
 the target. A failure (or an exception raised by the caller) in the middle removes the temporary
 and leaves the previous file intact. A crash that kills the process may leave a temporary behind,
-never a half-written target.
+never a half-written target; `remove_stale_temporaries` deletes those whose process is gone.
 """
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Optional
 
 TEMPORARY_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
 
 
 def temporary_name(path: str) -> str:
@@ -70,3 +72,37 @@ def copy_file(source, target) -> None:
     """Copy the file `source` to `target` atomically (raises FileNotFoundError if `source` is gone)."""
     with replacing(target) as temporary:
         shutil.copyfile(source, temporary)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def temporary_owner(name: str) -> Optional[int]:
+    """The process id in a temporary's file name (see `temporary_name`), or None for other names."""
+    match = _TEMPORARY.match(os.path.basename(name))
+    return int(match.group(1)) if match else None
+
+
+def remove_stale_temporaries(folder, recursive: bool = False) -> List[str]:
+    """Delete the temporaries (files or folders) in `folder` whose writing process no longer runs on
+    this machine, left by a kill or a power cut; with `recursive`, in its subfolders too. Returns the
+    removed paths. A missing folder has none."""
+    removed = []
+    for parent, folders, files in os.walk(os.fspath(folder)):
+        for name in folders + files:
+            owner = temporary_owner(name)
+            if owner is not None and not process_alive(owner):
+                _remove(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+        if not recursive:
+            break
+        folders[:] = [f for f in folders if temporary_owner(f) is None]
+    return removed

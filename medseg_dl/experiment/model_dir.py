@@ -9,6 +9,7 @@
     <model_dir>/eval/<step>-<folder>/      the same for another labelled folder (evaluate --data)
     <model_dir>/eval/history.json          evaluated steps; eval/PAUSE pauses the evaluator
     <model_dir>/nonfinite_batch.json       subjects of a batch whose loss was not finite
+    <model_dir>/train.lock, eval/eval.lock the pid and host of the running trainer and evaluator
     <model_dir>/curves.png                 learning curves (medseg show --curves)
 
 The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the params (config/params.py).
@@ -113,6 +114,16 @@ class ModelDir:
     @property
     def pause_file(self) -> str:
         return self.path("eval", "PAUSE")
+
+    @property
+    def train_lock(self) -> str:
+        """Held by the one training process of this folder (pid, host)."""
+        return self.path("train.lock")
+
+    @property
+    def eval_lock(self) -> str:
+        """Held by the one evaluation process (watcher) of this folder."""
+        return self.path("eval", "eval.lock")
 
     @property
     def nonfinite_batch(self) -> str:
