@@ -71,12 +71,14 @@ def calibrated_steps(params_path, overrides, model_dir, minutes):
 
 def score_test_split(model_dir_path, overrides):
     from medseg_dl.config.params import Params
-    from medseg_dl.evaluation.watcher import score_checkpoint, split_cases
+    from medseg_dl.evaluation.runner import record_cases, split_records
+    from medseg_dl.evaluation.watcher import score_checkpoint
     from medseg_dl.experiment.model_dir import ModelDir
 
     model_dir = ModelDir(model_dir_path)
     params = Params.load(model_dir.params_path, overrides)
-    summary = score_checkpoint(params, model_dir, split_cases(params, model_dir, 1.0, "test"), "test", "latest")
+    cases = record_cases(params, split_records(params, model_dir, "test", 1.0))
+    summary = score_checkpoint(params, model_dir, cases, "test", "latest")
     return params, summary
 
 

@@ -19,3 +19,7 @@ class ModelDirError(MedsegError):
 
 class TrainingError(MedsegError):
     """Training cannot continue (non-finite loss, incompatible checkpoint, ...)."""
+
+
+class CheckpointError(MedsegError):
+    """A checkpoint cannot be read (files missing or damaged)."""

@@ -6,6 +6,7 @@ lists the Python types a YAML value may have (`type(None)` allows null), `items`
 the elements of a list value. Every bound and choice of the project is written here once: code
 that takes such a value from elsewhere than a params file checks it with `check(dotted, value)`.
 """
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -27,6 +28,7 @@ class Key:
     maximum: Optional[float] = None
     length: Optional[int] = None  # required list length, when the value is a list
     items: Optional[tuple] = None  # accepted types of the elements, when the value is a list
+    pattern: Optional[str] = None  # regular expression a string value must match entirely
 
     def check(self, value, dotted, source=""):
         """Raise `ParamsError` ("<source>: <dotted> = <value>: expected ...") unless `value` fits."""
@@ -40,6 +42,8 @@ class Key:
             return
         if self.choices is not None and value not in self.choices:
             raise ParamsError(f"{where} = {value!r}: expected one of {list(self.choices)}")
+        if self.pattern is not None and isinstance(value, str) and not re.fullmatch(self.pattern, value):
+            raise ParamsError(f"{where} = {value!r}: expected {self.doc.split(';')[0]}")
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if self.length is not None and isinstance(value, (list, tuple)) and len(value) != self.length:
             raise ParamsError(f"{where} = {value!r}: expected a list of {self.length} values")
@@ -61,6 +65,19 @@ def _is_instance(value, types):
 
 def type_names(types):
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+DEVICE = r"auto|cpu|gpu:\d+"
+
+
+def _device(process):
+    return Key("auto", (str,), f"auto, cpu or gpu:N: where the {process} runs (auto: every visible GPU, else "
+                               f"the CPU); gpu:N hides the other GPUs from this process", pattern=DEVICE)
+
+
+def _memory_limit(process):
+    return Key(None, (int, NONE), f"GPU memory in MB the {process} may use (null: it grows as needed); set it "
+                                  f"when the trainer and the evaluator share one GPU", minimum=1)
 
 
 def _prob(doc="probability of applying this transform to a patch"):
@@ -113,7 +130,8 @@ SCHEMA = {
         "batch_size": Key(9, (int,), "patches per training batch (global, over all replicas)", minimum=1),
         "samples_per_volume": Key(8, (int,), "patches drawn from each loaded volume", minimum=1),
         "class_probabilities": Key(None, (list, NONE), "probability of centring a patch on each class; "
-                                   "null: equal over classes present in the volume; [] : uniform centres"),
+                                   "null: equal over classes present in the volume; [] : uniform centres",
+                                   items=NUMBER, minimum=0.0),
         "padding": Key("constant", (str,), "how patches reaching past the volume are filled",
                        choices=["constant", "edge"]),
         "cache": Key(True, (bool,), "keep decoded volumes in memory after the first epoch"),
@@ -191,6 +209,8 @@ SCHEMA = {
         "strategy": Key("auto", (str,), "tf.distribute strategy",
                         choices=["auto", "default", "mirrored", "multi_worker"]),
         "mixed_precision": Key(False, (bool,), "mixed_float16 compute with loss scaling"),
+        "device": _device("trainer"),
+        "gpu_memory_limit_mb": _memory_limit("trainer"),
     },
     "evaluation": {
         "overlap": Key(0.5, NUMBER, "fractional overlap of sliding windows", minimum=0.0, maximum=0.95),
@@ -205,6 +225,11 @@ SCHEMA = {
         "surface_tolerance_mm": Key(1.0, NUMBER, "tolerance of the surface Dice", minimum=0.0),
         "poll_seconds": Key(10.0, NUMBER, "watch mode: seconds between checks for new checkpoints",
                             minimum=0.0),
+        "device": _device("evaluator (and predict)"),
+        "gpu_memory_limit_mb": _memory_limit("evaluator (and predict)"),
+        "checkpoint_process": Key("auto", (str,), "evaluate each checkpoint in a child process, so that nothing "
+                                                   "stays in GPU memory between checkpoints: auto (when a GPU is "
+                                                   "used), always, never", choices=["auto", "always", "never"]),
     },
 }
 

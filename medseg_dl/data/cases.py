@@ -70,6 +70,8 @@ def read_image(subject: Subject, recipe: CaseRecipe) -> Tuple[np.ndarray, Option
     """Read and check the channels (and mask) of one subject. Returns (image (X, Y, Z, C) float32,
     mask (X, Y, Z) bool or None, affine (4, 4) float64). Raises `DataError` naming the file."""
     volumes = [read_volume(p) for p in subject.channels]
+    for path, volume in zip(subject.channels, volumes):
+        check_volume_dims(volume.data.shape, path)
     first = volumes[0]
     tolerance = recipe.preprocessing["affine_tolerance"]
     for path, volume in zip(subject.channels, volumes):
@@ -91,12 +93,31 @@ def read_image(subject: Subject, recipe: CaseRecipe) -> Tuple[np.ndarray, Option
     return image, mask, first.affine
 
 
+def check_volume_dims(shape: Sequence[int], path: str) -> None:
+    """Raise `DataError` naming `path` unless a channel file's `shape` is (X, Y, Z) or (X, Y, Z, C)."""
+    if len(shape) not in (3, 4):
+        raise DataError(f"{path}: image of shape {tuple(shape)}; medseg_dl segments 3D volumes, give an "
+                        f"(X, Y, Z) file per channel or one (X, Y, Z, C) file")
+
+
+def label_map(data: np.ndarray, path: str) -> np.ndarray:
+    """The label `data` (X, Y, Z) as is; an (X, Y, Z, 1) map loses its last axis; more axes raise `DataError`
+    naming `path` (fewer are left to the grid check against the image)."""
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise DataError(f"{path}: label map of shape {data.shape}; a label map must be (X, Y, Z) integer "
+                        f"classes, one class index per voxel; save it as a 3D volume")
+    return data
+
+
 def read_label(subject: Subject, image_shape: Sequence[int], affine: np.ndarray, recipe: CaseRecipe) -> np.ndarray:
     """The subject's label map (X, Y, Z) int32, checked against the image grid and the class range."""
     label_volume = read_volume(subject.label)
-    preprocess.check_same_grid(image_shape, affine, label_volume.data.shape, label_volume.affine, subject.label,
+    data = label_map(np.asarray(label_volume.data), subject.label)
+    preprocess.check_same_grid(image_shape, affine, data.shape, label_volume.affine, subject.label,
                                subject.channels[0], recipe.preprocessing["affine_tolerance"])
-    return preprocess.to_labels(np.asarray(label_volume.data), recipe.num_classes, subject.label)
+    return preprocess.to_labels(data, recipe.num_classes, subject.label)
 
 
 def to_model_grid(array: np.ndarray, affine: np.ndarray, preprocessing: dict,

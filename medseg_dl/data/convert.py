@@ -1,10 +1,12 @@
 """Dataset conversion: raw subjects -> preprocessed cases (cases.py) -> one TFRecord each + `dataset.json`.
 
 Subjects are converted in parallel processes (`data.workers`); each record is written atomically,
-so a crash or a bad subject leaves no partial file. Subjects already converted with the same
-settings are skipped unless `overwrite`. Each record also stores, per class, up to
-`preprocessing.max_locations_per_class` voxel locations for class-balanced sampling, drawn with a
-generator seeded by (seed, crc32(subject id)).
+so a crash or a bad subject leaves no partial file, and `dataset.json` is rewritten (atomically) after
+each finished subject, so a killed conversion loses none of them; the temporaries a killed run left
+are removed when the next one starts. Subjects already converted with the same settings are skipped
+unless `overwrite`. A failed write (a full disk) is a `DataError`. Each record also stores, per class,
+up to `preprocessing.max_locations_per_class` voxel locations for class-balanced sampling, drawn with
+a generator seeded by (seed, crc32(subject id)).
 """
 import hashlib
 import json
@@ -13,13 +15,16 @@ import os
 import zlib
 
 import numpy as np
+import tensorflow as tf
 from tqdm import tqdm
 
+from medseg_dl.atomic import remove_stale_temporaries
 from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, tfrecords
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import find_subjects
+from medseg_dl.errors import DataError
 
 FORMAT_VERSION = 1
 CT_SAMPLES_PER_SUBJECT = 10000
@@ -49,14 +54,37 @@ def _convert_one(job):
         case.label, recipe.num_classes, recipe.preprocessing["max_locations_per_class"],
         _subject_rng(settings["seed"], subject.id))
     name = tfrecords.record_name(subject.id, settings["gzip"])
-    tfrecords.write_record(os.path.join(out_dir, name), tfrecords.serialize_case(case, locations, counts),
-                           settings["gzip"])
+    serialized = tfrecords.serialize_case(case, locations, counts)
+    try:
+        tfrecords.write_record(os.path.join(out_dir, name), serialized, settings["gzip"])
+    except (OSError, tf.errors.OpError) as err:
+        raise write_error(out_dir, err) from None
     return subject.id, {
         "file": name, "shape": list(case.label.shape), "channels": int(case.image.shape[-1]),
         "spacing_mm": [float(s) for s in case.spacing_mm], "class_voxels": [int(v) for v in voxels],
         "source": subject.to_dict(), "settings_hash": settings_hash(settings),
         "intensity_mean": [float(m) for m in case.image.reshape(-1, case.image.shape[-1]).mean(0)],
     }
+
+
+def write_error(out_dir: str, err: Exception) -> DataError:
+    """The `DataError` of a failed write into `out_dir` (an OSError, or TensorFlow's error of a record
+    writer), with the system's text of the error (e.g. "No space left on device")."""
+    if isinstance(err, OSError):
+        text = err.strerror or str(err)
+    else:  # tf.errors.OpError: "<path>; <text>"
+        text = err.message.rsplit("; ", 1)[-1]
+    return DataError(f"{out_dir}: cannot write the converted data ({text}); free disk space and run convert "
+                     f"again; the subjects already converted are kept")
+
+
+def save_index(out_dir: str, index: dict) -> None:
+    """Sort the index's subjects and write `dataset.json` atomically; a failed write is a `DataError`."""
+    index["subjects"] = dict(sorted(index["subjects"].items()))
+    try:
+        write_index(out_dir, index)
+    except OSError as err:
+        raise write_error(out_dir, err) from None
 
 
 def _foreground_samples(job):
@@ -86,11 +114,13 @@ def convert_dataset(params: Params, overwrite: bool = False) -> dict:
     """Convert every subject of `params.data.source_dir` into `params.data.tfrecords_dir`.
 
     Returns the index dict written to `dataset.json`. Raises `DataError` on the first bad subject;
-    the subjects finished before it keep their (complete) records and index entries."""
+    the subjects finished before it keep their (complete) records and index entries: the index is
+    written after each subject. Temporaries of killed conversions in the folder are removed first."""
     subjects = find_subjects(params.data)
     settings = conversion_settings(params)
     out_dir = params.data.tfrecords_dir
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     index = _existing_index(out_dir, settings, overwrite)
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]
             or not os.path.isfile(os.path.join(out_dir, index["subjects"][s.id]["file"]))]
@@ -103,9 +133,9 @@ def convert_dataset(params: Params, overwrite: bool = False) -> dict:
     try:
         for subject_id, entry in _run_parallel(_convert_one, jobs, params.data.workers, "convert"):
             index["subjects"][subject_id] = entry
+            save_index(out_dir, index)
     finally:
-        index["subjects"] = dict(sorted(index["subjects"].items()))
-        write_index(out_dir, index)
+        save_index(out_dir, index)
     return index
 
 

@@ -175,4 +175,16 @@ def _explicit_split(ids, lists):
         if unknown:
             raise DataError(f"data.split.lists.{name} names unknown subjects {unknown[:3]}; "
                             f"known ids look like {sorted(known)[:3]}")
+    _check_disjoint(split)
     return split
+
+
+def _check_disjoint(split: Mapping[str, List[str]]) -> None:
+    """Raise `DataError` if a subject id is in two of the {'train', 'val', 'test'} lists (leakage)."""
+    names = list(split)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = sorted(set(split[first]) & set(split[second]))
+            if shared:
+                raise DataError(f"data.split.lists: subjects {shared[:3]} are in both {first} and {second}; "
+                                f"put each subject in one list only")

@@ -1,4 +1,4 @@
-"""Checkpoint files as the evaluation process sees them: listing, staging, best-K keeping.
+"""Checkpoint files as the trainer and the evaluation process see them: listing, staging, best-K keeping.
 
 Training's CheckpointManager may delete a checkpoint at any moment. The evaluator therefore
 first copies a checkpoint's files into a private staging folder (a deletion before or during the
@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 from typing import List, Optional
+
+import tensorflow as tf
 
 from medseg_dl import atomic
 
@@ -29,10 +31,22 @@ def checkpoint_step(prefix: str) -> int:
     return int(match.group(1))
 
 
-def list_checkpoints(folder: str) -> List[str]:
-    """Complete checkpoint prefixes in `folder` (their .index file exists), sorted by step."""
-    prefixes = [p[: -len(".index")] for p in glob.glob(os.path.join(folder, "ckpt-*.index"))]
+def completed_checkpoints(folder: str) -> List[str]:
+    """The checkpoint prefixes training has finished writing, sorted by step: those listed in the
+    CheckpointManager's state file (`<folder>/checkpoint`, replaced atomically after the checkpoint's
+    files are complete); a .index file alone proves nothing, TensorFlow writes it in place."""
+    state = tf.train.get_checkpoint_state(folder)
+    if state is None:
+        return []
+    prefixes = [p if os.path.isabs(p) else os.path.join(folder, p) for p in state.all_model_checkpoint_paths]
     return sorted((p for p in prefixes if _STEP.search(os.path.basename(p))), key=checkpoint_step)
+
+
+def move_checkpoint(prefix: str, folder: str) -> None:
+    """Move a checkpoint's files into `folder` (created), e.g. an unreadable one out of the way."""
+    os.makedirs(folder, exist_ok=True)
+    for path in _files_of(prefix):
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
 
 
 def _files_of(prefix):

@@ -2,7 +2,7 @@
 
     <model_dir>/params.yaml                resolved parameters; passing this path resumes the run
     <model_dir>/filelists/{train,val,test}.json
-    <model_dir>/checkpoints/               last N training checkpoints, done.json, structure.json
+    <model_dir>/checkpoints/               last N training checkpoints, done.json, run_params.yaml
     <model_dir>/best/                      best K checkpoints + best.json
     <model_dir>/logs/{train,eval}/         TensorBoard event files; logs/train/scalars.csv
     <model_dir>/eval/<step>/               metrics.csv, summary.json, overlays/, predictions/
@@ -25,6 +25,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.index import record_paths
 from medseg_dl.data.subjects import Subject, find_subjects, split_subjects
 from medseg_dl.errors import DataError, ModelDirError, ParamsError
+from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
 
 SPLITS = ("train", "val", "test")
 
@@ -64,12 +65,23 @@ class ModelDir:
         return self.path("checkpoints", "done.json")
 
     @property
-    def structure_file(self) -> str:
-        return self.path("checkpoints", "structure.json")
+    def run_params(self) -> str:
+        """The params the checkpoints follow (written by the trainer when it starts; experiment/resume.py)."""
+        return self.path("checkpoints", "run_params.yaml")
+
+    @property
+    def unreadable_checkpoints(self) -> str:
+        """Where the trainer moves a checkpoint it cannot read."""
+        return self.path("checkpoints", "unreadable")
 
     def worker_checkpoints(self, pid: int) -> str:
         """Where a non-chief multi-worker process must write its (discarded) checkpoints."""
         return self.path(f".worker-checkpoints-{pid}")
+
+    def stale_worker_checkpoints(self) -> List[str]:
+        """The `worker_checkpoints` folders of processes that no longer run on this machine."""
+        names = [n for n in os.listdir(self.root) if n.startswith(".worker-checkpoints-")]
+        return [self.path(n) for n in names if not atomic.process_alive(int(n.rsplit("-", 1)[1]))]
 
     @property
     def best(self) -> str:
@@ -152,6 +164,7 @@ def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:
     model_dir = ModelDir(params.experiment.model_dir)
     if not os.path.isfile(model_dir.params_path):
         model_dir, _ = _prepare(params, params_path, overwrite=False)
+    check_resume(model_dir.run_params, params, params_path, NETWORK_KEYS)
     return params, model_dir
 
 
@@ -159,7 +172,10 @@ def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDi
     model_dir = ModelDir(params.experiment.model_dir)
     own_params = os.path.abspath(params_path) == os.path.abspath(model_dir.params_path)
     resumed = own_params or _same_experiment(model_dir, params)
-    if not resumed and _is_non_empty(model_dir.root):
+    if resumed:
+        for change in check_resume(model_dir.run_params, params, params_path):
+            print(f"resume: {change.describe()}", flush=True)
+    elif _is_non_empty(model_dir.root):
         if not overwrite:
             raise ModelDirError(f"{model_dir.root}: model folder is not empty and holds another experiment; "
                                 f"resume it with --params {model_dir.params_path}, choose another "

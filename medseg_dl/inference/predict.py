@@ -16,6 +16,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import stored_recipe, subject_case
 from medseg_dl.data.io import write_nifti
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
+from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.predictor import Predictor
@@ -77,9 +78,13 @@ def run_prediction(model_dir_path: str, checkpoint: str, inputs: List[str], outp
                    overrides: Sequence[str] = ()) -> List[str]:
     """`medseg predict`: segment every input with the model folder's network at `checkpoint` (best,
     latest or a path) and save `<output_dir>/<subject>.nii.gz` on each input's own grid; returns the
-    written paths. overrides: `section.key=value` applied to the folder's params (e.g. evaluation.*)."""
+    written paths. overrides: `section.key=value` applied to the folder's params (e.g. evaluation.*).
+    An `output_dir` that is a file is a `DataError`, raised before any work."""
+    if os.path.isfile(output_dir):
+        raise DataError(f"{output_dir}: the output is a file; give a folder for the label maps")
     model_dir = ModelDir(os.path.abspath(model_dir_path))
     params = Params.load(model_dir.params_path, overrides)
+    configure_devices(params.evaluation, "evaluation")
     trained = load_trained(model_dir, checkpoint, params)
     predictor = Predictor.from_params(trained.network, params)
     recipe = stored_recipe(params)

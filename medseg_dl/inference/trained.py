@@ -13,9 +13,10 @@ import keras
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.errors import MedsegError
-from medseg_dl.experiment.checkpoints import BestCheckpoints, checkpoint_step, list_checkpoints
+from medseg_dl.errors import CheckpointError, MedsegError
+from medseg_dl.experiment.checkpoints import BestCheckpoints, checkpoint_step, completed_checkpoints
 from medseg_dl.experiment.model_dir import ModelDir
+from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
 from medseg_dl.model.architectures import build_network, create_variables
 from medseg_dl.model.model_fn import set_precision_policy
 
@@ -41,12 +42,12 @@ def inference_network(params: Params) -> keras.Model:
 
 def restore_weights(network: keras.Model, prefix: str) -> None:
     """Load the model weights of the training checkpoint `prefix` into `network` (optimizer slots are
-    ignored); `MedsegError` naming the checkpoint when its files cannot be read."""
+    ignored); `CheckpointError` naming the checkpoint when its files cannot be read."""
     try:
         tf.train.Checkpoint(model=network).restore(prefix).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.NotFoundError, tf.errors.DataLossError) as err:
-        raise MedsegError(f"{prefix}: cannot read this checkpoint ({type(err).__name__}); it was removed or is "
-                          f"damaged: choose another with --checkpoint") from None
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as err:
+        raise CheckpointError(f"{prefix}: cannot read this checkpoint ({type(err).__name__}); it was removed or is "
+                              f"damaged: choose another with --checkpoint") from None
 
 
 def resolve_checkpoint(model_dir: ModelDir, which: str) -> str:
@@ -54,7 +55,7 @@ def resolve_checkpoint(model_dir: ModelDir, which: str) -> str:
     if which == "best":
         prefix = BestCheckpoints(model_dir.best, model_dir.best_index, 1, "").best_prefix()
     elif which == "latest":
-        found = list_checkpoints(model_dir.checkpoints)
+        found = completed_checkpoints(model_dir.checkpoints)
         prefix = found[-1] if found else None
     else:
         prefix = which[: -len(".index")] if which.endswith(".index") else which
@@ -69,6 +70,7 @@ def load_trained(model_dir: ModelDir, which: str = "best", params: Params = None
     """The trained network of a model folder at checkpoint `which` (latest, best or a path).
     params: the experiment's params when already loaded, else `<model_dir>/params.yaml`."""
     params = params if params is not None else Params.load(model_dir.params_path)
+    check_resume(model_dir.run_params, params, model_dir.params_path, NETWORK_KEYS)
     prefix = resolve_checkpoint(model_dir, which)
     network = inference_network(params)
     restore_weights(network, prefix)

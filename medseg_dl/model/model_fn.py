@@ -55,20 +55,26 @@ class ModelSpec:
 
 @keras.saving.register_keras_serializable(package="medseg_dl")
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak` over `warmup_steps`, then constant, poly or cosine decay to 0.
+    """Linear warm-up to `peak` over `warmup_steps`, then constant, poly or cosine decay to 0 at
+    `total_steps`; `restart` begins a new segment of the same decay from a given rate.
 
-    step < warmup: peak * (step + 1) / warmup. After: t = (step - warmup) / (total - warmup)
-    clipped to [0, 1]; constant: peak; poly: peak * (1 - t)^0.9; cosine: peak * (1 + cos(pi t)) / 2.
+    The segment (start step s, start rate r, end step e) is the variable `segment`, saved in the
+    checkpoints; the first is (0, peak, total_steps). With w = warmup_steps in the first segment and
+    0 after, t = (step - s - w) / (e - s - w) clipped to [0, 1]: constant r; poly r (1 - t)^0.9;
+    cosine r (1 + cos(pi t)) / 2; during warm-up r (step - s + 1) / w.
     """
 
     def __init__(self, peak, total_steps, warmup_steps=0, decay="poly"):
         schema.check("training.schedule", decay)
         self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
+        self.segment = tf.Variable([0.0, float(peak), float(total_steps)], trainable=False, dtype=tf.float64,
+                                   name="schedule_segment")
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = float(self.warmup_steps)
-        progress = tf.clip_by_value((step - warmup) / max(self.total_steps - warmup, 1.0), 0.0, 1.0)
+        start, rate, end = tf.unstack(tf.cast(self.segment, tf.float32))
+        since = tf.cast(step, tf.float32) - start
+        warmup = tf.where(start == 0.0, float(self.warmup_steps), 0.0)
+        progress = tf.clip_by_value((since - warmup) / tf.maximum(end - start - warmup, 1.0), 0.0, 1.0)
         if self.decay == "poly":
             factor = (1.0 - progress) ** POLY_EXPONENT
         elif self.decay == "cosine":
@@ -76,8 +82,12 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         else:
             factor = tf.ones_like(progress)
         if self.warmup_steps > 0:
-            factor = tf.where(step < warmup, (step + 1.0) / warmup, factor)
-        return self.peak * factor
+            factor = tf.where(since < warmup, (since + 1.0) / tf.maximum(warmup, 1.0), factor)
+        return rate * factor
+
+    def restart(self, step, rate, total_steps):
+        """From `step` on, decay from `rate` to 0 at `total_steps` (no warm-up)."""
+        self.segment.assign([float(step), float(rate), float(total_steps)])
 
     def get_config(self):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,

@@ -1,18 +1,22 @@
 """The training process: `medseg train --params P` / `python train.py --params P`.
 
 Runs a `tf.function` step over the training pipeline under the strategy of `training.strategy`,
-saves `tf.train.Checkpoint`s (model, optimizer, step) every `training.checkpoint_every` steps and at
-the end, keeps the last `training.keep_last`, and writes `checkpoints/done.json` when finished.
-Resuming (`--params <model_dir>/params.yaml`) restores the latest checkpoint: the step, the
-optimizer state and the schedule continue exactly; the input pipeline is reseeded with
-`seed + step` (its buffers are not checkpointed). SIGINT/SIGTERM save a checkpoint and exit 0;
-a non-finite loss stops with `TrainingError`, keeps the earlier checkpoints, and records the
-batch's subjects in `<model_dir>/nonfinite_batch.json`.
+saves `tf.train.Checkpoint`s (model, optimizer, step, learning-rate segment) every
+`training.checkpoint_every` steps and at the end, keeps the last `training.keep_last`, and writes
+`checkpoints/done.json` when finished. Resuming (`--params <model_dir>/params.yaml`) restores the
+newest readable checkpoint: the step, the optimizer state and the schedule continue exactly (a changed
+step count continues the learning rate from its current value, experiment/resume.py); the input
+pipeline is reseeded with `seed + step` (its buffers are not checkpointed). SIGINT/SIGTERM save a
+checkpoint and exit 0 (on every worker, at the same step); a non-finite loss stops with
+`TrainingError`, keeps the earlier checkpoints, and records the batch's subjects in
+`<model_dir>/nonfinite_batch.json`; running out of memory and a full disk are told apart.
 """
-import json
+import contextlib
 import os
+import shutil
 import signal
 import time
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -20,9 +24,12 @@ import tensorflow as tf
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.errors import ModelDirError, TrainingError
+from medseg_dl.devices import configure_devices
+from medseg_dl.errors import DataError, ModelDirError, TrainingError
+from medseg_dl.experiment.checkpoints import completed_checkpoints, move_checkpoint
+from medseg_dl.experiment.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
-from medseg_dl.model.model_fn import model_fn
+from medseg_dl.model.model_fn import make_schedule, model_fn
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training import reporting
 from medseg_dl.training.distribute import is_chief, make_strategy
@@ -48,26 +55,12 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def check_structure(model_dir: ModelDir, params: Params) -> None:
-    """Refuse to resume into checkpoints of another network structure; record it the first time."""
-    path = model_dir.structure_file
-    structure = params.model_structure()
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved != json.loads(json.dumps(structure)):
-            raise TrainingError(f"{path}: the checkpoints were trained with model structure {saved}, but the "
-                                f"params now give {structure}; keep the model section unchanged when resuming, "
-                                f"or start a new experiment.model_dir")
-        return
-    atomic.write_json(path, structure)
-
-
 def make_train_step(strategy, spec):
-    """A `tf.function` running one step on every replica; returns (mean loss, logits of replica 0)."""
+    """A `tf.function` (batch, stop flag) running one step on every replica; returns (mean loss, logits of
+    replica 0, stop): the stop flags of all workers summed, so that every worker stops at the same step."""
     replicas = strategy.num_replicas_in_sync
 
-    def replica_step(batch):
+    def replica_step(batch, stop):
         with tf.GradientTape() as tape:
             outputs = spec.network(batch, training=True)
             loss = spec.loss_fn(batch["label"], outputs)
@@ -77,47 +70,123 @@ def make_train_step(strategy, spec):
         spec.optimizer.apply(gradients, variables)
         logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
         spec.metrics["dice"].update_state(batch["label"], logits)
-        return loss, logits
+        return loss, logits, tf.identity(stop)
 
     @tf.function
-    def step(batch):
-        losses, logits = strategy.run(replica_step, args=(batch,))
+    def step(batch, stop):
+        losses, logits, stops = strategy.run(replica_step, args=(batch, stop))
         mean_loss = strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
-        return mean_loss, strategy.experimental_local_results(logits)[0]
+        any_stop = strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None)  # over all workers' replicas
+        return mean_loss, strategy.experimental_local_results(logits)[0], any_stop
 
     return step
 
 
 def run_training(params: Params, model_dir: ModelDir) -> int:
     """`medseg train`: convert the subjects not converted yet, then train to `training.steps`; returns
-    the final step. Resumes from the latest checkpoint of the model folder."""
-    convert_dataset(params)  # skips the subjects already converted with the same settings
+    the final step. Resumes from the newest readable checkpoint of the model folder. The chief holds
+    the folder's train lock and removes what killed processes left behind; the other workers of a
+    multi-worker run wait for its conversion."""
+    configure_devices(params.training, "training")
     strategy = make_strategy(params.training.strategy)
-    check_structure(model_dir, params)
+    chief = is_chief(strategy)
+    with ProcessLock(model_dir.train_lock, "trainer") if chief else contextlib.nullcontext():
+        if chief:
+            _remove_leftovers(model_dir)
+            convert_dataset(params)  # skips the subjects already converted with the same settings
+        files = _training_files(params, model_dir, wait=not chief)
+        return _train(params, model_dir, strategy, chief, files)
+
+
+def _train(params, model_dir, strategy, chief, files):
     with strategy.scope():
         spec = model_fn(params)
         spec.build(params.sampling.patch_size)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        checkpoint = tf.train.Checkpoint(model=spec.network, optimizer=spec.optimizer, step=step)
-    manager = tf.train.CheckpointManager(checkpoint, _checkpoint_dir(strategy, model_dir),
-                                         max_to_keep=params.training.keep_last)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} at step {int(step.numpy())}", flush=True)
+        checkpoint = tf.train.Checkpoint(model=spec.network, optimizer=spec.optimizer, step=step,
+                                         schedule=spec.learning_rate.segment)
+    restored = restore_newest(checkpoint, model_dir, move_unreadable=chief)
     start = int(step.numpy())
-    if start >= params.training.steps:
-        _write_done(model_dir, start, manager.latest_checkpoint)
-        return start
-    batches = train_inputs(params, split_record_paths(params, model_dir, "train"), seed=params.seed + start)
-    dataset = strategy.experimental_distribute_dataset(batches)
-    loop = _Loop(params, model_dir, strategy, spec, step, manager, start)
-    return loop.run(iter(dataset))
+    if restored:
+        print(f"resumed from {restored} at step {start}", flush=True)
+        _continue_schedule(spec, start, model_dir, params)
+    if chief:
+        params.save(model_dir.run_params)
+    saved_dir = model_dir.checkpoints if chief else model_dir.worker_checkpoints(os.getpid())
+    manager = tf.train.CheckpointManager(checkpoint, saved_dir, max_to_keep=params.training.keep_last)
+    try:
+        if start >= params.training.steps:
+            if chief:
+                _write_done(model_dir, start, restored)
+            return start
+        if chief and os.path.exists(model_dir.done_marker):
+            os.remove(model_dir.done_marker)  # stale: training goes on (steps were extended)
+        batches = train_inputs(params, files, seed=params.seed + start)
+        loop = _Loop(params, model_dir, strategy, spec, step, manager, chief)
+        return loop.run(iter(strategy.experimental_distribute_dataset(batches)))
+    finally:
+        if not chief:
+            shutil.rmtree(saved_dir, ignore_errors=True)
 
 
-def _checkpoint_dir(strategy, model_dir):
-    if is_chief(strategy):
-        return model_dir.checkpoints
-    return model_dir.worker_checkpoints(os.getpid())  # required by the strategy, then discarded
+def restore_newest(checkpoint: tf.train.Checkpoint, model_dir: ModelDir, move_unreadable: bool) -> Optional[str]:
+    """Restore the newest readable checkpoint listed in the folder's checkpoint state; returns its prefix,
+    or None when there is none (a first run). An unreadable one (truncated, files missing) is reported
+    and, with `move_unreadable`, moved to checkpoints/unreadable/; `TrainingError` if none can be read."""
+    listed = completed_checkpoints(model_dir.checkpoints)
+    for prefix in reversed(listed):
+        try:
+            checkpoint.restore(prefix).assert_existing_objects_matched()
+            return prefix
+        except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as err:
+            print(f"warning: checkpoint {prefix} cannot be read ({type(err).__name__}); trying the one before",
+                  flush=True)
+            if move_unreadable:
+                move_checkpoint(prefix, model_dir.unreadable_checkpoints)
+    if listed:
+        raise TrainingError(f"{model_dir.checkpoints}: none of the checkpoints {[os.path.basename(p) for p in listed]} "
+                            f"can be read (damaged, or written by an older medseg_dl); restore them from a backup, "
+                            f"or start a new experiment.model_dir")
+    return None
+
+
+def _continue_schedule(spec, start, model_dir, params):
+    """After a resume that changes training.steps, learning_rate or schedule: a new schedule segment from the
+    rate at `start` under the old settings (or from the new learning_rate), decaying to 0 at the new last step."""
+    if not os.path.isfile(model_dir.run_params):
+        return
+    old = Params.load(model_dir.run_params).training
+    new = params.training
+    if (old.steps, old.learning_rate, old.schedule) == (new.steps, new.learning_rate, new.schedule):
+        return
+    previous = make_schedule(old)
+    previous.segment.assign(spec.learning_rate.segment.read_value())
+    rate = float(new.learning_rate) if new.learning_rate != old.learning_rate else float(previous(start))
+    spec.learning_rate.restart(start, rate, new.steps)
+    print(f"resume: the learning rate continues from {rate:.3g} at step {start} and decays to 0 at step "
+          f"{new.steps}", flush=True)
+
+
+def _training_files(params, model_dir, wait):
+    """The TFRecords of the training split; with `wait`, until the chief has converted them."""
+    while True:
+        try:
+            return split_record_paths(params, model_dir, "train")
+        except DataError:
+            if not wait:
+                raise
+            time.sleep(2.0)
+
+
+def _remove_leftovers(model_dir):
+    """What killed processes left: temporaries, TensorFlow's half-written checkpoint folders, the
+    checkpoint folders of non-chief workers."""
+    atomic.remove_stale_temporaries(model_dir.root, recursive=True)
+    for name in os.listdir(model_dir.checkpoints):
+        if name.endswith("_temp"):
+            shutil.rmtree(os.path.join(model_dir.checkpoints, name), ignore_errors=True)
+    for path in model_dir.stale_worker_checkpoints():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_done(model_dir, final_step, checkpoint_path):
@@ -126,13 +195,16 @@ def _write_done(model_dir, final_step, checkpoint_path):
 
 
 class _Loop:
-    """The step loop with its logging, checkpointing, fault and signal handling."""
+    """The step loop with its logging, checkpointing, fault and signal handling. Only the chief writes
+    logs, scalars.csv and the done marker; every worker saves checkpoints (others into a private folder)."""
 
-    def __init__(self, params, model_dir, strategy, spec, step, manager, start):
+    def __init__(self, params, model_dir, strategy, spec, step, manager, chief):
         self.params, self.model_dir, self.spec, self.step, self.manager = params, model_dir, spec, step, manager
+        self.chief = chief
+        start = int(step.numpy())
         self.train_step = make_train_step(strategy, spec)
-        self.writer = tf.summary.create_file_writer(model_dir.train_logs)
-        self.csv = reporting.ScalarCsv(model_dir.scalars_csv, start)
+        self.writer = tf.summary.create_file_writer(model_dir.train_logs) if chief else tf.summary.create_noop_writer()
+        self.csv = reporting.ScalarCsv(model_dir.scalars_csv, start) if chief else None
         self.progress = reporting.Progress(start, params.training.steps, params.training.log_every)
         self.patches_per_step = params.sampling.batch_size
         self.timing = {"data_s": 0.0, "step_s": 0.0, "steps": 0, "loss": 0.0}
@@ -142,32 +214,37 @@ class _Loop:
         current = int(self.step.numpy())
         try:
             with StopRequest() as stop:
-                while current < training.steps and stop.signal_name is None:
-                    current = self._one_step(iterator, trace_graph=current == 0)
-                    if current % training.checkpoint_every == 0:
+                while current < training.steps:
+                    current, stopping = self._one_step(iterator, stop.signal_name is not None, current == 0)
+                    if current % training.checkpoint_every == 0 or stopping:
                         self._save(current)
-                if stop.signal_name is not None:
-                    self._save(current)
-                    print(f"{stop.signal_name}: saved checkpoint at step {current}; resume with "
-                          f"--params {self.model_dir.params_path}", flush=True)
-                    return current
-        except (OSError, tf.errors.ResourceExhaustedError) as err:
-            raise ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err}); free disk "
-                                f"space or make the folder writable, then resume") from None
+                    if stopping and current < training.steps:
+                        print(f"{stop.signal_name or 'stop requested on another worker'}: saved checkpoint at step "
+                              f"{current}; resume with --params {self.model_dir.params_path}", flush=True)
+                        return current
+        except tf.errors.ResourceExhaustedError:
+            raise TrainingError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
+                                f"sampling.patch_size, or set training.mixed_precision: true in a new model folder, "
+                                f"then train again (resume from {self.model_dir.checkpoints})") from None
+        except OSError as err:
+            raise ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); "
+                                f"free disk space or make the folder writable, then resume") from None
         finally:
             self.progress.close()
             self.writer.flush()
         self._save(current)
-        _write_done(self.model_dir, current, self.manager.latest_checkpoint)
+        if self.chief:
+            _write_done(self.model_dir, current, self.manager.latest_checkpoint)
         return current
 
-    def _one_step(self, iterator, trace_graph):
+    def _one_step(self, iterator, stop_requested, trace_graph):
+        """One step; returns (the new step, whether any worker asked to stop)."""
         waited = time.perf_counter()
         batch = next(iterator)
         started = time.perf_counter()
         if trace_graph:
             tf.summary.trace_on(graph=True)
-        loss, logits = self.train_step(batch)
+        loss, logits, stops = self.train_step(batch, tf.constant(float(stop_requested)))
         loss = float(loss.numpy())
         finished = time.perf_counter()
         if trace_graph:
@@ -178,7 +255,7 @@ class _Loop:
         self.step.assign_add(1)
         current = int(self.step.numpy())
         self._account(current, loss, started - waited, finished - started, batch, logits)
-        return current
+        return current, float(stops.numpy()) > 0
 
     def _account(self, current, loss, data_s, step_s, batch, logits):
         timing = self.timing
@@ -205,7 +282,8 @@ class _Loop:
                    "dice_mean_foreground": float(dice_metric.mean_foreground())}
         scalars.update({f"dice_{name}": float(d) for name, d in zip(dice_metric.class_names, dice)})
         reporting.write_scalars(self.writer, current, scalars)
-        self.csv.append({"step": current, **scalars})
+        if self.csv is not None:
+            self.csv.append({"step": current, **scalars})
         dice_metric.reset_state()
         self.timing = {"data_s": 0.0, "step_s": 0.0, "steps": 0, "loss": 0.0}
 
@@ -217,7 +295,8 @@ class _Loop:
     def _stop_nonfinite(self, batch, loss):
         subjects = sorted({s.decode() for s in _local(batch)["subject"].tolist()})
         path = self.model_dir.nonfinite_batch
-        atomic.write_json(path, {"step": int(self.step.numpy()) + 1, "loss": str(loss), "subjects": subjects})
+        if self.chief:
+            atomic.write_json(path, {"step": int(self.step.numpy()) + 1, "loss": str(loss), "subjects": subjects})
         raise TrainingError(f"non-finite loss ({loss}) at step {int(self.step.numpy()) + 1}; the last good "
                             f"checkpoints are kept in {self.model_dir.checkpoints}, the batch's subjects are "
                             f"in {path}. Lower training.learning_rate or check those subjects, then resume")

@@ -1,15 +1,25 @@
 """Every user mistake of the foundation: a MedsegError naming the file, and no partial output."""
+import errno
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import HIPPO_CASES, REPO, hippo_params, write_nifti
+from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params, write_nifti
+from medseg_dl import atomic
 from medseg_dl.config.params import Params
+from medseg_dl.data import convert, tfrecords
+from medseg_dl.data.cases import recipe_from_params, subject_case
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.errors import DataError
+from medseg_dl.data.subjects import split_subjects
+from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.inference.predict import input_subjects
+
+ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def leftovers(folder):
@@ -112,3 +122,124 @@ def test_cli_reports_error_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "did you mean training.learning_rate?" in result.stderr and str(bad) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def medseg_failing(*args):
+    """Run `medseg ARGS` expecting a user error: returns stderr after checking exit 2 and no traceback."""
+    result = subprocess.run([sys.executable, "-m", "medseg_dl.cli", *args], capture_output=True, text=True,
+                            cwd=REPO, env=ENV, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_label_with_two_components_on_a_fourth_axis(tmp_path):
+    synthetic_case(tmp_path / "d", label=np.zeros((8, 9, 10, 2), np.uint8))
+    params, message = convert_expecting(tmp_path, tmp_path / "d", r"a label map must be \(X, Y, Z\) integer classes")
+    assert "labels/case.nii.gz" in message and "(8, 9, 10, 2)" in message
+    assert leftovers(params.data.tfrecords_dir) == []
+
+
+def test_label_with_a_singleton_fourth_axis_is_accepted(tmp_path):
+    label = np.zeros((8, 9, 10, 1), np.uint8)
+    label[2:4, 3:5, 4:6, 0] = 2
+    synthetic_case(tmp_path / "d", label=label)
+    params = Params.from_dict(hippo_params(tmp_path / "d", tmp_path / "run"))
+    entry = convert_dataset(params)["subjects"]["case"]
+    assert entry["shape"] == [8, 9, 10] and entry["class_voxels"] == [720 - 8, 0, 8]
+
+
+def test_2d_image_in_conversion(tmp_path):
+    synthetic_case(tmp_path / "d", image=np.random.rand(8, 47).astype(np.float32))
+    params, message = convert_expecting(tmp_path, tmp_path / "d", "medseg_dl segments 3D volumes")
+    assert "images/case.nii.gz" in message and "shape (8, 47)" in message and "channels" not in message.split(";")[0]
+    assert leftovers(params.data.tfrecords_dir) == []
+
+
+def test_2d_image_in_prediction(tmp_path):
+    """predict's path: its input subject (no label) through `subject_case`, as `run_prediction` does."""
+    write_nifti(tmp_path / "slice.nii.gz", np.random.rand(8, 47).astype(np.float32))
+    params = Params.from_dict(hippo_params(tmp_path, tmp_path / "run"))
+    [subject] = input_subjects([str(tmp_path / "slice.nii.gz")], params.data)
+    with pytest.raises(DataError, match=r"slice.nii.gz: image of shape \(8, 47\); medseg_dl segments 3D volumes"):
+        subject_case(subject, recipe_from_params(params))
+
+
+def test_cli_2d_image(tmp_path):
+    synthetic_case(tmp_path / "d", image=np.random.rand(8, 47).astype(np.float32))
+    params = tmp_path / "p.yaml"
+    params.write_text(json.dumps(hippo_params(tmp_path / "d", tmp_path / "run", data={"split": {"val": 0.0}})))
+    stderr = medseg_failing("convert", "--params", str(params))
+    assert "images/case.nii.gz: image of shape (8, 47); medseg_dl segments 3D volumes" in stderr
+
+
+def test_cli_predict_output_is_a_file(tmp_path):
+    """Refused before any work: the model folder does not even exist, and the file is left as it was."""
+    write_nifti(tmp_path / "image.nii.gz", np.random.rand(8, 9, 10).astype(np.float32))
+    output = tmp_path / "out.nii.gz"
+    output.write_bytes(b"keep me")
+    stderr = medseg_failing("predict", "--model-dir", str(tmp_path / "no_model"), "--input",
+                            str(tmp_path / "image.nii.gz"), "--output", str(output))
+    assert f"{output}: the output is a file; give a folder for the label maps" in stderr
+    assert output.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("probabilities, message", [
+    ([0.5, -0.2, 0.7], r"sampling.class_probabilities = \[0.5, -0.2, 0.7\]: must be >= 0.0"),
+    ([0.5, "a", 0.5], r"sampling.class_probabilities = .*: expected a list of int or float"),
+])
+def test_class_probabilities_must_be_non_negative_numbers(tmp_path, probabilities, message):
+    with pytest.raises(ParamsError, match=message):
+        Params.from_dict(tiny_params(tmp_path, tmp_path / "run", sampling={"class_probabilities": probabilities}))
+
+
+def test_overlapping_split_lists():
+    lists = {"train": ["a", "b", "c"], "val": ["c", "b"], "test": ["d"]}
+    with pytest.raises(DataError, match=r"data.split.lists: subjects \['b', 'c'\] are in both train and val"):
+        split_subjects(["a", "b", "c", "d"], {"lists": lists}, seed=0)
+    lists["test"] = ["a"]
+    lists["val"] = ["d"]
+    with pytest.raises(DataError, match=r"subjects \['a'\] are in both train and test"):
+        split_subjects(["a", "b", "c", "d"], {"lists": lists}, seed=0)
+
+
+def fill_disk_after(calls, exception):
+    """A fault for write_record / write_index: the first `calls` calls write, later ones start a temporary
+    (as the real writers do) and fail with `exception` in the middle."""
+    done = []
+
+    def fault(real, path, *args):
+        if len(done) < calls:
+            done.append(path)
+            return real(path, *args)
+        with atomic.replacing(path) as temporary, open(temporary, "wb") as stream:
+            stream.write(b"half a record")
+            raise exception
+    return fault
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+TF_ENOSPC = tf.errors.ResourceExhaustedError(None, None, "/x/.tmp-1-0badf00d-case.tfrecord; No space left on device")
+
+
+@pytest.mark.parametrize("what, exception", [("record", ENOSPC), ("record", TF_ENOSPC), ("index", ENOSPC)],
+                         ids=["record-oserror", "record-tf-error", "index-oserror"])
+def test_full_disk_during_conversion(tmp_path, monkeypatch, what, exception):
+    """The record writer (or the index writer) fails after 3 subjects as on a full disk."""
+    params = Params.from_dict(tiny_params(synthetic_dataset(tmp_path / "d", cases=6), tmp_path / "run"))
+    fault = fill_disk_after(3, exception)
+    if what == "record":
+        real_record = tfrecords.write_record
+        monkeypatch.setattr(tfrecords, "write_record", lambda path, *a: fault(real_record, path, *a))
+    else:
+        real_index = convert.write_index
+        monkeypatch.setattr(convert, "write_index", lambda folder, index: fault(
+            lambda _, i: real_index(folder, i), os.path.join(folder, "dataset.json"), index))
+    out_dir = params.data.tfrecords_dir
+    with pytest.raises(DataError) as err:
+        convert_dataset(params)
+    assert str(err.value) == (f"{out_dir}: cannot write the converted data (No space left on device); free disk "
+                              f"space and run convert again; the subjects already converted are kept")
+    assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]
+    with open(os.path.join(out_dir, "dataset.json")) as stream:
+        assert sorted(json.load(stream)["subjects"]) == ["case_00", "case_01", "case_02"]

@@ -2,12 +2,17 @@
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
+import yaml
 
-from conftest import HIPPO_CASES, hippo_params
+from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params
 from medseg_dl.config.params import Params
 from medseg_dl.data import tfrecords
 from medseg_dl.data.convert import convert_dataset
@@ -115,3 +120,37 @@ def test_decode_fixes_channel_dimension(hippo_dir, tmp_path):
     dataset = tfrecords.record_dataset([path], True).map(lambda s: tfrecords.decode_example(s, num_channels=1))
     assert dataset.element_spec["image"].shape.as_list() == [None, None, None, 1]
     assert dataset.element_spec["label"].dtype == tf.int32
+
+
+def indexed_subjects(tfrecords_dir):
+    """The subject ids in `dataset.json`, or [] while it does not exist yet."""
+    try:
+        with open(os.path.join(tfrecords_dir, "dataset.json")) as stream:
+            return list(json.load(stream)["subjects"])
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or read while it is replaced
+        return []
+
+
+def test_killed_conversion_keeps_finished_subjects(tmp_path):
+    """kill -9 in the middle: the next run converts only the subjects the index does not list, and removes the
+    temporaries the dead process left."""
+    root = synthetic_dataset(tmp_path / "data", cases=24, shape=(40, 40, 40))
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run")))
+    out_dir = tmp_path / "run" / "tfrecords"
+    command = [sys.executable, "-m", "medseg_dl.cli", "convert", "--params", str(params_path)]
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(indexed_subjects(out_dir)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = indexed_subjects(out_dir)
+    assert 3 <= len(finished) < 24, f"killed with {len(finished)} subjects indexed; make the cases larger"
+    (out_dir / f".tmp-{process.pid}-deadbeef-x.tfrecord").write_bytes(b"half a record")
+    mtimes = {s: (out_dir / f"{s}.tfrecord").stat().st_mtime_ns for s in finished}
+    subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, timeout=120)
+    assert len(indexed_subjects(out_dir)) == 24
+    assert {s: (out_dir / f"{s}.tfrecord").stat().st_mtime_ns for s in finished} == mtimes
+    assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]

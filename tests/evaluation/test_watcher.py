@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.evaluation import watcher as evaluation
+from medseg_dl.evaluation import runner, watcher as evaluation
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.training.loop import run_training
 
@@ -26,13 +26,19 @@ def trained(tmp_path, steps=10):
     return params, model_dir
 
 
+def evaluator_for(params, model_dir, staging):
+    files = runner.split_records(params, model_dir, "val", 0.1)
+    staging.mkdir(exist_ok=True)
+    return evaluation.Evaluator(params, model_dir, runner.InProcessRunner(params, model_dir,
+                                                                          runner.record_cases(params, files)),
+                                str(staging))
+
+
 def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
     params, model_dir = trained(tmp_path)
-    cases = evaluation.split_cases(params, model_dir, 0.1)
+    cases = runner.record_cases(params, runner.split_records(params, model_dir, "val", 0.1))
     assert len(cases) == 1
-    evaluator = evaluation.Evaluator(params, model_dir, cases)
-    assert evaluation.watch(evaluator, poll_seconds=0.1, timeout_s=30) == 10
-    evaluator.close()
+    assert evaluation.run_evaluation(params, model_dir, timeout_s=30) is None
     history = json.load(open(model_dir.history))
     assert sorted(history) == ["10", "5"]
     for step in (5, 10):
@@ -46,15 +52,14 @@ def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
     best = json.load(open(model_dir.best_index))
     assert len(best) == 1 and best[0]["value"] == max(history[s]["mean_dice"] for s in history)
     assert os.path.isfile(os.path.join(model_dir.best, best[0]["checkpoint"] + ".index"))
-    restarted = evaluation.Evaluator(params, model_dir, cases)
-    assert restarted.pending() == []
-    restarted.close()
+    assert evaluator_for(params, model_dir, tmp_path / "staging").pending() == []
     assert not [f for f in os.listdir(model_dir.eval_root) if "tmp" in f or f.startswith("staging")]
+    assert not os.path.exists(model_dir.eval_lock)
 
 
 def test_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, capsys):
     params, model_dir = trained(tmp_path, steps=5)
-    evaluator = evaluation.Evaluator(params, model_dir, evaluation.split_cases(params, model_dir, 0.1))
+    evaluator = evaluator_for(params, model_dir, tmp_path / "staging")
     prefix = os.path.join(model_dir.checkpoints, "ckpt-5")
     for name in os.listdir(model_dir.checkpoints):
         if name.startswith("ckpt-5.data"):
@@ -62,7 +67,6 @@ def test_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, capsys):
     assert evaluator.evaluate(prefix) is None
     assert "removed before it could be read" in capsys.readouterr().out
     assert evaluator.pending() == []  # not retried
-    evaluator.close()
 
 
 def test_cli_once_and_other_folder(tmp_path):

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.errors import TrainingError
+from medseg_dl.errors import ModelDirError, TrainingError
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.training import loop as training
 
@@ -76,13 +77,28 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
     assert not os.path.exists(model_dir.done_marker)
 
 
-def test_resume_refuses_a_changed_structure(tmp_path):
-    path = write_params(tmp_path, training={"steps": 5})
-    params, model_dir = prepare(path)
+def folder_state(root):
+    """{relative path: bytes} of every file in a folder (event files excluded: TensorBoard appends)."""
+    state = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.startswith("events.out"):
+                path = os.path.join(folder, name)
+                state[os.path.relpath(path, root)] = open(path, "rb").read()
+    return state
+
+
+@pytest.mark.parametrize("change, key", [
+    ("model.base_filters=8", "model.base_filters"), ("data.split.val=0.5", "data.split.val"),
+    ("preprocessing.normalization=none", "preprocessing.normalization"), ("seed=4", "seed"),
+    ("training.optimizer=sgd", "training.optimizer"), ("data.channels=[a,b]", "data.channels")])
+def test_a_refused_resume_names_the_key_and_changes_nothing_on_disk(tmp_path, change, key):
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 5}))
     training.run_training(params, model_dir)
-    changed, _ = prepare(model_dir.params_path, ["model.base_filters=8"])
-    with pytest.raises(TrainingError, match="model structure"):
-        training.run_training(changed, model_dir)
+    before = folder_state(model_dir.root)
+    with pytest.raises(ModelDirError, match=rf"{re.escape(key)} was .*nothing was changed on disk"):
+        open_model_dir(model_dir.params_path, [change])
+    assert folder_state(model_dir.root) == before
 
 
 def _start(path, *extra):

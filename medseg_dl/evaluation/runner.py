@@ -1,0 +1,134 @@
+"""Evaluating one checkpoint: restore its weights, segment the cases, write the report.
+
+Two runners with one call, `runner(staged_prefix, step) -> summary`:
+- `InProcessRunner` builds the network and loads the cases once and reuses them (the CPU default);
+- `ChildProcessRunner` evaluates each checkpoint in a new process (`python -m
+  medseg_dl.evaluation.runner PARAMS PREFIX STEP`), so that nothing stays in GPU memory between
+  checkpoints: TensorFlow never hands GPU memory back while a process lives (the default when the
+  evaluator uses a GPU; evaluation.checkpoint_process).
+An unreadable checkpoint raises `CheckpointError` from both; the evaluator skips it.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import tensorflow as tf
+
+from medseg_dl.config.params import Params
+from medseg_dl.data.cases import Case, case_from_record, stored_recipe, subject_case
+from medseg_dl.data.subjects import find_subjects
+from medseg_dl.devices import configure_devices
+from medseg_dl.errors import CheckpointError, DataError, MedsegError
+from medseg_dl.evaluation.report import Result, write_report
+from medseg_dl.experiment.model_dir import ModelDir, read_filelist, split_record_paths
+from medseg_dl.inference.predictor import Predictor
+from medseg_dl.inference.trained import inference_network, restore_weights
+from medseg_dl.pipeline.inputs import volume_inputs
+
+UNREADABLE_EXIT = 3  # the child's exit code for an unreadable checkpoint
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[Case]) -> List[Result]:
+    """(case, predicted labels (X, Y, Z) int32) for each case, for `write_report`."""
+    return [(case, predictor.labels(case.image)) for case in cases]
+
+
+def split_records(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
+                  timeout_s: Optional[float] = None) -> List[str]:
+    """The TFRecords of a split; waits while training still converts them (at most `timeout_s`)."""
+    if not read_filelist(model_dir, split):
+        raise MedsegError(f"{model_dir.filelist(split)} is empty; set data.split.{split} > 0 or give "
+                          f"explicit lists, or evaluate another folder with --data DIR")
+    started = time.time()
+    while True:
+        try:
+            return split_record_paths(params, model_dir, split)
+        except DataError:
+            if timeout_s is not None and time.time() - started > timeout_s:
+                raise MedsegError(f"{params.data.tfrecords_dir}: the {split} subjects are still not converted after "
+                                  f"{timeout_s:.0f} s; start `medseg train` (it converts them) or `medseg convert`, "
+                                  f"then evaluate again") from None
+            print(f"waiting for the {split} subjects to be converted (medseg train converts them)", flush=True)
+            time.sleep(max(poll_seconds, 1.0))
+
+
+def record_cases(params: Params, files: Sequence[str]) -> List[Case]:
+    """The `Case`s of converted records."""
+    return [case_from_record(volume) for volume in volume_inputs(params, files)]
+
+
+def folder_cases(params: Params, data_dir: str, layout: Optional[str] = None) -> List[Case]:
+    """The cases of any labelled folder, preprocessed like the model's own data (stored statistics)."""
+    data_params = {**params.data.to_dict(), "source_dir": os.path.abspath(data_dir),
+                   "layout": layout or params.data.layout}
+    recipe = stored_recipe(params)
+    return [subject_case(subject, recipe) for subject in find_subjects(data_params)]
+
+
+class InProcessRunner:
+    """Evaluates staged checkpoints in this process on `cases`; the network is built once."""
+
+    def __init__(self, params: Params, model_dir: ModelDir, cases: Sequence[Case]):
+        self.params, self.model_dir, self.cases = params, model_dir, cases
+        self.network = inference_network(params)
+        self.predictor = Predictor.from_params(self.network, params)
+        self.writer = tf.summary.create_file_writer(model_dir.eval_logs)
+
+    def __call__(self, staged_prefix: str, step: int) -> Dict:
+        restore_weights(self.network, staged_prefix)
+        return write_report(self.model_dir.report_dir(step), predict_cases(self.predictor, self.cases), self.params,
+                            step, self.writer)
+
+    def close(self) -> None:
+        self.writer.flush()
+
+
+class ChildProcessRunner:
+    """Evaluates each staged checkpoint in a child process of this interpreter; `params_path` is the
+    evaluator's resolved params, saved by the caller (the child reads them, not the folder's)."""
+
+    def __init__(self, params_path: str):
+        self.params_path = params_path
+
+    def __call__(self, staged_prefix: str, step: int) -> Dict:
+        command = [sys.executable, "-m", "medseg_dl.evaluation.runner", self.params_path, staged_prefix, str(step)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        lines = done.stdout.strip().splitlines()
+        for line in lines[:-1]:  # the child's progress; the last line is its summary
+            print(line, flush=True)
+        if done.returncode == UNREADABLE_EXIT:
+            raise CheckpointError(f"{staged_prefix}: cannot read this checkpoint (see the message above)")
+        if done.returncode != 0 or not lines:
+            raise MedsegError(f"the evaluation process of checkpoint {step} stopped (exit code {done.returncode}); "
+                              f"its message is above")
+        return json.loads(lines[-1])
+
+    def close(self) -> None:
+        pass
+
+
+def main(argv: Sequence[str]) -> int:
+    """The child: evaluate the staged checkpoint argv[1] at step argv[2] with the params file argv[0];
+    prints the summary as the last line of stdout."""
+    params = Params.load(argv[0])
+    model_dir = ModelDir(params.experiment.model_dir)
+    configure_devices(params.evaluation, "evaluation")
+    try:
+        runner = InProcessRunner(params, model_dir, record_cases(params, split_record_paths(params, model_dir, "val")))
+        summary = runner(argv[1], int(argv[2]))
+        runner.close()
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return UNREADABLE_EXIT
+    except MedsegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
