@@ -6,7 +6,7 @@ import os
 from conftest import REPO
 
 # rank of each room (viz.plotting is a leaf of numpy/matplotlib; viz.show sits beside the CLI)
-RANKS = {"errors": 0, "atomic": 0, "devices": 0, "config": 1, "viz.plotting": 1, "data": 2, "experiment": 3, "pipeline": 4,
+RANKS = {"errors": 0, "atomic": 0, "devices": 0, "cluster": 0, "config": 1, "viz.plotting": 1, "data": 2, "experiment": 3, "pipeline": 4,
          "model": 5, "training": 6, "inference": 6, "evaluation": 7, "viz.show": 8, "cli": 9}
 
 

@@ -17,10 +17,12 @@ The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the 
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from medseg_dl import atomic
+from medseg_dl.cluster import is_chief
 from medseg_dl.config.params import Params
 from medseg_dl.data.index import record_paths
 from medseg_dl.data.subjects import Subject, find_subjects, split_subjects
@@ -151,10 +153,23 @@ def open_model_dir(params_path: str, overrides=(), overwrite: bool = False) -> T
 
     Resume when `params_path` is the folder's own `params.yaml`, or when the folder already holds
     the same resolved parameters. A non-empty folder with other parameters is refused unless
-    `overwrite`, which empties it first."""
+    `overwrite`, which empties it first. A non-chief worker of a multi-worker run (cluster.py) waits
+    until the chief has prepared the folder and changes nothing."""
     params = Params.load(params_path, overrides)
+    if not is_chief(params.training.strategy):
+        return params, _wait_for_folder(ModelDir(params.experiment.model_dir)), True
     model_dir, resumed = _prepare(params, params_path, overwrite)
     return params, model_dir, resumed
+
+
+def _wait_for_folder(model_dir: ModelDir, timeout_s: float = 600.0) -> ModelDir:
+    started = time.time()
+    while not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
+        if time.time() - started > timeout_s:
+            raise ModelDirError(f"{model_dir.root}: the chief worker has not prepared the model folder after "
+                                f"{timeout_s:.0f} s; start it (TF_CONFIG task index 0) with the same params")
+        time.sleep(1.0)
+    return model_dir
 
 
 def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:

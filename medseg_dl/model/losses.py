@@ -1,7 +1,7 @@
 """Segmentation losses on labels (N, X, Y, Z) int and logits (N, X, Y, Z, K), in float32.
 
 Soft overlap of softmax probabilities p and one-hot labels g, per class k, summed over the
-voxels of the whole batch (batch_dice) or of each sample:
+voxels of the whole (global: all replicas') batch (batch_dice) or of each sample:
     Dice_k    = (2 sum p g + smooth) / (sum p + sum g + smooth)
     Jaccard_k = (sum p g + smooth) / (sum p + sum g - sum p g + smooth)
 With squared_denominator, p and g are squared in the denominators. The loss is 1 - the mean
@@ -20,12 +20,18 @@ def _probabilities_and_onehot(labels, logits):
 
 
 def _overlap_sums(labels, logits, squared_denominator, batch_dice):
-    """Intersection and the two denominator sums, shape (K,) if batch_dice else (N, K)."""
+    """Intersection and the two denominator sums, shape (K,) if batch_dice else (N, K). With batch_dice
+    under a distribution strategy the sums are those of the global batch (summed over all replicas), so
+    the loss does not depend on the number of replicas."""
     probs, onehot = _probabilities_and_onehot(labels, logits)
     axes = [0, 1, 2, 3] if batch_dice else [1, 2, 3]
     power = 2.0 if squared_denominator else 1.0
-    intersection = tf.reduce_sum(probs * onehot, axis=axes)
-    return intersection, tf.reduce_sum(probs ** power, axis=axes), tf.reduce_sum(onehot, axis=axes)  # g^2 = g
+    sums = [tf.reduce_sum(probs * onehot, axis=axes), tf.reduce_sum(probs ** power, axis=axes),
+            tf.reduce_sum(onehot, axis=axes)]  # g^2 = g
+    context = tf.distribute.get_replica_context()
+    if batch_dice and context is not None and context.num_replicas_in_sync > 1:
+        sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+    return tuple(sums)
 
 
 def _mean_over_classes(scores, include_background):

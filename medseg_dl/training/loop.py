@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from medseg_dl import atomic
+from medseg_dl.cluster import is_chief
 from medseg_dl.config.params import Params
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.devices import configure_devices
@@ -32,7 +33,7 @@ from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
 from medseg_dl.model.model_fn import make_schedule, model_fn
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training import reporting
-from medseg_dl.training.distribute import is_chief, make_strategy
+from medseg_dl.training.distribute import make_strategy
 
 
 class StopRequest:
@@ -89,7 +90,7 @@ def run_training(params: Params, model_dir: ModelDir) -> int:
     multi-worker run wait for its conversion."""
     configure_devices(params.training, "training")
     strategy = make_strategy(params.training.strategy)
-    chief = is_chief(strategy)
+    chief = is_chief(params.training.strategy)
     with ProcessLock(model_dir.train_lock, "trainer") if chief else contextlib.nullcontext():
         if chief:
             _remove_leftovers(model_dir)

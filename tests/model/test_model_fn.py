@@ -154,6 +154,47 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+GLOBAL_DICE_SCRIPT = textwrap.dedent("""
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from medseg_dl.config.params import Params
+    from medseg_dl.model.losses import make_loss
+    loss_fn = make_loss(Params.from_dict({"data": {"num_classes": 3}, "loss": {"name": "dice_ce"}}))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 6, 6, 6, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, (4, 6, 6, 6)).astype(np.int32)
+    labels[:2] = np.where(labels[:2] == 2, 0, labels[:2])  # class 2 only in the second half: per replica Dice differs
+    kernel = rng.normal(size=(1, 1, 1, 2, 3)).astype(np.float32)
+
+    def loss_and_gradient(variable, images, labels, scale):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, tf.nn.conv3d(images, variable, [1] * 5, "SAME")) * scale
+        return loss, tape.gradient(loss, variable)
+
+    single_loss, single_gradient = loss_and_gradient(tf.Variable(kernel), images, labels, 1.0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        variable = tf.Variable(kernel)
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((images, labels)).batch(4))
+    batch_images, batch_labels = next(iter(data))
+    losses, gradients = strategy.run(lambda i, l: loss_and_gradient(variable, i, l, 0.5), args=(batch_images, batch_labels))
+    total_loss = strategy.reduce("SUM", losses, axis=None)
+    total_gradient = strategy.reduce("SUM", gradients, axis=None)
+    np.testing.assert_allclose(float(total_loss), float(single_loss), rtol=1e-5)
+    np.testing.assert_allclose(total_gradient.numpy(), single_gradient.numpy(), rtol=1e-4, atol=1e-6)
+    print("OK")
+""")
+
+
+def test_batch_dice_is_the_global_batch_dice_under_two_replicas():
+    """Loss and gradient of a 2-replica step equal those of the whole batch on one device."""
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-c", GLOBAL_DICE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
 def test_a_training_step_under_a_two_replica_mirrored_strategy():
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], env=env, capture_output=True, text=True,
