@@ -82,6 +82,11 @@ def _cmd_show(args):
 
 
 def _cmd_params_doc(args):
+    if args.resume:
+        from medseg_dl.experiment.resume import resume_table
+
+        print(resume_table())
+        return
     from medseg_dl.config.reference import params_reference
 
     print(params_reference())
@@ -132,6 +137,7 @@ def build_parser():
     show.set_defaults(handler=_cmd_show)
 
     doc = commands.add_parser("params-doc", help="print the params reference (Markdown)")
+    doc.add_argument("--resume", action="store_true", help="print the table of what a resume may change instead")
     doc.set_defaults(handler=_cmd_params_doc)
     return parser
 

@@ -8,8 +8,10 @@ Two runners with one call, `runner(staged_prefix, step) -> summary`:
   evaluator uses a GPU; evaluation.checkpoint_process).
 An unreadable checkpoint raises `CheckpointError` from both; the evaluator skips it.
 """
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ from medseg_dl.inference.trained import inference_network, restore_weights
 from medseg_dl.pipeline.inputs import volume_inputs
 
 UNREADABLE_EXIT = 3  # the child's exit code for an unreadable checkpoint
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def predict_cases(predictor: Predictor, cases: Sequence[Case]) -> List[Result]:
@@ -95,7 +98,7 @@ class ChildProcessRunner:
 
     def __call__(self, staged_prefix: str, step: int) -> Dict:
         command = [sys.executable, "-m", "medseg_dl.evaluation.runner", self.params_path, staged_prefix, str(step)]
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
         lines = done.stdout.strip().splitlines()
         for line in lines[:-1]:  # the child's progress; the last line is its summary
             print(line, flush=True)
@@ -110,13 +113,22 @@ class ChildProcessRunner:
         pass
 
 
+def _die_with_parent():
+    """In the child, before it runs: ask Linux to kill it when the evaluator dies (kill -9 included), so
+    that no orphan keeps evaluating into the model folder. Elsewhere nothing is done."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str]) -> int:
     """The child: evaluate the staged checkpoint argv[1] at step argv[2] with the params file argv[0];
     prints the summary as the last line of stdout."""
-    params = Params.load(argv[0])
-    model_dir = ModelDir(params.experiment.model_dir)
-    configure_devices(params.evaluation, "evaluation")
     try:
+        params = Params.load(argv[0])
+        model_dir = ModelDir(params.experiment.model_dir)
+        configure_devices(params.evaluation, "evaluation")
         runner = InProcessRunner(params, model_dir, record_cases(params, split_record_paths(params, model_dir, "val")))
         summary = runner(argv[1], int(argv[2]))
         runner.close()

@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
+from medseg_dl.errors import MedsegError
 from medseg_dl.evaluation import runner, watcher as evaluation
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.training.loop import run_training
@@ -83,3 +85,45 @@ def test_cli_once_and_other_folder(tmp_path):
     report = json.load(open(os.path.join(model_dir.summary_path(5, "other"))))
     assert report["subjects"] == 4
     assert not os.path.exists(model_dir.history)  # other data changes no history
+
+
+def test_an_unreadable_checkpoint_is_skipped_with_a_warning_and_watching_goes_on(tmp_path, capsys):
+    params, model_dir = trained(tmp_path)
+    data = os.path.join(model_dir.checkpoints, "ckpt-5.data-00000-of-00001")
+    os.truncate(data, os.path.getsize(data) // 2)
+    assert evaluation.run_evaluation(params, model_dir, timeout_s=30) is None
+    history = json.load(open(model_dir.history))
+    assert history["5"]["skipped"] and not history["10"]["skipped"]
+    assert "ckpt-5: cannot read this checkpoint" in capsys.readouterr().out
+
+
+def test_a_checkpoint_training_has_not_finished_is_not_evaluated(tmp_path):
+    """TensorFlow writes a checkpoint's .index in place; only the CheckpointManager's state says it is done."""
+    params, model_dir = trained(tmp_path, steps=5)
+    open(os.path.join(model_dir.checkpoints, "ckpt-7.index"), "wb").write(b"half")
+    assert [os.path.basename(p) for p in evaluator_for(params, model_dir, tmp_path / "staging").pending()] == ["ckpt-5"]
+
+
+def test_timeout_applies_while_the_validation_subjects_are_not_converted(tmp_path):
+    root = synthetic_dataset(tmp_path / "data")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run")))
+    params, model_dir, _ = open_model_dir(str(path))
+    with pytest.raises(MedsegError, match="still not converted after 1 s; start `medseg train`"):
+        evaluation.run_evaluation(params, model_dir, timeout_s=1.0)
+    assert not os.path.exists(model_dir.eval_lock)
+
+
+def test_a_hand_edited_network_key_stops_evaluate_and_predict_with_one_line(tmp_path):
+    params, model_dir = trained(tmp_path, steps=5)
+    edited = yaml.safe_load(open(model_dir.params_path))
+    edited["model"]["base_filters"] = 8
+    open(model_dir.params_path, "w").write(yaml.safe_dump(edited))
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for command in (["evaluate", "--params", model_dir.params_path, "--once"],
+                    ["predict", "--model-dir", model_dir.root, "--checkpoint", "latest",
+                     "--input", str(tmp_path / "data" / "images"), "--output", str(tmp_path / "out")]):
+        done = subprocess.run([sys.executable, "-m", "medseg_dl.cli", *command], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "model.base_filters was 4, now 8" in done.stderr.strip().splitlines()[-1]

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,37 @@ def test_a_refused_resume_names_the_key_and_changes_nothing_on_disk(tmp_path, ch
     assert folder_state(model_dir.root) == before
 
 
+def test_an_extended_run_continues_its_learning_rate(tmp_path, monkeypatch):
+    """Stopped at step 7 of 12, then resumed with 20 steps: the logged rate goes on from the rate at
+    step 7 (no jump) and decays to 0 at step 20."""
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 12, "log_every": 1,
+                                                                 "checkpoint_every": 100}))
+
+    class StopAfterSixSteps(training.StopRequest):  # as if SIGTERM came during step 7
+        reads = 0
+
+        @property
+        def signal_name(self):
+            StopAfterSixSteps.reads += 1
+            return "SIGTERM" if StopAfterSixSteps.reads > 6 else None
+
+        @signal_name.setter
+        def signal_name(self, value):
+            pass
+    monkeypatch.setattr(training, "StopRequest", StopAfterSixSteps)
+    assert training.run_training(params, model_dir) == 7
+    monkeypatch.undo()
+    params, model_dir = prepare(model_dir.params_path, ["training.steps=20"])
+    assert training.run_training(params, model_dir) == 20
+    rows = read_scalars(model_dir)
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    rates = np.array([float(r["learning_rate"]) for r in rows])  # row i: the rate of step i (0-based)
+    peak = params.training.learning_rate
+    np.testing.assert_allclose(rates[:8], peak * (1 - np.arange(8) / 12) ** 0.9, rtol=1e-5)  # 7: continued
+    np.testing.assert_allclose(rates[7:], rates[7] * (1 - np.arange(13) / 13) ** 0.9, rtol=1e-5, atol=1e-9)
+    assert np.all(rates[:-1] > 0)
+
+
 def _start(path, *extra):
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--params", path, *extra],
@@ -169,3 +201,57 @@ def test_scalars_csv_drops_rows_after_checkpoint_and_cut_lines(tmp_path):
     path.write_text("step,loss\n5,1.0\n10,0.9\n15,0.8\n2")  # killed while writing step 20
     ScalarCsv(str(path), restored_step=10).append({"step": 15, "loss": 0.5})
     assert path.read_text() == "step,loss\n5,1.0\n10,0.9\n15,0.5\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "missing index"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_one_before(
+        tmp_path, capsys, damage):
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 10, "keep_last": 3}))
+    training.run_training(params, model_dir)
+    newest = os.path.join(model_dir.checkpoints, "ckpt-10")
+    if damage == "truncated data":
+        data = newest + ".data-00000-of-00001"
+        os.truncate(data, os.path.getsize(data) // 2)
+    else:
+        os.remove(newest + ".index")
+    params, model_dir = prepare(model_dir.params_path, ["training.steps=12"])
+    assert training.run_training(params, model_dir) == 12
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {newest} cannot be read" in out and "at step 5" in out
+    assert any(n.startswith("ckpt-10") for n in os.listdir(model_dir.unreadable_checkpoints))
+    assert checkpoint_counters(os.path.join(model_dir.checkpoints, "ckpt-12")) == (12, 12)
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 10}))
+    training.run_training(params, model_dir)
+    for name in os.listdir(model_dir.checkpoints):
+        if ".data-" in name:
+            os.truncate(os.path.join(model_dir.checkpoints, name), 10)
+    with pytest.raises(TrainingError, match=r"none of the checkpoints \['ckpt-5', 'ckpt-10'\] can be read"):
+        training.run_training(*prepare(model_dir.params_path, ["training.steps=12"]))
+
+
+def test_a_second_trainer_on_the_folder_is_refused(tmp_path):
+    from medseg_dl.experiment.locks import process_start_time
+
+    params, model_dir = prepare(write_params(tmp_path))
+    holder = os.getppid()  # a live process of this machine: as if it trained this folder
+    with open(model_dir.train_lock, "w") as f:
+        json.dump({"pid": holder, "host": socket.gethostname(), "start_time": process_start_time(holder),
+                   "role": "trainer", "started": "2026-12-02T10:00:00Z", "command": "medseg train"}, f)
+    with pytest.raises(ModelDirError, match=rf"another trainer runs on this model folder \(pid {holder}"):
+        training.run_training(params, model_dir)
+    assert not os.listdir(model_dir.checkpoints)
+
+
+def test_out_of_memory_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
+    params, model_dir = prepare(write_params(tmp_path))
+
+    def exhausted(strategy, spec):
+        def step(batch, stop):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return step
+    monkeypatch.setattr(training, "make_train_step", exhausted)
+    with pytest.raises(TrainingError, match="out of memory .* lower sampling.batch_size"):
+        training.run_training(params, model_dir)
