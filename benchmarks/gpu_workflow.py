@@ -1,0 +1,151 @@
+"""The two-process workflow on one device: training steps/s alone and with the evaluator beside it, and
+each process's peak device memory, for each precision. Run by `benchmarks/gpu_workflow.sh`.
+
+For each precision (float32, and mixed_float16 on a GPU): `medseg train` on the hippocampus experiment
+runs alone for `--minutes`, then again (a fresh model folder) with `medseg evaluate` watching it (a
+checkpoint every `--checkpoint-every` steps); both are stopped with SIGTERM. Steps/s is the median
+over the logged intervals after the first (tracing). Peak memory: GPU memory per process from
+`nvidia-smi --query-compute-apps` sampled every 0.5 s (the evaluator's child processes counted as
+the evaluator), or, without a GPU (`--cpu`), the peak RSS (VmHWM). Prints one JSON line per run and
+appends them to benchmarks/results/gpu_workflow.jsonl.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from machine_info import describe_machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results", "gpu_workflow.jsonl")
+CPU_SETTINGS = ["model.base_filters=8", "sampling.patch_size=[32,40,32]", "sampling.batch_size=4"]
+
+
+def medseg(log, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "medseg_dl.cli", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def descendants(pid):
+    """pid and all its descendants (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+class MemorySampler(threading.Thread):
+    """Peak memory in MB per named process tree, GPU (nvidia-smi) or host RSS (VmHWM)."""
+
+    def __init__(self, processes, gpu):
+        super().__init__(daemon=True)
+        self.processes, self.gpu, self.peak_mb, self.running = processes, gpu, {k: 0.0 for k in processes}, True
+
+    def run(self):
+        while self.running:
+            usage = self._gpu_usage() if self.gpu else None
+            for name, process in self.processes.items():
+                pids = descendants(process.pid)
+                used = sum(usage.get(p, 0.0) for p in pids) if usage is not None else sum(map(_rss_peak_mb, pids))
+                self.peak_mb[name] = max(self.peak_mb[name], used)
+            time.sleep(0.5)
+
+    @staticmethod
+    def _gpu_usage():
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        usage = {}
+        for line in out.strip().splitlines():
+            pid, used = (part.strip() for part in line.split(","))
+            usage[int(pid)] = float(used)
+        return usage
+
+
+def _rss_peak_mb(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def steps_per_s(model_dir):
+    with open(os.path.join(model_dir, "logs", "train", "scalars.csv")) as f:
+        rows = list(csv.DictReader(f))[1:]
+    return statistics.median(1.0 / float(r["step_time_s"]) for r in rows) if rows else float("nan")
+
+
+def one_run(args, precision, beside, work):
+    model_dir = os.path.join(work, f"{precision}-{'beside' if beside else 'alone'}")
+    settings = [f"experiment.model_dir={model_dir}", f"data.tfrecords_dir={os.path.join(work, 'tfrecords')}",
+                "training.steps=1000000", "training.log_every=20", f"training.checkpoint_every={args.checkpoint_every}",
+                f"training.mixed_precision={str(precision == 'mixed_float16').lower()}", *args.set]
+    overrides = [a for s in settings for a in ("--set", s)]
+    processes = {"trainer": medseg(model_dir + "-train.log", "train", "--params", args.params, *overrides)}
+    if beside:
+        while not os.path.isfile(os.path.join(model_dir, "checkpoints", "run_params.yaml")):
+            time.sleep(1.0)
+        processes["evaluator"] = medseg(model_dir + "-eval.log", "evaluate", "--params",
+                                        os.path.join(model_dir, "params.yaml"))
+    sampler = MemorySampler(processes, args.gpu)
+    sampler.start()
+    time.sleep(args.minutes * 60)
+    for process in processes.values():
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        process.wait(timeout=300)
+    sampler.running = False
+    sampler.join()
+    evaluated = len(json.load(open(os.path.join(model_dir, "eval", "history.json")))) \
+        if os.path.isfile(os.path.join(model_dir, "eval", "history.json")) else 0
+    unit = "gpu_mb" if args.gpu else "rss_mb"
+    return {"benchmark": "gpu_workflow", "precision": precision, "evaluator_beside": beside,
+            "steps_per_s": steps_per_s(model_dir), "minutes": args.minutes, "checkpoints_evaluated": evaluated,
+            **{f"peak_{unit}_{name}": round(mb, 1) for name, mb in sampler.peak_mb.items()},
+            "settings": args.set, "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="no GPU: the CPU form (float32, a small network)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="per run")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--params", default=os.path.join(REPO, "params", "hippocampus.yaml"))
+    parser.add_argument("--work", default=os.path.join(REPO, "runs", "gpu-workflow"))
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    args.gpu = not args.cpu and shutil.which("nvidia-smi") is not None
+    if args.cpu:
+        args.set = CPU_SETTINGS + args.set
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    for precision in ["float32", "mixed_float16"] if args.gpu else ["float32"]:
+        for beside in (False, True):
+            line = json.dumps(one_run(args, precision, beside, args.work))
+            print(line, flush=True)
+            with open(RESULTS, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
