@@ -138,6 +138,7 @@ def main():
     if args.cpu:
         args.set = CPU_SETTINGS + args.set
     shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for precision in ["float32", "mixed_float16"] if args.gpu else ["float32"]:
         for beside in (False, True):
