@@ -56,38 +56,49 @@ class ModelSpec:
 @keras.saving.register_keras_serializable(package="medseg_dl")
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak` over `warmup_steps`, then constant, poly or cosine decay to 0 at
-    `total_steps`; `restart` begins a new segment of the same decay from a given rate.
+    `total_steps`; `restart` begins a new segment from a given rate.
 
-    The segment (start step s, start rate r, end step e) is the variable `segment`, saved in the
-    checkpoints; the first is (0, peak, total_steps). With w = warmup_steps in the first segment and
-    0 after, t = (step - s - w) / (e - s - w) clipped to [0, 1]: constant r; poly r (1 - t)^0.9;
-    cosine r (1 + cos(pi t)) / 2; during warm-up r (step - s + 1) / w.
+    The segment is the variable `segment` (float64, saved in the checkpoints): start step s, start
+    rate r, end step e, the learning_rate and the decay (index in DECAYS) it was made for; the first
+    is (0, peak, total_steps, peak, decay). With w = warmup_steps in the first segment and 0 after,
+    t = (step - s - w) / (e - s - w) clipped to [0, 1]: constant r; poly r (1 - t)^0.9; cosine
+    r (1 + cos(pi t)) / 2; during warm-up r (step - s + 1) / w.
     """
+
+    DECAYS = ("constant", "poly", "cosine")
 
     def __init__(self, peak, total_steps, warmup_steps=0, decay="poly"):
         schema.check("training.schedule", decay)
         self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
-        self.segment = tf.Variable([0.0, float(peak), float(total_steps)], trainable=False, dtype=tf.float64,
-                                   name="schedule_segment")
+        self.segment = tf.Variable(self.segment_values(0, peak, total_steps, peak, decay), trainable=False,
+                                   dtype=tf.float64, name="schedule_segment")
+
+    @classmethod
+    def segment_values(cls, start, rate, end, learning_rate, decay):
+        return [float(start), float(rate), float(end), float(learning_rate), float(cls.DECAYS.index(decay))]
 
     def __call__(self, step):
-        start, rate, end = tf.unstack(tf.cast(self.segment, tf.float32))
+        start, rate, end, _, decay = tf.unstack(tf.cast(self.segment, tf.float32))
         since = tf.cast(step, tf.float32) - start
         warmup = tf.where(start == 0.0, float(self.warmup_steps), 0.0)
         progress = tf.clip_by_value((since - warmup) / tf.maximum(end - start - warmup, 1.0), 0.0, 1.0)
-        if self.decay == "poly":
-            factor = (1.0 - progress) ** POLY_EXPONENT
-        elif self.decay == "cosine":
-            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
-        else:
-            factor = tf.ones_like(progress)
+        factors = tf.stack([tf.ones_like(progress), (1.0 - progress) ** POLY_EXPONENT,
+                            0.5 * (1.0 + tf.cos(math.pi * progress))])
+        factor = tf.gather(factors, tf.cast(decay, tf.int32))
         if self.warmup_steps > 0:
             factor = tf.where(since < warmup, (since + 1.0) / tf.maximum(warmup, 1.0), factor)
         return rate * factor
 
-    def restart(self, step, rate, total_steps):
-        """From `step` on, decay from `rate` to 0 at `total_steps` (no warm-up)."""
-        self.segment.assign([float(step), float(rate), float(total_steps)])
+    def follows(self, training) -> bool:
+        """Whether the current segment was made for the `training` params section (steps, rate, decay)."""
+        _, _, end, learning_rate, decay = self.segment.numpy()
+        return (end, learning_rate, decay) == (training.steps, float(training.learning_rate),
+                                               self.DECAYS.index(training.schedule))
+
+    def restart(self, step, rate, training):
+        """From `step` on: `rate`, decaying by training.schedule to 0 at training.steps (no warm-up)."""
+        self.segment.assign(self.segment_values(step, rate, training.steps, training.learning_rate,
+                                                training.schedule))
 
     def get_config(self):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,

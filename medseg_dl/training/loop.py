@@ -30,7 +30,7 @@ from medseg_dl.errors import DataError, ModelDirError, TrainingError
 from medseg_dl.experiment.checkpoints import completed_checkpoints, move_checkpoint
 from medseg_dl.experiment.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
-from medseg_dl.model.model_fn import make_schedule, model_fn
+from medseg_dl.model.model_fn import model_fn
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training import reporting
 from medseg_dl.training.distribute import make_strategy
@@ -110,7 +110,7 @@ def _train(params, model_dir, strategy, chief, files):
     start = int(step.numpy())
     if restored:
         print(f"resumed from {restored} at step {start}", flush=True)
-        _continue_schedule(spec, start, model_dir, params)
+        _continue_schedule(spec, start, params)
     if chief:
         params.save(model_dir.run_params)
     saved_dir = model_dir.checkpoints if chief else model_dir.worker_checkpoints(os.getpid())
@@ -151,21 +151,18 @@ def restore_newest(checkpoint: tf.train.Checkpoint, model_dir: ModelDir, move_un
     return None
 
 
-def _continue_schedule(spec, start, model_dir, params):
-    """After a resume that changes training.steps, learning_rate or schedule: a new schedule segment from the
-    rate at `start` under the old settings (or from the new learning_rate), decaying to 0 at the new last step."""
-    if not os.path.isfile(model_dir.run_params):
+def _continue_schedule(spec, start, params):
+    """After a resume that changes training.steps, learning_rate or schedule (the restored segment was made
+    for other values): a new segment from the current rate (or from a new learning_rate), decaying to 0 at
+    the new last step."""
+    schedule, training = spec.learning_rate, params.training
+    if schedule.follows(training):
         return
-    old = Params.load(model_dir.run_params).training
-    new = params.training
-    if (old.steps, old.learning_rate, old.schedule) == (new.steps, new.learning_rate, new.schedule):
-        return
-    previous = make_schedule(old)
-    previous.segment.assign(spec.learning_rate.segment.read_value())
-    rate = float(new.learning_rate) if new.learning_rate != old.learning_rate else float(previous(start))
-    spec.learning_rate.restart(start, rate, new.steps)
+    changed_rate = float(training.learning_rate) != schedule.segment.numpy()[3]
+    rate = float(training.learning_rate) if changed_rate else float(schedule(start))
+    schedule.restart(start, rate, training)
     print(f"resume: the learning rate continues from {rate:.3g} at step {start} and decays to 0 at step "
-          f"{new.steps}", flush=True)
+          f"{training.steps}", flush=True)
 
 
 def _training_files(params, model_dir, wait):

@@ -103,8 +103,8 @@ def test_a_refused_resume_names_the_key_and_changes_nothing_on_disk(tmp_path, ch
 
 
 def test_an_extended_run_continues_its_learning_rate(tmp_path, monkeypatch):
-    """Stopped at step 7 of 12, then resumed with 20 steps: the logged rate goes on from the rate at
-    step 7 (no jump) and decays to 0 at step 20."""
+    """Stopped at step 7 of 12, then resumed with 20 steps (a first resume killed before it saved
+    anything): the logged rate goes on from the rate at step 7 (no jump) and decays to 0 at step 20."""
     params, model_dir = prepare(write_params(tmp_path, training={"steps": 12, "log_every": 1,
                                                                  "checkpoint_every": 100}))
 
@@ -122,7 +122,14 @@ def test_an_extended_run_continues_its_learning_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "StopRequest", StopAfterSixSteps)
     assert training.run_training(params, model_dir) == 7
     monkeypatch.undo()
-    params, model_dir = prepare(model_dir.params_path, ["training.steps=20"])
+
+    def killed(self, iterator):  # the first resume dies before its first checkpoint (run_params says 20)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training._Loop, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.run_training(*prepare(model_dir.params_path, ["training.steps=20"]))
+    monkeypatch.undo()
+    params, model_dir = prepare(model_dir.params_path)
     assert training.run_training(params, model_dir) == 20
     rows = read_scalars(model_dir)
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
