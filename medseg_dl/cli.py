@@ -59,6 +59,13 @@ def _cmd_predict(args):
     print(f"wrote {len(written)} predictions to {args.output}")
 
 
+def _cmd_plan(args):
+    from medseg_dl.planning.command import run_plan
+
+    path = run_plan(args.data, args.layout, args.output, args.modality, args.gpu_memory_gb, args.set)
+    print(f"wrote {path} (and plan.json beside it)")
+
+
 def _cmd_show(args):
     from medseg_dl.config.params import Params
     from medseg_dl.experiment.model_dir import ModelDir
@@ -125,6 +132,19 @@ def build_parser():
     predict.add_argument("--output", required=True, help="folder for the <subject>.nii.gz label maps")
     predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     predict.set_defaults(handler=_cmd_predict)
+
+    planner = commands.add_parser("plan", help="configure an experiment from a dataset folder (nnU-Net's rules)")
+    planner.add_argument("--data", required=True, metavar="DIR", help="the dataset folder")
+    planner.add_argument("--layout", required=True, choices=schema.key("data.layout").choices)
+    planner.add_argument("--modality", nargs="+", default=[], metavar="MRI|CT", help="one per channel (default: MRI, "
+                         "or CT for channels named CT in an MSD dataset.json)")
+    planner.add_argument("--gpu-memory-gb", type=float, help="plan for a GPU with this much memory (default: a CPU "
+                         "budget)")
+    planner.add_argument("--output", required=True, metavar="YAML", help="the params file to write")
+    planner.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="data keys the layout needs (data.channels=[...], data.label_pattern=...), or any "
+                         "key to fix instead of planning it")
+    planner.set_defaults(handler=_cmd_plan)
 
     show = commands.add_parser("show", help="view volumes, labels, predictions, batches, curves")
     show.add_argument("image", nargs="?", help="a volume file (NIfTI, NRRD, ...) or DICOM folder")

@@ -40,8 +40,10 @@ class Key:
                               f"got {type(value).__name__}")
         if value is None:
             return
-        if self.choices is not None and value not in self.choices:
-            raise ParamsError(f"{where} = {value!r}: expected one of {list(self.choices)}")
+        if self.choices is not None and not all(v in self.choices for v in (value if isinstance(value, list)
+                                                                              else [value])):
+            raise ParamsError(f"{where} = {value!r}: expected one of {list(self.choices)}"
+                              + (" (or a list of them)" if list in self.types else ""))
         if self.pattern is not None and isinstance(value, str) and not re.fullmatch(self.pattern, value):
             raise ParamsError(f"{where} = {value!r}: expected {self.doc.split(';')[0]}")
         values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -113,9 +115,10 @@ SCHEMA = {
         "workers": Key(2, (int,), "parallel processes for conversion", minimum=1),
     },
     "preprocessing": {
-        "normalization": Key("zscore", (str,), "per-channel intensity normalisation: zscore (per case), "
-                             "zscore_mask (per case inside the mask), ct (clip to dataset percentiles, then "
-                             "dataset mean/std), none", choices=["zscore", "zscore_mask", "ct", "none"]),
+        "normalization": Key("zscore", (str, list), "intensity normalisation, one for all channels or a list "
+                             "with one per channel: zscore (per case), zscore_mask (per case inside the mask), "
+                             "ct (clip to dataset percentiles, then dataset mean/std), none",
+                             choices=["zscore", "zscore_mask", "ct", "none"]),
         "ct_percentiles": Key([0.5, 99.5], (list,), "ct: clipping percentiles of foreground intensities", length=2),
         "target_spacing_mm": Key(None, (list, NONE), "resample to this spacing (x, y, z) in mm; null keeps it",
                                  length=3),
@@ -144,13 +147,14 @@ SCHEMA = {
         "flip": {"p": _prob("probability of mirroring, drawn per axis"),
                  "axes": Key([0, 1, 2], (list,), "axes that may be mirrored")},
         "rotate": {"p": _prob(), "max_deg": Key([15.0, 15.0, 15.0], (list,),
-                                                "largest rotation about each axis in degrees", length=3)},
+                                                "largest rotation about each axis (x, y, z) in degrees, in mm "
+                                                "space: [0, 0, a] rotates in the x-y plane only", length=3)},
         "scale": {"p": _prob(), "range": Key([0.85, 1.25], (list,), "zoom factor range (>1 enlarges)", length=2),
                   "anisotropic": Key(False, (bool,), "draw one factor per axis instead of one for all")},
         "elastic": {"p": _prob(),
-                    "sigma_vox": Key([5.0, 8.0], (list,), "range of the smoothing sigma of the displacement "
-                                                         "field in voxels", length=2),
-                    "magnitude_vox": Key([0.2, 1.2], (list,), "range of the RMS displacement in voxels", length=2),
+                    "sigma_mm": Key([5.0, 8.0], (list,), "range of the smoothing sigma of the displacement "
+                                                        "field in mm", length=2),
+                    "magnitude_mm": Key([0.2, 1.2], (list,), "range of the RMS displacement in mm", length=2),
                     "grid_points": Key(7, (int,), "control points per axis of the coarse displacement grid",
                                        minimum=2)},
         "noise": {"p": _prob(), "std": Key([0.0, 0.1], (list,), "range of the Gaussian noise std", length=2)},
@@ -166,6 +170,13 @@ SCHEMA = {
                             choices=["unet", "medpatchnet"]),
         "base_filters": Key(16, (int,), "filters of the first stage", minimum=1),
         "depth": Key(4, (int,), "resolution levels (each halves the size)", minimum=1),
+        "strides": Key(None, (list, NONE), "unet: the down-sampling of each of the depth - 1 levels below the "
+                                           "first, per axis, e.g. [[2, 2, 1], [2, 2, 2], [2, 2, 2]] (no pooling of "
+                                           "an axis that is already a few voxels); null: 2 on every axis",
+                       items=(list,)),
+        "kernel_sizes": Key(None, (list, NONE), "unet: the convolution kernel of each of the depth levels, per "
+                                                "axis, e.g. [[3, 3, 1], [3, 3, 3], ...] for coarse z; null: 3",
+                            items=(list,)),
         "norm": Key("instance", (str,), "normalisation layer", choices=["batch", "instance", "group", "none"]),
         "activation": Key("leaky_relu", (str,), "activation", choices=["relu", "leaky_relu", "prelu"]),
         "deep_supervision": Key(False, (bool,), "unet: extra losses on coarser decoder outputs"),

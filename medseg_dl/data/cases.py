@@ -61,9 +61,13 @@ def recipe_from_params(params: Params, ct_stats: Optional[list] = None) -> CaseR
 def stored_recipe(params: Params) -> CaseRecipe:
     """The recipe of a converted experiment: for normalization "ct", with the statistics stored in
     its `dataset.json` at conversion, so new subjects are normalised exactly like the training data."""
-    ct_stats = read_index(params.data.tfrecords_dir).get("ct_stats") \
-        if params.preprocessing.normalization == "ct" else None
+    ct_stats = read_index(params.data.tfrecords_dir).get("ct_stats") if uses(params.preprocessing, "ct") else None
     return recipe_from_params(params, ct_stats)
+
+
+def uses(preprocessing, method: str) -> bool:
+    """Whether `preprocessing.normalization` applies `method` to any channel."""
+    return method in preprocess.channel_methods(preprocessing["normalization"], 1)
 
 
 def read_image(subject: Subject, recipe: CaseRecipe) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
@@ -135,7 +139,7 @@ def prepare_image(image: np.ndarray, mask: Optional[np.ndarray], affine: np.ndar
                   subject_id: str) -> Tuple[np.ndarray, np.ndarray]:
     """Image (X, Y, Z, C) on the model grid, normalised (float32), and its affine (4, 4)."""
     prep = recipe.preprocessing
-    if prep["normalization"] == "zscore_mask" and mask is None:
+    if uses(prep, "zscore_mask") and mask is None:
         raise DataError(f"subject '{subject_id}': preprocessing.normalization is zscore_mask but it has no "
                         f"mask; set data.mask_pattern or use zscore")
     image_grid, grid_affine = to_model_grid(image, affine, prep, order=3)

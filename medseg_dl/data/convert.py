@@ -21,7 +21,7 @@ from tqdm import tqdm
 from medseg_dl.atomic import remove_stale_temporaries
 from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, tfrecords
-from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case
+from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import find_subjects
 from medseg_dl.errors import DataError
@@ -125,7 +125,7 @@ def convert_dataset(params: Params, overwrite: bool = False) -> dict:
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]
             or not os.path.isfile(os.path.join(out_dir, index["subjects"][s.id]["file"]))]
     ct_stats = index.get("ct_stats")
-    if params.preprocessing.normalization == "ct" and (ct_stats is None or todo):
+    if uses(params.preprocessing, "ct") and (ct_stats is None or todo):
         ct_stats = _ct_statistics(subjects, params)
         index["ct_stats"] = ct_stats
     recipe = recipe_from_params(params, ct_stats)

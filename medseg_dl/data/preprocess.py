@@ -105,16 +105,28 @@ def ct_statistics(foreground_samples: Sequence[np.ndarray], percentiles: Sequenc
     return stats
 
 
-def normalize(image: np.ndarray, method: str, mask: Optional[np.ndarray] = None,
+def channel_methods(normalization, num_channels: int) -> List[str]:
+    """`preprocessing.normalization` as one method per channel: a string applies to every channel, a
+    list gives one per channel (its length is checked with the params)."""
+    return [normalization] * num_channels if isinstance(normalization, str) else list(normalization)
+
+
+def normalize(image: np.ndarray, normalization, mask: Optional[np.ndarray] = None,
               ct_stats: Optional[Sequence[Mapping[str, float]]] = None) -> np.ndarray:
-    """Apply `preprocessing.normalization` to an (X, Y, Z, C) image; returns float32."""
-    if method == "zscore":
-        return zscore(image)
-    if method == "zscore_mask":
-        return zscore(image, mask)
-    if method == "ct":
-        return ct_normalize(image, ct_stats)
-    return image.astype(np.float32)
+    """Apply `preprocessing.normalization` (one method, or one per channel: zscore, zscore_mask, ct, none)
+    to an (X, Y, Z, C) image; returns float32 (X, Y, Z, C). ct_stats: one dict per channel (all channels)."""
+    out = np.empty(image.shape, np.float32)
+    for c, method in enumerate(channel_methods(normalization, image.shape[-1])):
+        channel = image[..., c:c + 1]
+        if method == "zscore":
+            out[..., c:c + 1] = zscore(channel)
+        elif method == "zscore_mask":
+            out[..., c:c + 1] = zscore(channel, mask)
+        elif method == "ct":
+            out[..., c:c + 1] = ct_normalize(channel, ct_stats[c:c + 1])
+        else:
+            out[..., c:c + 1] = channel
+    return out
 
 
 def class_locations(label: np.ndarray, num_classes: int, max_per_class: int,

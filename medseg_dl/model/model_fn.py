@@ -138,7 +138,10 @@ def set_precision_policy(mixed_precision):
 
 def model_fn(params):
     """A `ModelSpec` for the params (sections model, loss, training, data); creates no variables
-    of the network (see ModelSpec.build). Sets the global dtype policy from training.mixed_precision."""
+    of the network (see ModelSpec.build). Sets the global dtype policy from training.mixed_precision,
+    and seeds Python, numpy, TensorFlow and Keras with params.seed, so that the initial weights and the
+    dropout masks of a run repeat (the input pipeline has its own stateless seeds)."""
+    keras.utils.set_random_seed(params.seed)
     set_precision_policy(params.training.mixed_precision)
     schedule = make_schedule(params.training)
     return ModelSpec(network=build_network(params), loss_fn=make_loss(params),

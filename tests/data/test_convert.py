@@ -154,3 +154,17 @@ def test_killed_conversion_keeps_finished_subjects(tmp_path):
     assert len(indexed_subjects(out_dir)) == 24
     assert {s: (out_dir / f"{s}.tfrecord").stat().st_mtime_ns for s in finished} == mtimes
     assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]
+
+
+def test_normalisation_per_channel_matches_numpy():
+    from medseg_dl.data.preprocess import normalize
+
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(100, 20, (6, 5, 4)), rng.uniform(-1000, 1000, (6, 5, 4)),
+                      rng.normal(3, 2, (6, 5, 4))], axis=-1).astype(np.float32)
+    stats = [None, {"low": -500.0, "high": 500.0, "mean": 10.0, "std": 250.0}, None]
+    out = normalize(image, ["zscore", "ct", "none"], ct_stats=stats)
+    np.testing.assert_allclose(out[..., 0], (image[..., 0] - image[..., 0].mean()) / image[..., 0].std(), atol=1e-5)
+    np.testing.assert_allclose(out[..., 1], (np.clip(image[..., 1], -500, 500) - 10) / 250, atol=1e-5)
+    np.testing.assert_array_equal(out[..., 2], image[..., 2])
+    np.testing.assert_array_equal(normalize(image, "none"), image)

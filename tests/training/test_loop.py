@@ -262,3 +262,17 @@ def test_out_of_memory_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "make_train_step", exhausted)
     with pytest.raises(TrainingError, match="out of memory .* lower sampling.batch_size"):
         training.run_training(params, model_dir)
+
+
+def test_two_runs_with_one_seed_give_equal_losses(tmp_path):
+    """Weights, dropout and the input pipeline are seeded: two training processes, one seed, equal losses."""
+    losses = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = write_params(folder, training={"steps": 4, "log_every": 1}, sampling={"deterministic": True},
+                            model={"dropout": 0.3})
+        process = _start(path)
+        assert process.wait(timeout=240) == 0, process.stdout.read()
+        losses.append([float(r["loss"]) for r in read_scalars(open_model_dir(path)[1])])
+    assert losses[0] == losses[1] and len(losses[0]) == 4

@@ -1,0 +1,121 @@
+"""`medseg plan`: fingerprint a dataset folder, derive an experiment (planner.py), write it as a commented
+params file whose derived keys say why, and the fingerprint beside it as `plan.json`."""
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+from medseg_dl import atomic
+from medseg_dl.config import schema
+from medseg_dl.config.params import Params, defaults_dict
+from medseg_dl.data.io import read_volume
+from medseg_dl.data.subjects import find_subjects
+from medseg_dl.errors import ParamsError
+from medseg_dl.planning.fingerprint import dataset_fingerprint
+from medseg_dl.planning.planner import plan
+
+FINGERPRINT_NAME = "plan.json"
+
+
+def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] = (),
+             gpu_memory_gb: Optional[float] = None, overrides: Sequence[str] = ()) -> str:
+    """Plan the dataset in `data_dir` (layout `layout`; `overrides` such as data.channels=[...] for
+    subject_folders) and write `output` (YAML) and `plan.json` beside it; returns the YAML's path."""
+    data = {**defaults_dict()["data"], "source_dir": os.path.abspath(data_dir), "layout": layout,
+            **_data_overrides(overrides)}
+    data["channels"] = _channels(data, overrides)
+    modalities = list(modalities) or _modalities(data)
+    if len(modalities) != len(data["channels"]):
+        raise ParamsError(f"--modality gives {len(modalities)} values for {len(data['channels'])} channels "
+                          f"{data['channels']}; give one per channel (MRI or CT)")
+    fingerprint = dataset_fingerprint(data)
+    name = os.path.basename(os.path.normpath(data_dir))
+    written = {k: data[k] for k in ("source_dir", "layout", "channels", "label_pattern", "mask_pattern",
+                                    "subject_glob") if data[k] is not None and _given(k, data, overrides)}
+    written["class_names"] = _class_names(data, fingerprint["num_classes"])
+    values, why = plan(fingerprint, written, modalities, gpu_memory_gb, name)
+    for override in overrides:  # the user's --set wins over the plan
+        key, _, raw = override.partition("=")
+        values[key.strip()], why[key.strip()] = yaml.safe_load(raw), "given with --set"
+    params = Params.from_dict(_nest(values), source=output)  # the planned file must validate
+    header = (f"# Planned by `medseg plan` from the {fingerprint['cases']} cases of {fingerprint['source_dir']}\n"
+              f"# ({'GPU budget ' + str(gpu_memory_gb) + ' GB' if gpu_memory_gb else 'no GPU: a CPU budget'}; "
+              f"fingerprint: {FINGERPRINT_NAME} beside this file).\n"
+              f"# Each planned key says why; every other key takes its default (`medseg params-doc`).\n")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    atomic.write_text(output, header + render(_nest(values), why))
+    atomic.write_json(os.path.join(os.path.dirname(os.path.abspath(output)), FINGERPRINT_NAME),
+                      {"fingerprint": fingerprint, "planned": values, "why": why, "modalities": modalities,
+                       "gpu_memory_gb": gpu_memory_gb, "seed": params.seed})
+    return output
+
+
+def render(nested: Dict, why: Dict[str, str], prefix: str = "", indent: int = 0) -> str:
+    """YAML of a nested dict, each key whose dotted name is in `why` followed by its reason."""
+    lines = []
+    for key, value in nested.items():
+        dotted, pad = prefix + key, "  " * indent
+        comment = f"  # {why[dotted]}" if dotted in why else ""
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{key}:{comment}")
+            lines.append(render(value, why, dotted + ".", indent + 1))
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")
+            lines.append(f"{pad}{key}: {text.removesuffix('...').strip()}{comment}")
+    return "\n".join(lines) + ("\n" if indent == 0 else "")
+
+
+def _data_overrides(overrides: Sequence[str]) -> Dict:
+    """The data.* keys of `--set` overrides, each checked against the schema."""
+    found = {}
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        if key.strip().startswith("data."):
+            found[key.strip()[len("data."):]] = schema.check(key.strip(), yaml.safe_load(raw))
+    return found
+
+
+def _nest(values: Dict[str, object]) -> Dict:
+    nested: Dict = {}
+    for dotted, value in values.items():
+        node = nested
+        *sections, last = dotted.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    return nested
+
+
+def _given(key, data, overrides):
+    return key in ("source_dir", "layout", "channels") or any(o.startswith(f"data.{key}=") for o in overrides)
+
+
+def _channels(data: Dict, overrides: Sequence[str]) -> List[str]:
+    """The channel names (msd: from dataset.json; images_labels: 'image', or image_0..C-1 for 4D files)."""
+    if any(o.startswith("data.channels=") for o in overrides) or data["layout"] == "subject_folders":
+        return list(data["channels"])
+    if data["layout"] == "msd":
+        index = json.load(open(os.path.join(data["source_dir"], "dataset.json")))
+        names = index.get("channel_names") or index.get("modality") or {"0": "image"}
+        return [names[k] for k in sorted(names, key=int)]
+    first = read_volume(find_subjects({**data, "channels": ["image"]})[0].channels[0]).data
+    return ["image"] if first.ndim == 3 else [f"image_{c}" for c in range(first.shape[3])]
+
+
+def _modalities(data: Dict) -> List[str]:
+    """CT for channels named CT (MSD's dataset.json), else MRI."""
+    return ["CT" if name.upper() == "CT" else "MRI" for name in data["channels"]]
+
+
+def _class_names(data: Dict, num_classes: int) -> List[str]:
+    """Names from an MSD dataset.json's "labels", else class_0, class_1, ..."""
+    path = os.path.join(data["source_dir"], "dataset.json")
+    if data["layout"] == "msd" and os.path.isfile(path):
+        labels = json.load(open(path)).get("labels", {})
+        by_value = {int(v): k for k, v in labels.items()} if labels and not list(labels)[0].isdigit() else \
+            {int(k): v for k, v in labels.items()}
+        if len(by_value) == num_classes:
+            return [str(by_value[k]) for k in range(num_classes)]
+    return data["class_names"] if data["class_names"] and len(data["class_names"]) == num_classes else \
+        [f"class_{k}" for k in range(num_classes)]
