@@ -111,7 +111,7 @@ def medseg_params(spec):
                      "samples_per_volume": SAMPLES_PER_VOLUME, "class_probabilities": [1.0 / classes] * classes},
         "augmentation": {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [ROTATE_DEG] * 3},
                          "scale": {"p": 1.0, "range": list(SCALE_RANGE)},
-                         "elastic": {"p": 1.0, "sigma_vox": [5.0, 8.0], "magnitude_vox": [0.2, 1.2],
+                         "elastic": {"p": 1.0, "sigma_mm": [5.0, 8.0], "magnitude_mm": [0.2, 1.2],
                                      "grid_points": 7},
                          "noise": {"p": 1.0, "std": [NOISE_STD, NOISE_STD]}}})
 
@@ -130,6 +130,7 @@ def memory_dataset(cases, num_classes):
     slices = {"image": ragged([c["image"] for c in cases]), "label": ragged([c["label"] for c in cases]),
               "class_locations": ragged(list(locations)), "class_location_counts": np.stack(counts),
               "shape": np.array([c["label"].shape for c in cases], np.int32),
+              "spacing_mm": np.ones((len(cases), 3), np.float32),  # both workloads are 1 mm isotropic
               "subject": [c["subject"] for c in cases]}
     channels = cases[0]["image"].shape[-1]
 

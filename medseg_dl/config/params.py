@@ -174,10 +174,35 @@ def _resolve(values):
                           f"{data['num_classes']}; give one name per class")
     if data["split"]["val"] + data["split"]["test"] >= 1.0:
         raise ParamsError("data.split: val + test must leave subjects for training (sum < 1)")
+    normalization = values["preprocessing"]["normalization"]
+    if isinstance(normalization, list) and len(normalization) != len(data["channels"]):
+        raise ParamsError(f"preprocessing.normalization lists {len(normalization)} methods but data.channels has "
+                          f"{len(data['channels'])}; give one per channel, or one string for all")
     probs = values["sampling"]["class_probabilities"]
     if probs and len(probs) != data["num_classes"]:
         raise ParamsError(f"sampling.class_probabilities has {len(probs)} values; expected "
                           f"data.num_classes = {data['num_classes']}, or null")
+    model = values["model"]
+    _check_per_level(model, "strides", model["depth"] - 1, "one per down-sampling", lambda v: v in (1, 2),
+                     "strides of 1 or 2 per axis, e.g. [2, 2, 1]")
+    _check_per_level(model, "kernel_sizes", model["depth"], "one per resolution level", lambda v: v % 2 == 1,
+                     "odd kernel sizes per axis, e.g. [3, 3, 1]")
+
+
+def _check_per_level(model, key, count, meaning, valid, expected):
+    """model.<key>: null, or `count` lists of 3 positive ints that each pass `valid`; one-line ParamsError."""
+    entries = model[key]
+    if entries is None:
+        return
+    if len(entries) != count:
+        raise ParamsError(f"model.{key} has {len(entries)} entries but model.depth = {model['depth']} needs "
+                          f"{count} ({meaning}), or null")
+    for index, entry in enumerate(entries):
+        if (not isinstance(entry, list) or len(entry) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in entry)):
+            raise ParamsError(f"model.{key}[{index}] = {entry!r}: expected 3 positive ints (x, y, z)")
+        if not all(valid(v) for v in entry):
+            raise ParamsError(f"model.{key}[{index}] = {entry!r}: expected {expected}")
 
 
 def _wrap(value):

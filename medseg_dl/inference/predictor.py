@@ -11,7 +11,8 @@ one tf.function per channel count, traced once whatever the volume shape. The wi
 blended with Gaussian or constant weights (windows.py) and the softmax of the
 weighted average is the probability, as in nnU-Net (the softmax runs once per voxel, not once per
 window). With mirroring test-time augmentation a window's logits are log(mean over the 8 flips of
-the softmax probabilities), so a window predicted alone gets exactly the flip-averaged probabilities.
+the softmax probabilities), so a window predicted alone gets exactly the flip-averaged probabilities;
+a flipped window is given its position mirrored on the flipped axes, as in training.
 """
 import inspect
 import itertools
@@ -24,7 +25,9 @@ from medseg_dl.config import schema
 from medseg_dl.config.params import Params
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.inference import windows
+from medseg_dl.pipeline.sampling import mirror_positions
 
+# the 8 flips as lists of the batch axes reversed: 1, 2, 3 are spatial x, y, z
 MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
 TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
 FINISH_SOFTMAX = windows.make_finisher(lambda average: tf.nn.softmax(average, axis=-1))
@@ -103,9 +106,13 @@ class Predictor:
         return tf.cast(logits, tf.float32)
 
     def _mirrored_logits(self, windows, positions):
+        """Log of the mean softmax over the 8 flips of `windows` (N, px, py, pz, C); each flip is given
+        `positions` (N, 3) mirrored on its axes. Returns (N, px, py, pz, K) float32."""
         total = 0.0
         for axes in MIRROR_AXES:
-            probabilities = tf.nn.softmax(self._logits(tf.reverse(windows, axes), positions), axis=-1)
+            flips = tf.constant([axis in axes for axis in (1, 2, 3)])
+            flipped_logits = self._logits(tf.reverse(windows, axes), mirror_positions(positions, flips))
+            probabilities = tf.nn.softmax(flipped_logits, axis=-1)
             total += tf.reverse(probabilities, axes)
         return tf.math.log(tf.maximum(total / len(MIRROR_AXES), TINY_PROBABILITY))
 

@@ -7,6 +7,7 @@ layer has been called (inside a distribution strategy's scope, when there is one
 are attributes, never Python lists: Keras 3 lists are invisible to tf.train.Checkpoint.
 """
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -15,6 +16,44 @@ from medseg_dl.config import schema
 from medseg_dl.errors import DataError
 
 LEAKY_SLOPE = 0.01  # nnU-Net's negative slope
+
+
+def per_axis(value):
+    """An int kept as it is, or a sequence of 3 ints (x, y, z) as a tuple (for kernel sizes and strides).
+
+    Ints stay ints so that a layer built with the defaults has exactly the config it always had; Keras
+    layers take either form.
+    """
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"expected an int or 3 ints (x, y, z), got {value}")
+    return value
+
+
+def triple(value):
+    """(x, y, z) ints from an int or a sequence of 3 ints."""
+    value = per_axis(value)
+    return (value,) * 3 if isinstance(value, int) else value
+
+
+def cumulative_strides(strides, depth):
+    """The down-sampling of each of `depth` resolution levels relative to the input, per axis.
+
+    strides: None (2 on every axis at each down-sampling) or depth - 1 per-axis strides (3 ints each),
+    the stride of the step from level l to level l + 1. Returns depth tuples (sx, sy, sz): level 0 is
+    (1, 1, 1), level l the product of the first l strides, e.g. [[2, 2, 1], [2, 2, 2]] ->
+    [(1, 1, 1), (2, 2, 1), (4, 4, 2)]. Level l of a U-Net has ceil(size / s) voxels along each axis.
+    """
+    steps = [(2, 2, 2)] * (depth - 1) if strides is None else [triple(s) for s in strides]
+    if len(steps) != depth - 1:
+        raise ValueError(f"{len(steps)} strides given for depth {depth}; expected {depth - 1} (one per "
+                         f"down-sampling)")
+    levels = [(1, 1, 1)]
+    for step in steps:
+        levels.append(tuple(a * b for a, b in zip(levels[-1], step)))
+    return levels
 
 
 def make_norm(kind, channels, groups=8, name=None):
@@ -65,14 +104,17 @@ def _apply(layer, x, training):
 class ConvNormAct(BuildOnCall, keras.layers.Layer):
     """Conv3D ('same' padding) -> normalisation -> activation.
 
-    Input (N, X, Y, Z, C); output (N, ceil(X/s), ceil(Y/s), ceil(Z/s), filters) for strides s.
-    The convolution has a bias only when there is no normalisation. `activation=None` ends
-    the block after the normalisation (used before a residual sum).
+    Input (N, X, Y, Z, C); output (N, ceil(X/sx), ceil(Y/sy), ceil(Z/sz), filters) for strides
+    s = (sx, sy, sz). kernel_size and strides are an int (every axis) or 3 ints (x, y, z), e.g.
+    kernel (3, 3, 1) and strides (2, 2, 1) for a coarse z axis. The convolution has a bias only
+    when there is no normalisation. `activation=None` ends the block after the normalisation
+    (used before a residual sum).
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, dilation_rate=1, norm="instance",
                  activation="leaky_relu", norm_groups=8, **kwargs):
         super().__init__(**kwargs)
+        kernel_size, strides = per_axis(kernel_size), per_axis(strides)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
         self.dilation_rate, self.norm, self.activation = dilation_rate, norm, activation
         self.norm_groups = norm_groups
@@ -94,47 +136,53 @@ class ConvNormAct(BuildOnCall, keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="medseg_dl")
 class ConvPair(BuildOnCall, keras.layers.Layer):
-    """Two 3x3x3 ConvNormAct, the first with `strides` (a U-Net stage).
+    """Two ConvNormAct with `kernel_size` (3x3x3 by default), the first with `strides` (a U-Net stage).
 
-    Input (N, X, Y, Z, C); output (N, ceil(X/s), ceil(Y/s), ceil(Z/s), filters).
+    kernel_size and strides: an int or 3 ints (x, y, z). Input (N, X, Y, Z, C); output
+    (N, ceil(X/sx), ceil(Y/sy), ceil(Z/sz), filters).
     """
 
-    def __init__(self, filters, strides=1, norm="instance", activation="leaky_relu", norm_groups=8, **kwargs):
+    def __init__(self, filters, strides=1, norm="instance", activation="leaky_relu", norm_groups=8, kernel_size=3,
+                 **kwargs):
         super().__init__(**kwargs)
+        kernel_size, strides = per_axis(kernel_size), per_axis(strides)
         self.filters, self.strides, self.norm = filters, strides, norm
-        self.activation, self.norm_groups = activation, norm_groups
+        self.activation, self.norm_groups, self.kernel_size = activation, norm_groups, kernel_size
         common = dict(norm=norm, activation=activation, norm_groups=norm_groups)
-        self.conv1 = ConvNormAct(filters, 3, strides, name="conv1", **common)
-        self.conv2 = ConvNormAct(filters, 3, name="conv2", **common)
+        self.conv1 = ConvNormAct(filters, kernel_size, strides, name="conv1", **common)
+        self.conv2 = ConvNormAct(filters, kernel_size, name="conv2", **common)
 
     def call(self, x, training=None):
         return self.conv2(self.conv1(x, training=training), training=training)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides, "norm": self.norm,
-                "activation": self.activation, "norm_groups": self.norm_groups}
+                "activation": self.activation, "norm_groups": self.norm_groups, "kernel_size": self.kernel_size}
 
 
 @keras.saving.register_keras_serializable(package="medseg_dl")
 class ResidualBlock(keras.layers.Layer):
-    """Two 3x3x3 ConvNormAct (the first with `strides`) plus a shortcut, then the activation.
+    """Two ConvNormAct with `kernel_size` (the first with `strides`) plus a shortcut, then the activation.
 
-    The shortcut is the identity when shapes agree, else a strided 1x1x1 conv + norm.
-    Input (N, X, Y, Z, C); output (N, ceil(X/s), ceil(Y/s), ceil(Z/s), filters).
+    kernel_size and strides: an int or 3 ints (x, y, z). The shortcut is the identity when shapes
+    agree, else a 1x1x1 conv with `strides` + norm.
+    Input (N, X, Y, Z, C); output (N, ceil(X/sx), ceil(Y/sy), ceil(Z/sz), filters).
     """
 
-    def __init__(self, filters, strides=1, norm="instance", activation="leaky_relu", norm_groups=8, **kwargs):
+    def __init__(self, filters, strides=1, norm="instance", activation="leaky_relu", norm_groups=8, kernel_size=3,
+                 **kwargs):
         super().__init__(**kwargs)
+        kernel_size, strides = per_axis(kernel_size), per_axis(strides)
         self.filters, self.strides, self.norm = filters, strides, norm
-        self.activation, self.norm_groups = activation, norm_groups
+        self.activation, self.norm_groups, self.kernel_size = activation, norm_groups, kernel_size
         common = dict(norm=norm, norm_groups=norm_groups)
-        self.conv1 = ConvNormAct(filters, 3, strides, activation=activation, name="conv1", **common)
-        self.conv2 = ConvNormAct(filters, 3, activation=None, name="conv2", **common)
+        self.conv1 = ConvNormAct(filters, kernel_size, strides, activation=activation, name="conv1", **common)
+        self.conv2 = ConvNormAct(filters, kernel_size, activation=None, name="conv2", **common)
         self.shortcut = None
         self.act = make_activation(activation, name="act")
 
     def build(self, input_shape):
-        if self.strides != 1 or input_shape[-1] != self.filters:
+        if triple(self.strides) != (1, 1, 1) or input_shape[-1] != self.filters:
             self.shortcut = ConvNormAct(self.filters, 1, self.strides, activation=None, norm=self.norm,
                                         norm_groups=self.norm_groups, name="shortcut")
 
@@ -144,7 +192,7 @@ class ResidualBlock(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides, "norm": self.norm,
-                "activation": self.activation, "norm_groups": self.norm_groups}
+                "activation": self.activation, "norm_groups": self.norm_groups, "kernel_size": self.kernel_size}
 
 
 def esp_split(filters, branches):
@@ -274,22 +322,25 @@ class PositionalConv(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="medseg_dl")
 class UpBlock(BuildOnCall, keras.layers.Layer):
-    """2x up-sampling by a 2x2x2 transposed convolution, concatenated with the skip features.
+    """Up-sampling by a transposed convolution with kernel = strides, concatenated with the skip features.
 
-    Inputs [x (N, X, Y, Z, C), skip (N, 2X, 2Y, 2Z, S)]; output (N, 2X, 2Y, 2Z, filters + S).
+    strides s: an int or 3 ints (x, y, z) in {1, 2}, the down-sampling being undone (2: 2x2x2, today's
+    default; (2, 2, 1) leaves z as it is, with a 2x2x1 kernel). Inputs [x (N, X, Y, Z, C),
+    skip (N, sx X, sy Y, sz Z, S)]; output (N, sx X, sy Y, sz Z, filters + S).
     """
 
-    def __init__(self, filters, **kwargs):
+    def __init__(self, filters, strides=2, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
-        self.transpose = keras.layers.Conv3DTranspose(filters, 2, strides=2, name="transpose")
+        strides = per_axis(strides)
+        self.filters, self.strides = filters, strides
+        self.transpose = keras.layers.Conv3DTranspose(filters, strides, strides=strides, name="transpose")
 
     def call(self, inputs):
         x, skip = inputs
         return ops.concatenate([self.transpose(x), skip], axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters}
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides}
 
 
 def check_channels(image, channels):
@@ -302,13 +353,15 @@ def check_channels(image, channels):
 def pad_to_multiple(x, multiple):
     """Zero-pad the spatial axes of (N, X, Y, Z, C) at their ends up to multiples of `multiple`.
 
-    Returns the padded tensor; a no-op when the static sizes already are multiples.
+    multiple: an int (every axis) or 3 ints (mx, my, mz), e.g. a U-Net's product of the strides
+    of each axis. Returns the padded tensor; a no-op when the static sizes already are multiples.
     """
+    multiples = triple(multiple)
     static = x.shape[1:4]
-    if all(s is not None and s % multiple == 0 for s in static):
+    if all(s is not None and s % m == 0 for s, m in zip(static, multiples)):
         return x
     sizes = ops.shape(x)[1:4]
-    pads = [[0, 0]] + [[0, (-size) % multiple] for size in sizes] + [[0, 0]]
+    pads = [[0, 0]] + [[0, (-sizes[axis]) % m] for axis, m in enumerate(multiples)] + [[0, 0]]
     return ops.pad(x, pads)
 
 

@@ -12,6 +12,8 @@ import functools
 
 import tensorflow as tf
 
+from medseg_dl.model.layers import cumulative_strides, triple
+
 
 def _probabilities_and_onehot(labels, logits):
     logits = tf.cast(logits, tf.float32)
@@ -62,18 +64,26 @@ def cross_entropy_loss(labels, logits):
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)))
 
 
-def deep_supervision_loss(loss_fn, labels, logits_by_level):
+def deep_supervision_loss(loss_fn, labels, logits_by_level, level_strides=None):
     """Weighted sum of `loss_fn` over the levels of a deep-supervised output.
 
-    logits_by_level[l]: (N, ceil(X/2^l), ceil(Y/2^l), ceil(Z/2^l), K), scored against the
-    labels sub-sampled by strided slicing, labels[:, ::2^l, ::2^l, ::2^l]. Level weights are
-    1, 1/2, 1/4, ... normalised to sum to 1.
+    level_strides[l]: the cumulative stride (Sx, Sy, Sz) (or one int for all axes) of level l relative
+    to the labels, e.g. UNet.level_strides or layers.cumulative_strides(params model.strides, depth);
+    at least one per level. None: 2^l on every axis (the isotropic U-Net).
+    logits_by_level[l]: (N, ceil(X/Sx), ceil(Y/Sy), ceil(Z/Sz), K), scored against the labels
+    sub-sampled by strided slicing, labels[:, ::Sx, ::Sy, ::Sz]. Level weights are 1, 1/2, 1/4, ...
+    normalised to sum to 1.
     """
-    weights = [0.5 ** level for level in range(len(logits_by_level))]
+    levels = len(logits_by_level)
+    if level_strides is None:
+        level_strides = [2 ** level for level in range(levels)]
+    if len(level_strides) < levels:
+        raise ValueError(f"deep supervision: {levels} levels of logits but {len(level_strides)} level strides")
+    weights = [0.5 ** level for level in range(levels)]
     total = 0.0
-    for level, (weight, logits) in enumerate(zip(weights, logits_by_level)):
-        stride = 2 ** level
-        total += weight * loss_fn(labels[:, ::stride, ::stride, ::stride], logits)
+    for weight, logits, stride in zip(weights, logits_by_level, level_strides):
+        sx, sy, sz = triple(stride)
+        total += weight * loss_fn(labels[:, ::sx, ::sy, ::sz], logits)
     return total / sum(weights)
 
 
@@ -86,7 +96,8 @@ def make_loss(params):
 
     loss.name in dice, jaccard, dice_ce, jaccard_ce, ce; smooth; squared_denominator; batch_dice;
     include_background; ce_weight. `logits` is one tensor (N, X, Y, Z, K) or a deep-supervision
-    list of them (see deep_supervision_loss).
+    list of them (see deep_supervision_loss), whose level strides come from params model.strides
+    and model.depth (null: 2^l on every axis).
     """
     loss_params = params.loss
     overlap = dict(smooth=float(loss_params.smooth), squared_denominator=loss_params.squared_denominator,
@@ -98,8 +109,10 @@ def make_loss(params):
               "dice_ce": functools.partial(_combined, dice, ce_weight),
               "jaccard_ce": functools.partial(_combined, jaccard, ce_weight)}[loss_params.name]
 
+    level_strides = cumulative_strides(params.model.strides, params.model.depth)
+
     def loss_fn(labels, logits):
         if isinstance(logits, (list, tuple)):
-            return deep_supervision_loss(single, labels, logits)
+            return deep_supervision_loss(single, labels, logits, level_strides)
         return single(labels, logits)
     return loss_fn

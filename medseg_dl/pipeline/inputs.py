@@ -23,7 +23,8 @@ def prepare_volume(volume, padding):
     """A decoded volume dict -> the dict the patch stage reads: flat_image (L, C) float32 and flat_label
     (L,) uint8 (the volume with a one-voxel border, see spatial.flatten_padded, zero-padded at the end
     to L = the next of 8 steps per octave, so that the compiled sampler meets few distinct shapes at
-    <= 12.5 % extra memory), shape (3,) int32, class_locations, class_location_counts, subject.
+    <= 12.5 % extra memory), shape (3,) int32, spacing_mm (3,) float32 (the voxel size in mm, for the
+    augmentation in mm), class_locations, class_location_counts, subject.
     Map it before `cache()`: the copy is then made once per volume, not once per draw."""
     flat_image, shape_vox = spatial.flatten_padded(volume["image"], padding)
     flat_label, _ = spatial.flatten_padded(tf.cast(volume["label"], tf.uint8), padding)
@@ -32,7 +33,8 @@ def prepare_volume(volume, padding):
     step = tf.cast(2.0 ** tf.maximum(octave - 3.0, 0.0), tf.int32)
     extra = (length + step - 1) // step * step - length
     return {"flat_image": tf.pad(flat_image, [[0, extra], [0, 0]]), "flat_label": tf.pad(flat_label, [[0, extra]]),
-            "shape": shape_vox, "class_locations": volume["class_locations"],
+            "shape": shape_vox, "spacing_mm": tf.cast(volume["spacing_mm"], tf.float32),
+            "class_locations": volume["class_locations"],
             "class_location_counts": volume["class_location_counts"], "subject": volume["subject"]}
 
 
@@ -41,9 +43,10 @@ _PATCH_FUNCTIONS = {}  # one per configuration: pipelines built again reuse its 
 
 def patch_function(params):
     """A function (prepared volume dict (see `prepare_volume`), middles (S, 3) float32, seed (2,) int64)
-    -> (images (S, px, py, pz, C) float32, labels (S, px, py, pz) int32): random parameters drawn with
-    plain TF ops, then two XLA-compiled calls (params.augmentation, params.sampling.padding): sampling
-    grid + sampling (one compilation per bucket of volume sizes), and intensity augmentation."""
+    -> (images (S, px, py, pz, C) float32, labels (S, px, py, pz) int32, flips (S, 3) bool: the axes each
+    patch was mirrored on): random parameters drawn with plain TF ops, then two XLA-compiled calls
+    (params.augmentation, params.sampling.padding): sampling grid + sampling (one compilation per bucket
+    of volume sizes; the volume's spacing_mm is a tensor argument), and intensity augmentation."""
     size, aug, padding = list(params.sampling.patch_size), params.augmentation, params.sampling.padding
     key = json.dumps([size, aug.to_dict(), padding], sort_keys=True)
     if key not in _PATCH_FUNCTIONS:
@@ -55,8 +58,8 @@ def _build_patch_function(size, aug, padding):
     image_sampler = spatial.sample_linear_flat if spatial.spatial_enabled(aug) else spatial.sample_nearest_flat
 
     @tf.function(jit_compile=True)
-    def sample(flat_image, flat_label, shape_vox, middles, drawn):
-        coords = spatial.spatial_coordinates(middles, size, drawn)
+    def sample(flat_image, flat_label, shape_vox, spacing_mm, middles, drawn):
+        coords = spatial.spatial_coordinates(middles, size, drawn, spacing_mm)
         return (image_sampler(flat_image, shape_vox, coords, padding),
                 tf.cast(spatial.sample_nearest_flat(flat_label, shape_vox, coords, padding), tf.int32))
 
@@ -65,12 +68,15 @@ def _build_patch_function(size, aug, padding):
         return intensity.apply_intensity(images, aug, drawn)
 
     def patches(volume, middles, seed):
-        drawn = spatial.draw_spatial(aug, middles.shape[0], tf.random.experimental.stateless_fold_in(seed, 0))
-        images, labels = sample(volume["flat_image"], volume["flat_label"], volume["shape"], middles, drawn)
+        count = middles.shape[0]
+        drawn = spatial.draw_spatial(aug, count, tf.random.experimental.stateless_fold_in(seed, 0))
+        images, labels = sample(volume["flat_image"], volume["flat_label"], volume["shape"], volume["spacing_mm"],
+                                middles, drawn)
         if intensity.intensity_enabled(aug):
-            drawn = intensity.draw_intensity(aug, tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 1))
-            images = change_intensity(images, drawn)
-        return images, labels
+            drawn_intensity = intensity.draw_intensity(aug, tf.shape(images),
+                                                       tf.random.experimental.stateless_fold_in(seed, 1))
+            images = change_intensity(images, drawn_intensity)
+        return images, labels, drawn.get("flips", tf.zeros([count, 3], tf.bool))
 
     return patches
 
@@ -78,24 +84,25 @@ def _build_patch_function(size, aug, padding):
 def volume_patches(volume, params, seed):
     """`samples_per_volume` augmented patches of one prepared volume dict (`prepare_volume`) as a dict:
     image (S, px, py, pz, C) float32, label (S, px, py, pz) int32, position (S, 3) float32
-    (`sampling.patch_positions`), subject (S,) string. seed: (2,) int64 stateless seed of this draw."""
+    (`sampling.patch_positions`, mirrored on the axes the patch was flipped on: `sampling.mirror_positions`),
+    subject (S,) string. seed: (2,) int64 stateless seed of this draw."""
     size = list(params.sampling.patch_size)
     count = params.sampling.samples_per_volume
     centres = sampling.patch_centres(volume, params.sampling, count,
                                      tf.random.experimental.stateless_fold_in(seed, 0))
     starts = sampling.patch_starts(centres, size)
     middles = sampling.patch_middles(starts, size)
-    image, label = patch_function(params)(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
+    image, label, flips = patch_function(params)(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
     channels = volume["flat_image"].shape[-1]
     return {"image": tf.ensure_shape(image, [count, *size, channels]),
             "label": tf.ensure_shape(label, [count, *size]),
-            "position": sampling.patch_positions(starts, size, volume["shape"]),
+            "position": sampling.mirror_positions(sampling.patch_positions(starts, size, volume["shape"]), flips),
             "subject": tf.fill([count], volume["subject"])}
 
 
 def patch_dataset(volumes, params, seed):
     """Batches of augmented patches from a dataset of decoded volume dicts (at least image (X,Y,Z,C)
-    float32, label (X,Y,Z) int32, class_locations, class_location_counts, subject) or of dicts
+    float32, label (X,Y,Z) int32, spacing_mm (3,), class_locations, class_location_counts, subject) or of dicts
     already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does).
 
     Yields dicts: image (N, px, py, pz, C) float32, label (N, px, py, pz) int32, position (N, 3)

@@ -4,7 +4,8 @@ A centre is an integer voxel (x, y, z). The patch drawn around centre `c` starts
 `c - patch // 2` on each axis and covers `patch` voxels, so it always contains `c`; its geometric
 middle is `start + (patch - 1) / 2` (a half voxel before `c` for even sizes). Rotations and flips
 turn about the middle, and the position a network is given (`patch_positions`) is the middle
-divided by (shape - 1): the one rule for training patches and inference windows alike.
+divided by (shape - 1): the one rule for training patches and inference windows alike. A patch
+or window mirrored on an axis gets the mirrored position 1 - p there (`mirror_positions`).
 All randomness is stateless: a `seed` is an int32/int64 tensor of shape (2,).
 """
 import tensorflow as tf
@@ -78,3 +79,10 @@ def patch_positions(starts_vox, patch_size_vox, shape_vox):
     1-voxel axis), clipped to [0, 1]. MedPatchNet's position input, for training and inference."""
     extent = tf.maximum(tf.cast(shape_vox, tf.float32) - 1.0, 1.0)
     return tf.clip_by_value(patch_middles(starts_vox, patch_size_vox) / extent, 0.0, 1.0)
+
+
+def mirror_positions(positions, flips):
+    """(S, 3) float32 positions of patches whose content is mirrored on the axes where `flips` ((S, 3) or
+    (3,) bool) is true: 1 - p there (the mirrored anatomy's side), p elsewhere. positions (S, 3) float32
+    in [0, 1] (`patch_positions`)."""
+    return tf.where(flips, 1.0 - positions, positions)

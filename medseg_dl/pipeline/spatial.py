@@ -7,10 +7,13 @@ patches' voxel grid (S, px, py, pz, 3), centred at 0, map it through one 3x3 mat
 the volume once there: linearly for all image channels, nearest for labels. Coordinates outside
 the volume are padded ("constant": image 0, label 0; "edge": the nearest voxel).
 
-Conventions: a sampling matrix M maps an output offset o (voxels from the patch middle) to the
-input offset M o, so the output is out(o) = in(middle + M o + d(o)). Angles about axis x, y, z
-turn the content from y toward z, z toward x and x toward y; +90 degrees about z equals
-`np.rot90(patch, 1, axes=(0, 1))`. A scale factor > 1 enlarges the content.
+The transforms are physical: they act in mm space, on the volume's voxel spacing s (3,) mm (the
+model grid may be anisotropic, e.g. 0.7 x 0.7 x 5 mm). A sampling matrix M maps an output offset o
+(mm from the patch middle) to the input offset M o (mm), so out(o) = in(middle + M o + d(o)); on
+voxel offsets the matrix is S^-1 M S with S = diag(s), and the elastic displacement d (mm) is d / s
+voxels. Angles about axis x, y, z turn the content from y toward z, z toward x and x toward y;
++90 degrees about z equals `np.rot90(patch, 1, axes=(0, 1))` where x and y have the same spacing.
+A scale factor > 1 enlarges the content. With s = 1 mm on every axis, mm and voxels coincide.
 Random parameters come from the named streams of streams.py.
 """
 import numpy as np
@@ -51,6 +54,12 @@ def rotation_matrices(angles_rad):
 def scale_matrices(factors):
     """(S, 3, 3) float32 sampling matrices enlarging the content by `factors` (S, 3) float32 per axis."""
     return tf.linalg.diag(1.0 / factors)
+
+
+def voxel_matrices(matrices, spacing_mm):
+    """(S, 3, 3) float32 sampling matrices on voxel offsets, S^-1 M S with S = diag(spacing_mm), of the
+    mm-space sampling matrices `matrices` (S, 3, 3) float32; spacing_mm (3,) float32 voxel size in mm."""
+    return matrices * spacing_mm[None, None, :] / spacing_mm[None, :, None]
 
 
 def sampling_coordinates(middles, patch_size_vox, matrices=None, displacement=None):
@@ -94,30 +103,31 @@ def _gaussian_matrices(sigma, points):
     return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
 
-def elastic_displacement(control_vox, sigma_vox, magnitude_vox, patch_size_vox):
-    """(S, px, py, pz, 3) float32 smooth displacements in voxels with RMS `magnitude_vox` (S,) per patch
-    (0 gives exactly 0).
+def elastic_displacement(control, sigma_mm, magnitude_mm, patch_size_vox, spacing_mm):
+    """(S, px, py, pz, 3) float32 smooth displacements in voxels: a field in mm with RMS `magnitude_mm`
+    (S,) per patch (over all voxels and the 3 components; 0 gives exactly 0), divided by `spacing_mm`
+    (3,) float32 (the voxel size in mm) per component.
 
-    control_vox (S, g, g, g, 3) float32: displacements at g^3 control points spanning the patch
-    (standard normal for a random field). They are smoothed by a Gaussian of `sigma_vox` (S,) voxels
-    (in grid units: sigma / control spacing) and interpolated linearly to the patch; smoothing and
-    interpolation are one (p, g) matrix per axis, so the cost is that of one small matmul."""
-    count, grid_points = tf.shape(control_vox)[0], control_vox.shape[1]
+    control (S, g, g, g, 3) float32: displacements at g^3 control points spanning the patch (standard
+    normal for a random field). They are smoothed by a Gaussian of `sigma_mm` (S,) mm (in grid units,
+    per axis: sigma_mm / spacing_mm / control spacing in voxels) and interpolated linearly to the patch;
+    smoothing and interpolation are one (p, g) matrix per axis, so the cost is that of one small matmul."""
+    count, grid_points = tf.shape(control)[0], control.shape[1]
     axes = []
-    for size in patch_size_vox:
-        spacing = max(size - 1, 1) / (grid_points - 1)
-        smoothing = _gaussian_matrices(sigma_vox / spacing, grid_points)
+    for axis, size in enumerate(patch_size_vox):
+        control_spacing_vox = max(size - 1, 1) / (grid_points - 1)
+        smoothing = _gaussian_matrices(sigma_mm / spacing_mm[axis] / control_spacing_vox, grid_points)
         axes.append(tf.linalg.matmul(_upsample_matrix(grid_points, size), smoothing))
-    along_z = tf.einsum("scl,sijlk->sijck", axes[2], control_vox)
+    along_z = tf.einsum("scl,sijlk->sijck", axes[2], control)
     along_yz = tf.einsum("sbj,sijck->sibck", axes[1], along_z)
     rest = tf.reshape(along_yz, [count, grid_points, -1])  # (S, g, py * pz * 3)
     # RMS of axes[0] @ rest without forming it: sum of squares = <A^T A, rest rest^T>
     sum_squares = tf.reduce_sum((tf.linalg.matrix_transpose(axes[0]) @ axes[0]) *
                                 (rest @ tf.linalg.matrix_transpose(rest)), axis=[1, 2])
     rms = tf.sqrt(sum_squares / float(np.prod(patch_size_vox) * 3))
-    gain = magnitude_vox / tf.maximum(rms, 1e-12)
-    field = (axes[0] * gain[:, None, None]) @ rest
-    return tf.reshape(field, [count, *patch_size_vox, 3])
+    gain = magnitude_mm / tf.maximum(rms, 1e-12)
+    field_mm = (axes[0] * gain[:, None, None]) @ rest
+    return tf.reshape(field_mm, [count, *patch_size_vox, 3]) / spacing_mm
 
 
 # --- sampling the volume -------------------------------------------------------------------------
@@ -187,16 +197,22 @@ def sample_nearest_flat(flat, shape_vox, coords, padding):
 # --- random spatial parameters --------------------------------------------------------------------
 
 
-def random_matrices(aug, count, seed):
-    """(S, 3, 3) float32 random flip @ rotation @ scale sampling matrices, or None when flip, rotate and
-    scale all have p = 0. aug: the `augmentation` params section."""
+def random_flips(aug, count, seed):
+    """(S, 3) bool: the axes each of `count` patches is mirrored on (flip.p per allowed axis).
+    aug: the `augmentation` params section."""
+    allowed = tf.constant([axis in aug.flip.axes for axis in range(3)])
+    return (tf.random.stateless_uniform([count, 3], stream(seed, "flip"), alg=ALG) < aug.flip.p) & allowed
+
+
+def random_matrices(aug, count, seed, flips=None):
+    """(S, 3, 3) float32 random flip @ rotation @ scale sampling matrices in mm space, or None when flip,
+    rotate and scale all have p = 0. aug: the `augmentation` params section; flips (S, 3) bool
+    (`random_flips`), given when flip.p > 0."""
     if aug.flip.p == 0 and aug.rotate.p == 0 and aug.scale.p == 0:
         return None
     matrices = tf.eye(3, batch_shape=[count])
-    if aug.flip.p > 0:
-        allowed = tf.constant([axis in aug.flip.axes for axis in range(3)])
-        flips = tf.random.stateless_uniform([count, 3], stream(seed, "flip"), alg=ALG) < aug.flip.p
-        matrices = flip_matrices(flips & allowed)
+    if flips is not None:
+        matrices = flip_matrices(flips)
     if aug.rotate.p > 0:
         limit = np.deg2rad(np.asarray(aug.rotate.max_deg, np.float32))
         angles = uniform(seed, "rotate_angle", [count, 3], (-1.0, 1.0)) * limit
@@ -215,11 +231,14 @@ def spatial_enabled(aug):
 
 
 def draw_spatial(aug, count, seed):
-    """Random spatial parameters of `count` patches as a dict: "matrices" (S, 3, 3) float32 when flip,
-    rotate or scale has p > 0; "elastic_control" (S, g, g, g, 3), "elastic_sigma_vox" (S,) and
-    "elastic_magnitude_vox" (S,) float32 (0 for patches not switched on) when elastic.p > 0."""
+    """Random spatial parameters of `count` patches as a dict: "flips" (S, 3) bool (the mirrored axes)
+    when flip.p > 0; "matrices" (S, 3, 3) float32 mm-space sampling matrices when flip, rotate or scale
+    has p > 0; "elastic_control" (S, g, g, g, 3), "elastic_sigma_mm" (S,) and "elastic_magnitude_mm"
+    (S,) float32 (0 for patches not switched on) when elastic.p > 0."""
     drawn = {}
-    matrices = random_matrices(aug, count, seed)
+    if aug.flip.p > 0:
+        drawn["flips"] = random_flips(aug, count, seed)
+    matrices = random_matrices(aug, count, seed, drawn.get("flips"))
     if matrices is not None:
         drawn["matrices"] = matrices
     elastic = aug.elastic
@@ -227,17 +246,21 @@ def draw_spatial(aug, count, seed):
         points = elastic.grid_points
         drawn["elastic_control"] = tf.random.stateless_normal([count, points, points, points, 3],
                                                               stream(seed, "elastic_control"), alg=ALG)
-        drawn["elastic_sigma_vox"] = uniform(seed, "elastic_sigma", [count], elastic.sigma_vox)
-        magnitude = uniform(seed, "elastic_magnitude", [count], elastic.magnitude_vox)
-        drawn["elastic_magnitude_vox"] = tf.where(switch(seed, "elastic", count, elastic.p), magnitude, 0.0)
+        drawn["elastic_sigma_mm"] = uniform(seed, "elastic_sigma", [count], elastic.sigma_mm)
+        magnitude = uniform(seed, "elastic_magnitude", [count], elastic.magnitude_mm)
+        drawn["elastic_magnitude_mm"] = tf.where(switch(seed, "elastic", count, elastic.p), magnitude, 0.0)
     return drawn
 
 
-def spatial_coordinates(middles, patch_size_vox, drawn):
-    """(S, px, py, pz, 3) float32 volume coordinates of patches around `middles` (S, 3) float32 voxels
-    under the spatial parameters `drawn` (see `draw_spatial`; {} gives the plain crop's integer grid)."""
+def spatial_coordinates(middles, patch_size_vox, drawn, spacing_mm):
+    """(S, px, py, pz, 3) float32 volume coordinates (voxels) of patches around `middles` (S, 3) float32
+    voxels under the spatial parameters `drawn` (see `draw_spatial`; {} gives the plain crop's integer
+    grid), applied in mm space on voxels of `spacing_mm` (3,) float32 mm."""
     displacement = None
     if "elastic_control" in drawn:
-        displacement = elastic_displacement(drawn["elastic_control"], drawn["elastic_sigma_vox"],
-                                            drawn["elastic_magnitude_vox"], patch_size_vox)
-    return sampling_coordinates(middles, patch_size_vox, drawn.get("matrices"), displacement)
+        displacement = elastic_displacement(drawn["elastic_control"], drawn["elastic_sigma_mm"],
+                                            drawn["elastic_magnitude_mm"], patch_size_vox, spacing_mm)
+    matrices = drawn.get("matrices")
+    if matrices is not None:
+        matrices = voxel_matrices(matrices, spacing_mm)
+    return sampling_coordinates(middles, patch_size_vox, matrices, displacement)

@@ -96,3 +96,13 @@ def test_docs_params_md_is_generated_from_the_schema():
 
     with open(os.path.join(REPO, "docs", "params.md")) as f:
         assert f.read().strip() == params_reference().strip(), "regenerate: medseg params-doc > docs/params.md"
+
+
+def test_one_normalisation_per_channel_or_one_for_all():
+    two = {"data": {"channels": ["t1", "ct"]}}
+    assert Params.from_dict({**two, "preprocessing": {"normalization": ["zscore", "ct"]}}).preprocessing.normalization
+    assert Params.from_dict({**two, "preprocessing": {"normalization": "zscore"}})
+    with pytest.raises(ParamsError, match="lists 3 methods but data.channels has 2"):
+        Params.from_dict({**two, "preprocessing": {"normalization": ["zscore", "ct", "none"]}})
+    with pytest.raises(ParamsError, match="expected one of"):
+        Params.from_dict({**two, "preprocessing": {"normalization": ["zscore", "hu"]}})

@@ -117,6 +117,24 @@ def test_network_receives_the_window_positions():
     np.testing.assert_allclose(result[:, 3, 4], expected, atol=1e-6)
 
 
+def test_mirroring_gives_each_flipped_window_its_mirrored_position():
+    """The network reads from the window position it is given each voxel's normalised coordinate c
+    (position + offset from the window middle / (shape - 1)) and returns logits 10 |c - 0.5|: symmetric
+    under c -> 1 - c. A flipped window, given its position mirrored on the flipped axes, predicts (flipped
+    back) exactly what the unflipped window does, so the 8-flip average equals the plain prediction;
+    given the unmirrored position (or one mirrored on another axis) it predicts 10 |p - offset - 0.5|."""
+    shape, size = (30, 22, 18), (16, 16, 16)
+    extent = np.array(shape, np.float32) - 1
+    offsets = np.stack(np.meshgrid(*[np.arange(p) - (p - 1) / 2 for p in size], indexing="ij"), -1) / extent
+    network = lambda inputs: 10.0 * tf.abs(inputs["position"][:, None, None, None, :] + offsets - 0.5)
+    coordinates = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) / extent
+    expected = tf.nn.softmax(10.0 * np.abs(coordinates - 0.5), axis=-1).numpy()
+    image = np.zeros(shape + (1,), np.float32)
+    np.testing.assert_allclose(Predictor(network, size, 3).probabilities(image), expected, atol=1e-5)
+    mirrored = Predictor(network, size, 3, tta_mirroring=True).probabilities(image)
+    np.testing.assert_allclose(mirrored, expected, atol=1e-5)
+
+
 class DropoutNetwork(keras.Model):
     """1x1x1 convolution then dropout: deterministic only when called with training=False."""
 

@@ -107,6 +107,7 @@ def test_a_training_patch_and_a_window_at_the_same_start_get_the_same_position(s
         label = np.zeros(shape, np.int32)
         label[tuple(centre)] = 1  # the only location of class 1: every training patch is centred on it
         volume = inputs.prepare_volume({"image": np.zeros(shape + (1,), np.float32), "label": label,
+                                        "spacing_mm": np.ones(3, np.float32),
                                         "class_locations": centre[None].astype(np.int32),
                                         "class_location_counts": np.array([0, 1], np.int32), "subject": "s"},
                                        "constant")

@@ -1,11 +1,12 @@
-"""Building blocks: configs, shapes, the ESP and dynamic-convolution maths, mixed precision."""
+"""Building blocks: configs, shapes (per-axis kernels and strides too), the ESP and dynamic-convolution
+maths, mixed precision."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from medseg_dl.model.layers import (ConvNormAct, ConvPair, ESPBlock, PositionalConv, ResidualBlock, UpBlock,
-                                    crop_spatial, esp_split, fourier_encode, pad_to_multiple)
+                                    crop_spatial, cumulative_strides, esp_split, fourier_encode, pad_to_multiple)
 
 RNG = np.random.default_rng(0)
 
@@ -30,6 +31,10 @@ LAYERS = [
     (lambda: PositionalConv(5, kernel_size=1, num_experts=3, fourier_features=2), [(2, 6, 8, 4, 3), (2, 3)]),
     (lambda: PositionalConv(5, kernel_size=3, num_experts=2, fourier_features=0), [(2, 6, 8, 4, 3), (2, 3)]),
     (lambda: UpBlock(4), [(2, 3, 4, 2, 6), (2, 6, 8, 4, 2)]),
+    (lambda: ConvNormAct(6, kernel_size=(3, 3, 1), strides=(2, 2, 1)), (2, 6, 8, 4, 3)),
+    (lambda: ConvPair(6, strides=[2, 1, 2], kernel_size=[3, 1, 3], norm="batch"), (2, 6, 8, 4, 3)),
+    (lambda: ResidualBlock(6, strides=(2, 2, 1), kernel_size=(3, 3, 1)), (2, 6, 8, 4, 3)),
+    (lambda: UpBlock(4, strides=(2, 2, 1)), [(2, 3, 4, 4, 6), (2, 6, 8, 4, 2)]),
 ]
 
 
@@ -59,6 +64,45 @@ def test_output_shapes():
     assert ESPBlock(8, branches=4, strides=2)(x).shape == (2, 3, 4, 2, 8)
     assert UpBlock(4)([_random(2, 3, 4, 2, 6), x]).shape == (2, 6, 8, 4, 7)
     assert PositionalConv(5, kernel_size=3)([x, tf.zeros((2, 3))]).shape == (2, 6, 8, 4, 5)
+
+
+def test_per_axis_kernels_and_strides():
+    x = _random(2, 6, 8, 5, 3)
+    conv = ConvNormAct(5, kernel_size=(3, 3, 1), strides=(2, 2, 1))
+    assert conv(x).shape == (2, 3, 4, 5, 5) and conv.conv.kernel.shape == (3, 3, 1, 3, 5)
+    pair = ConvPair(7, strides=(1, 2, 2), kernel_size=(1, 3, 3))
+    assert pair(x).shape == (2, 6, 4, 3, 7)
+    assert pair.conv1.conv.kernel.shape == (1, 3, 3, 3, 7) and pair.conv2.conv.kernel.shape == (1, 3, 3, 7, 7)
+    residual = ResidualBlock(7, strides=(2, 2, 1), kernel_size=(3, 3, 1))
+    assert residual(x).shape == (2, 3, 4, 5, 7)
+    assert residual.conv2.conv.kernel.shape == (3, 3, 1, 7, 7)
+    assert residual.shortcut.conv.kernel.shape == (1, 1, 1, 3, 7) and residual.shortcut.conv.strides == (2, 2, 1)
+    up = UpBlock(4, strides=(2, 2, 1))
+    assert up([_random(2, 3, 4, 5, 6), x]).shape == (2, 6, 8, 5, 7)
+    assert up.transpose.kernel.shape == (2, 2, 1, 4, 6)
+
+
+def test_a_residual_block_with_unit_strides_and_equal_channels_has_no_shortcut():
+    x = _random(1, 4, 4, 4, 6)
+    for strides in (1, (1, 1, 1)):
+        block = ResidualBlock(6, strides=strides)
+        block(x)
+        assert block.shortcut is None
+    block = ResidualBlock(6, strides=(1, 1, 2))
+    assert block(x).shape == (1, 4, 4, 2, 6) and block.shortcut is not None
+
+
+def test_int_kernel_and_strides_stay_ints_in_the_config():
+    assert ConvPair(4).get_config()["kernel_size"] == 3 and UpBlock(4).get_config()["strides"] == 2
+    assert ConvNormAct(4, kernel_size=[3, 3, 1]).get_config()["kernel_size"] == (3, 3, 1)
+
+
+def test_cumulative_strides():
+    assert cumulative_strides(None, 3) == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    assert cumulative_strides([[2, 2, 1], [2, 2, 2], [1, 2, 2]], 4) == [(1, 1, 1), (2, 2, 1), (4, 4, 2), (4, 8, 4)]
+    assert cumulative_strides(None, 1) == [(1, 1, 1)]
+    with pytest.raises(ValueError, match="one per down-sampling"):
+        cumulative_strides([[2, 2, 1]], 3)
 
 
 def test_instance_norm_standardises_each_sample_and_channel():
@@ -138,10 +182,20 @@ def test_pad_to_multiple_and_crop_back():
     assert pad_to_multiple(x, 1) is x
 
 
-def test_pad_to_multiple_with_unknown_sizes_inside_tf_function():
-    pad = tf.function(lambda v: pad_to_multiple(v, 4),
+def test_pad_to_multiple_per_axis():
+    x = _random(1, 5, 8, 3, 2)
+    padded = pad_to_multiple(x, (4, 8, 2))
+    assert padded.shape == (1, 8, 8, 4, 2)
+    np.testing.assert_array_equal(crop_spatial(padded, (5, 8, 3)), x)
+    assert pad_to_multiple(x, (2, 4, 1)).shape == (1, 6, 8, 3, 2)
+    assert pad_to_multiple(x, (5, 4, 3)) is x
+
+
+@pytest.mark.parametrize("multiple, expected", [(4, (1, 8, 8, 4, 2)), ((2, 4, 1), (1, 6, 8, 3, 2))])
+def test_pad_to_multiple_with_unknown_sizes_inside_tf_function(multiple, expected):
+    pad = tf.function(lambda v: pad_to_multiple(v, multiple),
                       input_signature=[tf.TensorSpec((None, None, None, None, 2), tf.float32)])
-    assert pad(_random(1, 5, 8, 3, 2)).shape == (1, 8, 8, 4, 2)
+    assert pad(_random(1, 5, 8, 3, 2)).shape == expected
 
 
 def test_layers_run_under_mixed_precision_with_float32_statistics():

@@ -105,6 +105,29 @@ def test_deep_supervision_weights_levels_and_subsamples_labels():
                                _numpy_ce(labels, logits), rtol=1e-5)
 
 
+def test_deep_supervision_with_per_axis_level_strides():
+    """Anisotropic U-Net levels: cumulative strides (1, 1, 1), (2, 2, 1), (4, 4, 2) from model.strides."""
+    labels, logits = _random_case(11, shape=(2, 7, 6, 5))
+    coarse = np.random.default_rng(12).normal(size=(2, 4, 3, 5, K)).astype(np.float32)
+    coarser = np.random.default_rng(13).normal(size=(2, 2, 2, 3, K)).astype(np.float32)
+    params = Params.from_dict({"loss": {"name": "dice_ce", "ce_weight": 0.5, "smooth": 1.0},
+                               "data": {"num_classes": K},
+                               "model": {"depth": 3, "strides": [[2, 2, 1], [2, 2, 2]]}})
+
+    def reference(lab, log):
+        return _numpy_overlap_loss(lab, log, "dice", 1.0, False, True, False) + 0.5 * _numpy_ce(lab, log)
+    expected = (reference(labels, logits) + 0.5 * reference(labels[:, ::2, ::2, ::1], coarse)
+                + 0.25 * reference(labels[:, ::4, ::4, ::2], coarser)) / 1.75
+    np.testing.assert_allclose(float(make_loss(params)(labels, [logits, coarse, coarser])), expected, rtol=1e-5)
+    strides = [(1, 1, 1), (2, 2, 1), (4, 4, 2)]
+    expected_ce = (_numpy_ce(labels, logits) + 0.5 * _numpy_ce(labels[:, ::2, ::2, :], coarse)
+                   + 0.25 * _numpy_ce(labels[:, ::4, ::4, ::2], coarser)) / 1.75
+    np.testing.assert_allclose(float(deep_supervision_loss(cross_entropy_loss, labels, [logits, coarse, coarser],
+                                                           strides)), expected_ce, rtol=1e-5)
+    with pytest.raises(ValueError, match="level strides"):
+        deep_supervision_loss(cross_entropy_loss, labels, [logits, coarse, coarser], strides[:2])
+
+
 def _numpy_dice(labels, predictions):
     dice = []
     for k in range(K):

@@ -1,4 +1,7 @@
-"""UNet and MedPatchNet: shapes for any patch size, gradients, position conditioning, checkpoints."""
+"""UNet and MedPatchNet: shapes for any patch size, gradients, position conditioning, checkpoints;
+the UNet's per-axis strides and kernels (anisotropic voxels) and their params checks."""
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -70,26 +73,32 @@ def test_unet_deep_supervision_returns_the_levels_in_training_only():
     assert all(o.dtype == tf.float32 for o in outputs)
 
 
-def _gradients(net, batch, labels):
-    loss_fn = make_loss(Params.from_dict({"data": {"num_classes": 3}}))
+def _gradients(net, batch, labels, params):
+    loss_fn = make_loss(params)  # the deep-supervision level strides come from params.model
     net(batch)
     with tf.GradientTape() as tape:
         loss = loss_fn(labels, net(batch, training=True))
     return tape.gradient(loss, net.trainable_variables)
 
 
+ANISOTROPIC = {"strides": [[2, 2, 1], [2, 2, 2]], "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3]]}
+
+
 @pytest.mark.parametrize("architecture, options", [
     ("unet", {"deep_supervision": True}),
     ("unet", {"residual": True, "norm": "batch", "activation": "prelu"}),
+    ("unet", {"deep_supervision": True, **ANISOTROPIC}),
+    ("unet", {"deep_supervision": True, "residual": True, **ANISOTROPIC}),
     ("medpatchnet", {}),
     ("medpatchnet", {"bottleneck_kernel": 3, "norm": "group", "activation": "relu"}),
 ])
 def test_every_trainable_variable_gets_a_nonzero_gradient(architecture, options):
     keras.utils.set_random_seed(1)
-    net = build_network(_params(architecture, **options))
+    params = _params(architecture, **options)
+    net = build_network(params)
     batch = _batch(2, (12, 8, 8))
     labels = tf.constant(np.random.default_rng(2).integers(0, 3, (2, 12, 8, 8)), tf.int32)
-    gradients = _gradients(net, batch, labels)
+    gradients = _gradients(net, batch, labels, params)
     silent = [v.path for v, g in zip(net.trainable_variables, gradients)
               if g is None or float(tf.reduce_max(tf.abs(g))) == 0.0]
     assert not silent
@@ -163,3 +172,147 @@ def test_checkpoint_restore_gives_equal_outputs(architecture, tmp_path):
 def test_network_config_round_trip(cls, params):
     config = build_network(params).get_config()
     assert cls.from_config(config).get_config() == config
+
+
+# The UNet of _params("unet", deep_supervision=True) (depth 3, base_filters 4, 1 channel, 3 classes) as it
+# was before per-axis strides and kernels existed: null strides / kernel_sizes must keep exactly it.
+TODAYS_UNET_KERNELS = {
+    "encoder_0/conv1/conv/kernel": (3, 3, 3, 1, 4), "encoder_0/conv2/conv/kernel": (3, 3, 3, 4, 4),
+    "encoder_1/conv1/conv/kernel": (3, 3, 3, 4, 8), "encoder_1/conv2/conv/kernel": (3, 3, 3, 8, 8),
+    "encoder_2/conv1/conv/kernel": (3, 3, 3, 8, 16), "encoder_2/conv2/conv/kernel": (3, 3, 3, 16, 16),
+    "up_0/transpose/kernel": (2, 2, 2, 4, 8), "up_0/transpose/bias": (4,),
+    "decoder_0/conv1/conv/kernel": (3, 3, 3, 8, 4), "decoder_0/conv2/conv/kernel": (3, 3, 3, 4, 4),
+    "up_1/transpose/kernel": (2, 2, 2, 8, 16), "up_1/transpose/bias": (8,),
+    "decoder_1/conv1/conv/kernel": (3, 3, 3, 16, 8), "decoder_1/conv2/conv/kernel": (3, 3, 3, 8, 8),
+    "head_0/kernel": (1, 1, 1, 4, 3), "head_0/bias": (3,), "head_1/kernel": (1, 1, 1, 8, 3), "head_1/bias": (3,),
+}
+TODAYS_RESIDUAL_SHORTCUTS = {"encoder_0/shortcut/conv/kernel": (1, 1, 1, 1, 4),
+                             "encoder_1/shortcut/conv/kernel": (1, 1, 1, 4, 8),
+                             "encoder_2/shortcut/conv/kernel": (1, 1, 1, 8, 16)}
+
+
+def _variable_shapes(net):
+    return {v.path.removeprefix(f"{net.name}/"): tuple(v.shape) for v in net.weights}
+
+
+@pytest.mark.parametrize("residual, count, total", [(False, 38, 21474), (True, 47, 21694)])
+def test_null_strides_and_kernels_keep_todays_variables(residual, count, total):
+    net = build_network(_params("unet", deep_supervision=True, residual=residual))
+    net(_batch(1, (13, 10, 7)))
+    shapes = _variable_shapes(net)
+    assert len(net.weights) == count and sum(int(np.prod(s)) for s in shapes.values()) == total
+    expected = {**TODAYS_UNET_KERNELS, **(TODAYS_RESIDUAL_SHORTCUTS if residual else {})}
+    assert {path: shape for path, shape in shapes.items() if "norm" not in path} == expected
+    norms = {path: shape for path, shape in shapes.items() if "norm" in path}
+    assert all(shape == (shapes[path.replace("norm/gamma", "conv/kernel").replace("norm/beta", "conv/kernel")][-1],)
+               for path, shape in norms.items())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_null_strides_and_kernels_equal_explicit_twos_and_threes(residual):
+    batch = _batch(2, (13, 10, 7))
+    null = build_network(_params("unet", deep_supervision=True, residual=residual))
+    explicit = build_network(_params("unet", deep_supervision=True, residual=residual,
+                                     strides=[[2, 2, 2]] * 2, kernel_sizes=[[3, 3, 3]] * 3))
+    null(batch)
+    explicit(batch)
+    assert _variable_shapes(explicit) == _variable_shapes(null)
+    explicit.set_weights(null.get_weights())
+    assert explicit.level_strides == null.level_strides == ((1, 1, 1), (2, 2, 2), (4, 4, 4))
+    for ours, theirs in zip(explicit(batch, training=True), null(batch, training=True)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_anisotropic_strides_and_kernels_shape_the_levels_and_the_kernels():
+    # z = 5 is not even a multiple of 2: padded to 6 (z is halved once), where 2 on every axis would pad to 8
+    net = build_network(_params("unet", **ANISOTROPIC))
+    batch = _batch(2, (13, 10, 5))
+    logits = net(batch)
+    assert logits.shape == (2, 13, 10, 5, 3) and logits.dtype == tf.float32
+    assert net.level_strides == ((1, 1, 1), (2, 2, 1), (4, 4, 2))
+    assert [tuple(x.shape) for x in net.encode(batch["image"])] == [
+        (2, 16, 12, 6, 4), (2, 8, 6, 6, 8), (2, 4, 3, 3, 16)]
+    shapes = _variable_shapes(net)
+    assert shapes["encoder_0/conv1/conv/kernel"] == (3, 3, 1, 1, 4)
+    assert shapes["encoder_0/conv2/conv/kernel"] == (3, 3, 1, 4, 4)
+    assert shapes["encoder_1/conv1/conv/kernel"] == (3, 3, 1, 4, 8)
+    assert shapes["encoder_2/conv1/conv/kernel"] == (3, 3, 3, 8, 16)
+    assert shapes["decoder_0/conv1/conv/kernel"] == (3, 3, 1, 8, 4)
+    assert shapes["decoder_1/conv2/conv/kernel"] == (3, 3, 1, 8, 8)
+    assert shapes["up_0/transpose/kernel"] == (2, 2, 1, 4, 8)  # undoes strides [2, 2, 1]
+    assert shapes["up_1/transpose/kernel"] == (2, 2, 2, 8, 16)
+    assert net.encoder_1.conv1.conv.strides == (2, 2, 1)
+
+
+def test_anisotropic_unet_under_tf_function_with_unknown_sizes():
+    net = build_network(_params("unet", **ANISOTROPIC))
+    predict = tf.function(lambda image: net({"image": image}),
+                          input_signature=[tf.TensorSpec((None, None, None, None, 1), tf.float32)])
+    assert predict(_batch(1, (9, 6, 3))["image"]).shape == (1, 9, 6, 3, 3)
+
+
+def _numpy_ce(labels, logits):
+    logits = logits.astype(np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    return -np.take_along_axis(log_p, labels[..., None], axis=-1).mean()
+
+
+def test_anisotropic_deep_supervision_shapes_and_loss():
+    strides = [[2, 2, 1], [2, 2, 1], [2, 2, 2]]  # cumulative (1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 8, 2)
+    params = _params("unet", base_filters=2, depth=4, deep_supervision=True, strides=strides)
+    params.loss.name = "ce"
+    net = build_network(params)
+    batch = _batch(2, (13, 10, 5))
+    outputs = net(batch, training=True)
+    assert [tuple(o.shape) for o in outputs] == [(2, 13, 10, 5, 3), (2, 7, 5, 5, 3), (2, 4, 3, 5, 3)]
+    assert net.level_strides[:3] == ((1, 1, 1), (2, 2, 1), (4, 4, 1))
+    labels = np.random.default_rng(8).integers(0, 3, (2, 13, 10, 5)).astype(np.int32)
+    expected = sum(weight * _numpy_ce(labels[:, ::sx, ::sy, ::sz], np.asarray(o))
+                   for weight, (sx, sy, sz), o in zip([1.0, 0.5, 0.25], [(1, 1, 1), (2, 2, 1), (4, 4, 1)], outputs))
+    np.testing.assert_allclose(float(make_loss(params)(labels, outputs)), expected / 1.75, rtol=1e-5)
+
+
+def test_anisotropic_unet_config_round_trip_through_json():
+    params = _params("unet", deep_supervision=True, residual=True, **ANISOTROPIC)
+    net = build_network(params)
+    config = net.get_config()
+    assert config["strides"] == ANISOTROPIC["strides"] and config["kernel_sizes"] == ANISOTROPIC["kernel_sizes"]
+    clone = UNet.from_config(json.loads(json.dumps(config)))
+    assert clone.get_config() == config
+    as_tuples = UNet.from_config({**config, "strides": ((2, 2, 1), (2, 2, 2)),
+                                  "kernel_sizes": tuple(tuple(k) for k in config["kernel_sizes"])})
+    assert as_tuples.get_config() == config
+    batch = _batch(1, (13, 10, 5))
+    net(batch)
+    clone(batch)
+    clone.set_weights(net.get_weights())
+    np.testing.assert_allclose(clone(batch), net(batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"strides": [[2, 2, 1], [2, 2, 2]]},
+     r"^model\.strides has 2 entries but model\.depth = 4 needs 3 \(one per down-sampling\)"),
+    ({"depth": 2, "strides": [[2, 2, 1], [2, 2, 2]]}, r"^model\.strides has 2 entries but model\.depth = 2 needs 1"),
+    ({"strides": [[2, 2, 1], [2, 2], [2, 2, 2]]}, r"^model\.strides\[1\] = \[2, 2\]: expected 3 positive ints"),
+    ({"strides": [[2, 2, 1], [2, 0, 2], [2, 2, 2]]}, r"^model\.strides\[1\] = \[2, 0, 2\]: expected 3 positive"),
+    ({"strides": [[2, 2, 1], [2, 2, 2], [2, 2.0, 2]]}, r"^model\.strides\[2\] = .*expected 3 positive ints"),
+    ({"strides": [[2, 3, 1], [2, 2, 2], [2, 2, 2]]}, r"^model\.strides\[0\] = \[2, 3, 1\]: expected strides of 1 or 2"),
+    ({"kernel_sizes": [[3, 3, 1]] * 3}, r"^model\.kernel_sizes has 3 entries but model\.depth = 4 needs 4"),
+    ({"kernel_sizes": [[3, 3, 1], [3, 3], [3, 3, 3], [3, 3, 3]]}, r"^model\.kernel_sizes\[1\] = \[3, 3\]: expected 3"),
+    ({"kernel_sizes": [[3, 3, 1], [3, 3, -1], [3, 3, 3], [3, 3, 3]]}, r"^model\.kernel_sizes\[1\] = .*positive"),
+    ({"kernel_sizes": [[3, 3, 1], [3, 3, 3], [3, 2, 3], [3, 3, 3]]},
+     r"^model\.kernel_sizes\[2\] = \[3, 2, 3\]: expected odd kernel sizes"),
+])
+def test_strides_and_kernel_sizes_are_checked_against_depth(model, message):
+    with pytest.raises(ParamsError, match=message) as err:
+        Params.from_dict({"model": model})
+    assert "\n" not in str(err.value)
+
+
+def test_valid_or_null_strides_and_kernel_sizes_are_accepted():
+    params = Params.from_dict({"model": {"strides": [[2, 2, 1], [2, 2, 2], [1, 1, 2]],
+                                         "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3], [5, 5, 3]]}})
+    assert params.model.strides[2] == [1, 1, 2]
+    assert Params.from_dict({"model": {"depth": 1, "strides": [], "kernel_sizes": [[1, 1, 1]]}}).model.depth == 1
+    assert Params.from_dict({}).model.strides is None and Params.from_dict({}).model.kernel_sizes is None

@@ -21,13 +21,15 @@ def subject(name, shape, channels=1, num_classes=3, seed=0):
     label = rng.integers(0, num_classes, size=shape).astype(np.int32)
     locations, counts, _ = class_locations(label, num_classes, 100, rng)
     return {"subject": name, "image": rng.normal(size=(*shape, channels)).astype(np.float32), "label": label,
-            "shape": np.array(shape, np.int32), "class_locations": locations, "class_location_counts": counts}
+            "shape": np.array(shape, np.int32), "spacing_mm": np.array([1.0, 1.0, 1.5], np.float32),
+            "class_locations": locations, "class_location_counts": counts}
 
 
 def volumes_dataset(subjects):
     channels = subjects[0]["image"].shape[-1]
     signature = {"subject": tf.TensorSpec([], tf.string), "image": tf.TensorSpec([None] * 3 + [channels]),
                  "label": tf.TensorSpec([None] * 3, tf.int32), "shape": tf.TensorSpec([3], tf.int32),
+                 "spacing_mm": tf.TensorSpec([3], tf.float32),
                  "class_locations": tf.TensorSpec([None, 3], tf.int32),
                  "class_location_counts": tf.TensorSpec([None], tf.int32)}
     return tf.data.Dataset.from_generator(lambda: iter(subjects), output_signature=signature)
@@ -105,10 +107,27 @@ def test_two_channels_and_a_volume_smaller_than_the_patch_with_all_augmentations
     assert np.std(batch["image"][..., 0]) > 0.1 and np.std(batch["image"][..., 1]) > 0.1
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_flipped_patch_gets_its_position_mirrored_on_the_flipped_axis(axis):
+    """A patch whose only augmentation is a flip on `axis` is the mirrored crop at the same centre, and
+    its position is 1 - p on that axis (the mirrored anatomy's side), unchanged on the others."""
+    volume = inputs.prepare_volume(subject("a", (12, 9, 10), channels=2, seed=7), "constant")
+    seed = tf.constant([0, 3], tf.int64)
+    plain = inputs.volume_patches(volume, make_params(samples_per_volume=3), seed)
+    flipped = inputs.volume_patches(volume, make_params({"flip": {"p": 1.0, "axes": [axis]}}, samples_per_volume=3),
+                                    seed)
+    np.testing.assert_array_equal(flipped["image"].numpy(), np.flip(plain["image"].numpy(), axis + 1))
+    expected = plain["position"].numpy().copy()
+    expected[:, axis] = 1.0 - expected[:, axis]
+    np.testing.assert_allclose(flipped["position"].numpy(), expected, atol=1e-7)
+    assert np.all(np.abs(expected[:, axis] - 0.5) > 0.01)  # mirroring changes the position
+
+
 def write_records(folder, subjects, gzip):
     paths = []
     for s in subjects:
-        case = Case(s["subject"], s["image"], s["label"], np.diag([1.0, 1.0, 1.5, 1.0]), tuple(s["shape"]), np.eye(4))
+        case = Case(s["subject"], s["image"], s["label"], np.diag([*s["spacing_mm"], 1.0]), tuple(s["shape"]),
+                    np.eye(4))
         path = folder / record_name(s["subject"], gzip)
         write_record(str(path), serialize_case(case, s["class_locations"], s["class_location_counts"]), gzip)
         paths.append(str(path))
