@@ -1,12 +1,15 @@
-"""Accuracy on held-out hippocampus cases after a fixed training budget.
+"""Accuracy on held-out hippocampus cases after a fixed training budget, with the experiment that
+`medseg plan` writes for the hippocampus folder (no GPU: its CPU-budget recipe).
 
-Trains `params/hippocampus.yaml` (20% of the 208 cases held out as the test split, never seen in
-training or model selection) for `--steps`, or for `--minutes` of wall time: a 40-step calibration
-run measures this machine's steps/s and the step count (and so the learning-rate schedule, which
-decays to zero at the last step) is set to fill the budget; training is stopped with SIGTERM (which
-saves a checkpoint) if it overruns by 20% plus 2 minutes for start-up, conversion and tracing.
-Then the last checkpoint is scored on the test cases and one JSON line is printed: per-class Dice,
-ASSD, HD95 (means), minutes, steps, network, settings.
+Plans the folder (`--data`, default ../shared/data/msd_hippocampus) into `<model-dir>/planned.yaml`,
+holds 20% of the cases out as the test split (never seen in training or model selection), and
+trains for `--steps`, or for `--minutes` of wall time: a 40-step calibration run measures this
+machine's step time and the step count (and so the learning-rate schedule, which decays to zero at
+the last step) is set to fill the budget; training is stopped with SIGTERM (which saves a
+checkpoint) if it overruns by 20% plus 2 minutes for start-up, conversion and tracing. Then each of
+the `--curve-points` kept checkpoints is scored on the test cases (the learning curve; the last is
+the result) and one JSON line is printed and appended to benchmarks/results/hippocampus_accuracy.jsonl:
+per-class Dice, ASSD, HD95 (means), the curve, minutes, steps, step time, network, settings.
 
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture unet
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture medpatchnet [--no-position]
@@ -30,10 +33,9 @@ sys.path.insert(0, REPO)
 
 CALIBRATION_STEPS = 40
 STARTUP_MINUTES = 2.0  # TensorFlow import, conversion of missing cases, tracing: not in the budget
-# On a few CPU cores a small network that trains many steps beats params/hippocampus.yaml's
-# base_filters 16, batch 9 (about 9 s/step here); `--set` overrides these (e.g. on a GPU).
-CPU_BUDGET = ["model.base_filters=8", "sampling.batch_size=4", "training.learning_rate=0.003",
-              "evaluation.tta_mirroring=true"]
+HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
+RESULTS = os.path.join(REPO, "benchmarks", "results", "hippocampus_accuracy.jsonl")
+CLASS_NAMES = "data.class_names=[background, anterior, posterior]"
 
 
 def train(params_path, overrides, minutes):
@@ -69,17 +71,36 @@ def calibrated_steps(params_path, overrides, model_dir, minutes):
     return max(1, int(minutes * 60 / statistics.median(step_times_s)))
 
 
+def planned_experiment(data_dir, work_dir):
+    """`medseg plan` of the dataset folder (CPU budget) into <work_dir>/planned.yaml."""
+    from medseg_dl.planning.command import run_plan
+
+    return run_plan(data_dir, "images_labels", os.path.join(work_dir, "planned.yaml"), overrides=[CLASS_NAMES])
+
+
 def score_test_split(model_dir_path, overrides):
+    """(params, summary of the last checkpoint, [(step, mean Dice)] of every kept checkpoint) on the test cases."""
     from medseg_dl.config.params import Params
     from medseg_dl.evaluation.runner import record_cases, split_records
     from medseg_dl.evaluation.watcher import score_checkpoint
+    from medseg_dl.experiment.checkpoints import checkpoint_step, completed_checkpoints
     from medseg_dl.experiment.model_dir import ModelDir
 
     model_dir = ModelDir(model_dir_path)
     params = Params.load(model_dir.params_path, overrides)
     cases = record_cases(params, split_records(params, model_dir, "test", 1.0))
-    summary = score_checkpoint(params, model_dir, cases, "test", "latest")
-    return params, summary
+    curve = []
+    for prefix in completed_checkpoints(model_dir.checkpoints):
+        summary = score_checkpoint(params, model_dir, cases, "test", prefix)
+        curve.append([checkpoint_step(prefix), round(summary["mean_dice"], 4)])
+    return params, summary, curve
+
+
+def step_time_s(model_dir_path):
+    from medseg_dl.experiment.model_dir import ModelDir
+
+    with open(ModelDir(model_dir_path).scalars_csv) as f:
+        return statistics.median(float(row["step_time_s"]) for row in list(csv.DictReader(f))[1:])
 
 
 def main():
@@ -88,29 +109,39 @@ def main():
     parser.add_argument("--steps", type=int, help="train this many steps instead of a time budget")
     parser.add_argument("--architecture", default="unet", choices=["unet", "medpatchnet"])
     parser.add_argument("--no-position", action="store_true", help="medpatchnet with position input zeroed")
+    parser.add_argument("--data", default=HIPPO, help="the hippocampus folder to plan and train on")
     parser.add_argument("--model-dir", default=os.path.join(REPO, "runs", "accuracy"))
+    parser.add_argument("--curve-points", type=int, default=5, help="checkpoints kept and scored")
     parser.add_argument("--set", action="append", default=[], help="extra params overrides")
     args = parser.parse_args()
     name = args.architecture + ("-noposition" if args.no_position else "")
     model_dir = os.path.join(args.model_dir, name)
-    params_path = os.path.join(REPO, "params", "hippocampus.yaml")
+    params_path = planned_experiment(args.data, args.model_dir)
     overrides = [f"model.architecture={args.architecture}", "data.split.val=0.0", "data.split.test=0.2",
                  f"data.tfrecords_dir={os.path.join(args.model_dir, 'tfrecords')}",
-                 f"model.use_position={not args.no_position}".lower(), *CPU_BUDGET, *args.set]
+                 f"model.use_position={not args.no_position}".lower(), *args.set]
     steps = args.steps or calibrated_steps(params_path, overrides, model_dir, args.minutes)
+    every = max(1, steps // args.curve_points)
     minutes = train(params_path, [*overrides, f"experiment.model_dir={model_dir}", f"training.steps={steps}",
-                                  f"training.checkpoint_every={max(1, steps // 10)}"],
+                                  f"training.checkpoint_every={every}", f"training.keep_last={args.curve_points}"],
                     None if args.steps else 1.2 * args.minutes + STARTUP_MINUTES)
-    params, summary = score_test_split(model_dir, [])
+    params, summary, curve = score_test_split(model_dir, [])
     result = {"benchmark": "hippocampus_accuracy", "network": name, "minutes": round(minutes, 1),
-              "steps": summary["step"], "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"],
-              "base_filters": params.model.base_filters, "patch_size": params.sampling.patch_size,
-              "batch_size": params.sampling.batch_size, "learning_rate": params.training.learning_rate,
-              "tta_mirroring": params.evaluation.tta_mirroring, "machine": describe_machine()}
+              "steps": summary["step"], "step_time_s": round(step_time_s(model_dir), 3),
+              "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"], "curve_test_dice": curve,
+              "base_filters": params.model.base_filters, "deep_supervision": params.model.deep_supervision,
+              "patch_size": params.sampling.patch_size, "batch_size": params.sampling.batch_size,
+              "optimizer": params.training.optimizer, "learning_rate": params.training.learning_rate,
+              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
+              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     for class_name, stats in summary["classes"].items():
         for metric in ("dice", "assd_mm", "hd95_mm"):
             result[f"{metric}_{class_name}"] = stats[metric]["mean"]
-    print(json.dumps(result), flush=True)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.data == HIPPO:  # only real runs are kept
+        with open(RESULTS, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

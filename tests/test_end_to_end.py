@@ -63,12 +63,14 @@ def test_accuracy_benchmark_fills_a_time_budget_and_scores_the_test_split(hippo_
     """benchmarks/hippocampus_accuracy.py --minutes: calibration run, steps set to fill the budget,
     the held-out case scored, one JSON line."""
     tiny = ["model.base_filters=4", "model.depth=2", "sampling.batch_size=2", "sampling.patch_size=[16,16,16]",
-            "evaluation.tta_mirroring=false", f"data.source_dir={hippo_dir}", "data.workers=1"]
+            "evaluation.tta_mirroring=false", "data.workers=1"]
     command = [sys.executable, os.path.join(REPO, "benchmarks", "hippocampus_accuracy.py"), "--minutes", "0.1",
-               "--model-dir", str(tmp_path / "accuracy"), *[a for s in tiny for a in ("--set", s)]]
+               "--data", str(hippo_dir), "--model-dir", str(tmp_path / "accuracy"),
+               *[a for s in tiny for a in ("--set", s)]]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["network"] == "unet" and result["test_cases"] == 1 and result["steps"] >= 10
     assert 0.0 <= result["mean_dice"] <= 1.0 and {"dice_anterior", "hd95_mm_posterior"} <= set(result)
-    assert sorted(os.listdir(tmp_path / "accuracy")) == ["tfrecords", "unet"]  # calibration folder removed
+    assert result["curve_test_dice"][-1][0] == result["steps"] and result["optimizer"] == "adam"
+    assert sorted(os.listdir(tmp_path / "accuracy")) == ["plan.json", "planned.yaml", "tfrecords", "unet"]
