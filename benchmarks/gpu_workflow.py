@@ -99,7 +99,7 @@ def one_run(args, precision, beside, work):
     model_dir = os.path.join(work, f"{precision}-{'beside' if beside else 'alone'}")
     settings = [f"experiment.model_dir={model_dir}", f"data.tfrecords_dir={os.path.join(work, 'tfrecords')}",
                 "training.steps=1000000", "training.log_every=20", f"training.checkpoint_every={args.checkpoint_every}",
-                f"training.mixed_precision={str(precision == 'mixed_float16').lower()}", *args.set]
+                f"training.precision={precision}", *args.set]
     overrides = [a for s in settings for a in ("--set", s)]
     processes = {"trainer": medseg(model_dir + "-train.log", "train", "--params", args.params, *overrides)}
     if beside:

@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], help="extra params overrides")
     args = parser.parse_args()
     name = args.architecture + ("-noposition" if args.no_position else "")
-    model_dir = os.path.join(args.model_dir, name)
+    model_dir = os.path.join(os.path.abspath(args.model_dir), name)
     params_path = planned_experiment(args.data, args.model_dir)
     overrides = [f"model.architecture={args.architecture}", "data.split.val=0.0", "data.split.test=0.2",
                  f"data.tfrecords_dir={os.path.join(args.model_dir, 'tfrecords')}",

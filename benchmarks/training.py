@@ -5,7 +5,7 @@ Runs the real training process (`medseg_dl.training.loop.run_training`) with the
 patches/s and of the share of step time spent waiting for the input pipeline (the first interval,
 which includes tracing, is the warm-up). Prints one JSON line per network.
 
-    python benchmarks/training.py [--steps 40] [--quick] [--mixed-precision]
+    python benchmarks/training.py [--steps 40] [--quick] [--precision P]
 """
 import argparse
 import csv
@@ -24,7 +24,7 @@ W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 
                    "noise": {"p": 1.0, "std": [0.1, 0.1]}}
 
 
-def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision, quick):
+def run(architecture, steps, log_every, work_dir, tfrecords_dir, precision, quick):
     from medseg_dl.config.params import Params
     from medseg_dl.experiment.model_dir import ModelDir, write_filelists
     from medseg_dl.training.loop import run_training
@@ -38,7 +38,7 @@ def run(architecture, steps, log_every, work_dir, tfrecords_dir, mixed_precision
         "augmentation": W1_AUGMENTATION,
         "model": {"architecture": architecture, **({"base_filters": 4, "depth": 2} if quick else {})},
         "training": {"steps": steps, "log_every": log_every, "checkpoint_every": 10 ** 6,
-                     "image_summary_every": 10 ** 6, "mixed_precision": mixed_precision}})
+                     "image_summary_every": 10 ** 6, "precision": precision}})
     model_dir = ModelDir(params.experiment.model_dir)
     os.makedirs(model_dir.checkpoints, exist_ok=True)
     os.makedirs(model_dir.train_logs, exist_ok=True)
@@ -53,7 +53,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="a few steps of a small network (smoke test)")
-    parser.add_argument("--mixed-precision", action="store_true")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--architectures", nargs="+", default=["unet", "medpatchnet"])
     args = parser.parse_args()
     steps, log_every = (6, 2) if args.quick else (args.steps, max(args.steps // 4, 1))
@@ -61,7 +61,7 @@ def main():
     with tempfile.TemporaryDirectory() as work_dir:
         tfrecords_dir = os.path.join(work_dir, "tfrecords")
         for architecture in args.architectures:
-            rows = run(architecture, steps, log_every, work_dir, tfrecords_dir, args.mixed_precision, args.quick)
+            rows = run(architecture, steps, log_every, work_dir, tfrecords_dir, args.precision, args.quick)
             rates = [float(r["patches_per_s"]) for r in rows]
             waits = [float(r["data_wait_fraction"]) for r in rows]
             print(json.dumps({"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
@@ -69,7 +69,7 @@ def main():
                               "min": min(rates), "max": max(rates),
                               "data_wait_fraction": float(np.median(waits)),
                               "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
-                              "mixed_precision": args.mixed_precision, "machine": describe_machine()}), flush=True)
+                              "precision": args.precision, "machine": describe_machine()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,10 @@ def _cmd_predict(args):
 
 
 def _cmd_plan(args):
-    from medseg_dl.planning.command import run_plan
+    from medseg_dl.planning.command import fingerprint_path, run_plan
 
     path = run_plan(args.data, args.layout, args.output, args.modality, args.gpu_memory_gb, args.set)
-    print(f"wrote {path} (and plan.json beside it)")
+    print(f"wrote {path} and its fingerprint {fingerprint_path(path)}")
 
 
 def _cmd_show(args):

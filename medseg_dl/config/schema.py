@@ -219,7 +219,10 @@ SCHEMA = {
         "image_summary_every": Key(500, (int,), "steps between image summaries", minimum=1),
         "strategy": Key("auto", (str,), "tf.distribute strategy",
                         choices=["auto", "default", "mirrored", "multi_worker"]),
-        "mixed_precision": Key(False, (bool,), "mixed_float16 compute with loss scaling"),
+        "precision": Key("float32", (str,), "compute precision (variables, loss and logits stay float32): "
+                         "float32; mixed_bfloat16 (CPUs with AVX512-BF16 or AMX, recent GPUs; no loss scaling); "
+                         "mixed_float16 (GPUs; dynamic loss scaling)",
+                         choices=["float32", "mixed_bfloat16", "mixed_float16"]),
         "device": _device("trainer"),
         "gpu_memory_limit_mb": _memory_limit("trainer"),
     },

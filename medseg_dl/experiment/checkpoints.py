@@ -38,7 +38,7 @@ def completed_checkpoints(folder: str) -> List[str]:
     state = tf.train.get_checkpoint_state(folder)
     if state is None:
         return []
-    prefixes = [p if os.path.isabs(p) else os.path.join(folder, p) for p in state.all_model_checkpoint_paths]
+    prefixes = state.all_model_checkpoint_paths  # TensorFlow has joined relative ones with `folder`
     return sorted((p for p in prefixes if _STEP.search(os.path.basename(p))), key=checkpoint_step)
 
 

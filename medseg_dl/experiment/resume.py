@@ -39,12 +39,12 @@ RULES: List[Tuple[str, str, str]] = [
     ("training.schedule", APPLIED, "from the current rate at the resume step"),
     ("training.warmup_steps", APPLIED, "warm-up is only at the start of the first run: no effect on resume"),
     ("training.optimizer", REFUSED, "the optimizer's state (moments, momentum) is in the checkpoints"),
-    ("training.mixed_precision", REFUSED, "the loss-scale state is in the checkpoints"),
+    ("training.precision", REFUSED, "mixed_float16's loss-scale state is in the checkpoints (and not in others)"),
     ("evaluation", APPLIED, "read by the evaluator when it starts (restart it to apply)"),
 ]
 
 # the keys that decide whether a checkpoint fits a network: checked by the evaluator and predict
-NETWORK_KEYS = ("model", "data.channels", "data.num_classes", "preprocessing", "training.mixed_precision")
+NETWORK_KEYS = ("model", "data.channels", "data.num_classes", "preprocessing")
 
 
 @dataclass(frozen=True)

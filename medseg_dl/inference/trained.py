@@ -4,7 +4,7 @@
     predictor = Predictor.from_params(trained.network, trained.params)
 
 Only the network is built (no optimizer, loss or schedule); the optimizer slots of a training
-checkpoint are ignored. The compute dtype follows `training.mixed_precision` as in training.
+checkpoint are ignored. The compute dtype follows `training.precision` as in training.
 """
 import os
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ class TrainedModel:
 
 def inference_network(params: Params) -> keras.Model:
     """The network of `params` with its variables created, ready to receive checkpoint weights."""
-    set_precision_policy(params.training.mixed_precision)
+    set_precision_policy(params.training.precision)
     network = build_network(params)
     create_variables(network, params.sampling.patch_size)
     return network

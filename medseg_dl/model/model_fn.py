@@ -126,23 +126,24 @@ def make_optimizer(training, schedule):
     else:
         optimizer = keras.optimizers.SGD(momentum=float(training.momentum), nesterov=True,
                                          weight_decay=decay or None, **common)
-    if training.mixed_precision:
+    if training.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
-def set_precision_policy(mixed_precision):
-    """Set the global keras dtype policy: mixed_float16 or float32 (layers read it when created)."""
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+def set_precision_policy(precision):
+    """Set the global keras dtype policy (training.precision: float32, mixed_bfloat16 or mixed_float16);
+    layers read it when they are created."""
+    keras.mixed_precision.set_global_policy(precision)
 
 
 def model_fn(params):
     """A `ModelSpec` for the params (sections model, loss, training, data); creates no variables
-    of the network (see ModelSpec.build). Sets the global dtype policy from training.mixed_precision,
+    of the network (see ModelSpec.build). Sets the global dtype policy from training.precision,
     and seeds Python, numpy, TensorFlow and Keras with params.seed, so that the initial weights and the
     dropout masks of a run repeat (the input pipeline has its own stateless seeds)."""
     keras.utils.set_random_seed(params.seed)
-    set_precision_policy(params.training.mixed_precision)
+    set_precision_policy(params.training.precision)
     schedule = make_schedule(params.training)
     return ModelSpec(network=build_network(params), loss_fn=make_loss(params),
                      metrics={"dice": StreamingDice(params.data.num_classes, params.data.class_names)},

@@ -1,5 +1,5 @@
 """`medseg plan`: fingerprint a dataset folder, derive an experiment (planner.py), write it as a commented
-params file whose derived keys say why, and the fingerprint beside it as `plan.json`."""
+params file whose derived keys say why, and the fingerprint beside it (`<name>.plan.json` for `<name>.yaml`)."""
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -15,13 +15,20 @@ from medseg_dl.errors import ParamsError
 from medseg_dl.planning.fingerprint import dataset_fingerprint
 from medseg_dl.planning.planner import plan
 
-FINGERPRINT_NAME = "plan.json"
+
+
+def fingerprint_path(output: str) -> str:
+    """The plan.json beside a planned params file: <name>.plan.json for <name>.yaml."""
+    root, _ = os.path.splitext(output)
+    return root + ".plan.json"
 
 
 def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] = (),
              gpu_memory_gb: Optional[float] = None, overrides: Sequence[str] = ()) -> str:
     """Plan the dataset in `data_dir` (layout `layout`; `overrides` such as data.channels=[...] for
-    subject_folders) and write `output` (YAML) and `plan.json` beside it; returns the YAML's path."""
+    subject_folders) and write `output` (YAML) and its fingerprint beside it (`fingerprint_path`);
+    returns the YAML's path. The YAML keeps `data_dir` as given (a relative path is resolved against
+    the working directory when the params are loaded)."""
     data = {**defaults_dict()["data"], "source_dir": os.path.abspath(data_dir), "layout": layout,
             **_data_overrides(overrides)}
     data["channels"] = _channels(data, overrides)
@@ -31,7 +38,8 @@ def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] 
                           f"{data['channels']}; give one per channel (MRI or CT)")
     fingerprint = dataset_fingerprint(data)
     name = os.path.basename(os.path.normpath(data_dir))
-    written = {k: data[k] for k in ("source_dir", "layout", "channels", "label_pattern", "mask_pattern",
+    data_as_given = {**data, "source_dir": data_dir}
+    written = {k: data_as_given[k] for k in ("source_dir", "layout", "channels", "label_pattern", "mask_pattern",
                                     "subject_glob") if data[k] is not None and _given(k, data, overrides)}
     written["class_names"] = _class_names(data, fingerprint["num_classes"])
     values, why = plan(fingerprint, written, modalities, gpu_memory_gb, name)
@@ -41,11 +49,11 @@ def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] 
     params = Params.from_dict(_nest(values), source=output)  # the planned file must validate
     header = (f"# Planned by `medseg plan` from the {fingerprint['cases']} cases of {fingerprint['source_dir']}\n"
               f"# ({'GPU budget ' + str(gpu_memory_gb) + ' GB' if gpu_memory_gb else 'no GPU: a CPU budget'}; "
-              f"fingerprint: {FINGERPRINT_NAME} beside this file).\n"
+              f"fingerprint: {os.path.basename(fingerprint_path(output))} beside this file).\n"
               f"# Each planned key says why; every other key takes its default (`medseg params-doc`).\n")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     atomic.write_text(output, header + render(_nest(values), why))
-    atomic.write_json(os.path.join(os.path.dirname(os.path.abspath(output)), FINGERPRINT_NAME),
+    atomic.write_json(fingerprint_path(output),
                       {"fingerprint": fingerprint, "planned": values, "why": why, "modalities": modalities,
                        "gpu_memory_gb": gpu_memory_gb, "seed": params.seed})
     return output

@@ -222,8 +222,8 @@ class _Loop:
                         return current
         except tf.errors.ResourceExhaustedError:
             raise TrainingError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
-                                f"sampling.patch_size, or set training.mixed_precision: true in a new model folder, "
-                                f"then train again (resume from {self.model_dir.checkpoints})") from None
+                                f"sampling.patch_size (resume from {self.model_dir.checkpoints}), or train a new "
+                                f"model folder with training.precision: mixed_bfloat16 or mixed_float16") from None
         except OSError as err:
             raise ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); "
                                 f"free disk space or make the folder writable, then resume") from None

@@ -55,3 +55,17 @@ def test_cli_convert_and_help(hippo_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "tfrecords"))[0] == "dataset.json"
     for command in ("convert", "train", "evaluate", "predict", "show", "params-doc"):
         assert run(command, "--help").returncode == 0
+
+
+def test_completed_checkpoints_of_a_relative_folder_are_the_files(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from medseg_dl.experiment.checkpoints import completed_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), "run/checkpoints", max_to_keep=2)
+    for step in (3, 6):
+        manager.save(checkpoint_number=step)
+    found = completed_checkpoints("run/checkpoints")
+    assert [os.path.basename(p) for p in found] == ["ckpt-3", "ckpt-6"]
+    assert all(os.path.isfile(p + ".index") for p in found)

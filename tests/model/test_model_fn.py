@@ -92,9 +92,24 @@ def test_model_fn_assembles_a_spec_that_trains():
     assert int(spec.optimizer.iterations) == 6 and float(spec.learning_rate(3)) == pytest.approx(0.01)
 
 
+def test_bfloat16_computes_in_bfloat16_with_float32_loss_and_no_loss_scaling():
+    try:
+        spec = model_fn(_params(precision="mixed_bfloat16"))
+        assert not isinstance(spec.optimizer, keras.optimizers.LossScaleOptimizer)
+        spec.build((8, 8, 8))
+        assert spec.network.encoder_0.conv1.conv.compute_dtype == "bfloat16"
+        assert all(v.dtype == tf.float32 for v in spec.network.trainable_variables)
+        batch, labels = _batch(1)
+        loss = _train_step(spec, batch, labels)
+        assert loss.dtype == tf.float32 and np.isfinite(float(loss))
+        assert spec.network(batch).dtype == tf.float32
+    finally:
+        model_fn(_params())  # float32 again
+
+
 def test_mixed_precision_computes_in_float16_with_float32_loss_and_loss_scaling():
     try:
-        spec = model_fn(_params({"architecture": "medpatchnet"}, mixed_precision=True))
+        spec = model_fn(_params({"architecture": "medpatchnet"}, precision="mixed_float16"))
         assert keras.mixed_precision.global_policy().name == "mixed_float16"
         assert isinstance(spec.optimizer, keras.optimizers.LossScaleOptimizer)
         spec.build((8, 8, 8))

@@ -95,7 +95,7 @@ def test_planned_files_validate_and_train_two_steps(tmp_path, case, spacing, sha
     text = output.read_text()
     for key in ("patch_size", "target_spacing_mm", "normalization", "depth", "batch_size"):
         assert next(line for line in text.splitlines() if line.strip().startswith(f"{key}:")).count("#") == 1, key
-    plan_json = json.load(open(output.parent / "plan.json"))
+    plan_json = json.load(open(output.parent / f"{case}.plan.json"))
     assert plan_json["fingerprint"]["cases"] == 4 and len(plan_json["fingerprint"]["intensity"]) == channels
     if modality[-1:] == ["CT"]:
         assert plan_json["fingerprint"]["intensity"][-1]["foreground"]["median"] > 0  # HU of the structure
