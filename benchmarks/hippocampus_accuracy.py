@@ -81,7 +81,7 @@ def planned_experiment(data_dir, work_dir):
 def score_test_split(model_dir_path, overrides):
     """(params, summary of the last checkpoint, [(step, mean Dice)] of every kept checkpoint) on the test cases."""
     from medseg_dl.config.params import Params
-    from medseg_dl.evaluation.runner import record_cases, split_records
+    from medseg_dl.evaluation.runner import record_cases, split_records, split_subjects_of
     from medseg_dl.evaluation.watcher import score_checkpoint
     from medseg_dl.experiment.checkpoints import checkpoint_step, completed_checkpoints
     from medseg_dl.experiment.model_dir import ModelDir
@@ -91,7 +91,7 @@ def score_test_split(model_dir_path, overrides):
     cases = record_cases(params, split_records(params, model_dir, "test", 1.0))
     curve = []
     for prefix in completed_checkpoints(model_dir.checkpoints):
-        summary = score_checkpoint(params, model_dir, cases, "test", prefix)
+        summary = score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test", prefix)
         curve.append([checkpoint_step(prefix), round(summary["mean_dice"], 4)])
     return params, summary, curve
 

@@ -122,18 +122,17 @@ def test_params_nifti_record_png_and_report_writers_fail_cleanly(tmp_path, monke
 
 
 def test_a_report_that_fails_midway_keeps_the_previous_report(tmp_path, monkeypatch):
-    from medseg_dl.data.cases import Case
-
     params = Params.from_dict({"data": {"num_classes": 2}, "evaluation": {"save_overlays": True}})
     label = np.zeros((6, 6, 6), np.int32)
     label[2:4, 2:4, 2:4] = 1
-    case = Case("c", label[..., None].astype(np.float32), label, np.eye(4), (6, 6, 6), np.eye(4))
+    case = report.Segmentation("c", label[..., None].astype(np.float32), label, label, np.ones(3), np.eye(4))
     folder = tmp_path / "eval" / "5"
     os.makedirs(folder.parent)
-    first = report.write_report(str(folder), [(case, label)], params, 5)
+    first = report.write_report(str(folder), [case], params, 5)
     monkeypatch.setattr(plotting, "orthogonal_overlay", _fails_after(lambda *a, **k: None))
     with pytest.raises(Fault):
-        report.write_report(str(folder), [(case, np.zeros_like(label))], params, 5)
+        report.write_report(str(folder), [report.Segmentation("c", case.image, label, np.zeros_like(label),
+                                                              np.ones(3), np.eye(4))], params, 5)
     assert json.loads((folder / "summary.json").read_text())["mean_dice"] == first["mean_dice"] == 1.0
     assert sorted(os.listdir(folder)) == ["metrics.csv", "overlays", "summary.json"]
     assert leftovers(folder.parent) == []

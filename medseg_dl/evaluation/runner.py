@@ -15,17 +15,20 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import Case, case_from_record, stored_recipe, subject_case
-from medseg_dl.data.subjects import find_subjects
+from medseg_dl.data.cases import Case, CaseRecipe, case_from_record, read_image, read_label, stored_recipe, subject_case
+from medseg_dl.data.io import spacing_from_affine
+from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import CheckpointError, DataError, MedsegError
-from medseg_dl.evaluation.report import Result, write_report
+from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.experiment.model_dir import ModelDir, read_filelist, split_record_paths
+from medseg_dl.inference.predict import to_original_grid
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network, restore_weights
 from medseg_dl.pipeline.inputs import volume_inputs
@@ -34,9 +37,30 @@ UNREADABLE_EXIT = 3  # the child's exit code for an unreadable checkpoint
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
-def predict_cases(predictor: Predictor, cases: Sequence[Case]) -> List[Result]:
-    """(case, predicted labels (X, Y, Z) int32) for each case, for `write_report`."""
-    return [(case, predictor.labels(case.image)) for case in cases]
+def segment_cases(predictor: Predictor, cases: Sequence[Case], subjects: Dict[str, Subject],
+                  recipe: CaseRecipe) -> List[Segmentation]:
+    """Each case segmented on the model grid and scored on its original grid: when reorientation or
+    resampling changed the grid, the probabilities are mapped back (as `medseg predict` does) and the
+    reference is the original label file of `subjects[case.subject_id]`; otherwise both grids are one."""
+    results = []
+    for case in cases:
+        if case.label.shape == tuple(case.original_shape) and np.allclose(case.affine, case.original_affine):
+            results.append(Segmentation(case.subject_id, case.image, case.label, predictor.labels(case.image),
+                                        case.spacing_mm, case.affine))
+            continue
+        subject = subjects[case.subject_id]
+        prediction = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
+                                      case.original_affine)
+        image, _, affine = read_image(subject, recipe)
+        results.append(Segmentation(case.subject_id, image, read_label(subject, image.shape, affine, recipe),
+                                    prediction, spacing_from_affine(affine), affine))
+    return results
+
+
+def split_subjects_of(model_dir: ModelDir, split: str) -> Dict[str, Subject]:
+    """The subjects (with their source files) of a split's file list, by id."""
+    with open(model_dir.filelist(split)) as f:
+        return {entry["id"]: Subject(**entry) for entry in json.load(f)}
 
 
 def split_records(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
@@ -63,27 +87,30 @@ def record_cases(params: Params, files: Sequence[str]) -> List[Case]:
     return [case_from_record(volume) for volume in volume_inputs(params, files)]
 
 
-def folder_cases(params: Params, data_dir: str, layout: Optional[str] = None) -> List[Case]:
-    """The cases of any labelled folder, preprocessed like the model's own data (stored statistics)."""
+def folder_cases(params: Params, data_dir: str, layout: Optional[str] = None) -> Tuple[List[Case], Dict[str, Subject]]:
+    """The cases of any labelled folder, preprocessed like the model's own data (stored statistics),
+    and its subjects by id."""
     data_params = {**params.data.to_dict(), "source_dir": os.path.abspath(data_dir),
                    "layout": layout or params.data.layout}
     recipe = stored_recipe(params)
-    return [subject_case(subject, recipe) for subject in find_subjects(data_params)]
+    subjects = find_subjects(data_params)
+    return [subject_case(subject, recipe) for subject in subjects], {s.id: s for s in subjects}
 
 
 class InProcessRunner:
     """Evaluates staged checkpoints in this process on `cases`; the network is built once."""
 
-    def __init__(self, params: Params, model_dir: ModelDir, cases: Sequence[Case]):
-        self.params, self.model_dir, self.cases = params, model_dir, cases
+    def __init__(self, params: Params, model_dir: ModelDir, cases: Sequence[Case], subjects: Dict[str, Subject]):
+        self.params, self.model_dir, self.cases, self.subjects = params, model_dir, cases, subjects
+        self.recipe = stored_recipe(params)
         self.network = inference_network(params)
         self.predictor = Predictor.from_params(self.network, params)
         self.writer = tf.summary.create_file_writer(model_dir.eval_logs)
 
     def __call__(self, staged_prefix: str, step: int) -> Dict:
         restore_weights(self.network, staged_prefix)
-        return write_report(self.model_dir.report_dir(step), predict_cases(self.predictor, self.cases), self.params,
-                            step, self.writer)
+        results = segment_cases(self.predictor, self.cases, self.subjects, self.recipe)
+        return write_report(self.model_dir.report_dir(step), results, self.params, step, self.writer)
 
     def close(self) -> None:
         self.writer.flush()
@@ -129,7 +156,8 @@ def main(argv: Sequence[str]) -> int:
         params = Params.load(argv[0])
         model_dir = ModelDir(params.experiment.model_dir)
         configure_devices(params.evaluation, "evaluation")
-        runner = InProcessRunner(params, model_dir, record_cases(params, split_record_paths(params, model_dir, "val")))
+        runner = InProcessRunner(params, model_dir, record_cases(params, split_record_paths(params, model_dir, "val")),
+                                 split_subjects_of(model_dir, "val"))
         summary = runner(argv[1], int(argv[2]))
         runner.close()
     except CheckpointError as err:

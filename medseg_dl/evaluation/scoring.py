@@ -36,10 +36,16 @@ values agree with these float64 ones to about 2e-7 relative, medpy's to 1e-15):
   `compute_surface_dice(class_thresholds=[t], use_subvoxels=False)`.
 - Empty masks (here we differ from MONAI 1.6.1, which gives NaN for everything when both
   are empty and, when one is, ASSD inf, HD95 NaN, Dice 0 or NaN (empty reference)):
-  both empty -> Dice 1, Jaccard 1, ASSD 0, HD95 0, surface Dice 1; exactly one empty ->
-  Dice 0, Jaccard 0, surface Dice 0, ASSD and HD95 NaN. Each row carries
-  `empty_reference` and `empty_prediction` so callers count these cases; `summarize`
-  reports the counts and NaN-aware statistics. Nothing is dropped; empty masks never raise.
+  both empty -> Dice 1, Jaccard 1, ASSD 0, HD95 0, surface Dice 1 in the row (nothing to find,
+  nothing found); exactly one empty (a missed or an invented structure) -> Dice 0, Jaccard 0,
+  surface Dice 0, and ASSD = HD95 = the penalty distance: the diagonal of the label map in mm,
+  the largest distance two of its voxels can have (so a miss costs at least as much as the worst
+  segmentation; BraTS scores a miss the same way), flagged `distance_penalised`. Each row carries
+  `empty_reference` and `empty_prediction`; empty masks never raise.
+- Aggregates (`summarize`): a class absent from both maps of a case has nothing to score: such
+  rows leave every statistic of the class (so they cannot inflate `mean_dice`, the selection
+  metric) and are counted as `both_empty`; misses and inventions stay in, with their penalty.
+  `mean_dice` is the mean over classes of the per-class mean Dice (NaN when no class has a case).
 
 Speed: one pass over each full label map finds its non-zero bounding box and checks the
 label range; `scipy.ndimage.find_objects` inside that box gives one box per class. All
@@ -103,7 +109,7 @@ def score_case(
     [0, num_classes). spacing_mm: voxel size per axis in mm. tolerance_mm: surface Dice
     tolerance in mm. classes: class ids to score, default 1 .. num_classes - 1.
     Returns one dict per class with keys class, dice, jaccard, assd_mm, hd95_mm,
-    surface_dice, reference_mm3, predicted_mm3, empty_reference, empty_prediction
+    surface_dice, reference_mm3, predicted_mm3, empty_reference, empty_prediction, distance_penalised
     (conventions in the module docstring). Raises ScoringInputError on bad input.
     """
     reference, prediction = _check_label_maps(reference, prediction, num_classes)
@@ -121,11 +127,12 @@ def summarize(rows: Sequence[Dict], class_names: Sequence[str]) -> Dict:
     """Pools `score_case` rows of many cases.
 
     class_names: names indexed by class id (class_names[0] is the background).
-    Returns {"classes": {name: {"cases", "empty_reference", "empty_prediction",
-    metric: {"mean", "std", "median", "count", "nan_count"}}}, "mean_dice"}: statistics
-    ignore NaN (count = finite values, nan_count = NaN values; all NaN gives NaN
-    statistics); std is the population std; mean_dice is the mean over the scored classes
-    of their mean Dice (NaN when there are no rows).
+    Returns {"classes": {name: {"cases", "both_empty", "empty_reference", "empty_prediction",
+    "distance_penalised", metric: {"mean", "std", "median", "count", "nan_count"}}}, "mean_dice"}:
+    statistics leave out the rows where the class is absent from both maps (module docstring) and
+    ignore NaN (count = finite values, nan_count = NaN values; all NaN gives NaN statistics); std
+    is the population std; mean_dice is the mean over the scored classes of their mean Dice (NaN
+    when there are none).
     """
     by_class: Dict[int, List[Dict]] = {}
     for row in rows:
@@ -141,7 +148,7 @@ def summarize(rows: Sequence[Dict], class_names: Sequence[str]) -> Dict:
 
 def _class_row(reference, prediction, c, ref_box, pred_box, spacing, tolerance_mm) -> Dict:
     """The metrics of class c, computed inside the joint box of its two masks."""
-    row = {"class": int(c)}
+    row = {"class": int(c), "distance_penalised": False}
     if ref_box is None and pred_box is None:
         row.update(dice=1.0, jaccard=1.0, assd_mm=0.0, hd95_mm=0.0, surface_dice=1.0)
         row.update(reference_mm3=0.0, predicted_mm3=0.0, empty_reference=True, empty_prediction=True)
@@ -162,7 +169,8 @@ def _class_row(reference, prediction, c, ref_box, pred_box, spacing, tolerance_m
         ref_to_pred = _directed(ref_surface, pred_surface, spacing)
         row.update(_distance_metrics(pred_to_ref, ref_to_pred, tolerance_mm))
     else:
-        row.update(assd_mm=float("nan"), hd95_mm=float("nan"), surface_dice=0.0)
+        penalty = float(np.sqrt(np.sum((np.array(reference.shape) * spacing) ** 2)))
+        row.update(assd_mm=penalty, hd95_mm=penalty, surface_dice=0.0, distance_penalised=True)
     return row
 
 
@@ -263,12 +271,16 @@ def _union_box(a: Optional[Box], b: Optional[Box]) -> Box:
 
 
 def _class_summary(rows: List[Dict]) -> Dict:
+    both_empty = [bool(r["empty_reference"]) and bool(r["empty_prediction"]) for r in rows]
+    scored = [r for r, skip in zip(rows, both_empty) if not skip]
     summary = {
         "cases": len(rows),
+        "both_empty": sum(both_empty),
         "empty_reference": sum(bool(r["empty_reference"]) for r in rows),
         "empty_prediction": sum(bool(r["empty_prediction"]) for r in rows),
+        "distance_penalised": sum(bool(r.get("distance_penalised")) for r in rows),
     }
-    summary.update({metric: _stats([r[metric] for r in rows]) for metric in METRICS})
+    summary.update({metric: _stats([r[metric] for r in scored]) for metric in METRICS})
     return summary
 
 

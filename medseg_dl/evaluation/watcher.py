@@ -26,12 +26,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import Case
+from medseg_dl.data.cases import Case, stored_recipe
+from medseg_dl.data.subjects import Subject
 from medseg_dl.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import CheckpointError, MedsegError
 from medseg_dl.evaluation.report import write_report
-from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, folder_cases, predict_cases,
-                                         record_cases, split_records)
+from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, folder_cases, record_cases,
+                                         segment_cases, split_records, split_subjects_of)
 from medseg_dl.experiment.checkpoints import (BestCheckpoints, CheckpointGone, checkpoint_step, completed_checkpoints,
                                               remove_checkpoint, stage_checkpoint)
 from medseg_dl.experiment.locks import ProcessLock
@@ -126,12 +127,13 @@ def _target_steps(model_dir, previous):
         return previous
 
 
-def score_checkpoint(params: Params, model_dir: ModelDir, cases: Sequence[Case], tag: str,
-                     checkpoint: str = "latest") -> Dict:
-    """Score one checkpoint (latest, best or a path) on `cases` into eval/<step>-<tag>/; the history
-    and the best checkpoints are not changed. Returns the summary."""
+def score_checkpoint(params: Params, model_dir: ModelDir, cases: Sequence[Case], subjects: Dict[str, Subject],
+                     tag: str, checkpoint: str = "latest") -> Dict:
+    """Score one checkpoint (latest, best or a path) on `cases` (with their `subjects` by id, whose original
+    files the scores are computed on) into eval/<step>-<tag>/; the history and the best checkpoints are
+    not changed. Returns the summary."""
     trained = load_trained(model_dir, checkpoint, params)
-    results = predict_cases(Predictor.from_params(trained.network, params), cases)
+    results = segment_cases(Predictor.from_params(trained.network, params), cases, subjects, stored_recipe(params))
     summary = write_report(model_dir.report_dir(trained.step, tag), results, params, trained.step)
     metric = params.evaluation.metric
     print(f"step {trained.step} on {tag}: {metric} {summary.get(metric, math.nan):.4f}", flush=True)
@@ -141,8 +143,9 @@ def score_checkpoint(params: Params, model_dir: ModelDir, cases: Sequence[Case],
 def evaluate_folder(params: Params, model_dir: ModelDir, data_dir: str, layout: Optional[str] = None,
                     checkpoint: str = "latest") -> Dict:
     """`score_checkpoint` on another labelled folder, tagged with the folder's name."""
-    return score_checkpoint(params, model_dir, folder_cases(params, data_dir, layout),
-                            os.path.basename(os.path.normpath(data_dir)), checkpoint)
+    cases, subjects = folder_cases(params, data_dir, layout)
+    return score_checkpoint(params, model_dir, cases, subjects, os.path.basename(os.path.normpath(data_dir)),
+                            checkpoint)
 
 
 def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, checkpoint: str = "latest",
@@ -178,7 +181,7 @@ def _make_runner(params, model_dir, files, staging):
         params.save(os.path.join(staging, "params.yaml"))
         return ChildProcessRunner(os.path.join(staging, "params.yaml"))
     configure_devices(params.evaluation, "evaluation")
-    return InProcessRunner(params, model_dir, record_cases(params, files))
+    return InProcessRunner(params, model_dir, record_cases(params, files), split_subjects_of(model_dir, "val"))
 
 
 def _remove_leftovers(model_dir):

@@ -121,7 +121,7 @@ def test_identical_masks_score_perfectly():
     assert row["assd_mm"] == row["hd95_mm"] == 0.0
 
 
-def test_empty_masks_are_counted_never_dropped():
+def test_empty_masks_are_counted_and_a_miss_gets_the_penalty_distance():
     shape = (16, 16, 16)
     blob, nothing = box_mask(shape, (3, 3, 3), (8, 8, 8)), np.zeros(shape, bool)
     corner = box_mask(shape, (10, 10, 10), (12, 12, 12))
@@ -131,9 +131,13 @@ def test_empty_masks_are_counted_never_dropped():
     missed, invented, absent, hit = rows
     assert missed["empty_prediction"] and not missed["empty_reference"]
     assert invented["empty_reference"] and not invented["empty_prediction"]
+    diagonal_mm = np.sqrt(3 * 16.0 ** 2)  # the largest distance inside the 16^3 map
     for row in (missed, invented):
         assert row["dice"] == row["jaccard"] == row["surface_dice"] == 0.0
-        assert np.isnan(row["assd_mm"]) and np.isnan(row["hd95_mm"])
+        assert row["assd_mm"] == row["hd95_mm"] == pytest.approx(diagonal_mm) and row["distance_penalised"]
+    assert not hit["distance_penalised"] and not absent["distance_penalised"]
+    spaced = score_case(reference, prediction, 5, spacing_mm=(1.0, 2.0, 0.5))[0]
+    assert spaced["assd_mm"] == pytest.approx(np.sqrt(16.0 ** 2 + 32.0 ** 2 + 8.0 ** 2))
     assert missed["reference_mm3"] == 125.0 and missed["predicted_mm3"] == 0.0
     assert absent["empty_reference"] and absent["empty_prediction"]
     assert absent["dice"] == absent["jaccard"] == absent["surface_dice"] == 1.0
@@ -190,24 +194,32 @@ def test_metrics_are_symmetric_in_reference_and_prediction(a, b, spacing):
     assert forward["empty_reference"] == backward["empty_prediction"]
 
 
-def test_summarize_is_nan_aware_and_counts_empty_cases():
+def test_summarize_penalises_misses_and_leaves_out_classes_absent_from_both():
     rows = [
         {"class": 1, "dice": 0.5, "jaccard": 1 / 3, "assd_mm": 2.0, "hd95_mm": 4.0, "surface_dice": 0.5,
          "reference_mm3": 10.0, "predicted_mm3": 10.0, "empty_reference": False, "empty_prediction": False},
-        {"class": 1, "dice": 0.0, "jaccard": 0.0, "assd_mm": float("nan"), "hd95_mm": float("nan"),
+        {"class": 1, "dice": 0.0, "jaccard": 0.0, "assd_mm": 27.7, "hd95_mm": 27.7, "distance_penalised": True,
          "surface_dice": 0.0, "reference_mm3": 8.0, "predicted_mm3": 0.0, "empty_reference": False,
          "empty_prediction": True},
+        {"class": 1, "dice": 1.0, "jaccard": 1.0, "assd_mm": 0.0, "hd95_mm": 0.0, "surface_dice": 1.0,
+         "reference_mm3": 0.0, "predicted_mm3": 0.0, "empty_reference": True, "empty_prediction": True},
+        {"class": 2, "dice": float("nan"), "jaccard": 0.9 / 1.1, "assd_mm": 1.0, "hd95_mm": 1.0, "surface_dice": 1.0,
+         "reference_mm3": 5.0, "predicted_mm3": 5.0, "empty_reference": False, "empty_prediction": False},
         {"class": 2, "dice": 0.9, "jaccard": 0.9 / 1.1, "assd_mm": 1.0, "hd95_mm": 1.0, "surface_dice": 1.0,
          "reference_mm3": 5.0, "predicted_mm3": 5.0, "empty_reference": False, "empty_prediction": False},
     ]
     summary = summarize(rows, ["background", "a", "b"])
     a = summary["classes"]["a"]
-    assert a["cases"] == 2 and a["empty_prediction"] == 1 and a["empty_reference"] == 0
+    assert a["cases"] == 3 and a["both_empty"] == 1 and a["empty_prediction"] == 2 and a["empty_reference"] == 1
+    assert a["distance_penalised"] == 1
+    # the case without class a in either map is left out: it does not raise the mean to (0.5 + 0 + 1) / 3
     assert a["dice"] == {"mean": 0.25, "std": 0.25, "median": 0.25, "count": 2, "nan_count": 0}
-    assert a["assd_mm"]["mean"] == 2.0 and a["assd_mm"]["count"] == 1 and a["assd_mm"]["nan_count"] == 1
+    assert a["assd_mm"]["mean"] == pytest.approx((2.0 + 27.7) / 2) and a["assd_mm"]["count"] == 2  # a miss counts
+    b = summary["classes"]["b"]
+    assert b["dice"]["mean"] == 0.9 and b["dice"]["nan_count"] == 1
     assert summary["mean_dice"] == pytest.approx((0.25 + 0.9) / 2)
-    all_nan = summarize(rows[1:2], ["background", "a"])["classes"]["a"]["hd95_mm"]
-    assert np.isnan(all_nan["mean"]) and all_nan["nan_count"] == 1
+    only_absent = summarize(rows[2:3], ["background", "a"])
+    assert only_absent["classes"]["a"]["both_empty"] == 1 and np.isnan(only_absent["mean_dice"])
     assert np.isnan(summarize([], ["background"])["mean_dice"])
 
 

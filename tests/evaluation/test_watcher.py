@@ -31,9 +31,9 @@ def trained(tmp_path, steps=10):
 def evaluator_for(params, model_dir, staging):
     files = runner.split_records(params, model_dir, "val", 0.1)
     staging.mkdir(exist_ok=True)
-    return evaluation.Evaluator(params, model_dir, runner.InProcessRunner(params, model_dir,
-                                                                          runner.record_cases(params, files)),
-                                str(staging))
+    in_process = runner.InProcessRunner(params, model_dir, runner.record_cases(params, files),
+                                        runner.split_subjects_of(model_dir, "val"))
+    return evaluation.Evaluator(params, model_dir, in_process, str(staging))
 
 
 def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
@@ -127,3 +127,29 @@ def test_a_hand_edited_network_key_stops_evaluate_and_predict_with_one_line(tmp_
                               env=env, timeout=300)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert "model.base_filters was 4, now 8" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_resampled_experiment_is_scored_on_the_original_label_files(tmp_path):
+    """With target_spacing_mm the model grid is not the files' grid: the report must score the mapped-back
+    prediction against the original label file (its volume in mm3 exactly) and save it with that affine."""
+    import nibabel as nib
+    import numpy as np
+
+    root = synthetic_dataset(tmp_path / "data", shape=(20, 22, 18))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run", training={"steps": 5},
+                                               preprocessing={"target_spacing_mm": [1.5, 1.3, 1.7]},
+                                               evaluation={"save_predictions": True, "poll_seconds": 0.1})))
+    params, model_dir, _ = open_model_dir(str(path))
+    run_training(params, model_dir)
+    summary = evaluation.run_evaluation(params, model_dir, once=True)
+    subject = json.load(open(model_dir.filelist("val")))[0]
+    original = nib.load(subject["label"])
+    label = np.asarray(original.dataobj)
+    with open(os.path.join(model_dir.report_dir(summary["step"]), "metrics.csv")) as f:
+        rows = {int(r["class"]): r for r in csv.DictReader(f)}
+    for c in (1, 2):
+        assert float(rows[c]["reference_mm3"]) == np.count_nonzero(label == c) * 1.0  # 1 mm voxels of the file
+    saved = nib.load(os.path.join(model_dir.report_dir(summary["step"]), "predictions", f"{subject['id']}.nii.gz"))
+    assert saved.shape == original.shape
+    np.testing.assert_allclose(saved.affine, original.affine)
