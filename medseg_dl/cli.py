@@ -1,4 +1,4 @@
-"""`medseg` command line: convert, train, evaluate, predict, show, params-doc.
+"""`medseg` command line: convert, train, evaluate, predict, export, show, plan, params-doc.
 
 Every subcommand takes `--set section.key=value` overrides. A user mistake (`MedsegError`) is
 printed as one line naming the file and the fix, with exit code 2 and no traceback.
@@ -35,7 +35,7 @@ def _cmd_train(args):
     from medseg_dl.experiment.model_dir import open_model_dir
     from medseg_dl.training.loop import run_training
 
-    params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite)
+    params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, fold=args.fold)
     final_step = run_training(params, model_dir)
     print(f"training stopped at step {final_step}; checkpoints in {model_dir.checkpoints}", flush=True)
 
@@ -44,9 +44,16 @@ def _cmd_evaluate(args):
     from medseg_dl.evaluation.watcher import run_evaluation
     from medseg_dl.experiment.model_dir import load_experiment
 
-    params, model_dir = load_experiment(args.params, args.set)
-    summary = run_evaluation(params, model_dir, once=args.once, checkpoint=args.checkpoint, data_dir=args.data,
-                             layout=args.layout, timeout_s=args.timeout)
+    if args.cv:
+        from medseg_dl.config.params import Params
+        from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ensemble_test
+
+        run = run_ensemble_test if args.split == "test" else run_cross_validation
+        summary = run(Params.load(args.params, args.set), args.checkpoint or "best")["postprocessed"]
+    else:
+        params, model_dir = load_experiment(args.params, args.set, fold=args.fold)
+        summary = run_evaluation(params, model_dir, once=args.once, checkpoint=args.checkpoint or "latest",
+                                 data_dir=args.data, layout=args.layout, timeout_s=args.timeout, split=args.split)
     if summary is not None:
         print(json.dumps({"step": summary["step"], "mean_dice": summary["mean_dice"],
                           "dice": {k: v["dice"]["mean"] for k, v in summary["classes"].items()}}))
@@ -55,8 +62,39 @@ def _cmd_evaluate(args):
 def _cmd_predict(args):
     from medseg_dl.inference.predict import run_prediction
 
-    written = run_prediction(args.model_dir, args.checkpoint, args.input, args.output, args.set)
-    print(f"wrote {len(written)} predictions to {args.output}")
+    written = run_prediction(args.model_dir, args.checkpoint, args.input, args.output, args.set,
+                             folds=_folds(args.folds), save_probabilities=args.save_probabilities)
+    print(f"wrote {len(written)} files to {args.output}")
+
+
+def _cmd_export(args):
+    from medseg_dl.inference.export import run_export
+
+    path = run_export(args.model_dir, args.checkpoint, args.output, folds=_folds(args.folds), overrides=args.set)
+    print(f"wrote the SavedModel {path} (tf.saved_model.load; assets.extra/recipe.json, postprocessing.json)")
+
+
+def _folds(values):
+    """--folds all | K [K ...] -> "all", a list of fold numbers, or None without the option."""
+    if values is None or values == ["all"]:
+        return None if values is None else "all"
+    if not all(v.isdigit() for v in values):
+        raise MedsegError(f"--folds {' '.join(values)}: give all, or fold numbers such as --folds 0 2")
+    return [int(v) for v in values]
+
+
+def _add_model_arguments(parser):
+    """--model-dir D [D ...], --folds, --checkpoint: the trained model or ensemble of predict and export."""
+    parser.add_argument("--model-dir", required=True, nargs="+", metavar="D",
+                        help="a trained model folder; several for their ensemble (mean softmax); with --folds "
+                        "the experiment root that holds fold_<k>/")
+    parser.add_argument("--folds", nargs="+", metavar="all|K",
+                        help="the ensemble of the folds <model-dir>/fold_<k>/: all, or fold numbers")
+    parser.add_argument("--checkpoint", nargs="+", default=["best"], metavar="C",
+                        help="best (default) or latest, each folder's own; or one value (best, latest, a path) "
+                        "per folder")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a parameter of every folder (e.g. evaluation.tta_mirroring=true)")
 
 
 def _cmd_plan(args):
@@ -111,12 +149,21 @@ def build_parser():
     train = commands.add_parser("train", help="train (resume with <model_dir>/params.yaml)")
     _add_params_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="empty a model folder of another experiment")
+    train.add_argument("--fold", type=int, metavar="K", help="cross-validation: train fold K (data.split.folds) in "
+                       "<model_dir>/fold_K/")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="watch checkpoints and evaluate them")
     _add_params_arguments(evaluate)
     evaluate.add_argument("--once", action="store_true", help="evaluate one checkpoint (--checkpoint) and exit")
-    evaluate.add_argument("--checkpoint", default="latest", help="with --once: latest, best, or a checkpoint path")
+    evaluate.add_argument("--checkpoint", help="with --once, --data or --split test: latest (default), best, or a "
+                          "checkpoint path; with --cv: best (default) or latest")
+    evaluate.add_argument("--fold", type=int, metavar="K", help="cross-validation: the model folder of fold K")
+    evaluate.add_argument("--cv", action="store_true", help="score every fold's validation cases with its own "
+                          "model, one summary in <model_dir>/cv/, and decide the post-processing; with --split test: "
+                          "the test cases scored by the ensemble of all folds (<model_dir>/cv/test-ensemble/)")
+    evaluate.add_argument("--split", choices=["val", "test"], default="val",
+                          help="test: score one checkpoint on the held-out test list (report eval/<step>-test/)")
     evaluate.add_argument("--data", metavar="DIR",
                           help="evaluate one checkpoint (--checkpoint) on this labelled folder instead of the val split")
     evaluate.add_argument("--layout", choices=schema.key("data.layout").choices,
@@ -125,13 +172,18 @@ def build_parser():
                           help="watch mode: stop after S seconds without a new checkpoint")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="segment new images with a trained model")
-    predict.add_argument("--model-dir", required=True, help="the trained experiment's model folder")
-    predict.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint path")
+    predict = commands.add_parser("predict", help="segment new images with a trained model or an ensemble")
+    _add_model_arguments(predict)
     predict.add_argument("--input", required=True, nargs="+", help="image files, subject folders or folders")
     predict.add_argument("--output", required=True, help="folder for the <subject>.nii.gz label maps")
-    predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    predict.add_argument("--save-probabilities", action="store_true",
+                         help="also write <subject>_probabilities.nii.gz (X, Y, Z, K) float32 on the input's grid")
     predict.set_defaults(handler=_cmd_predict)
+
+    export = commands.add_parser("export", help="write a SavedModel that segments preprocessed volumes")
+    _add_model_arguments(export)
+    export.add_argument("--output", required=True, metavar="DIR", help="the SavedModel folder (replaced whole)")
+    export.set_defaults(handler=_cmd_export)
 
     planner = commands.add_parser("plan", help="configure an experiment from a dataset folder (nnU-Net's rules)")
     planner.add_argument("--data", required=True, metavar="DIR", help="the dataset folder")

@@ -10,6 +10,7 @@ made absolute against the working directory, so a saved `params.yaml` resumes fr
 import copy
 import difflib
 import os
+import re
 
 import yaml
 
@@ -174,6 +175,7 @@ def _resolve(values):
                           f"{data['num_classes']}; give one name per class")
     if data["split"]["val"] + data["split"]["test"] >= 1.0:
         raise ParamsError("data.split: val + test must leave subjects for training (sum < 1)")
+    _check_folds(data["split"])
     normalization = values["preprocessing"]["normalization"]
     if isinstance(normalization, list) and len(normalization) != len(data["channels"]):
         raise ParamsError(f"preprocessing.normalization lists {len(normalization)} methods but data.channels has "
@@ -187,6 +189,32 @@ def _resolve(values):
                      "strides of 1 or 2 per axis, e.g. [2, 2, 1]")
     _check_per_level(model, "kernel_sizes", model["depth"], "one per resolution level", lambda v: v % 2 == 1,
                      "odd kernel sizes per axis, e.g. [3, 3, 1]")
+
+
+def _check_folds(split):
+    """data.split.folds, fold, group_pattern: consistent with each other and with lists; one-line ParamsError."""
+    folds, fold, pattern = split["folds"], split["fold"], split["group_pattern"]
+    if folds == 1:
+        raise ParamsError("data.split.folds = 1: cross-validation needs at least 2 folds (nnU-Net: 5); 0 for none")
+    if folds and split["lists"]:
+        raise ParamsError("data.split.lists and data.split.folds exclude each other; give explicit lists or "
+                          "folds, not both")
+    if fold is not None and not folds:
+        raise ParamsError(f"data.split.fold = {fold} needs data.split.folds >= 2; set folds, or fold: null")
+    if fold is not None and fold >= folds:
+        raise ParamsError(f"data.split.fold = {fold}: expected 0..{folds - 1} for data.split.folds = {folds}")
+    if pattern is not None and not folds:
+        raise ParamsError("data.split.group_pattern is used only by cross-validation; set data.split.folds >= 2, "
+                          "or group_pattern: null")
+    if pattern is not None:
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as err:
+            raise ParamsError(f"data.split.group_pattern = {pattern!r} does not compile ({err}); fix the regular "
+                              f"expression, e.g. '^(pat\\d+)_'") from None
+        if groups < 1:
+            raise ParamsError(f"data.split.group_pattern = {pattern!r} has no group; put the patient part in "
+                              f"parentheses, e.g. '^(pat\\d+)_'")
 
 
 def _check_per_level(model, key, count, meaning, valid, expected):

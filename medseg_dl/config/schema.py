@@ -110,6 +110,17 @@ SCHEMA = {
             "test": Key(0.0, NUMBER, "fraction of subjects for testing", minimum=0.0, maximum=1.0),
             "lists": Key(None, (dict, NONE), "explicit {train: [...], val: [...], test: [...]} subject ids; "
                                              "overrides the fractions"),
+            "folds": Key(0, (int,), "k-fold cross-validation (nnU-Net: 5), or 0: none. The test subjects are held "
+                                    "out first (the ones the same seed and fractions give without folds), the others "
+                                    "are dealt into folds of balanced size; fold k validates on fold k and trains on "
+                                    "the others (data.split.val then picks no validation subjects)", minimum=0),
+            "fold": Key(None, (int, NONE), "the fold this model folder trains, 0..folds-1; set by --fold k, which "
+                                           "trains in <model_dir>/fold_k/ (records shared in <model_dir>/tfrecords); "
+                                           "null outside cross-validation", minimum=0),
+            "group_pattern": Key(None, (str, NONE), "with folds: regular expression whose first group names the "
+                                                    "patient in a subject id, e.g. '^(pat\\d+)_': all subjects of a "
+                                                    "patient land in one fold (and test holds whole patients); an "
+                                                    "id it does not match is a patient of its own"),
         },
         "gzip": Key(True, (bool,), "GZIP-compress the TFRecords"),
         "workers": Key(2, (int,), "parallel processes for conversion", minimum=1),

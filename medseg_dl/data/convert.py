@@ -8,11 +8,14 @@ unless `overwrite`. A failed write (a full disk) is a `DataError`. Each record a
 up to `preprocessing.max_locations_per_class` voxel locations for class-balanced sampling, drawn with
 a generator seeded by (seed, crc32(subject id)).
 """
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import time
 import zlib
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -24,9 +27,11 @@ from medseg_dl.data import preprocess, tfrecords
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import find_subjects
-from medseg_dl.errors import DataError
+from medseg_dl.errors import DataError, ModelDirError
+from medseg_dl.locks import ProcessLock
 
 FORMAT_VERSION = 1
+CONVERSION_LOCK = "convert.lock"
 CT_SAMPLES_PER_SUBJECT = 10000
 
 
@@ -120,6 +125,29 @@ def convert_dataset(params: Params, overwrite: bool = False) -> dict:
     settings = conversion_settings(params)
     out_dir = params.data.tfrecords_dir
     os.makedirs(out_dir, exist_ok=True)
+    with conversion_lock(out_dir):
+        return _convert(params, subjects, settings, out_dir, overwrite)
+
+
+@contextlib.contextmanager
+def conversion_lock(out_dir: str) -> Iterator[ProcessLock]:
+    """Hold the folder's conversion lock, waiting while another process converts into it (e.g. the trainers
+    of two cross-validation folds sharing one tfrecords folder); a lock of a process that is gone is taken."""
+    lock = ProcessLock(os.path.join(out_dir, CONVERSION_LOCK), "conversion")
+    while True:
+        try:
+            lock.acquire()
+            break
+        except ModelDirError as err:
+            print(f"waiting: {err}", flush=True)
+            time.sleep(5.0)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _convert(params, subjects, settings, out_dir, overwrite):
     remove_stale_temporaries(out_dir)
     index = _existing_index(out_dir, settings, overwrite)
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]

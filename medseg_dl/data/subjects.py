@@ -11,8 +11,9 @@ Three layouts (params `data.layout`):
 import glob
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -144,23 +145,81 @@ def _subject_folders(source_dir, data_params):
 
 
 def split_subjects(ids: List[str], split_params: Mapping, seed: int) -> Dict[str, List[str]]:
-    """{'train', 'val', 'test'} lists of ids: explicit `split.lists`, or seeded fractions.
+    """{'train', 'val', 'test'} lists of ids: explicit `split.lists`, seeded fractions, or one fold.
 
-    Fractions round to the nearest count, with at least one subject for a non-zero fraction.
+    Fractions round to the nearest count, with at least one subject for a non-zero fraction. With
+    `split.folds` > 0 (k-fold cross-validation), the lists are those of fold `split.fold`: test as
+    `fold_lists` holds it out, val = that fold, train = the other folds.
     """
     ids = sorted(ids)
     if split_params.get("lists"):
         return _explicit_split(ids, split_params["lists"])
-    order = np.random.default_rng(seed).permutation(len(ids))
-    shuffled = [ids[i] for i in order]
-    counts = {name: _count(split_params[name], len(ids)) for name in ("val", "test")}
-    if counts["val"] + counts["test"] >= len(ids):
+    if split_params.get("folds"):
+        return _one_fold(ids, split_params, seed)
+    shuffled, n_val, n_test = _seeded_order(ids, split_params, seed)
+    if n_val + n_test >= len(ids):
         raise DataError(f"only {len(ids)} subjects: data.split (val={split_params['val']}, "
                         f"test={split_params['test']}) leaves none for training; lower the fractions")
-    val = shuffled[: counts["val"]]
-    test = shuffled[counts["val"]: counts["val"] + counts["test"]]
-    train = shuffled[counts["val"] + counts["test"]:]
+    val = shuffled[:n_val]
+    test = shuffled[n_val: n_val + n_test]
+    train = shuffled[n_val + n_test:]
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def fold_lists(ids: List[str], split_params: Mapping, seed: int) -> Tuple[List[str], List[List[str]]]:
+    """(test ids, [ids of fold 0, fold 1, ...]) of k-fold cross-validation, k = `split.folds`; each sorted.
+
+    The test subjects are held out first: those the same seed and fractions give without folds (so
+    they depend on neither the fold nor k), widened to whole groups. The others, in the seeded order,
+    are grouped by `split.group_pattern`: the first group of its match (`re.search`) names a subject's
+    patient; a subject whose id it does not match (or without a pattern, every subject) is a group of
+    its own. Groups are dealt largest first, each to the currently smallest fold (ties: the lower
+    fold), so fold sizes differ by as little as the groups allow (by at most 1 without groups).
+    Raises `DataError` if there are fewer groups than folds.
+    """
+    shuffled, n_val, n_test = _seeded_order(sorted(ids), split_params, seed)
+    group_of = _patient_of(split_params.get("group_pattern"))
+    test_groups = {group_of(i) for i in shuffled[n_val: n_val + n_test]}
+    groups: Dict[tuple, List[str]] = {}  # insertion order: the seeded order
+    for subject in shuffled:
+        if group_of(subject) not in test_groups:
+            groups.setdefault(group_of(subject), []).append(subject)
+    k = split_params["folds"]
+    if len(groups) < k:
+        raise DataError(f"only {len(groups)} subjects (or patients) besides the test ones for data.split.folds = "
+                        f"{k}; lower data.split.folds or data.split.test")
+    folds: List[List[str]] = [[] for _ in range(k)]
+    for members in sorted(groups.values(), key=len, reverse=True):  # stable: ties keep the seeded order
+        min(folds, key=len).extend(members)
+    test = [i for i in shuffled if group_of(i) in test_groups]
+    return sorted(test), [sorted(f) for f in folds]
+
+
+def _one_fold(ids, split_params, seed):
+    test, folds = fold_lists(ids, split_params, seed)
+    k = split_params.get("fold")
+    if k is None or not 0 <= k < len(folds):
+        raise DataError(f"data.split.fold = {k!r}: expected 0..{len(folds) - 1} for data.split.folds = "
+                        f"{len(folds)}; train one fold at a time with --fold k")
+    train = [i for j, fold in enumerate(folds) if j != k for i in fold]
+    return {"train": sorted(train), "val": folds[k], "test": test}
+
+
+def _seeded_order(ids, split_params, seed):
+    """(ids in the seed's order, validation count, test count): the order every split draws from."""
+    order = np.random.default_rng(seed).permutation(len(ids))
+    counts = [_count(split_params[name], len(ids)) for name in ("val", "test")]
+    return [ids[i] for i in order], counts[0], counts[1]
+
+
+def _patient_of(pattern: Optional[str]) -> Callable[[str], tuple]:
+    """subject id -> its group key: ('patient', first group of `pattern`), or ('subject', id) if unmatched."""
+    compiled = re.compile(pattern) if pattern else None
+
+    def group_of(subject_id: str) -> tuple:
+        match = compiled.search(subject_id) if compiled else None
+        return ("patient", match.group(1)) if match and match.group(1) is not None else ("subject", subject_id)
+    return group_of
 
 
 def _count(fraction, n):

@@ -55,12 +55,14 @@ def score_results(results: Sequence[Segmentation], params: Params) -> List[Dict]
     return rows
 
 
-def write_report(report_dir: str, results: Sequence[Segmentation], params: Params, step: int,
-                 writer: Optional[tf.summary.SummaryWriter] = None) -> Dict:
-    """Write the report folder for `results`; returns the summary dict. With a TensorBoard `writer`,
-    also log the summary's scalars and the first case's middle slice at `step`."""
+def write_report(report_dir: str, results: Sequence[Segmentation], params: Params, step: Optional[int],
+                 writer: Optional[tf.summary.SummaryWriter] = None, extra: Optional[Dict] = None) -> Dict:
+    """Write the report folder for `results`; returns the summary dict (with the per-case rows under
+    "per_case", as nnU-Net's summary.json, and the items of `extra`). With a TensorBoard `writer`, also
+    log the summary's scalars and the first case's middle slice at `step`."""
     rows = score_results(results, params)
-    summary = {"step": step, "subjects": len(results), **scoring.summarize(rows, params.data.class_names)}
+    summary = {"step": step, "subjects": len(results), **scoring.summarize(rows, params.data.class_names),
+               **(extra or {}), "per_case": rows}
     with atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
         _write_csv(os.path.join(folder, ModelDir.REPORT_METRICS), rows)

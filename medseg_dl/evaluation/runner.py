@@ -28,7 +28,7 @@ from medseg_dl.devices import configure_devices
 from medseg_dl.errors import CheckpointError, DataError, MedsegError
 from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.experiment.model_dir import ModelDir, read_filelist, split_record_paths
-from medseg_dl.inference.predict import to_original_grid
+from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network, restore_weights
 from medseg_dl.pipeline.inputs import volume_inputs
@@ -49,8 +49,7 @@ def segment_cases(predictor: Predictor, cases: Sequence[Case], subjects: Dict[st
                                         case.spacing_mm, case.affine))
             continue
         subject = subjects[case.subject_id]
-        prediction = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
-                                      case.original_affine)
+        prediction = segment_case(predictor, case)[0]
         image, _, affine = read_image(subject, recipe)
         results.append(Segmentation(case.subject_id, image, read_label(subject, image.shape, affine, recipe),
                                     prediction, spacing_from_affine(affine), affine))

@@ -35,7 +35,7 @@ from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, fo
                                          segment_cases, split_records, split_subjects_of)
 from medseg_dl.experiment.checkpoints import (BestCheckpoints, CheckpointGone, checkpoint_step, completed_checkpoints,
                                               remove_checkpoint, stage_checkpoint)
-from medseg_dl.experiment.locks import ProcessLock
+from medseg_dl.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import load_trained, resolve_checkpoint
@@ -150,12 +150,17 @@ def evaluate_folder(params: Params, model_dir: ModelDir, data_dir: str, layout: 
 
 def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, checkpoint: str = "latest",
                    data_dir: Optional[str] = None, layout: Optional[str] = None,
-                   timeout_s: Optional[float] = None) -> Optional[Dict]:
+                   timeout_s: Optional[float] = None, split: str = "val") -> Optional[Dict]:
     """`medseg evaluate`: watch the checkpoints (default), or evaluate one (`once`; with `data_dir`,
-    on that folder). Returns the summary of the one evaluated checkpoint, None in watch mode."""
-    if data_dir:
+    on that folder; with split "test", on the held-out test list, report eval/<step>-test/). Returns
+    the summary of the one evaluated checkpoint, None in watch mode."""
+    if data_dir or split == "test":
         configure_devices(params.evaluation, "evaluation")
-        return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
+        if data_dir:
+            return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
+        cases = record_cases(params, split_records(params, model_dir, "test", params.evaluation.poll_seconds,
+                                                   timeout_s))
+        return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test", checkpoint)
     with ProcessLock(model_dir.eval_lock, "evaluator"):
         _remove_leftovers(model_dir)
         files = split_records(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)

@@ -13,6 +13,14 @@
     <model_dir>/curves.png                 learning curves (medseg show --curves)
 
 The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the params (config/params.py).
+
+k-fold cross-validation (`data.split.folds` = k > 0): `experiment.model_dir` is the experiment root, and
+fold j trains in a complete model folder of its own (`open_model_dir(..., fold=j)`, the CLI's `--fold j`):
+
+    <root>/fold_<j>/                       the model folder of fold j (its params say data.split.fold = j)
+    <root>/tfrecords/                      the converted subjects, shared by the folds (unless data.tfrecords_dir)
+    <root>/cv/                             cross-validation results of the evaluator (--cv)
+    <root>/postprocessing.json             the post-processing chosen on the cross-validation predictions
 """
 import json
 import os
@@ -147,19 +155,95 @@ class ModelDir:
     def curves_png(self) -> str:
         return self.path("curves.png")
 
+    def fold(self, k: int) -> "ModelDir":
+        """The model folder of fold k of the experiment root `self` (cross-validation): <root>/fold_<k>/."""
+        return ModelDir(self.path(f"fold_{k}"))
 
-def open_model_dir(params_path: str, overrides=(), overwrite: bool = False) -> Tuple[Params, ModelDir, bool]:
+    @property
+    def cv(self) -> str:
+        """The experiment root's cross-validation results (all folds' validation predictions and metrics)."""
+        return self.path("cv")
+
+    def cv_report(self, kind: str) -> str:
+        """<root>/cv/raw/ (the folds' predictions as they are) or <root>/cv/postprocessed/."""
+        return self.path("cv", kind)
+
+    @property
+    def postprocessing_json(self) -> str:
+        """The experiment root's post-processing decision, chosen on the cross-validation predictions."""
+        return self.path("postprocessing.json")
+
+
+def open_model_dir(params_path: str, overrides=(), overwrite: bool = False,
+                   fold: Optional[int] = None) -> Tuple[Params, ModelDir, bool]:
     """Load params (once) and prepare their model folder; returns (params, ModelDir, resumed).
 
     Resume when `params_path` is the folder's own `params.yaml`, or when the folder already holds
     the same resolved parameters. A non-empty folder with other parameters is refused unless
     `overwrite`, which empties it first. A non-chief worker of a multi-worker run (cluster.py) waits
-    until the chief has prepared the folder and changes nothing."""
-    params = Params.load(params_path, overrides)
+    until the chief has prepared the folder and changes nothing. With cross-validation
+    (`data.split.folds` > 0) the params become those of fold `fold` (`fold_params`) first; a fold's own
+    params.yaml needs no `fold`. `ParamsError` when no fold is given or set, or another one is."""
+    params = select_fold(Params.load(params_path, overrides), fold, params_path)
     if not is_chief(params.training.strategy):
         return params, _wait_for_folder(ModelDir(params.experiment.model_dir)), True
     model_dir, resumed = _prepare(params, params_path, overwrite)
     return params, model_dir, resumed
+
+
+def select_fold(params: Params, fold: Optional[int], params_path: str = "params") -> Params:
+    """The params of one model folder: unchanged without cross-validation and for a fold's own params.yaml
+    (already fold `fold`); `fold_params` of the experiment root's params for `fold` (or their
+    data.split.fold). Raises `ParamsError` (one line) for a missing, out-of-range or contradicting fold."""
+    folds, current = params.data.split.folds, params.data.split.fold
+    if fold is not None:
+        if not folds:
+            raise ParamsError(f"{params_path}: --fold {fold} needs cross-validation; set data.split.folds (e.g. 5)")
+        if not 0 <= fold < folds:
+            raise ParamsError(f"--fold {fold}: expected 0..{folds - 1} for data.split.folds = {folds}")
+        if current is not None and current != fold:
+            raise ParamsError(f"{params_path}: these are the params of fold {current}, not {fold}; pass --fold "
+                              f"{current}, or the experiment's own params file with --fold {fold}")
+    elif current is None:
+        if folds:
+            raise ParamsError(f"data.split.folds = {folds}: train one fold at a time with --fold k (0..{folds - 1})")
+        return params
+    else:
+        fold = current
+    return params if _is_fold_folder(params) else fold_params(params, fold)
+
+
+def _is_fold_folder(params: Params) -> bool:
+    """Whether `params` are those of a fold's model folder (<root>/fold_<k>/, k = data.split.fold)."""
+    fold = params.data.split.fold
+    return fold is not None and os.path.basename(params.experiment.model_dir) == f"fold_{fold}"
+
+
+def fold_params(params: Params, fold: int) -> Params:
+    """The params of fold `fold` from the experiment root's: experiment.model_dir -> <root>/fold_<fold>,
+    data.split.fold -> fold; data.tfrecords_dir stays (resolved: <root>/tfrecords unless given), so the
+    folds share the converted records."""
+    values = params.to_dict()
+    values["experiment"]["model_dir"] = ModelDir(params.experiment.model_dir).fold(fold).root
+    values["data"]["split"]["fold"] = fold
+    return Params.from_dict(values, source=f"fold {fold} of {params.experiment.model_dir}")
+
+
+def experiment_root(params: Params) -> ModelDir:
+    """The experiment root: experiment.model_dir, or its parent for the params of one fold."""
+    folder = params.experiment.model_dir
+    return ModelDir(os.path.dirname(folder) if _is_fold_folder(params) else folder)
+
+
+def fold_model_dirs(params: Params) -> List[ModelDir]:
+    """The model folders of all folds (evaluate --cv), from the root's params or one fold's;
+    `ParamsError` without cross-validation."""
+    folds = params.data.split.folds
+    if not folds:
+        raise ParamsError("data.split.folds = 0: no cross-validation folds; set data.split.folds (e.g. 5) and "
+                          "train each fold with --fold k")
+    root = experiment_root(params)
+    return [root.fold(k) for k in range(folds)]
 
 
 def _wait_for_folder(model_dir: ModelDir, timeout_s: float = 600.0) -> ModelDir:
@@ -172,10 +256,11 @@ def _wait_for_folder(model_dir: ModelDir, timeout_s: float = 600.0) -> ModelDir:
     return model_dir
 
 
-def load_experiment(params_path: str, overrides=()) -> Tuple[Params, ModelDir]:
+def load_experiment(params_path: str, overrides=(), fold: Optional[int] = None) -> Tuple[Params, ModelDir]:
     """Params (loaded once) and their model folder, for a process beside training (the evaluator):
-    the folder is prepared only when training has not created it yet, and never rewritten."""
-    params = Params.load(params_path, overrides)
+    the folder is prepared only when training has not created it yet, and never rewritten. `fold`:
+    as for `open_model_dir`."""
+    params = select_fold(Params.load(params_path, overrides), fold, params_path)
     model_dir = ModelDir(params.experiment.model_dir)
     if not os.path.isfile(model_dir.params_path):
         model_dir, _ = _prepare(params, params_path, overwrite=False)

@@ -1,26 +1,32 @@
-"""`medseg predict`: segment unlabelled images with a trained model.
+"""`medseg predict`: segment unlabelled images with a trained model, or an ensemble of several.
 
 Each input goes through the model's own preprocessing (reorientation, resampling, normalisation
-with the statistics stored in `dataset.json`), is segmented by sliding window, and the class
-probabilities are mapped back (trilinearly) onto the input's original voxel grid before the
-arg-max, so the saved label map has exactly the input's shape, affine and header.
+with the statistics stored in `dataset.json`), is segmented by sliding window (one network, or the
+mean softmax of the ensemble's members), and the class probabilities are mapped back (trilinearly)
+onto the input's original voxel grid before the arg-max, so the saved label map has exactly the
+input's shape, affine and header. The post-processing decision of the experiment
+(`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
+final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
+`--save-probabilities` also writes the mapped-back probabilities (before the arg-max, so before
+post-processing).
 """
 import os
-from typing import List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import stored_recipe, subject_case
-from medseg_dl.data.io import write_nifti
+from medseg_dl.data.cases import Case, stored_recipe, subject_case
+from medseg_dl.data.io import spacing_from_affine, write_nifti
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
 from medseg_dl.experiment.model_dir import ModelDir
+from medseg_dl.inference import postprocess
 from medseg_dl.inference.predictor import Predictor
-from medseg_dl.inference.trained import load_trained
+from medseg_dl.inference.trained import TrainedEnsemble, load_ensemble, resolve_members
 
 
 def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:
@@ -52,50 +58,83 @@ def _is_dicom_folder(path):
 
 def to_original_grid(probabilities: np.ndarray, grid_affine: np.ndarray, original_shape: Sequence[int],
                      original_affine: np.ndarray) -> np.ndarray:
-    """Labels (X, Y, Z) uint8 on the original grid from probabilities (x, y, z, K) on the model grid:
-    each original voxel's position is mapped into the model grid and the probabilities are
-    interpolated there (order 1) before the arg-max."""
+    """Probabilities (X, Y, Z, K) float32 on the original grid (shape `original_shape`, affine
+    `original_affine` (4, 4)) from probabilities (x, y, z, K) on the model grid (`grid_affine` (4, 4)):
+    each original voxel's position is mapped into the model grid and the probabilities are interpolated
+    there (order 1, so they still sum to 1). The input itself when both grids are the same."""
     if tuple(original_shape) == probabilities.shape[:3] and np.allclose(grid_affine, original_affine):
-        return np.argmax(probabilities, axis=-1).astype(np.uint8)
+        return probabilities
     to_grid = np.linalg.inv(grid_affine) @ original_affine
-    resampled = np.stack([ndimage.affine_transform(probabilities[..., k], to_grid[:3, :3], to_grid[:3, 3],
-                                                   output_shape=tuple(original_shape), order=1, mode="nearest")
-                          for k in range(probabilities.shape[-1])], axis=-1)
-    return np.argmax(resampled, axis=-1).astype(np.uint8)
+    return np.stack([ndimage.affine_transform(probabilities[..., k], to_grid[:3, :3], to_grid[:3, 3],
+                                              output_shape=tuple(original_shape), order=1, mode="nearest")
+                     for k in range(probabilities.shape[-1])], axis=-1).astype(np.float32, copy=False)
 
 
-def save_like(path: str, labels: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
-    """Save labels with the reference's affine and, for NIfTI references, its header."""
+def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels (X, Y, Z) uint8, probabilities (X, Y, Z, K) float32) of one case on its original grid:
+    the predictor's probabilities on the model grid mapped back (`to_original_grid`), their arg-max, then
+    the post-processing `decision` (None: none) applied to those labels with the original spacing."""
+    probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
+                                     case.original_affine)
+    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    if decision is not None:
+        labels = postprocess.apply(labels, decision, spacing_from_affine(case.original_affine))
+    return labels, probabilities
+
+
+def save_like(path: str, data: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
+    """Save `data` (X, Y, Z) labels or (X, Y, Z, K) probabilities with the reference's affine and, for NIfTI
+    references, its header (with the shape and data type of `data`)."""
     header = None
     if reference_path.endswith((".nii", ".nii.gz")):
         header = nib.load(reference_path).header.copy()
-        header.set_data_shape(labels.shape)
+        header.set_data_shape(data.shape)
         header.set_slope_inter(1, 0)
-    write_nifti(path, labels, affine, header)
+    write_nifti(path, data, affine, header)
 
 
-def run_prediction(model_dir_path: str, checkpoint: str, inputs: List[str], output_dir: str,
-                   overrides: Sequence[str] = ()) -> List[str]:
-    """`medseg predict`: segment every input with the model folder's network at `checkpoint` (best,
-    latest or a path) and save `<output_dir>/<subject>.nii.gz` on each input's own grid; returns the
-    written paths. overrides: `section.key=value` applied to the folder's params (e.g. evaluation.*).
-    An `output_dir` that is a file is a `DataError`, raised before any work."""
+def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]],
+                   folds: Union[None, str, Sequence[int]] = None, overrides: Sequence[str] = ()
+                   ) -> Tuple[Predictor, TrainedEnsemble, Optional[Dict]]:
+    """(the Predictor, the loaded ensemble, the post-processing decision or None) of `--model-dir D [D ...]
+    [--folds ...] [--checkpoint ...]` (trained.py `resolve_members`, `load_ensemble`), with the devices of
+    the first member's evaluation section; overrides apply to every member's params."""
+    folders, decision_dir = resolve_members([model_dirs] if isinstance(model_dirs, str) else model_dirs, folds)
+    member_params = [Params.load(ModelDir(f).params_path, overrides) for f in folders]
+    configure_devices(member_params[0].evaluation, "evaluation")
+    ensemble = load_ensemble(folders, checkpoint, member_params)
+    decision = postprocess.read_decision(decision_dir)
+    if decision is not None:
+        steps = {k: decision[k] for k in postprocess.NOTHING}
+        print(f"post-processing ({os.path.join(decision_dir, postprocess.DECISION_NAME)}): {steps}", flush=True)
+    return Predictor.from_params(ensemble.networks, ensemble.params), ensemble, decision
+
+
+def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]], inputs: List[str],
+                   output_dir: str, overrides: Sequence[str] = (), folds: Union[None, str, Sequence[int]] = None,
+                   save_probabilities: bool = False) -> List[str]:
+    """`medseg predict`: segment every input with the network of one model folder, or the ensemble of several
+    (`model_dirs`) or of the folds of one experiment root (`folds`: "all" or fold numbers; trained.py
+    `resolve_members`), each at `checkpoint` (best, latest, or one of these or a path per folder), and save
+    `<output_dir>/<subject>.nii.gz` (uint8 labels) on each input's own grid, post-processed by the
+    decision of the (root) model folder when it has one; with `save_probabilities` also
+    `<subject>_probabilities.nii.gz` (X, Y, Z, K) float32. Returns the written paths. overrides:
+    `section.key=value` applied to every folder's params (e.g. evaluation.*); the window and evaluation
+    settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
         raise DataError(f"{output_dir}: the output is a file; give a folder for the label maps")
-    model_dir = ModelDir(os.path.abspath(model_dir_path))
-    params = Params.load(model_dir.params_path, overrides)
-    configure_devices(params.evaluation, "evaluation")
-    trained = load_trained(model_dir, checkpoint, params)
-    predictor = Predictor.from_params(trained.network, params)
-    recipe = stored_recipe(params)
+    predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)
+    recipe = stored_recipe(ensemble.params)
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for subject in input_subjects(inputs, params.data):
+    for subject in input_subjects(inputs, ensemble.params.data):
         case = subject_case(subject, recipe)
-        labels = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
-                                  case.original_affine)
+        labels, probabilities = segment_case(predictor, case, decision)
         path = os.path.join(output_dir, f"{subject.id}.nii.gz")
         save_like(path, labels, subject.channels[0], case.original_affine)
         written.append(path)
+        if save_probabilities:
+            written.append(os.path.join(output_dir, f"{subject.id}_probabilities.nii.gz"))
+            save_like(written[-1], probabilities, subject.channels[0], case.original_affine)
         print(f"{subject.id}: {path}", flush=True)
     return written

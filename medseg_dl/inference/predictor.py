@@ -1,22 +1,25 @@
-"""Whole-volume prediction by sliding windows (used by evaluation and predict).
+"""Whole-volume prediction by sliding windows (used by evaluation, predict and export).
 
-    predictor = Predictor.from_params(network, params)
+    predictor = Predictor.from_params(network, params)          # or a sequence of networks (an ensemble)
     probabilities = predictor.probabilities(image)   # (X, Y, Z, K) float32
     labels = predictor.labels(image)                 # (X, Y, Z) int32
 
-The network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
+A network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
 (the window positions of `pipeline.sampling.patch_positions`) and returning logits (N, px, py, pz, K); it
-is called with training=False when it accepts that argument. Windows are batched through it inside
-one tf.function per channel count, traced once whatever the volume shape. The window logits are
+is called with training=False when it accepts that argument. Windows are batched through the window
+function (`Predictor.window_function`), one tf.function per channel count, traced once whatever the
+volume shape; the SavedModel export (export.py) traces the same function. The window logits are
 blended with Gaussian or constant weights (windows.py) and the softmax of the
 weighted average is the probability, as in nnU-Net (the softmax runs once per voxel, not once per
-window). With mirroring test-time augmentation a window's logits are log(mean over the 8 flips of
-the softmax probabilities), so a window predicted alone gets exactly the flip-averaged probabilities;
-a flipped window is given its position mirrored on the flipped axes, as in training.
+window). The window logits are the network's logits for one network without mirroring; otherwise
+log(mean of the softmax probabilities) over the members of the ensemble and, with mirroring
+test-time augmentation, over the 8 flips of each window (every (member, flip) weighs the same), so a
+window predicted alone gets exactly the averaged probabilities. A flipped window is given its
+position mirrored on the flipped axes, as in training.
 """
 import inspect
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -44,31 +47,35 @@ def accepts_training(network: Callable) -> bool:
 
 
 class Predictor:
-    """Sliding-window prediction of whole volumes with one network; caches its tf.function per channel count.
+    """Sliding-window prediction of whole volumes with one network or an ensemble; caches its window
+    function (a tf.function) per channel count.
 
-    patch_size_vox: window (3,) in voxels; num_classes: K; overlap: fraction in [0, 1); blending:
-    "gaussian" or "constant"; batch_size: windows per network call; tta_mirroring: average the
-    probabilities over all 8 flips of each window (8x the network calls).
+    network_or_networks: one network, or a non-empty sequence of networks (an ensemble: the mean of
+    their softmax probabilities; M members cost M x the network calls); patch_size_vox: window (3,) in
+    voxels; num_classes: K; overlap: fraction in [0, 1); blending: "gaussian" or "constant"; batch_size:
+    windows per network call; tta_mirroring: average the probabilities over all 8 flips of each window
+    (8x the network calls).
     """
 
-    def __init__(self, network: Callable, patch_size_vox: Sequence[int], num_classes: int, overlap: float = 0.5,
-                 blending: str = "gaussian", batch_size: int = 4, tta_mirroring: bool = False):
-        self.network = network
+    def __init__(self, network_or_networks: Union[Callable, Sequence[Callable]], patch_size_vox: Sequence[int],
+                 num_classes: int, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
+                 tta_mirroring: bool = False):
+        self.networks = _as_networks(network_or_networks)
         self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
         self.num_classes = schema.check("data.num_classes", int(num_classes))
         self.overlap = schema.check("evaluation.overlap", float(overlap))
         self.blending = schema.check("evaluation.blending", blending)
         self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
         self.tta_mirroring = bool(tta_mirroring)
-        self._training_kwargs = {"training": False} if accepts_training(network) else {}
-        self._steps = {}
+        self._training_kwargs = [{"training": False} if accepts_training(n) else {} for n in self.networks]
+        self._window_functions = {}
 
     @classmethod
-    def from_params(cls, network: Callable, params: Params) -> "Predictor":
+    def from_params(cls, network_or_networks: Union[Callable, Sequence[Callable]], params: Params) -> "Predictor":
         """Window from sampling.patch_size, K from data.num_classes, the rest from the evaluation section."""
         evaluation = params.evaluation
-        return cls(network, params.sampling.patch_size, params.data.num_classes, overlap=evaluation.overlap,
-                   blending=evaluation.blending, batch_size=evaluation.batch_size,
+        return cls(network_or_networks, params.sampling.patch_size, params.data.num_classes,
+                   overlap=evaluation.overlap, blending=evaluation.blending, batch_size=evaluation.batch_size,
                    tta_mirroring=evaluation.tta_mirroring)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -84,20 +91,39 @@ class Predictor:
     def _accumulate(self, image):
         image = _check_image(image)
         grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)
-        accumulator = windows.accumulate(self._step(image.shape[3]), image, grid, self.batch_size, self.num_classes)
+        accumulator = windows.accumulate(self.window_function(image.shape[3]), image, grid, self.batch_size,
+                                         self.num_classes)
         return accumulator, grid
 
-    def _step(self, num_channels):
-        """The tf.function (windows (N, px, py, pz, C), positions (N, 3)) -> window logits (N, px, py, pz, K)."""
-        if num_channels not in self._steps:
-            window_fn = self._mirrored_logits if self.tta_mirroring else self._logits
+    def window_function(self, num_channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+        """The tf.function (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> window logits
+        (N, px, py, pz, K) float32, for C = `num_channels` (traced once, cached): the network's logits for
+        one network without mirroring, else log(mean softmax) over the members (and the 8 flips)."""
+        if num_channels not in self._window_functions:
             signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
                          tf.TensorSpec((None, 3), tf.float32)]
-            self._steps[num_channels] = tf.function(window_fn, input_signature=signature)
-        return self._steps[num_channels]
+            self._window_functions[num_channels] = tf.function(self._window_logits, input_signature=signature)
+        return self._window_functions[num_channels]
 
-    def _logits(self, windows, positions):
-        logits = self.network({"image": windows, "position": positions}, **self._training_kwargs)
+    def _window_logits(self, windows, positions):
+        if len(self.networks) == 1 and not self.tta_mirroring:
+            return self._logits(0, windows, positions)
+        flips = MIRROR_AXES if self.tta_mirroring else [[]]
+        total = 0.0
+        for member in range(len(self.networks)):
+            for axes in flips:
+                total += self._flipped_probabilities(member, axes, windows, positions)
+        return tf.math.log(tf.maximum(total / (len(self.networks) * len(flips)), TINY_PROBABILITY))
+
+    def _flipped_probabilities(self, member, axes, windows, positions):
+        """Softmax (N, px, py, pz, K) of member `member` on `windows` (N, px, py, pz, C) flipped on the batch
+        `axes` (a subset of 1, 2, 3) with `positions` (N, 3) mirrored there, flipped back."""
+        flips = tf.constant([axis in axes for axis in (1, 2, 3)])
+        flipped_logits = self._logits(member, tf.reverse(windows, axes), mirror_positions(positions, flips))
+        return tf.reverse(tf.nn.softmax(flipped_logits, axis=-1), axes)
+
+    def _logits(self, member, windows, positions):
+        logits = self.networks[member]({"image": windows, "position": positions}, **self._training_kwargs[member])
         expected = tuple(windows.shape[1:4]) + (self.num_classes,)
         if not logits.shape[1:].is_compatible_with(expected):
             raise ParamsError(f"the network returns logits of shape {tuple(logits.shape[1:])} per window, expected "
@@ -105,16 +131,16 @@ class Predictor:
                               f"accepts and the num_classes it was built with")
         return tf.cast(logits, tf.float32)
 
-    def _mirrored_logits(self, windows, positions):
-        """Log of the mean softmax over the 8 flips of `windows` (N, px, py, pz, C); each flip is given
-        `positions` (N, 3) mirrored on its axes. Returns (N, px, py, pz, K) float32."""
-        total = 0.0
-        for axes in MIRROR_AXES:
-            flips = tf.constant([axis in axes for axis in (1, 2, 3)])
-            flipped_logits = self._logits(tf.reverse(windows, axes), mirror_positions(positions, flips))
-            probabilities = tf.nn.softmax(flipped_logits, axis=-1)
-            total += tf.reverse(probabilities, axes)
-        return tf.math.log(tf.maximum(total / len(MIRROR_AXES), TINY_PROBABILITY))
+
+def _as_networks(network_or_networks):
+    """The networks as a tuple: one callable, or a non-empty sequence of callables (`ParamsError` otherwise)."""
+    if callable(network_or_networks):
+        return (network_or_networks,)
+    networks = tuple(network_or_networks) if isinstance(network_or_networks, Sequence) else ()
+    if not networks or not all(callable(n) for n in networks):
+        raise ParamsError(f"the Predictor needs one network or a non-empty sequence of networks (callables), "
+                          f"got {network_or_networks!r}")
+    return networks
 
 
 def _check_image(image):

@@ -1,19 +1,28 @@
-"""A trained network from a model folder: the network of its params with the weights of one checkpoint.
+"""A trained network from a model folder: the network of its params with the weights of one checkpoint;
+an ensemble of several model folders, or of the fold folders of a cross-validation experiment root.
 
     trained = load_trained(model_dir, "best")          # or "latest", or a checkpoint path
     predictor = Predictor.from_params(trained.network, trained.params)
 
+    folders, decision_dir = resolve_members([root], folds="all")     # <root>/fold_<k>/ (or [d1, d2, ...])
+    ensemble = load_ensemble(folders, "best")                        # each member its own best checkpoint
+    predictor = Predictor.from_params(ensemble.networks, ensemble.params)
+
 Only the network is built (no optimizer, loss or schedule); the optimizer slots of a training
 checkpoint are ignored. The compute dtype follows `training.precision` as in training.
 """
+import glob
 import os
+import re
 from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.errors import CheckpointError, MedsegError
+from medseg_dl.data.cases import stored_recipe
+from medseg_dl.errors import CheckpointError, MedsegError, ParamsError
 from medseg_dl.experiment.checkpoints import BestCheckpoints, checkpoint_step, completed_checkpoints
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
@@ -75,3 +84,104 @@ def load_trained(model_dir: ModelDir, which: str = "best", params: Params = None
     network = inference_network(params)
     restore_weights(network, prefix)
     return TrainedModel(params, network, prefix, checkpoint_step(prefix))
+
+
+FOLD_FOLDER = re.compile(r"^fold_(\d+)$")  # <root>/fold_<k>/: one complete model folder per fold
+
+
+@dataclass(frozen=True)
+class TrainedEnsemble:
+    """members: the trained networks of one or more model folders, all with the same window, classes,
+    channels and preprocessing (see `load_ensemble`)."""
+
+    members: Tuple[TrainedModel, ...]
+
+    @property
+    def params(self) -> Params:
+        """The first member's params (window, classes, preprocessing and evaluation settings)."""
+        return self.members[0].params
+
+    @property
+    def networks(self) -> Tuple[keras.Model, ...]:
+        return tuple(m.network for m in self.members)
+
+
+def fold_dirs(root: str, folds: Union[str, Sequence[int]] = "all") -> List[str]:
+    """The fold folders `<root>/fold_<k>/` (absolute, by k) that hold a params.yaml: every one for "all",
+    else those of the fold numbers `folds`. `ParamsError` when there is none or a fold is missing."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(os.path.abspath(root)), "fold_*", "params.yaml")):
+        match = FOLD_FOLDER.match(os.path.basename(os.path.dirname(path)))
+        if match:
+            found[int(match.group(1))] = os.path.dirname(path)
+    if not found:
+        raise ParamsError(f"{root}: no fold folders (fold_<k>/params.yaml) in this experiment root; give the root "
+                          f"that holds them, or model folders without --folds")
+    chosen = sorted(found) if folds == "all" else [int(k) for k in folds]
+    missing = [k for k in chosen if k not in found]
+    if missing or not chosen:
+        raise ParamsError(f"{root}: fold(s) {missing} not found; its folds are {sorted(found)} (--folds all, or "
+                          f"some of these numbers)")
+    return [found[k] for k in chosen]
+
+
+def resolve_members(model_dirs: Sequence[str], folds: Union[None, str, Sequence[int]] = None
+                    ) -> Tuple[List[str], Optional[str]]:
+    """(member folders (absolute), the folder whose postprocessing.json applies or None) of `--model-dir D
+    [D ...] [--folds all|K ...]`: with folds, the fold folders of the one experiment root D and D itself;
+    without, the folders D and, for a single one, D itself (several folders have no common decision)."""
+    roots = [os.path.abspath(d) for d in model_dirs]
+    if not roots:
+        raise ParamsError("give at least one model folder (--model-dir)")
+    if folds is not None:
+        if len(roots) != 1:
+            raise ParamsError(f"--folds takes the folds of one experiment root, but {len(roots)} folders were "
+                              f"given as --model-dir; give the root alone")
+        return fold_dirs(roots[0], folds), roots[0]
+    for root in roots:
+        if not os.path.isfile(ModelDir(root).params_path) and glob.glob(os.path.join(glob.escape(root), "fold_*")):
+            raise ParamsError(f"{root}: an experiment root of fold folders, not a model folder; add --folds all "
+                              f"(or --folds 0 2 ...)")
+    return roots, (roots[0] if len(roots) == 1 else None)
+
+
+def load_ensemble(model_dirs: Sequence[str], which: Union[str, Sequence[str]] = "best",
+                  params: Optional[Sequence[Params]] = None) -> TrainedEnsemble:
+    """The trained networks of the model folders `model_dirs` (see `resolve_members`), each at its own
+    checkpoint `which`: best or latest (each folder's), or one value (best, latest, path) per folder. params: the
+    folders' params when already loaded (one per folder, e.g. with overrides), else their params.yaml.
+    `ParamsError` naming two folders when they differ in the window, classes, channels or preprocessing."""
+    folders = [ModelDir(os.path.abspath(d)) for d in model_dirs]
+    params = [Params.load(f.params_path) for f in folders] if params is None else list(params)
+    checkpoints = _member_checkpoints(which, len(folders))
+    if len(params) != len(folders):
+        raise ValueError(f"{len(params)} params for {len(folders)} model folders")
+    signatures = [_ensemble_signature(p) for p in params]
+    for folder, signature in zip(folders[1:], signatures[1:]):
+        for key, value in signature.items():
+            if value != signatures[0][key]:
+                raise ParamsError(f"the ensemble's model folders differ in {key}: {folders[0].root} has "
+                                  f"{signatures[0][key]!r}, {folder.root} has {value!r}; every member needs the same "
+                                  f"patch size, classes, channels and preprocessing")
+    return TrainedEnsemble(tuple(load_trained(f, c, p) for f, c, p in zip(folders, checkpoints, params)))
+
+
+def _member_checkpoints(which, count):
+    """One `--checkpoint` value per member: best/latest for all, or one value (best, latest, path) per folder."""
+    values = [which] if isinstance(which, str) else list(which)
+    if len(values) == 1 and (count == 1 or values[0] in ("best", "latest")):
+        return values * count
+    if len(values) != count:
+        raise ParamsError(f"--checkpoint {' '.join(values)}: give best or latest (each folder's own), or one "
+                          f"value (best, latest or a checkpoint path) per model folder ({count} folders)")
+    return values
+
+
+def _ensemble_signature(params):
+    """What the members of an ensemble must share: the window, classes, channels and preprocessing (with the
+    stored CT statistics), as {key: value}."""
+    signature = {"sampling.patch_size": list(params.sampling.patch_size),
+                 "data.num_classes": params.data.num_classes, "data.channels": list(params.data.channels)}
+    signature.update({f"preprocessing.{k}": v for k, v in params.preprocessing.to_dict().items()})
+    signature["ct statistics (dataset.json)"] = stored_recipe(params).ct_stats
+    return signature

@@ -76,9 +76,9 @@ class WindowGrid:
     shape_vox: (3,) the original volume shape; padding_vox: (3, 2) zero padding before/after each
     axis; patch_size_vox: (3,); blending: window weighting; starts_vox: (W, 3) int32 window starts in
     the padded volume; positions: (W, 3) float32 positions of the windows in the original volume
-    (`pipeline.sampling.patch_positions`, the rule of the training patches); coverage: per axis, (padded length,) float32 sum of
-    the importance profiles of the windows along that axis (the weight sum at a voxel is their
-    product).
+    (`pipeline.sampling.patch_positions`, the rule of the training patches); coverage: per axis,
+    (padded length,) float32 sum of the importance profiles of the windows along that axis (the weight
+    sum at a voxel is their product).
     """
 
     shape_vox: tuple

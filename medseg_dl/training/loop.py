@@ -28,7 +28,7 @@ from medseg_dl.data.convert import convert_dataset
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError, ModelDirError, TrainingError
 from medseg_dl.experiment.checkpoints import completed_checkpoints, move_checkpoint
-from medseg_dl.experiment.locks import ProcessLock
+from medseg_dl.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
 from medseg_dl.model.model_fn import model_fn
 from medseg_dl.pipeline.inputs import train_inputs

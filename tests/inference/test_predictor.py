@@ -186,3 +186,59 @@ def test_benchmark_quick_run_prints_one_line_per_blending():
     for item in lines:
         assert item["workload"] == "W2" and item["unit"] == "s" and item["value"] > 0
         assert item["peak_rss_mb"] > 0 and item["voxels_per_s"] > 0 and "cores" in item["machine"]
+
+
+FLIPS = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+
+
+def test_an_ensemble_of_two_networks_gives_the_mean_of_their_softmaxes():
+    """One window covering the volume: exactly the mean of the two whole-volume softmaxes; several
+    overlapping windows: the same off the window faces (each window's log-mean-softmax is the whole-volume
+    one there, and the softmax of their weighted average gives it back)."""
+    first, second = conv_network(random_kernel(13)), conv_network(random_kernel(14))
+    for shape, overlap in [((16, 16, 16), 0.5), ((37, 30, 21), 0.5), ((20, 11, 16), 0.0)]:
+        image = np.random.default_rng(15).normal(size=shape + (2,)).astype(np.float32)
+        reference = (whole_volume_probabilities(first, image) + whole_volume_probabilities(second, image)) / 2
+        result = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3).probabilities(image)
+        region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, "gaussian"))
+        assert result.shape == shape + (3,) and result.dtype == np.float32
+        np.testing.assert_allclose(result[region], reference[region], atol=2e-6)
+        alone = whole_volume_probabilities(first, image)
+        assert np.abs(alone - reference)[region].max() > 1e-2  # the members differ: averaging matters
+
+
+def test_an_ensemble_with_mirroring_averages_members_and_flips_alike():
+    image = np.random.default_rng(16).normal(size=(16, 16, 16, 2)).astype(np.float32)
+    members = [conv_network(random_kernel(17)), conv_network(random_kernel(18))]
+    reference = np.mean([np.flip(whole_volume_probabilities(n, np.flip(image, axes).copy()), axes)
+                         for n in members for axes in FLIPS], axis=0)
+    result = Predictor(members, (16, 16, 16), 3, tta_mirroring=True).probabilities(image)
+    np.testing.assert_allclose(result, reference, atol=2e-6)
+
+
+@pytest.mark.parametrize("tta_mirroring", [False, True])
+def test_one_member_is_the_single_network_predictor_exactly(tta_mirroring):
+    """A one-member sequence is the single network; without mirroring the window function returns the
+    network's own logits (not a log-softmax), with it the log of the flip-averaged softmax."""
+    network = conv_network(random_kernel(19))
+    image = np.random.default_rng(20).normal(size=(26, 19, 17, 2)).astype(np.float32)
+    single = Predictor(network, (16, 12, 16), 3, tta_mirroring=tta_mirroring)
+    np.testing.assert_array_equal(Predictor([network], (16, 12, 16), 3, tta_mirroring=tta_mirroring)
+                                  .probabilities(image), single.probabilities(image))
+    windows_batch = tf.constant(image[None, :16, :12, :16])
+    positions = tf.constant([[0.2, 0.6, 0.9]], tf.float32)
+    logits = single.window_function(2)(windows_batch, positions).numpy()
+    if tta_mirroring:
+        window = image[:16, :12, :16]
+        mean = np.mean([np.flip(whole_volume_probabilities(network, np.flip(window, axes).copy()), axes)
+                        for axes in FLIPS], axis=0)
+        np.testing.assert_allclose(logits[0], np.log(mean), atol=2e-6)
+    else:
+        np.testing.assert_array_equal(logits, network({"image": windows_batch}).numpy())
+
+
+def test_an_ensemble_needs_callables():
+    with pytest.raises(ParamsError, match="sequence of networks"):
+        Predictor([], (8, 8, 8), 3)
+    with pytest.raises(ParamsError, match="sequence of networks"):
+        Predictor([conv_network(random_kernel(21)), "not a network"], (8, 8, 8), 3)

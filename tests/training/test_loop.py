@@ -240,7 +240,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_a_second_trainer_on_the_folder_is_refused(tmp_path):
-    from medseg_dl.experiment.locks import process_start_time
+    from medseg_dl.locks import process_start_time
 
     params, model_dir = prepare(write_params(tmp_path))
     holder = os.getppid()  # a live process of this machine: as if it trained this folder

@@ -11,11 +11,11 @@ import pytest
 from conftest import REPO
 
 from medseg_dl.errors import ModelDirError
-from medseg_dl.experiment import locks
-from medseg_dl.experiment.locks import ProcessLock, process_start_time
+from medseg_dl import locks
+from medseg_dl.locks import ProcessLock, process_start_time
 
 HOLD = ("import sys, time\n"
-        "from medseg_dl.experiment.locks import ProcessLock\n"
+        "from medseg_dl.locks import ProcessLock\n"
         "with ProcessLock(sys.argv[1], 'trainer'):\n"
         "    time.sleep(60)\n")
 

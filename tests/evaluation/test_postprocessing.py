@@ -1,0 +1,134 @@
+"""The post-processing decision (evaluation/postprocessing.py `decide`) on synthetic cross-validation cases, and
+its application (inference/postprocess.py `apply`) on hand-made label maps."""
+import json
+
+import numpy as np
+import pytest
+
+from medseg_dl.errors import DataError
+from medseg_dl.evaluation import postprocessing
+from medseg_dl.inference import postprocess
+
+SHAPE, SPACING = (32, 32, 24), (1.0, 1.0, 1.5)
+
+
+def ball(centre, radius_vox):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    return np.linalg.norm(grid - np.asarray(centre), axis=-1) < radius_vox
+
+
+def structure(shift):
+    """Reference labels (X, Y, Z) int32: a ball of class 1 and, touching it, a box of class 2 (one
+    foreground component), moved by `shift` voxels along x."""
+    labels = np.zeros(SHAPE, np.int32)
+    labels[ball((12 + shift, 14, 12), 6)] = 1
+    labels[18 + shift:24 + shift, 10:18, 8:16] = 2
+    return labels
+
+
+def with_islands(labels, corners, value):
+    """A copy of `labels` with a 2 x 2 x 2 island of class `value` at each corner (x, y, z)."""
+    out = labels.copy()
+    for x, y, z in corners:
+        out[x:x + 2, y:y + 2, z:z + 2] = value
+    return out
+
+
+def imperfect(labels):
+    """The labels shifted by one voxel along y: every class keeps one component, Dice below 1."""
+    return np.roll(labels, 1, axis=1)
+
+
+def test_small_spurious_islands_turn_post_processing_on_and_raise_the_mean_dice():
+    cases = []
+    for shift in (0, 2, 4):
+        reference = structure(shift)
+        prediction = with_islands(imperfect(reference), [(1, 28, 1), (28, 1, 20)], 1)
+        prediction = with_islands(prediction, [(1, 1, 1), (29, 29, 20)], 2)
+        cases.append((reference, prediction, SPACING))
+    decision = postprocessing.decide(cases, 3)
+    assert decision["foreground_largest_component"] or set(decision["min_island_mm3"]) == {"1", "2"}
+    assert np.mean(decision["dice_after"]) > np.mean(decision["dice_before"]) + 0.01
+    np.testing.assert_allclose(decision["dice_after"], postprocessing.mean_dice(cases, decision, 3))
+    np.testing.assert_allclose(decision["dice_before"], postprocessing.mean_dice(cases, postprocess.NOTHING, 3))
+    for reference, prediction, spacing in cases:  # the islands are gone, the structure is intact
+        np.testing.assert_array_equal(postprocess.apply(prediction, decision, spacing), imperfect(reference))
+    assert decision["cases"] == 3 and json.loads(json.dumps(decision)) == decision
+
+
+def test_predictions_of_one_component_per_class_turn_every_step_off():
+    """The hippocampus case: anterior and posterior touch, each predicted as one component."""
+    cases = [(structure(shift), imperfect(structure(shift)), SPACING) for shift in (0, 3)]
+    decision = postprocessing.decide(cases, 3)
+    assert {k: decision[k] for k in postprocess.NOTHING} == postprocess.NOTHING
+    assert decision["dice_after"] == decision["dice_before"] and np.mean(decision["dice_before"]) < 0.99
+
+
+def test_largest_component_stays_off_when_a_class_has_two_true_structures():
+    """Class 1 is a large and a smaller ball (two true components, like left and right): keeping the largest
+    component of the foreground or of class 1 deletes the smaller one, so both stay off; the islands still go
+    (their threshold is half the smaller ball)."""
+    cases = []
+    for shift in (0, 2):
+        reference = structure(shift)
+        reference[ball((8 + shift, 26, 12), 4)] = 1
+        prediction = with_islands(imperfect(reference), [(28, 2, 2), (28, 2, 20)], 1)
+        cases.append((reference, prediction, SPACING))
+    decision = postprocessing.decide(cases, 3)
+    assert not decision["foreground_largest_component"] and 1 not in decision["largest_component_classes"]
+    assert set(decision["min_island_mm3"]) == {"1"}
+    assert np.mean(decision["dice_after"]) > np.mean(decision["dice_before"])
+    for reference, prediction, spacing in cases:
+        np.testing.assert_array_equal(postprocess.apply(prediction, decision, spacing), imperfect(reference))
+    reference, prediction, spacing = cases[0]
+    lcc = postprocess.apply(prediction, {**postprocess.NOTHING, "largest_component_classes": [1]}, spacing)
+    assert (lcc == 1).sum() < 0.8 * (imperfect(reference) == 1).sum()  # what the refused step would have done
+
+
+def line(*values):
+    """A label map (N, 1, 1) int16 along x."""
+    return np.array(values, np.int16).reshape(-1, 1, 1)
+
+
+def test_apply_on_hand_made_label_maps():
+    labels = line(1, 1, 1, 0, 1, 0, 2, 2, 0, 2)
+    before = labels.copy()
+    apply = postprocess.apply
+    steps = postprocess.NOTHING
+    np.testing.assert_array_equal(apply(labels, steps, (1, 1, 1)), labels)
+    np.testing.assert_array_equal(apply(labels, {**steps, "foreground_largest_component": True}, (1, 1, 1)),
+                                  line(1, 1, 1, 0, 0, 0, 0, 0, 0, 0))
+    np.testing.assert_array_equal(apply(labels, {**steps, "largest_component_classes": [2]}, (1, 1, 1)),
+                                  line(1, 1, 1, 0, 1, 0, 2, 2, 0, 0))
+    islands = {**steps, "min_island_mm3": {"1": 2.0}}  # 2 voxels at 1 mm^3, 1 voxel at 2 mm^3
+    np.testing.assert_array_equal(apply(labels, islands, (1, 1, 1)), line(1, 1, 1, 0, 0, 0, 2, 2, 0, 2))
+    np.testing.assert_array_equal(apply(labels, islands, (2, 1, 1)), labels)
+    np.testing.assert_array_equal(apply(labels, {**steps, "min_island_mm3": {"2": 3.0}}, (1, 1, 1)),
+                                  line(1, 1, 1, 0, 1, 0, 0, 0, 0, 0))
+    everything = {"foreground_largest_component": False, "largest_component_classes": [1],
+                  "min_island_mm3": {"2": 1.5}}
+    result = apply(labels, everything, (1, 1, 1))
+    np.testing.assert_array_equal(result, line(1, 1, 1, 0, 0, 0, 2, 2, 0, 0))
+    assert result.dtype == np.int16
+    np.testing.assert_array_equal(labels, before)  # the input is unchanged
+
+
+def test_apply_connects_26_neighbours():
+    """Two voxels that touch only at a corner are one component: keeping the largest keeps both."""
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[0, 0, 0] = labels[1, 1, 1] = 1
+    labels[3, 3, 0] = 1  # adjacent to neither: removed
+    expected = labels.copy()
+    expected[3, 3, 0] = 0
+    np.testing.assert_array_equal(postprocess.apply(labels, {**postprocess.NOTHING,
+                                                             "largest_component_classes": [1]}, (1, 1, 1)), expected)
+
+
+def test_the_decision_file_is_read_or_named_when_it_is_not_one(tmp_path):
+    assert postprocess.read_decision(str(tmp_path)) is None and postprocess.read_decision(None) is None
+    decision = {**postprocess.NOTHING, "min_island_mm3": {"1": 12.5}, "dice_before": [0.5, None]}
+    (tmp_path / "postprocessing.json").write_text(json.dumps(decision))
+    assert postprocess.read_decision(str(tmp_path)) == decision
+    (tmp_path / "postprocessing.json").write_text(json.dumps({"largest_component_classes": [1]}))
+    with pytest.raises(DataError, match="postprocessing.json: not a post-processing decision"):
+        postprocess.read_decision(str(tmp_path))
