@@ -100,7 +100,8 @@ def step_time_s(model_dir_path):
     from medseg_dl.experiment.model_dir import ModelDir
 
     with open(ModelDir(model_dir_path).scalars_csv) as f:
-        return statistics.median(float(row["step_time_s"]) for row in list(csv.DictReader(f))[1:])
+        rows = list(csv.DictReader(f))
+    return statistics.median(float(row["step_time_s"]) for row in (rows[1:] or rows))  # the first includes tracing
 
 
 def main():

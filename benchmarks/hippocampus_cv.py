@@ -1,0 +1,150 @@
+"""Cross-validation, fold ensemble, post-processing and export on the hippocampus data (CPU budget).
+
+Plans the hippocampus folder as `hippocampus_accuracy.py` does (`medseg plan`, CPU recipe), holds out
+the same 20% test cases (seeded split; the folds share them), deals the other cases into `--folds`
+folds, and trains each fold for `--steps` steps (`medseg train --fold k` in a subprocess; a step
+budget, not a time budget, so a loaded machine changes the minutes, not the result). Then, each
+fold at its latest checkpoint:
+- `medseg evaluate --cv`: every fold scored on its own validation cases, the post-processing decided
+  on them (raw and post-processed mean Dice of the pooled validation cases, and per fold);
+- every fold alone, and the ensemble of all folds (mean softmax, TTA as planned), on the test cases,
+  without and with the decided post-processing;
+- `medseg export` of the ensemble, and its seconds per test volume (the SavedModel's serving
+  function) against the Predictor's (what `medseg predict` runs on the model grid), both in this
+  process, after one warm-up call, on the same preprocessed volumes; labels compared.
+One JSON line is printed and appended to benchmarks/results/hippocampus_cv.jsonl.
+
+    python benchmarks/hippocampus_cv.py --folds 3 --steps 1400
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, step_time_s
+from machine_info import describe_machine
+
+RESULTS = os.path.join(REPO, "benchmarks", "results", "hippocampus_cv.jsonl")
+TIMED_VOLUMES = 10
+
+
+def train_fold(params_path, fold, overrides):
+    """`medseg train --fold` in a subprocess; returns its wall time in minutes."""
+    command = [sys.executable, "-m", "medseg_dl.cli", "train", "--params", params_path, "--fold", str(fold)]
+    for override in overrides:
+        command += ["--set", override]
+    started = time.time()
+    subprocess.run(command, cwd=REPO, check=True)
+    return (time.time() - started) / 60
+
+
+def mean_dice_by_class(summary):
+    return {name: stats["dice"]["mean"] for name, stats in summary["classes"].items()}
+
+
+def per_fold_validation(cv_summary, fold_dirs):
+    """Mean foreground Dice of each fold's own validation cases, from the pooled cross-validation rows."""
+    result = []
+    for fold_dir in fold_dirs:
+        with open(fold_dir.filelist("val")) as f:
+            ids = {entry["id"] for entry in json.load(f)}
+        dice = [row["dice"] for row in cv_summary["per_case"]
+                if row["subject"] in ids and row["class"] > 0 and not np.isnan(row["dice"])]
+        result.append(round(float(np.mean(dice)), 4))
+    return result
+
+
+def test_scores_per_fold(fold_dirs):
+    """Mean Dice of each fold's model alone on the test cases (latest checkpoint)."""
+    from medseg_dl.config.params import Params
+    from medseg_dl.evaluation.watcher import run_evaluation
+
+    return [round(run_evaluation(Params.load(d.params_path), d, checkpoint="latest", split="test")["mean_dice"], 4)
+            for d in fold_dirs]
+
+
+def export_timing(root, fold_dirs, output_dir):
+    """Seconds per test volume of the exported ensemble and of the Predictor, and whether their labels agree."""
+    import tensorflow as tf
+
+    from medseg_dl.config.params import Params
+    from medseg_dl.evaluation.runner import record_cases, split_records
+    from medseg_dl.inference.export import run_export
+    from medseg_dl.inference.predict import load_predictor
+
+    started = time.time()
+    run_export([root], "latest", output_dir, folds="all")
+    export_s = time.time() - started
+    predictor, ensemble, _ = load_predictor([root], "latest", "all")
+    params = Params.load(fold_dirs[0].params_path)
+    cases = record_cases(params, split_records(params, fold_dirs[0], "test", 1.0))[:TIMED_VOLUMES]
+    served = tf.saved_model.load(output_dir)
+    exported_s, predictor_s, equal = [], [], 0
+    for case in cases:
+        image = case.image.astype(np.float32)
+        served.serve(tf.constant(image))
+        begin = time.perf_counter()
+        out = served.serve(tf.constant(image))
+        exported_s.append(time.perf_counter() - begin)
+        predictor.labels(image)
+        begin = time.perf_counter()
+        labels = predictor.labels(image)
+        predictor_s.append(time.perf_counter() - begin)
+        equal += int(np.array_equal(out["labels"].numpy(), labels))
+    return {"export_s": round(export_s, 1), "export_s_per_volume": round(statistics.median(exported_s), 3),
+            "predictor_s_per_volume": round(statistics.median(predictor_s), 3), "timed_volumes": len(cases),
+            "export_labels_identical": f"{equal}/{len(cases)}", "members": len(ensemble.members)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1400, help="training steps per fold")
+    parser.add_argument("--data", default=HIPPO)
+    parser.add_argument("--model-dir", default=os.path.join(REPO, "runs", "cv"))
+    parser.add_argument("--set", action="append", default=[], help="extra params overrides")
+    args = parser.parse_args()
+    work = os.path.abspath(args.model_dir)
+    root = os.path.join(work, "unet")
+    params_path = planned_experiment(args.data, work)
+    overrides = [CLASS_NAMES, f"data.split.folds={args.folds}", "data.split.val=0.0", "data.split.test=0.2",
+                 f"data.tfrecords_dir={os.path.join(work, 'tfrecords')}", f"experiment.model_dir={root}",
+                 f"training.steps={args.steps}", f"training.checkpoint_every={args.steps}", *args.set]
+    minutes = [round(train_fold(params_path, k, overrides), 1) for k in range(args.folds)]
+
+    from medseg_dl.config.params import Params
+    from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ensemble_test
+    from medseg_dl.experiment.model_dir import fold_model_dirs
+
+    params = Params.load(params_path, overrides)
+    fold_dirs = fold_model_dirs(params)
+    cv = run_cross_validation(params, "latest")
+    ensemble = run_ensemble_test(params, "latest")
+    result = {"benchmark": "hippocampus_cv", "folds": args.folds, "steps_per_fold": args.steps,
+              "train_minutes_per_fold": minutes, "step_time_s": [round(step_time_s(d.root), 3) for d in fold_dirs],
+              "cv_cases": cv["raw"]["subjects"], "test_cases": ensemble["raw"]["subjects"],
+              "cv_mean_dice": cv["raw"]["mean_dice"], "cv_mean_dice_postprocessed": cv["postprocessed"]["mean_dice"],
+              "cv_mean_dice_per_fold": per_fold_validation(cv["raw"], fold_dirs),
+              "postprocessing": {k: cv["postprocessing"][k] for k in
+                                 ("foreground_largest_component", "largest_component_classes", "min_island_mm3")},
+              "test_mean_dice_per_fold": test_scores_per_fold(fold_dirs),
+              "test_mean_dice_ensemble": ensemble["raw"]["mean_dice"],
+              "test_mean_dice_ensemble_postprocessed": ensemble["postprocessed"]["mean_dice"],
+              "test_dice_ensemble_by_class": mean_dice_by_class(ensemble["raw"]),
+              **export_timing(root, fold_dirs, os.path.join(work, "exported")),
+              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
+              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.data == HIPPO:  # only real runs are kept
+        with open(RESULTS, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
