@@ -1,5 +1,6 @@
 """The README's test command and .ci/run must stay identical."""
 import os
+import sys
 
 from conftest import REPO
 
@@ -27,3 +28,17 @@ def test_every_params_key_has_a_resume_rule():
     assert {rule(dotted)[0] for dotted, _ in all_keys()} <= {APPLIED, REFUSED}
     assert rule("model.depth")[0] == REFUSED and rule("training.steps")[0] == APPLIED
     assert rule("data.split.val")[0] == REFUSED and rule("sampling.batch_size")[0] == APPLIED
+
+
+def test_readme_benchmark_tables_are_those_of_the_results_files():
+    """Every results table of benchmarks/tables.py is in the README, as rendered from its JSON lines; a figure
+    typed over in the README is caught."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import tables
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert {m.group(2) for m in tables.TABLE.finditer(readme)} == set(tables.RENDERERS)
+    assert tables.regenerate(readme) == readme, "README tables are stale: run python benchmarks/tables.py"
+    row = tables.render("hippocampus_accuracy").splitlines()[2]
+    edited = readme.replace(row, row.replace("| unet |", "| unet (typed) |"), 1)
+    assert edited != readme and tables.regenerate(edited) == readme
