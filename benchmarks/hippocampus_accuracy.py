@@ -104,6 +104,15 @@ def step_time_s(model_dir_path):
     return statistics.median(float(row["step_time_s"]) for row in (rows[1:] or rows))  # the first includes tracing
 
 
+def report(result, results_path, data_dir):
+    """Print the result's JSON line; append it to `results_path` for runs on the real hippocampus folder."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if data_dir == HIPPO:  # only real runs are kept
+        with open(results_path, "a") as f:
+            f.write(line + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="training wall-time budget")
@@ -138,11 +147,7 @@ def main():
     for class_name, stats in summary["classes"].items():
         for metric in ("dice", "assd_mm", "hd95_mm"):
             result[f"{metric}_{class_name}"] = stats[metric]["mean"]
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.data == HIPPO:  # only real runs are kept
-        with open(RESULTS, "a") as f:
-            f.write(line + "\n")
+    report(result, RESULTS, args.data)
 
 
 if __name__ == "__main__":

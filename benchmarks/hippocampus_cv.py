@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, step_time_s
+from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, report, step_time_s
 from machine_info import describe_machine
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "hippocampus_cv.jsonl")
@@ -139,11 +139,7 @@ def main():
               **export_timing(root, fold_dirs, os.path.join(work, "exported")),
               "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.data == HIPPO:  # only real runs are kept
-        with open(RESULTS, "a") as f:
-            f.write(line + "\n")
+    report(result, RESULTS, args.data)
 
 
 if __name__ == "__main__":
