@@ -21,10 +21,9 @@ import sys
 import threading
 import time
 
-from machine_info import describe_machine
+from machine_info import describe_machine, record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results", "gpu_workflow.jsonl")
 CPU_SETTINGS = ["model.base_filters=8", "sampling.patch_size=[32,40,32]", "sampling.batch_size=4"]
 
 
@@ -139,13 +138,9 @@ def main():
         args.set = CPU_SETTINGS + args.set
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     for precision in ["float32", "mixed_float16"] if args.gpu else ["float32"]:
         for beside in (False, True):
-            line = json.dumps(one_run(args, precision, beside, args.work))
-            print(line, flush=True)
-            with open(RESULTS, "a") as f:
-                f.write(line + "\n")
+            record("gpu_workflow", one_run(args, precision, beside, args.work), keep=True)
 
 
 if __name__ == "__main__":

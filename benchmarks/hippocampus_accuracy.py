@@ -16,7 +16,6 @@ per-class Dice, ASSD, HD95 (means), the curve, minutes, steps, step time, networ
 """
 import argparse
 import csv
-import json
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from machine_info import describe_machine
+from machine_info import describe_machine, record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -34,7 +33,6 @@ sys.path.insert(0, REPO)
 CALIBRATION_STEPS = 40
 STARTUP_MINUTES = 2.0  # TensorFlow import, conversion of missing cases, tracing: not in the budget
 HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
-RESULTS = os.path.join(REPO, "benchmarks", "results", "hippocampus_accuracy.jsonl")
 CLASS_NAMES = "data.class_names=[background, anterior, posterior]"
 
 
@@ -104,13 +102,10 @@ def step_time_s(model_dir_path):
     return statistics.median(float(row["step_time_s"]) for row in (rows[1:] or rows))  # the first includes tracing
 
 
-def report(result, results_path, data_dir):
-    """Print the result's JSON line; append it to `results_path` for runs on the real hippocampus folder."""
-    line = json.dumps(result)
-    print(line, flush=True)
-    if data_dir == HIPPO:  # only real runs are kept
-        with open(results_path, "a") as f:
-            f.write(line + "\n")
+def report(result, results_name, data_dir):
+    """Print the result's JSON line; keep it in benchmarks/results/<results_name>.jsonl for runs on the real
+    hippocampus folder."""
+    record(results_name, result, keep=data_dir == HIPPO)
 
 
 def main():
@@ -147,7 +142,7 @@ def main():
     for class_name, stats in summary["classes"].items():
         for metric in ("dice", "assd_mm", "hd95_mm"):
             result[f"{metric}_{class_name}"] = stats[metric]["mean"]
-    report(result, RESULTS, args.data)
+    report(result, "hippocampus_accuracy", args.data)
 
 
 if __name__ == "__main__":

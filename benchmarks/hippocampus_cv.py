@@ -29,7 +29,6 @@ import numpy as np
 from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, report, step_time_s
 from machine_info import describe_machine
 
-RESULTS = os.path.join(REPO, "benchmarks", "results", "hippocampus_cv.jsonl")
 TIMED_VOLUMES = 10
 
 
@@ -139,7 +138,7 @@ def main():
               **export_timing(root, fold_dirs, os.path.join(work, "exported")),
               "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    report(result, RESULTS, args.data)
+    report(result, "hippocampus_cv", args.data)
 
 
 if __name__ == "__main__":
