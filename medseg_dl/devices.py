@@ -56,6 +56,21 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """The keras dtype policy of training.precision for a process configured for `device`: `precision`
+    itself unless it is "auto", which is mixed_bfloat16 where bfloat16 is native (a GPU of compute
+    capability 8.0+, or on the CPU `cpu_has_bfloat16`), else float32."""
+    if precision != "auto":
+        return precision
+    if uses_gpu(device):
+        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+                        for gpu in tf.config.list_physical_devices("GPU")]
+        native = all(tuple(c) >= (8, 0) for c in capabilities)
+    else:
+        native = cpu_has_bfloat16()
+    return "mixed_bfloat16" if native else "float32"
+
+
 def _chosen(gpus, device, key):
     if device == "cpu":
         return []

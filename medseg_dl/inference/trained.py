@@ -9,7 +9,8 @@ an ensemble of several model folders, or of the fold folders of a cross-validati
     predictor = Predictor.from_params(ensemble.networks, ensemble.params)
 
 Only the network is built (no optimizer, loss or schedule); the optimizer slots of a training
-checkpoint are ignored. The compute dtype follows `training.precision` as in training.
+checkpoint are ignored. The compute dtype follows `training.precision` as in
+training ("auto" resolved for evaluation.device).
 """
 import glob
 import os
@@ -43,7 +44,7 @@ class TrainedModel:
 
 def inference_network(params: Params) -> keras.Model:
     """The network of `params` with its variables created, ready to receive checkpoint weights."""
-    set_precision_policy(params.training.precision)
+    set_precision_policy(params.training.precision, params.evaluation.device)
     network = build_network(params)
     create_variables(network, params.sampling.patch_size)
     return network

@@ -35,7 +35,8 @@ class StreamingDice(keras.metrics.Metric):
             predictions = tf.argmax(predictions, axis=-1, output_type=tf.int32)
         k = self.num_classes
         pairs = tf.reshape(labels * k + tf.cast(predictions, tf.int32), [-1])
-        confusion = tf.reshape(tf.math.bincount(pairs, minlength=k * k, maxlength=k * k, dtype=tf.int64), (k, k))
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(pairs, tf.int64), pairs, k * k)  # XLA-compilable
+        confusion = tf.reshape(counts, (k, k))
         confusion = tf.cast(confusion, tf.float64)  # rows: labels, columns: predictions
         true_positives = tf.linalg.diag_part(confusion)
         self.true_positives.assign_add(true_positives)

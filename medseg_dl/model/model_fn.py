@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from medseg_dl.config import schema
+from medseg_dl.devices import resolve_precision
 from medseg_dl.errors import ParamsError
 from medseg_dl.model.architectures import build_network, create_variables
 from medseg_dl.model.losses import make_loss
@@ -34,7 +35,8 @@ class ModelSpec:
     network: keras.Model on {"image", "position"} -> float32 logits (a list with deep supervision
     in training mode); loss_fn(labels, logits) -> float32 scalar; metrics: {"dice": StreamingDice};
     optimizer: a keras optimizer (a LossScaleOptimizer under mixed precision);
-    learning_rate: the schedule the optimizer follows, step -> float32.
+    learning_rate: the schedule the optimizer follows, step -> float32; precision: the keras dtype
+    policy in force (training.precision with "auto" resolved for training.device).
     """
 
     network: keras.Model
@@ -42,6 +44,7 @@ class ModelSpec:
     metrics: dict
     optimizer: keras.optimizers.Optimizer
     learning_rate: keras.optimizers.schedules.LearningRateSchedule
+    precision: str = "float32"
 
     def build(self, patch_size_vox):
         """Create the network's and the optimizer's variables by one forward pass of zeros.
@@ -131,20 +134,24 @@ def make_optimizer(training, schedule):
     return optimizer
 
 
-def set_precision_policy(precision):
-    """Set the global keras dtype policy (training.precision: float32, mixed_bfloat16 or mixed_float16);
-    layers read it when they are created."""
-    keras.mixed_precision.set_global_policy(precision)
+def set_precision_policy(precision, device):
+    """Set the global keras dtype policy of training.precision ("auto" resolved for a process configured
+    for `device`, see `devices.resolve_precision`); layers read it when they are created. Returns the
+    policy's name."""
+    resolved = resolve_precision(precision, device)
+    keras.mixed_precision.set_global_policy(resolved)
+    return resolved
 
 
 def model_fn(params):
     """A `ModelSpec` for the params (sections model, loss, training, data); creates no variables
-    of the network (see ModelSpec.build). Sets the global dtype policy from training.precision,
-    and seeds Python, numpy, TensorFlow and Keras with params.seed, so that the initial weights and the
+    of the network (see ModelSpec.build). Sets the global dtype policy from training.precision ("auto"
+    resolved for training.device), and seeds Python, numpy, TensorFlow and Keras with params.seed, so that the initial weights and the
     dropout masks of a run repeat (the input pipeline has its own stateless seeds)."""
     keras.utils.set_random_seed(params.seed)
-    set_precision_policy(params.training.precision)
+    precision = set_precision_policy(params.training.precision, params.training.device)
     schedule = make_schedule(params.training)
     return ModelSpec(network=build_network(params), loss_fn=make_loss(params),
                      metrics={"dice": StreamingDice(params.data.num_classes, params.data.class_names)},
-                     optimizer=make_optimizer(params.training, schedule), learning_rate=schedule)
+                     optimizer=make_optimizer(params.training, schedule), learning_rate=schedule,
+                     precision=precision)

@@ -13,14 +13,14 @@
 - Normalisation per channel: z-score per case for MRI (inside the mask when the layout has one), for
   CT clipping to the dataset's foreground 0.5 / 99.5 percentiles then the dataset mean and std.
 - Augmentation: nnU-Net's ranges; rotation in-plane only (about the coarse axis) for anisotropic data.
-- Recipe: GPU_RECIPE (nnU-Net's) with a GPU; CPU_RECIPE, measured on a 2-core CPU, without one, in
-  mixed_bfloat16 when the CPU planning it computes bfloat16 natively (plan on the training machine).
+- Recipe: GPU_RECIPE (nnU-Net's) with a GPU; CPU_RECIPE, measured on a 2-core CPU, without one. The
+  precision is left to training.precision's default, auto (bfloat16 where the training machine computes
+  it natively).
 Every key the rules set carries its reason as a comment in the written YAML.
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from medseg_dl.devices import cpu_has_bfloat16
 
 ANISOTROPY = 3.0
 MIN_FEATURE_VOX = 4
@@ -181,8 +181,6 @@ def plan(fingerprint: Dict, data: Dict, modalities: Sequence[str], gpu_memory_gb
               "evaluation.tta_mirroring": True}
     if values["training.optimizer"] == "sgd":
         values.update({"training.momentum": 0.99, "training.weight_decay": 3e-5})
-    if not gpu_memory_gb and cpu_has_bfloat16():
-        values["training.precision"] = "mixed_bfloat16"
     why = {"data.num_classes": f"label values 0..{fingerprint['num_classes'] - 1} in the {fingerprint['cases']} cases",
            "preprocessing.normalization": norm_why, "preprocessing.target_spacing_mm": spacing_why,
            "sampling.patch_size": patch_why, "sampling.batch_size": patch_why.split(", shrunk")[0] if gpu_memory_gb
@@ -193,7 +191,5 @@ def plan(fingerprint: Dict, data: Dict, modalities: Sequence[str], gpu_memory_gb
            "model.strides": "no pooling of an axis that is much coarser or already small (nnU-Net)",
            "model.kernel_sizes": "kernel 1 along an axis that is still much coarser (anisotropic kernels)",
            "model.norm": "instance norm, leaky ReLU (nnU-Net)", **{k: w for k, (_, w) in recipe.items()},
-           "evaluation.tta_mirroring": "average over the 8 mirrorings at test time (nnU-Net)",
-           "training.precision": "this CPU computes bfloat16 natively (AVX512-BF16 / AMX): about 1.5x the steps "
-                                 "of float32 (README, 'Accuracy')"}
+           "evaluation.tta_mirroring": "average over the 8 mirrorings at test time (nnU-Net)"}
     return values, why

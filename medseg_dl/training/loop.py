@@ -56,9 +56,11 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def make_train_step(strategy, spec):
+def make_train_step(strategy, spec, jit_compile=False):
     """A `tf.function` (batch, stop flag) running one step on every replica; returns (mean loss, logits of
-    replica 0, stop): the stop flags of all workers summed, so that every worker stops at the same step."""
+    replica 0, stop): the stop flags of all workers summed, so that every worker stops at the same step.
+    jit_compile (training.jit_compile): each replica's step is XLA-compiled (on the batch's numeric
+    tensors: XLA takes no strings such as the subject names)."""
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(batch, stop):
@@ -73,9 +75,17 @@ def make_train_step(strategy, spec):
         spec.metrics["dice"].update_state(batch["label"], logits)
         return loss, logits, tf.identity(stop)
 
+    if jit_compile:
+        compiled = tf.function(replica_step, jit_compile=True)
+
+        def replica_function(batch, stop):
+            return compiled({key: value for key, value in batch.items() if value.dtype != tf.string}, stop)
+    else:
+        replica_function = replica_step
+
     @tf.function
     def step(batch, stop):
-        losses, logits, stops = strategy.run(replica_step, args=(batch, stop))
+        losses, logits, stops = strategy.run(replica_function, args=(batch, stop))
         mean_loss = strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
         any_stop = strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None)  # over all workers' replicas
         return mean_loss, strategy.experimental_local_results(logits)[0], any_stop
@@ -108,6 +118,8 @@ def _train(params, model_dir, strategy, chief, files):
                                          schedule=spec.learning_rate.segment)
     restored = restore_newest(checkpoint, model_dir, move_unreadable=chief)
     start = int(step.numpy())
+    print(f"precision: {spec.precision}" + (" (auto)" if params.training.precision == "auto" else "")
+          + (", XLA-compiled step" if params.training.jit_compile else ""), flush=True)
     if restored:
         print(f"resumed from {restored} at step {start}", flush=True)
         _continue_schedule(spec, start, params)
@@ -200,7 +212,7 @@ class _Loop:
         self.params, self.model_dir, self.spec, self.step, self.manager = params, model_dir, spec, step, manager
         self.chief = chief
         start = int(step.numpy())
-        self.train_step = make_train_step(strategy, spec)
+        self.train_step = make_train_step(strategy, spec, params.training.jit_compile)
         self.writer = tf.summary.create_file_writer(model_dir.train_logs) if chief else tf.summary.create_noop_writer()
         self.csv = reporting.ScalarCsv(model_dir.scalars_csv, start) if chief else None
         self.progress = reporting.Progress(start, params.training.steps, params.training.log_every)

@@ -104,7 +104,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_loss_and_no_loss_scaling():
         assert loss.dtype == tf.float32 and np.isfinite(float(loss))
         assert spec.network(batch).dtype == tf.float32
     finally:
-        model_fn(_params())  # float32 again
+        model_fn(_params(precision="float32"))  # float32 again
 
 
 def test_mixed_precision_computes_in_float16_with_float32_loss_and_loss_scaling():
@@ -121,7 +121,7 @@ def test_mixed_precision_computes_in_float16_with_float32_loss_and_loss_scaling(
         assert spec.network(batch).dtype == tf.float32
         assert any(np.abs(v.numpy() - b).max() > 0 for v, b in zip(spec.network.trainable_variables, before))
     finally:
-        model_fn(_params())  # float32 again
+        model_fn(_params(precision="float32"))  # float32 again
     assert keras.mixed_precision.global_policy().name == "float32"
 
 

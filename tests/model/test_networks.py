@@ -127,7 +127,7 @@ def _position_task(rng, n=8, size=(8, 8, 8)):
 def _train_and_score(use_position, steps=30, learning_rate=0.1):
     """Plain gradient descent (cheap to trace) on fresh batches, then Dice on 4 new batches."""
     keras.utils.set_random_seed(4)
-    params = _params("medpatchnet", depth=2, use_position=use_position)
+    params = _params("medpatchnet", num_classes=2, depth=2, use_position=use_position)
     net, loss_fn = build_network(params), make_loss(params)
 
     @tf.function

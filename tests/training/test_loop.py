@@ -15,6 +15,7 @@ import tensorflow as tf
 import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
+from medseg_dl import devices
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import ModelDirError, TrainingError
 from medseg_dl.experiment.model_dir import open_model_dir
@@ -276,3 +277,13 @@ def test_two_runs_with_one_seed_give_equal_losses(tmp_path):
         assert process.wait(timeout=240) == 0, process.stdout.read()
         losses.append([float(r["loss"]) for r in read_scalars(open_model_dir(path)[1])])
     assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_an_xla_compiled_step_trains_and_the_resolved_precision_is_printed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_bfloat16", lambda: False)
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 3, "log_every": 1, "jit_compile": True}))
+    assert params.training.precision == "auto"
+    assert training.run_training(params, model_dir) == 3
+    assert "precision: float32 (auto), XLA-compiled step" in capsys.readouterr().out
+    losses = [float(r["loss"]) for r in read_scalars(model_dir)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
