@@ -12,7 +12,7 @@ same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patch
 per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
 library) runs in its own subprocess, one after the other; each peer line gets a `ratio` key and
 the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). One JSON line per
-(workload, library).
+(workload, library), kept in benchmarks/results/input_pipeline.jsonl (not with --quick).
 """
 import argparse
 import glob
@@ -24,7 +24,7 @@ import sys
 import time
 
 import numpy as np
-from machine_info import describe_machine
+from machine_info import describe_machine, record
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -303,9 +303,12 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for workload in args.workload or sorted(WORKLOADS):
-        if args.library or not (args.peers and peers_available()):
-            library = args.library or "medseg_dl"
-            print(json.dumps(RUNNERS[library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
+        if args.library:  # a child of run_in_subprocess: its parent keeps the line
+            print(json.dumps(RUNNERS[args.library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
+            continue
+        if not (args.peers and peers_available()):
+            record("input_pipeline", RUNNERS["medseg_dl"](workload, load_cases(workload, args.quick), args.quick),
+                   keep=not args.quick)
             continue
         ours = run_in_subprocess(workload, "medseg_dl", args.quick)
         for library in list(RUNNERS)[1:]:  # each peer line as soon as it is measured
@@ -313,9 +316,9 @@ def main():
             if line and ours:
                 line["ratio"] = ours[f"ratio_{library}"] = round(ours["value"] / line["value"], 2)
             if line:
-                print(json.dumps(line), flush=True)
+                record("input_pipeline", line, keep=not args.quick)
         if ours:
-            print(json.dumps(ours), flush=True)
+            record("input_pipeline", ours, keep=not args.quick)
 
 
 if __name__ == "__main__":

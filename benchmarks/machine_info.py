@@ -45,11 +45,11 @@ def package_versions():
 
 
 def record(name, line, keep):
-    """Print `line` (a dict) as one JSON line; with `keep`, first add machine, date and versions (where
-    the line lacks them) and append it to benchmarks/results/<name>.jsonl."""
+    """Print `line` (a dict) as one JSON line with its machine (where it lacks one); with `keep`, also
+    add the date and the package versions and append it to benchmarks/results/<name>.jsonl."""
+    line = {**line, "machine": line.get("machine") or describe_machine()}
     if keep:
-        line = {**line, "machine": line.get("machine") or describe_machine(),
-                "date": line.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        line = {**line, "date": line.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                 "versions": line.get("versions") or package_versions()}
     text = json.dumps(line)
     print(text, flush=True)

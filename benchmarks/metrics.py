@@ -19,11 +19,11 @@ With --peers, MONAI, medpy and DeepMind surface-distance run the same work when 
 spacing 1, both measured in this run) and "max_rel_diff" per metric of our values against
 theirs, over (subject, class, spacing) where both are finite; "same_convention" lists the
 metrics whose convention medseg_dl.evaluation.scoring documents as that peer's (they must differ by
-< 1e-6 relative). Usage: python benchmarks/metrics.py [--workload W3] [--quick] [--peers]
+< 1e-6 relative). Lines are kept in benchmarks/results/metrics.jsonl (not with --quick).
+Usage: python benchmarks/metrics.py [--workload W3] [--quick] [--peers]
 """
 import argparse
 import glob
-import json
 import os
 import statistics
 import time
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from machine_info import describe_machine
+from machine_info import describe_machine, record
 from scipy import ndimage
 
 from medseg_dl.evaluation.scoring import score_case
@@ -253,16 +253,16 @@ def main(argv=None):
     ours_iso, ours_aniso, ours_values = results.pop("medseg_dl")
     line = result_line("medseg_dl", (ours_iso, ours_aniso), cases, args.repetitions, machine)
     line["mean_dice_spacing_1"] = round(float(np.mean([v["dice"] for v in ours_values[: len(cases)]])), 6)
-    print(json.dumps(line))
+    record("metrics", line, keep=not args.quick)
     for name, (iso, aniso, values) in results.items():
         line = result_line(name, (iso, aniso), cases, args.repetitions, machine)
         worst, not_compared = max_relative_differences(ours_values, values)
         line.update(ratio=round(iso[0] / ours_iso[0], 2), ratio_anisotropic=round(aniso[0] / ours_aniso[0], 2),
                     max_rel_diff={key: float(f"{v:.3g}") for key, v in worst.items()},
                     same_convention=list(PEERS[name][1]), not_compared=not_compared)
-        print(json.dumps(line))
+        record("metrics", line, keep=not args.quick)
     for line in skipped:
-        print(json.dumps(line))
+        record("metrics", line, keep=False)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
-"""W2 of BENCHMARKS.md: sliding-window inference of one BraTS volume through a trivial network.
+"""W2 and W2 overhead of BENCHMARKS.md: sliding-window inference of one BraTS volume.
 
-    python benchmarks/sliding_window.py [--workload W2] [--quick] [--peers] [--repetitions 3]
+    python benchmarks/sliding_window.py [--workload W2|W2-overhead] [--quick] [--peers] [--repetitions 3]
+                                        [--medseg-python PATH]
 
 One volume (FLAIR and T1c, 240x240x155x2 float32), window 96^3, overlap 0.5, batch of 4 windows,
-Gaussian and constant blending, through one 1x1x1 convolution 2 -> 5 channels (Keras Conv3D;
-torch Conv3d for the peers). Each (library, blending) runs in a fresh subprocess, so its peak RSS
-(ru_maxrss: imports, the read volume and the inference) is its own. The figure is the median
-s/volume of the repetitions after one warm-up; `network_s` is the same network alone over the same
-number of windows, so `value - network_s` is the windowing and recombination overhead. medseg_dl
-also applies the softmax (its output is probabilities); the peers return blended logits.
-`--peers` adds MONAI sliding_window_inference (gaussian/constant) and TorchIO GridSampler +
-GridAggregator (hann/average) with ratio keys on the medseg_dl lines; `--medseg-python` runs the
-medseg_dl configurations with another interpreter (its own venv). `--quick`: a 64x64x48 crop,
-window 32, one repetition (a smoke run).
+Gaussian and constant blending. W2: through one 1x1x1 convolution 2 -> 5 channels (Keras Conv3D;
+torch Conv3d for the peers); `network_s` is the same network alone over the same number of windows.
+W2-overhead: through a network that costs nothing (the 2 channels repeated to 5,
+`concat([x, x, x[..., :1]])`), so the figure is the windowing itself: extraction, weighting,
+accumulation and normalisation. Every library returns the same thing, the blended logits
+(medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines adds the softmax
+(`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess, so its
+peak RSS (ru_maxrss: imports, the read volume and the inference) is its own. The figure is the
+median s/volume of the repetitions after one warm-up. `--peers` adds MONAI sliding_window_inference
+(gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average), with
+speedup_vs_<peer> (peer s / our s) and peak_rss_ratio_vs_<peer> on the medseg_dl lines;
+`--medseg-python` runs the medseg_dl configurations with another interpreter (a venv without torch:
+ITK, which reads the volume, imports torch whenever it is installed, which would count torch's
+memory against us). Lines are kept in benchmarks/results/sliding_window.jsonl (not with --quick:
+a 64x64x48 crop, window 32, one repetition).
 """
 import argparse
 import json
@@ -23,12 +29,13 @@ import sys
 import time
 
 import numpy as np
-from machine_info import describe_machine
+from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBJECT_DIR = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
 CHANNEL_FILES = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")
 NUM_CLASSES, BATCH_SIZE, OVERLAP = 5, 4, 0.5
+WORKLOADS = ("W2", "W2-overhead")
 CONFIGS = {"medseg_dl": ("gaussian", "constant"), "monai": ("gaussian", "constant"), "torchio": ("hann", "average")}
 MATCHING_BLENDING = {"gaussian": {"monai": "gaussian", "torchio": "hann"},
                      "constant": {"monai": "constant", "torchio": "average"}}
@@ -54,22 +61,29 @@ def timed(run, repetitions):
     return times
 
 
-def run_medseg_dl(image, window, blending, repetitions):
+def run_medseg_dl(image, window, blending, repetitions, workload):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
     from medseg_dl.inference.predictor import Predictor
     from medseg_dl.inference.windows import window_grid
 
-    conv = keras.layers.Conv3D(NUM_CLASSES, 1)
-    conv.build((None, window, window, window, image.shape[-1]))
-    predictor = Predictor(lambda inputs: conv(inputs["image"]), (window,) * 3, NUM_CLASSES, overlap=OVERLAP,
+    if workload == "W2":
+        conv = keras.layers.Conv3D(NUM_CLASSES, 1)
+        conv.build((None, window, window, window, image.shape[-1]))
+        network = tf.function(conv)
+    else:
+        network = tf.function(lambda x: tf.concat([x, x, x[..., :1]], axis=-1))
+    predictor = Predictor(lambda inputs: network(inputs["image"]), (window,) * 3, NUM_CLASSES, overlap=OVERLAP,
                           blending=blending, batch_size=BATCH_SIZE)
-    times = timed(lambda: predictor.probabilities(image), repetitions)
+    times = timed(lambda: predictor.logits(image), repetitions)
+    details = {"probabilities_s": float(np.median(timed(lambda: predictor.probabilities(image), repetitions)))}
     num_windows = window_grid(image.shape[:3], (window,) * 3, OVERLAP, blending).num_windows
-    network = tf.function(conv)
-    batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
-    return times, timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows), repetitions), num_windows
+    if workload == "W2":
+        batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
+        details["network_s"] = float(np.median(timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows),
+                                                     repetitions)))
+    return times, details, num_windows
 
 
 def run_batches(network_call, num_windows):
@@ -78,22 +92,29 @@ def run_batches(network_call, num_windows):
         network_call()
 
 
-def torch_network(image, window):
+def torch_network(image, window, workload):
     import torch
     torch.set_grad_enabled(False)
-    conv = torch.nn.Conv3d(image.shape[-1], NUM_CLASSES, 1).eval()
+    if workload == "W2":
+        network = torch.nn.Conv3d(image.shape[-1], NUM_CLASSES, 1).eval()
+    else:
+        def network(x):
+            return torch.cat([x, x, x[:, :1]], dim=1)
     volume = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
-    return torch, conv, volume
+    return torch, network, volume
 
 
-def torch_network_s(torch, conv, num_windows, window, channels, repetitions):
+def torch_details(torch, network, num_windows, window, channels, repetitions, workload):
+    if workload != "W2":
+        return {}
     batch = torch.rand(BATCH_SIZE, channels, window, window, window)
-    return timed(lambda: run_batches(lambda: conv(batch), num_windows), repetitions)
+    return {"network_s": float(np.median(timed(lambda: run_batches(lambda: network(batch), num_windows),
+                                               repetitions)))}
 
 
-def run_monai(image, window, blending, repetitions):
+def run_monai(image, window, blending, repetitions, workload):
     from monai.inferers import sliding_window_inference
-    torch, conv, volume = torch_network(image, window)
+    torch, conv, volume = torch_network(image, window, workload)
     counter = {"windows": 0}
 
     def network(batch):
@@ -103,12 +124,12 @@ def run_monai(image, window, blending, repetitions):
     times = timed(lambda: sliding_window_inference(volume[None], (window,) * 3, BATCH_SIZE, network,
                                                    overlap=OVERLAP, mode=blending), repetitions)
     num_windows = counter["windows"] // (repetitions + 1)
-    return times, torch_network_s(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
+    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions, workload), num_windows
 
 
-def run_torchio(image, window, blending, repetitions):
+def run_torchio(image, window, blending, repetitions, workload):
     import torchio as tio
-    torch, conv, volume = torch_network(image, window)
+    torch, conv, volume = torch_network(image, window, workload)
     subject = tio.Subject(image=tio.ScalarImage(tensor=volume))
 
     def predict():
@@ -120,43 +141,43 @@ def run_torchio(image, window, blending, repetitions):
 
     times = timed(predict, repetitions)
     num_windows = len(tio.inference.GridSampler(subject, window, patch_overlap=int(window * OVERLAP)))
-    return times, torch_network_s(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
+    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions, workload), num_windows
 
 
 RUNNERS = {"medseg_dl": run_medseg_dl, "monai": run_monai, "torchio": run_torchio}
 
 
-def child(library, blending, args):
+def child(workload, library, blending, args):
     """Run one configuration and print its raw measurements as one JSON object."""
     image, window = load_volume(args.subject_dir, args.quick)
-    times, network_s, num_windows = RUNNERS[library](image, window, blending, args.repetitions)
-    print(json.dumps({"times": times, "network_s": float(np.median(network_s)), "windows": num_windows,
-                      "voxels": int(np.prod(image.shape[:3])), "window": window,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    times, details, num_windows = RUNNERS[library](image, window, blending, args.repetitions, workload)
+    print(json.dumps({"times": times, **details, "windows": num_windows, "voxels": int(np.prod(image.shape[:3])),
+                      "window": window, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(library, blending, args):
+def measure(workload, library, blending, args):
     """Raw measurements of one configuration, from a fresh subprocess."""
     python = args.medseg_python if library == "medseg_dl" else sys.executable
-    command = [python, os.path.abspath(__file__), "--child", library, blending,
+    command = [python, os.path.abspath(__file__), "--child", workload, library, blending,
                "--repetitions", str(args.repetitions), "--subject-dir", args.subject_dir]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True,
                             env=env, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{library} {blending} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{workload} {library} {blending} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def line(library, blending, raw, machine_name):
+def line(workload, library, blending, raw):
     """The BENCHMARKS.md JSON line of one configuration."""
     times = raw["times"]
     value = float(np.median(times))
-    return {"workload": "W2", "library": library, "value": round(value, 4), "unit": "s",
+    item = {"workload": workload, "library": library, "value": round(value, 4), "unit": "s",
             "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
-            "machine": machine_name, "blending": blending, "voxels_per_s": round(raw["voxels"] / value),
-            "peak_rss_mb": round(raw["peak_rss_mb"], 1), "network_s": round(raw["network_s"], 4),
-            "windows": raw["windows"], "window": raw["window"]}
+            "blending": blending, "voxels_per_s": round(raw["voxels"] / value),
+            "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"]}
+    item.update({key: round(raw[key], 4) for key in ("network_s", "probabilities_s") if key in raw})
+    return item
 
 
 def peers_available():
@@ -171,12 +192,12 @@ def peers_available():
 
 def add_ratios(lines):
     """Add speedup_vs_<peer> (peer s / our s) and peak_rss_ratio_vs_<peer> to the medseg_dl lines."""
-    by_key = {(item["library"], item["blending"]): item for item in lines}
+    by_key = {(item["workload"], item["library"], item["blending"]): item for item in lines}
     for item in lines:
         if item["library"] != "medseg_dl":
             continue
         for peer, peer_blending in MATCHING_BLENDING[item["blending"]].items():
-            other = by_key.get((peer, peer_blending))
+            other = by_key.get((item["workload"], peer, peer_blending))
             if other is not None:
                 item[f"speedup_vs_{peer}"] = round(other["value"] / item["value"], 3)
                 item[f"peak_rss_ratio_vs_{peer}"] = round(item["peak_rss_mb"] / other["peak_rss_mb"], 3)
@@ -184,7 +205,7 @@ def add_ratios(lines):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default="W2", choices=["W2"])
+    parser.add_argument("--workload", choices=WORKLOADS, action="append", help="default: both")
     parser.add_argument("--quick", action="store_true", help="small crop, one repetition (smoke run)")
     parser.add_argument("--peers", action="store_true", help="also run MONAI and TorchIO when importable")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs after the warm-up (default 3)")
@@ -192,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--medseg-python", default=sys.executable,
                         help="interpreter for the medseg_dl runs (e.g. the project's venv without torch: ITK, "
                              "used to read the volume, imports torch whenever it is installed)")
-    parser.add_argument("--child", nargs=2, metavar=("LIBRARY", "BLENDING"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("WORKLOAD", "LIBRARY", "BLENDING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repetitions is None:
         args.repetitions = 1 if args.quick else 3
@@ -200,13 +221,11 @@ def main(argv=None):
         child(*args.child, args)
         return
     libraries = ["medseg_dl"] + (peers_available() if args.peers else [])
-    machine_name = describe_machine()
-    lines = [line(library, blending, measure(library, blending, args), machine_name)
-             for library in libraries for blending in CONFIGS[library]]
+    lines = [line(workload, library, blending, measure(workload, library, blending, args))
+             for workload in args.workload or WORKLOADS for library in libraries for blending in CONFIGS[library]]
     add_ratios(lines)
     for item in lines:
-        print(json.dumps(item))
-
+        record("sliding_window", item, keep=not args.quick)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ import os
 from typing import Dict, Optional, Sequence, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from medseg_dl import atomic
@@ -33,62 +32,16 @@ from medseg_dl.inference import windows
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble
-from medseg_dl.pipeline.sampling import patch_positions
 
 ASSETS = "assets.extra"
-
-
-def window_starts(size: tf.Tensor, window: int, overlap: float) -> tf.Tensor:
-    """In-graph `windows.window_starts`: int32 starts (n,) of windows of `window` voxels covering an axis of
-    `size` (int32 scalar tensor, >= window), with numpy's float64 linspace arithmetic and round half to even."""
-    span = tf.cast(size - window, tf.float64)
-    count = tf.cast(tf.math.ceil(span / (window * (1.0 - overlap)) - 1e-9), tf.int32) + 1
-    values = tf.range(count, dtype=tf.float64) * (span / tf.cast(tf.maximum(count - 1, 1), tf.float64))
-    values = tf.concat([values[:-1], span[None]], 0)  # np.linspace ends exactly at its stop
-    return tf.unique(tf.cast(tf.round(values), tf.int32))[0]
-
-
-def axis_coverage(starts: tf.Tensor, length: tf.Tensor, profile: np.ndarray) -> tf.Tensor:
-    """In-graph `WindowGrid.coverage` of one axis: (length,) float32 sum of the 1D `profile` (P,) float32 of
-    the windows starting at `starts` (n,) int32, summed in float64 as windows.window_grid does."""
-    index = tf.reshape(starts[:, None] + np.arange(len(profile), dtype=np.int32)[None], [-1, 1])
-    updates = tf.tile(tf.constant(profile.astype(np.float64)), tf.shape(starts))
-    return tf.cast(tf.tensor_scatter_nd_add(tf.zeros([length], tf.float64), index, updates), tf.float32)
 
 
 def segment_volume(predictor: Predictor, image: tf.Tensor):
     """(probabilities (X, Y, Z, K) float32, labels (X, Y, Z) int32) of an image (X, Y, Z, C) float32 tensor
     (C static), with the window grid, weights and window function of `predictor`, all in TensorFlow ops."""
-    patch, num_classes, batch = predictor.patch_size_vox, predictor.num_classes, predictor.batch_size
-    num_channels = int(image.shape[-1])
-    shape = tf.shape(image)[:3]
-    missing = tf.maximum(tf.constant(patch) - shape, 0)
-    before = missing // 2
-    padded = tf.pad(image, tf.stack([tf.concat([before, [0]], 0), tf.concat([missing - before, [0]], 0)], axis=1))
-    padded_shape = tf.shape(padded)[:3]
-    axes = [window_starts(padded_shape[a], patch[a], predictor.overlap) for a in range(3)]
-    starts = tf.reshape(tf.stack(tf.meshgrid(*axes, indexing="ij"), -1), [-1, 3])
-    positions = patch_positions(starts - before, patch, shape)
-    weights = tf.constant(windows.importance_map(patch, predictor.blending)[..., None])
-    offsets = tf.constant(np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), -1).reshape(-1, 3),
-                          tf.int32)
-    window_function = predictor.window_function(num_channels)
-
-    def add_batch(begin, sums):
-        batch_starts = starts[begin:begin + batch]
-        cut = tf.map_fn(lambda s: tf.slice(padded, tf.concat([s, [0]], 0), list(patch) + [num_channels]),
-                        batch_starts, fn_output_signature=tf.TensorSpec(list(patch) + [num_channels], tf.float32))
-        logits = window_function(cut, positions[begin:begin + batch])
-        index = tf.reshape(batch_starts[:, None, :] + offsets[None], [-1, 3])
-        return begin + batch, tf.tensor_scatter_nd_add(sums, index, tf.reshape(logits * weights, [-1, num_classes]))
-
-    sums = tf.zeros(tf.concat([padded_shape, [num_classes]], 0))
-    _, sums = tf.while_loop(lambda begin, _: begin < tf.shape(starts)[0], add_batch, [tf.constant(0), sums])
-    coverage = [tf.slice(axis_coverage(axes[a], padded_shape[a], windows.importance_profile(patch[a],
-                                                                                           predictor.blending)),
-                         before[a:a + 1], shape[a:a + 1]) for a in range(3)]
-    weight_sum = coverage[0][:, None, None] * coverage[1][None, :, None] * coverage[2][None, None, :]
-    average = tf.slice(sums, tf.concat([before, [0]], 0), tf.concat([shape, [-1]], 0)) / weight_sum[..., None]
+    average = windows.recombine_in_graph(predictor.window_function(int(image.shape[-1])), image,
+                                         predictor.patch_size_vox, predictor.overlap, predictor.blending,
+                                         predictor.batch_size, predictor.num_classes)
     return tf.nn.softmax(average, axis=-1), tf.argmax(average, axis=-1, output_type=tf.int32)
 
 

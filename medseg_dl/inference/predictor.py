@@ -3,6 +3,7 @@
     predictor = Predictor.from_params(network, params)          # or a sequence of networks (an ensemble)
     probabilities = predictor.probabilities(image)   # (X, Y, Z, K) float32
     labels = predictor.labels(image)                 # (X, Y, Z) int32
+    logits = predictor.logits(image)                 # (X, Y, Z, K) float32: blended, no softmax
 
 A network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
 (the window positions of `pipeline.sampling.patch_positions`) and returning logits (N, px, py, pz, K); it
@@ -16,6 +17,10 @@ log(mean of the softmax probabilities) over the members of the ensemble and, wit
 test-time augmentation, over the 8 flips of each window (every (member, flip) weighs the same), so a
 window predicted alone gets exactly the averaged probabilities. A flipped window is given its
 position mirrored on the flipped axes, as in training.
+
+Recombination (windows.py) runs on the host with a CPU, and in TensorFlow ops on the accelerator when
+a GPU is visible (`recombination="auto"`), so that the volume stays on the device; both give the
+same result to float32 rounding.
 """
 import inspect
 import itertools
@@ -33,8 +38,11 @@ from medseg_dl.pipeline.sampling import mirror_positions
 # the 8 flips as lists of the batch axes reversed: 1, 2, 3 are spatial x, y, z
 MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
 TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
-FINISH_SOFTMAX = windows.make_finisher(lambda average: tf.nn.softmax(average, axis=-1))
-FINISH_ARGMAX = windows.make_finisher(lambda average: tf.argmax(average, axis=-1, output_type=tf.int32))
+TRANSFORMS = {"probabilities": lambda average: tf.nn.softmax(average, axis=-1),  # per voxel, of the average
+              "labels": lambda average: tf.argmax(average, axis=-1, output_type=tf.int32),
+              "logits": lambda average: average}
+FINISHERS = {output: windows.make_finisher(transform) for output, transform in TRANSFORMS.items()}
+RECOMBINATIONS = ("auto", "host", "device")
 
 
 def accepts_training(network: Callable) -> bool:
@@ -54,12 +62,13 @@ class Predictor:
     their softmax probabilities; M members cost M x the network calls); patch_size_vox: window (3,) in
     voxels; num_classes: K; overlap: fraction in [0, 1); blending: "gaussian" or "constant"; batch_size:
     windows per network call; tta_mirroring: average the probabilities over all 8 flips of each window
-    (8x the network calls).
+    (8x the network calls); recombination: "host" (numpy, threads), "device" (TensorFlow ops, on the
+    accelerator) or "auto" (device when a GPU is visible, else host).
     """
 
     def __init__(self, network_or_networks: Union[Callable, Sequence[Callable]], patch_size_vox: Sequence[int],
                  num_classes: int, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
-                 tta_mirroring: bool = False):
+                 tta_mirroring: bool = False, recombination: str = "auto"):
         self.networks = _as_networks(network_or_networks)
         self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
         self.num_classes = schema.check("data.num_classes", int(num_classes))
@@ -67,6 +76,11 @@ class Predictor:
         self.blending = schema.check("evaluation.blending", blending)
         self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
         self.tta_mirroring = bool(tta_mirroring)
+        if recombination not in RECOMBINATIONS:
+            raise ParamsError(f"recombination = {recombination!r}; expected one of {', '.join(RECOMBINATIONS)}")
+        self.on_device = recombination == "device" or (recombination == "auto" and
+                                                       bool(tf.config.list_logical_devices("GPU")))
+        self._in_graph_functions = {}
         self._training_kwargs = [{"training": False} if accepts_training(n) else {} for n in self.networks]
         self._window_functions = {}
 
@@ -80,20 +94,38 @@ class Predictor:
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
-        accumulator, grid = self._accumulate(image)
-        return windows.finish_slabs(FINISH_SOFTMAX, accumulator, grid, grid.crop(accumulator))
+        return self._predict(image, "probabilities")
 
     def labels(self, image: np.ndarray) -> np.ndarray:
         """Most probable class (X, Y, Z) int32 numpy of an image (X, Y, Z, C) float32."""
-        accumulator, grid = self._accumulate(image)
-        return windows.finish_slabs(FINISH_ARGMAX, accumulator, grid, np.empty(grid.shape_vox, np.int32))
+        return self._predict(image, "labels")
 
-    def _accumulate(self, image):
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """The weighted average of the window logits (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C)
+        float32, before the softmax (what MONAI's and TorchIO's aggregators return)."""
+        return self._predict(image, "logits")
+
+    def _predict(self, image, output):
         image = _check_image(image)
+        if self.on_device:
+            return self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
         grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)
         accumulator = windows.accumulate(self.window_function(image.shape[3]), image, grid, self.batch_size,
                                          self.num_classes)
-        return accumulator, grid
+        out = np.empty(grid.shape_vox, np.int32) if output == "labels" else grid.crop(accumulator)
+        return windows.finish_slabs(FINISHERS[output], accumulator, grid, out)
+
+    def _in_graph_function(self, num_channels, output):
+        """The tf.function image (X, Y, Z, C) -> `output` of the whole volume in TensorFlow ops (cached)."""
+        if (num_channels, output) not in self._in_graph_functions:
+            def predict(image):
+                average = windows.recombine_in_graph(self.window_function(num_channels), image, self.patch_size_vox,
+                                                     self.overlap, self.blending, self.batch_size, self.num_classes)
+                return TRANSFORMS[output](average)
+
+            signature = [tf.TensorSpec([None, None, None, num_channels], tf.float32)]
+            self._in_graph_functions[num_channels, output] = tf.function(predict, input_signature=signature)
+        return self._in_graph_functions[num_channels, output]
 
     def window_function(self, num_channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
         """The tf.function (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> window logits

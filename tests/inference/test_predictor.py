@@ -176,16 +176,20 @@ def test_user_errors_name_the_fix():
 
 
 @pytest.mark.skipif(not os.path.isdir(BRATS_SUBJECT), reason="BraTS data not available")
-def test_benchmark_quick_run_prints_one_line_per_blending():
+def test_benchmark_quick_run_prints_one_line_per_workload_and_blending_and_keeps_none():
+    results = os.path.join(REPO, "benchmarks", "results")
+    before = {name: os.path.getsize(os.path.join(results, name)) for name in os.listdir(results)}
     result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sliding_window.py"), "--quick"],
                             capture_output=True, text=True, timeout=300, check=True,
                             env=dict(os.environ, PYTHONPATH=REPO))
     lines = [json.loads(text) for text in result.stdout.strip().splitlines()]
-    assert [(item["library"], item["blending"]) for item in lines] == [("medseg_dl", "gaussian"),
-                                                                      ("medseg_dl", "constant")]
+    assert [(item["workload"], item["library"], item["blending"]) for item in lines] == [
+        (workload, "medseg_dl", blending) for workload in ("W2", "W2-overhead") for blending in ("gaussian", "constant")]
     for item in lines:
-        assert item["workload"] == "W2" and item["unit"] == "s" and item["value"] > 0
+        assert item["unit"] == "s" and item["value"] > 0 and item["probabilities_s"] > 0
         assert item["peak_rss_mb"] > 0 and item["voxels_per_s"] > 0 and "cores" in item["machine"]
+    assert ("network_s" in lines[0]) and ("network_s" not in lines[2])
+    assert {name: os.path.getsize(os.path.join(results, name)) for name in os.listdir(results)} == before
 
 
 FLIPS = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
@@ -242,3 +246,20 @@ def test_an_ensemble_needs_callables():
         Predictor([], (8, 8, 8), 3)
     with pytest.raises(ParamsError, match="sequence of networks"):
         Predictor([conv_network(random_kernel(21)), "not a network"], (8, 8, 8), 3)
+
+
+@pytest.mark.parametrize("shape, tta_mirroring", [((37, 21, 30), False), ((12, 40, 9), True)])
+def test_recombination_on_the_device_equals_the_host_path(shape, tta_mirroring):
+    """The in-graph recombination (what runs on a GPU) against the numpy one, on this CPU: probabilities,
+    labels and blended logits; a volume smaller than the window along two axes is padded alike."""
+    image = np.random.default_rng(8).normal(size=shape + (2,)).astype(np.float32)
+    network = conv_network(random_kernel(9))
+    host, device = (Predictor(network, (16, 12, 16), 3, overlap=0.4, batch_size=3, tta_mirroring=tta_mirroring,
+                              recombination=where) for where in ("host", "device"))
+    assert device.on_device and not host.on_device
+    np.testing.assert_allclose(device.probabilities(image), host.probabilities(image), atol=1e-5)
+    np.testing.assert_allclose(device.logits(image), host.logits(image), atol=1e-5)
+    np.testing.assert_array_equal(device.labels(image), host.labels(image))
+    np.testing.assert_allclose(tf.nn.softmax(host.logits(image), axis=-1), host.probabilities(image), atol=1e-6)
+    with pytest.raises(ParamsError, match="recombination = 'gpu'; expected one of auto, host, device"):
+        Predictor(network, (16, 12, 16), 3, recombination="gpu")

@@ -161,3 +161,22 @@ def test_window_function_receives_its_window_position():
     np.testing.assert_allclose(result[:, 0, 0, 0], (20 * (x // 20) + 9.5) / 39, rtol=1e-6)
     np.testing.assert_allclose(result[..., 1], 9.5 / 19, rtol=1e-6)
     np.testing.assert_allclose(result[..., 2], 0.5, rtol=1e-6)  # padded window: (0 - 6 + 9.5) / 7
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_threaded_add_equals_a_sequential_loop_bit_for_bit(monkeypatch, threads):
+    """Windows of one batch that overlap along x (the slabs' borders cut through them) and a small weighting
+    buffer (several row chunks per window): each voxel gets the same additions in the same order."""
+    monkeypatch.setattr(windows, "THREADS", threads)
+    monkeypatch.setattr(windows, "CACHE_VALUES", 3 * 7 * 6 * 2)  # 3 rows per chunk
+    rng = np.random.default_rng(4)
+    outputs = rng.normal(size=(5, 10, 7, 6, 2)).astype(np.float32)
+    starts_vox = np.array([[0, 0, 0], [5, 0, 0], [3, 2, 1], [8, 1, 0], [5, 0, 0]])
+    weights = windows.importance_map((10, 7, 6), "gaussian")[..., None]
+    for weight in (None, weights):
+        accumulator = rng.normal(size=(18, 9, 7, 2)).astype(np.float32)
+        reference = accumulator.copy()
+        for output, (x, y, z) in zip(outputs, starts_vox):
+            reference[x:x + 10, y:y + 7, z:z + 6] += output if weight is None else output * weight
+        windows.add_windows(accumulator, outputs, starts_vox, weight)
+        np.testing.assert_array_equal(accumulator, reference)
