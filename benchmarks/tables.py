@@ -25,13 +25,13 @@ def _dice(value):
 
 
 def accuracy_rows(lines):
-    header = ("| network | steps | minutes | s/step | test cases | Dice anterior / posterior | mean Dice | "
+    header = ("| network | settings | steps | minutes | s/step | test cases | Dice anterior / posterior | mean Dice | "
               "learning curve (step: Dice) | ASSD mm | HD95 mm | machine, date |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [header]
     for r in lines:
         curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in r["curve_test_dice"])
-        rows.append(f"| {r['network']} | {r['steps']} | {r['minutes']} | {r['step_time_s']} | {r['test_cases']} | "
+        rows.append(f"| {r['network']} | {' '.join(r['settings']) or 'planned'} | {r['steps']} | {r['minutes']} | {r['step_time_s']} | {r['test_cases']} | "
                     f"{r['dice_anterior']:.4f} / {r['dice_posterior']:.4f} | {r['mean_dice']:.4f} | {curve} | "
                     f"{r['assd_mm_anterior']:.2f} / {r['assd_mm_posterior']:.2f} | "
                     f"{r['hd95_mm_anterior']:.2f} / {r['hd95_mm_posterior']:.2f} | {r['machine']}, {r['date']} |")
@@ -70,7 +70,92 @@ def gpu_workflow_rows(lines):
     return rows
 
 
-RENDERERS = {"hippocampus_accuracy": accuracy_rows, "hippocampus_cv": cv_rows, "gpu_workflow": gpu_workflow_rows}
+def _spread(r, digits):
+    """'value (min-max)' of a benchmark line."""
+    return f"{r['value']:.{digits}f} ({r['min']:.{digits}f}-{r['max']:.{digits}f})"
+
+
+def _when(r):
+    return f"{r['machine']}, {r['date']}"
+
+
+def input_pipeline_rows(lines):
+    rows = ["| workload | library | patches/s (min-max) | ours / theirs | machine, date |\n|---|---|---|---|---|"]
+    for r in lines:
+        library = r["library"] + (f" ({r['mode']})" if "mode" in r else "")
+        ratios = ", ".join(f"{k[len('ratio_'):]} {v}x" for k, v in r.items() if k.startswith("ratio_"))
+        rows.append(f"| {r['workload']} | {library} | {_spread(r, 1)} | {ratios or r.get('ratio', '-')} | "
+                    f"{_when(r)} |")
+    return rows
+
+
+def sliding_window_rows(lines):
+    rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | peak RSS MB | "
+            "speed-up vs MONAI / TorchIO | RSS vs MONAI / TorchIO | machine, date |\n|---|---|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
+                  for key in ("speedup", "peak_rss_ratio")]
+        rows.append(f"| {r['workload']} | {r['blending']} | {r['library']} | {_spread(r, 3)} | "
+                    f"{r.get('probabilities_s', '-')} | {r.get('network_s', '-')} | {r['peak_rss_mb']:.0f} | "
+                    f"{ratios[0]} | {ratios[1]} | {_when(r)} |")
+    return rows
+
+
+def metrics_rows(lines):
+    rows = ["| library | s/subject, 1 mm (min-max) | s/subject, anisotropic | peer / ours | largest relative "
+            "difference to ours | machine, date |\n|---|---|---|---|---|---|"]
+    for r in lines:
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in r.get("max_rel_diff", {}).items()) or "-"
+        rows.append(f"| {r['library']} | {_spread(r, 3)} | {r['anisotropic']['value']:.3f} | {r.get('ratio', '-')} | "
+                    f"{diffs} | {_when(r)} |")
+    return rows
+
+
+def augmentation_rows(lines):
+    rows = ["| library | s/volume (min-max) | first call s | peak RSS MB | ours / theirs | machine, date |\n"
+            "|---|---|---|---|---|---|"]
+    for r in lines:
+        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        rows.append(f"| {r['library']} | {_spread(r, 2)} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                    f"{ratios or '-'} | {_when(r)} |")
+    return rows
+
+
+def training_step_rows(lines):
+    rows = ["| library | precision | XLA | patches/s (min-max) | s/step | ours / MONAI float32 | ours / MONAI same "
+            "precision | peak RSS MB | machine, date |\n|---|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        rows.append(f"| {r['library']} | {r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {_spread(r, 2)} | "
+                    f"{r['step_time_s']:.2f} | {r.get('speedup_vs_monai', '-')} | "
+                    f"{r.get('speedup_vs_monai_same_precision', '-')} | {r['peak_rss_mb']:.0f} | {_when(r)} |")
+    return rows
+
+
+def training_profile_rows(lines):
+    rows = ["| precision | step s | forward s | loss s | backward s | optimizer s | metric s | step without norm s | "
+            "instance-norm share | top op types (share of op time) | machine, date |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        ops = ", ".join(f"{name.replace('_MklNative', '')} {share:.0%}"
+                        for name, share in list((r.get("top_op_types") or {}).items())[:5])
+        rows.append(f"| {r['precision']} | {r['step_s']:.3f} | {r['forward_s']:.3f} | {r['loss_s']:.3f} | "
+                    f"{r['backward_s']:.3f} | {r['optimizer_s']:.3f} | {r['metric_s']:.3f} | "
+                    f"{r['step_norm_none_s']:.3f} | {r['instance_norm_share']:.0%} | {ops or '-'} | {_when(r)} |")
+    return rows
+
+
+def training_rows(lines):
+    rows = ["| network | precision | patches/s (min-max) | s/step | input wait | machine, date |\n|---|---|---|---|---|---|"]
+    for r in lines:
+        rows.append(f"| {r['network']} | {r['precision']} | {_spread(r, 2)} | {r['step_time_s']:.2f} | "
+                    f"{r['data_wait_fraction']:.1%} | {_when(r)} |")
+    return rows
+
+
+RENDERERS = {"hippocampus_accuracy": accuracy_rows, "hippocampus_cv": cv_rows, "gpu_workflow": gpu_workflow_rows,
+             "input_pipeline": input_pipeline_rows, "sliding_window": sliding_window_rows, "metrics": metrics_rows,
+             "augmentation": augmentation_rows, "training_step": training_step_rows,
+             "training_profile": training_profile_rows, "training": training_rows}
 
 
 def render(name):

@@ -1,21 +1,23 @@
 """Training throughput on W1a (hippocampus, patch 40x56x40, batch 9) for both networks.
 
 Runs the real training process (`medseg_dl.training.loop.run_training`) with the W1a augmentations of
-../shared/BENCHMARKS.md and reports, per network, the median over the timed log intervals of
-patches/s and of the share of step time spent waiting for the input pipeline (the first interval,
-which includes tracing, is the warm-up). Prints one JSON line per network.
+../shared/BENCHMARKS.md and reports, per network and training.precision, the median over the timed
+log intervals of patches/s and of the share of step time spent waiting for the input pipeline (the
+first interval, which includes tracing, is the warm-up). One JSON line per (network, precision), kept
+in results/training.jsonl unless --quick; `precision` is the policy in force ("auto" resolved), and
+`precision_option` the value given. The runs share one process: each `model_fn` sets the global keras
+dtype policy anew, so none leaks into the next.
 
-    python benchmarks/training.py [--steps 40] [--quick] [--precision P]
+    python benchmarks/training.py [--steps 40] [--quick] [--precision P [P ...]] [--architectures A [A ...]]
 """
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
 
 import numpy as np
-from machine_info import describe_machine
+from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
@@ -53,23 +55,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="a few steps of a small network (smoke test)")
-    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--precision", nargs="+", default=["float32", "mixed_bfloat16"],
+                        choices=["float32", "mixed_bfloat16", "auto", "mixed_float16"])
     parser.add_argument("--architectures", nargs="+", default=["unet", "medpatchnet"])
     args = parser.parse_args()
     steps, log_every = (6, 2) if args.quick else (args.steps, max(args.steps // 4, 1))
     sys.path.insert(0, REPO)
+    from medseg_dl.devices import resolve_precision
     with tempfile.TemporaryDirectory() as work_dir:
         tfrecords_dir = os.path.join(work_dir, "tfrecords")
         for architecture in args.architectures:
-            rows = run(architecture, steps, log_every, work_dir, tfrecords_dir, args.precision, args.quick)
-            rates = [float(r["patches_per_s"]) for r in rows]
-            waits = [float(r["data_wait_fraction"]) for r in rows]
-            print(json.dumps({"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
-                              "value": float(np.median(rates)), "unit": "patches/s", "median_of": len(rates),
-                              "min": min(rates), "max": max(rates),
-                              "data_wait_fraction": float(np.median(waits)),
-                              "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
-                              "precision": args.precision, "machine": describe_machine()}), flush=True)
+            for precision in args.precision:
+                run_dir = os.path.join(work_dir, precision)
+                rows = run(architecture, steps, log_every, run_dir, tfrecords_dir, precision, args.quick)
+                rates = [float(r["patches_per_s"]) for r in rows]
+                waits = [float(r["data_wait_fraction"]) for r in rows]
+                record("training", {"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
+                                    "value": float(np.median(rates)), "unit": "patches/s", "median_of": len(rates),
+                                    "min": min(rates), "max": max(rates),
+                                    "data_wait_fraction": float(np.median(waits)),
+                                    "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
+                                    "precision": resolve_precision(precision, "auto"),
+                                    "precision_option": precision}, keep=not args.quick)
 
 
 if __name__ == "__main__":

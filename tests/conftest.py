@@ -15,6 +15,16 @@ BRATS = os.path.join(DATA, "brats2015_deepmedic")
 HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
 
 
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Every test starts and ends with Keras' float32 policy: training sets the global policy (precision "auto"
+    is mixed_bfloat16 on a CPU with AVX512-BF16 or AMX), which would leak into the tests that follow."""
+    import keras
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def hippo_dir(tmp_path):
     """A writable images/ + labels/ folder with four real hippocampus cases (003 has a float label)."""

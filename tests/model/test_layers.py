@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from medseg_dl.model.layers import (ConvNormAct, ConvPair, ESPBlock, PositionalConv, ResidualBlock, UpBlock,
-                                    crop_spatial, cumulative_strides, esp_split, fourier_encode, pad_to_multiple)
+from medseg_dl.model.layers import (ConvNormAct, ConvPair, ESPBlock, InstanceNormalization, PositionalConv,
+                                    ResidualBlock, UpBlock, crop_spatial, cumulative_strides, esp_split,
+                                    fourier_encode, pad_to_multiple)
 
 RNG = np.random.default_rng(0)
 
@@ -209,5 +210,44 @@ def test_layers_run_under_mixed_precision_with_float32_statistics():
         assert y.dtype == tf.float16
         assert np.isfinite(y.numpy()).all()
         assert conv.norm_layer.gamma.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_instance_normalization_equals_group_normalization_with_one_group_per_channel():
+    """Output and gradients (input, gamma, beta) against Keras' GroupNormalization(groups=C), the same
+    variables; a shifted, scaled input checks the float32 statistics."""
+    x = _random(2, 6, 8, 4, 5) * 7.0 + 40.0
+    ours, reference = InstanceNormalization(), keras.layers.GroupNormalization(groups=5, epsilon=1e-5)
+    ours.build(x.shape)
+    reference.build(x.shape)
+    for layer in (ours, reference):
+        layer.gamma.assign(RNG.normal(size=5).astype(np.float32))
+        layer.beta.assign(RNG.normal(size=5).astype(np.float32))
+    reference.gamma.assign(ours.gamma)
+    reference.beta.assign(ours.beta)
+    weights = _random(2, 6, 8, 4, 5)
+    results = []
+    for layer in (ours, reference):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * weights)
+        results.append([y] + tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert InstanceNormalization.from_config(ours.get_config()).epsilon == 1e-5
+
+
+def test_instance_normalization_under_bfloat16_keeps_float32_variables_and_statistics():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = InstanceNormalization()
+        x = tf.cast(_random(2, 6, 8, 4, 3) * 3.0 + 100.0, tf.bfloat16)
+        y = layer(x)
+        assert y.dtype == tf.bfloat16 and layer.gamma.dtype == "float32"
+        per_channel = tf.cast(y, tf.float32)
+        np.testing.assert_allclose(tf.reduce_mean(per_channel, axis=[1, 2, 3]), 0.0, atol=0.05)
+        np.testing.assert_allclose(tf.math.reduce_std(per_channel, axis=[1, 2, 3]), 1.0, atol=0.05)
     finally:
         keras.mixed_precision.set_global_policy("float32")

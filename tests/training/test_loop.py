@@ -256,7 +256,7 @@ def test_a_second_trainer_on_the_folder_is_refused(tmp_path):
 def test_out_of_memory_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
     params, model_dir = prepare(write_params(tmp_path))
 
-    def exhausted(strategy, spec):
+    def exhausted(strategy, spec, jit_compile):
         def step(batch, stop):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return step
