@@ -5,10 +5,14 @@
 
 One volume (FLAIR and T1c, 240x240x155x2 float32), window 96^3, overlap 0.5, batch of 4 windows,
 Gaussian and constant blending. W2: through one 1x1x1 convolution 2 -> 5 channels (Keras Conv3D;
-torch Conv3d for the peers); `network_s` is the same network alone over the same number of windows.
-W2-overhead: through a network that costs nothing (the 2 channels repeated to 5,
-`concat([x, x, x[..., :1]])`), so the figure is the windowing itself: extraction, weighting,
-accumulation and normalisation. Every library returns the same thing, the blended logits
+torch Conv3d for the peers). W2-overhead: through a network that costs nothing (the 2 channels
+repeated to 5, `concat([x, x, x[..., :1]])`), so the figure is the windowing itself: extraction,
+weighting, accumulation and normalisation. That concat is not free either, and not equally so: on the
+channels-last (N, X, Y, Z, C) windows TensorFlow interleaves 2 + 2 + 1 values per voxel, torch on
+channels-first windows copies three blocks. So every line also has `network_s`, the same network
+alone over the same number of windows (one batch, called as often as the volume has batches), and
+`windowing_s` = value - network_s, the windowing without the network; medseg_dl lines compare both
+(speedup_vs_<peer>, windowing_speedup_vs_<peer>). Every library returns the same thing, the blended logits
 (medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines adds the softmax
 (`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess, so its
 peak RSS (ru_maxrss: imports, the read volume and the inference) is its own. The figure is the
@@ -79,10 +83,9 @@ def run_medseg_dl(image, window, blending, repetitions, workload):
     times = timed(lambda: predictor.logits(image), repetitions)
     details = {"probabilities_s": float(np.median(timed(lambda: predictor.probabilities(image), repetitions)))}
     num_windows = window_grid(image.shape[:3], (window,) * 3, OVERLAP, blending).num_windows
-    if workload == "W2":
-        batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
-        details["network_s"] = float(np.median(timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows),
-                                                     repetitions)))
+    batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
+    details["network_s"] = float(np.median(timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows),
+                                                 repetitions)))
     return times, details, num_windows
 
 
@@ -104,9 +107,7 @@ def torch_network(image, window, workload):
     return torch, network, volume
 
 
-def torch_details(torch, network, num_windows, window, channels, repetitions, workload):
-    if workload != "W2":
-        return {}
+def torch_details(torch, network, num_windows, window, channels, repetitions):
     batch = torch.rand(BATCH_SIZE, channels, window, window, window)
     return {"network_s": float(np.median(timed(lambda: run_batches(lambda: network(batch), num_windows),
                                                repetitions)))}
@@ -124,7 +125,7 @@ def run_monai(image, window, blending, repetitions, workload):
     times = timed(lambda: sliding_window_inference(volume[None], (window,) * 3, BATCH_SIZE, network,
                                                    overlap=OVERLAP, mode=blending), repetitions)
     num_windows = counter["windows"] // (repetitions + 1)
-    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions, workload), num_windows
+    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
 
 
 def run_torchio(image, window, blending, repetitions, workload):
@@ -141,7 +142,7 @@ def run_torchio(image, window, blending, repetitions, workload):
 
     times = timed(predict, repetitions)
     num_windows = len(tio.inference.GridSampler(subject, window, patch_overlap=int(window * OVERLAP)))
-    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions, workload), num_windows
+    return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
 
 
 RUNNERS = {"medseg_dl": run_medseg_dl, "monai": run_monai, "torchio": run_torchio}
@@ -177,6 +178,8 @@ def line(workload, library, blending, raw):
             "blending": blending, "voxels_per_s": round(raw["voxels"] / value),
             "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"]}
     item.update({key: round(raw[key], 4) for key in ("network_s", "probabilities_s") if key in raw})
+    if "network_s" in raw:
+        item["windowing_s"] = round(value - raw["network_s"], 4)
     return item
 
 
@@ -200,6 +203,8 @@ def add_ratios(lines):
             other = by_key.get((item["workload"], peer, peer_blending))
             if other is not None:
                 item[f"speedup_vs_{peer}"] = round(other["value"] / item["value"], 3)
+                if "windowing_s" in item and "windowing_s" in other:
+                    item[f"windowing_speedup_vs_{peer}"] = round(other["windowing_s"] / item["windowing_s"], 3)
                 item[f"peak_rss_ratio_vs_{peer}"] = round(item["peak_rss_mb"] / other["peak_rss_mb"], 3)
 
 

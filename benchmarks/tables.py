@@ -90,14 +90,15 @@ def input_pipeline_rows(lines):
 
 
 def sliding_window_rows(lines):
-    rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | peak RSS MB | "
-            "speed-up vs MONAI / TorchIO | RSS vs MONAI / TorchIO | machine, date |\n|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | windowing s "
+            "(without the network) | peak RSS MB | speed-up vs MONAI / TorchIO | windowing speed-up vs MONAI / "
+            "TorchIO | RSS vs MONAI / TorchIO | machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in lines:
         ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
-                  for key in ("speedup", "peak_rss_ratio")]
+                  for key in ("speedup", "windowing_speedup", "peak_rss_ratio")]
         rows.append(f"| {r['workload']} | {r['blending']} | {r['library']} | {_spread(r, 3)} | "
-                    f"{r.get('probabilities_s', '-')} | {r.get('network_s', '-')} | {r['peak_rss_mb']:.0f} | "
-                    f"{ratios[0]} | {ratios[1]} | {_when(r)} |")
+                    f"{r.get('probabilities_s', '-')} | {r.get('network_s', '-')} | {r.get('windowing_s', '-')} | "
+                    f"{r['peak_rss_mb']:.0f} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {_when(r)} |")
     return rows
 
 
