@@ -1,7 +1,6 @@
 """W4 of BENCHMARKS.md: elastic deformation + rotation of one whole BraTS volume and its label map.
 
     python benchmarks/augmentation.py [--workload W4] [--quick] [--peers] [--repetitions 3]
-                                      [--elasticdeform-python /path/to/venv/bin/python]
 
 The volume: FLAIR and T1c of one subject (240x240x155x2 float32, 1 mm voxels) and its label map
 (OTMultiClass, labels 0..4, rounded to int32), read once by the parent and handed to each library's
@@ -20,9 +19,9 @@ each library in its own angle convention. The elastic fields are matched in RMS 
   2.0 mm), rotation fixed by degrees=(a, a, b, b, c, c), scale 1.
 - elasticdeform `deform_random_grid`: 3^3 control points of normal displacements, sigma 2.85 voxels,
   cubic B-spline (RMS 0.70 x 2.85 = 2.0 voxels), the rotation as its output affine about the middle,
-  order 1 (image) and 0 (label). It needs numpy < 2 (0.5.1 is built against numpy 1): give an
-  interpreter of its own venv with `--elasticdeform-python`; its subprocess imports only numpy and
-  elasticdeform.
+  order 1 (image) and 0 (label). It needs numpy < 2 (0.5.1 is built against numpy 1): it runs in
+  its own environment (benchmarks/venvs.sh); its subprocess imports only numpy and elasticdeform.
+Each library runs with its own interpreter (`interpreters.python_for`; `isolated` on its line).
 The figure is the median s/volume of the repetitions after one warm-up (`first_call_s`: the warm-up,
 with medseg_dl's XLA compilation); medseg_dl's line adds speedup_vs_<peer> = peer s / our s.
 `--quick`: a 64x64x48 crop, one repetition (a smoke run; nothing is kept in benchmarks/results/).
@@ -31,11 +30,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+from interpreters import python_for
 from machine_info import describe_machine, record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,19 +162,16 @@ def child(library, args):
                       "peak_rss_mb": peak_rss_mb()}))
 
 
-def python_of(library, args):
-    return args.elasticdeform_python if library == "elasticdeform" else sys.executable
-
-
 def measure(library, args):
     """Raw measurements of one library, from a fresh subprocess."""
-    command = [python_of(library, args), os.path.abspath(__file__), "--child", library,
+    python, isolated = python_for(library)
+    command = [python, os.path.abspath(__file__), "--child", library,
                "--repetitions", str(args.repetitions), "--volume-dir", args.volume_dir]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{library} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "isolated": isolated}
 
 
 def line(library, raw, machine_name):
@@ -185,14 +181,14 @@ def line(library, raw, machine_name):
             "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
             "machine": machine_name, "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "first_call_s": round(raw["first_call_s"], 4), "shape": raw["shape"],
-            "rotation_deg": list(ANGLES_DEG), "elastic_rms_mm": RMS_MM}
+            "rotation_deg": list(ANGLES_DEG), "elastic_rms_mm": RMS_MM, "isolated": raw["isolated"]}
 
 
 def peers_available(args):
     """The peer libraries importable by their interpreters."""
     found = []
     for library in PEERS:
-        probe = subprocess.run([python_of(library, args), "-c", f"import {library}"], capture_output=True, check=False)
+        probe = subprocess.run([python_for(library)[0], "-c", f"import {library}"], capture_output=True, check=False)
         if probe.returncode == 0:
             found.append(library)
     return found
@@ -214,8 +210,6 @@ def main(argv=None):
                         help="also run MONAI, TorchIO and elasticdeform when importable")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs after the warm-up (default 3)")
     parser.add_argument("--subject-dir", default=SUBJECT_DIR, help="folder of the BraTS subject")
-    parser.add_argument("--elasticdeform-python", default=sys.executable,
-                        help="interpreter for the elasticdeform run (a venv with numpy<2 and elasticdeform==0.5.1)")
     parser.add_argument("--child", metavar="LIBRARY", help=argparse.SUPPRESS)
     parser.add_argument("--volume-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

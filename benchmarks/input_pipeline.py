@@ -7,10 +7,11 @@ rotation, scaling, elastic deformation and Gaussian noise; batches are fetched a
 After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200, W1b peers 16: they run at about
 1 patch/s; `segment_patches`); the figure is the median rate.
 
-With --peers (and torch, monai, torchio importable) MONAI and TorchIO run the same workload in the
-same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
+With --peers (and torch, monai, torchio importable by the peers' interpreter) MONAI and TorchIO run
+the same workload in the same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
 per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
-library) runs in its own subprocess, one after the other; each peer line gets a `ratio` key and
+library) runs in its own subprocess, with the library's own interpreter (`interpreters.python_for`;
+`isolated` on its line), one after the other; each peer line gets a `ratio` key and
 the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). One JSON line per
 (workload, library), kept in benchmarks/results/input_pipeline.jsonl (not with --quick).
 """
@@ -24,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+from interpreters import python_for
 from machine_info import describe_machine, record
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -272,26 +274,23 @@ RUNNERS = {"medseg_dl": run_medseg, "monai": run_monai,
 
 
 def peers_available():
-    try:
-        import monai  # noqa: F401
-        import torch  # noqa: F401
-        import torchio  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the peers' interpreter imports torch, MONAI and TorchIO."""
+    probe = subprocess.run([python_for("monai")[0], "-c", "import monai, torch, torchio"], capture_output=True)
+    return probe.returncode == 0
 
 
 def run_in_subprocess(workload, library, quick, timeout_s=1800):
     """The JSON line of one (workload, library) run in a fresh interpreter; None (reported on stderr)
     if it fails or takes longer than `timeout_s`."""
-    command = [sys.executable, os.path.abspath(__file__), "--workload", workload, "--library", library]
+    python, isolated = python_for(library)
+    command = [python, os.path.abspath(__file__), "--workload", workload, "--library", library]
     try:
         output = subprocess.run(command + (["--quick"] if quick else []), check=True, stdout=subprocess.PIPE,
                                 text=True, timeout=timeout_s)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         print(f"{workload} {library}: no result ({err})", file=sys.stderr)
         return None
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    return {**json.loads(output.stdout.strip().splitlines()[-1]), "isolated": isolated}
 
 
 def main():

@@ -1,7 +1,6 @@
 """W2 and W2 overhead of BENCHMARKS.md: sliding-window inference of one BraTS volume.
 
     python benchmarks/sliding_window.py [--workload W2|W2-overhead] [--quick] [--peers] [--repetitions 3]
-                                        [--medseg-python PATH]
 
 One volume (FLAIR and T1c, 240x240x155x2 float32), window 96^3, overlap 0.5, batch of 4 windows,
 Gaussian and constant blending. W2: through one 1x1x1 convolution 2 -> 5 channels (Keras Conv3D;
@@ -12,27 +11,25 @@ channels-last (N, X, Y, Z, C) windows TensorFlow interleaves 2 + 2 + 1 values pe
 channels-first windows copies three blocks. So every line also has `network_s`, the same network
 alone over the same number of windows (one batch, called as often as the volume has batches), and
 `windowing_s` = value - network_s, the windowing without the network; medseg_dl lines compare both
-(speedup_vs_<peer>, windowing_speedup_vs_<peer>). Every library returns the same thing, the blended logits
-(medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines adds the softmax
-(`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess, so its
-peak RSS (ru_maxrss: imports, the read volume and the inference) is its own. The figure is the
-median s/volume of the repetitions after one warm-up. `--peers` adds MONAI sliding_window_inference
-(gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average), with
-speedup_vs_<peer> (peer s / our s) and peak_rss_ratio_vs_<peer> on the medseg_dl lines;
-`--medseg-python` runs the medseg_dl configurations with another interpreter (a venv without torch:
-ITK, which reads the volume, imports torch whenever it is installed, which would count torch's
-memory against us). Lines are kept in benchmarks/results/sliding_window.jsonl (not with --quick:
-a 64x64x48 crop, window 32, one repetition).
+(speedup_vs_<peer>, windowing_speedup_vs_<peer>). Every library returns the same thing, the blended
+logits (medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines adds the softmax
+(`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess with the
+library's own interpreter (`interpreters.python_for`; `isolated` on its line), so its peak RSS
+(ru_maxrss: imports, the read volume and the inference) is its own. The figure is the median
+s/volume of the repetitions after one warm-up. `--peers` adds MONAI sliding_window_inference
+(gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average), with speedup_vs_<peer>
+(peer s / our s) and peak_rss_ratio_vs_<peer> on the medseg_dl lines. Lines are kept in
+benchmarks/results/sliding_window.jsonl (not with --quick: a 64x64x48 crop, window 32, one repetition).
 """
 import argparse
 import json
 import os
 import resource
 import subprocess
-import sys
 import time
 
 import numpy as np
+from interpreters import python_for
 from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +155,7 @@ def child(workload, library, blending, args):
 
 def measure(workload, library, blending, args):
     """Raw measurements of one configuration, from a fresh subprocess."""
-    python = args.medseg_python if library == "medseg_dl" else sys.executable
+    python, isolated = python_for(library)
     command = [python, os.path.abspath(__file__), "--child", workload, library, blending,
                "--repetitions", str(args.repetitions), "--subject-dir", args.subject_dir]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -166,7 +163,7 @@ def measure(workload, library, blending, args):
                             env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{workload} {library} {blending} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "isolated": isolated}
 
 
 def line(workload, library, blending, raw):
@@ -176,7 +173,8 @@ def line(workload, library, blending, raw):
     item = {"workload": workload, "library": library, "value": round(value, 4), "unit": "s",
             "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
             "blending": blending, "voxels_per_s": round(raw["voxels"] / value),
-            "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"]}
+            "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"],
+            "isolated": raw["isolated"]}
     item.update({key: round(raw[key], 4) for key in ("network_s", "probabilities_s") if key in raw})
     if "network_s" in raw:
         item["windowing_s"] = round(value - raw["network_s"], 4)
@@ -184,10 +182,11 @@ def line(workload, library, blending, raw):
 
 
 def peers_available():
-    """The peer libraries importable by this interpreter."""
+    """The peer libraries importable by their interpreters."""
     found = []
     for library in ("monai", "torchio"):
-        probe = subprocess.run([sys.executable, "-c", f"import torch, {library}"], capture_output=True, check=False)
+        probe = subprocess.run([python_for(library)[0], "-c", f"import torch, {library}"], capture_output=True,
+                               check=False)
         if probe.returncode == 0:
             found.append(library)
     return found
@@ -215,9 +214,6 @@ def main(argv=None):
     parser.add_argument("--peers", action="store_true", help="also run MONAI and TorchIO when importable")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs after the warm-up (default 3)")
     parser.add_argument("--subject-dir", default=SUBJECT_DIR, help="folder of the BraTS subject")
-    parser.add_argument("--medseg-python", default=sys.executable,
-                        help="interpreter for the medseg_dl runs (e.g. the project's venv without torch: ITK, "
-                             "used to read the volume, imports torch whenever it is installed)")
     parser.add_argument("--child", nargs=3, metavar=("WORKLOAD", "LIBRARY", "BLENDING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repetitions is None:

@@ -153,10 +153,25 @@ def training_rows(lines):
     return rows
 
 
+def brats_rows(lines):
+    rows = ["| experiment | steps | patch, batch | depth | normalisation | minutes convert / train / evaluate | "
+            "peak RSS MB convert / train / evaluate | validation subjects | validation Dice per class | mean Dice | "
+            "machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        chosen = r["planned"]
+        minutes, rss = (" / ".join(str(r[key][stage]) for stage in ("convert", "train", "evaluate"))
+                        for key in ("minutes", "peak_rss_mb"))
+        dice = ", ".join(f"{name} {value:.3f}" for name, value in r["val_dice"].items())
+        rows.append(f"| planned {chosen['base_filters']}-filter U-Net | {r['steps']} | {chosen['patch_size']}, "
+                    f"{chosen['batch_size']} | {chosen['depth']} | {chosen['normalization']} | {minutes} | {rss} | "
+                    f"{r['val_subjects']} | {dice} | {r['val_mean_dice']:.3f} | {_when(r)} |")
+    return rows
+
+
 RENDERERS = {"hippocampus_accuracy": accuracy_rows, "hippocampus_cv": cv_rows, "gpu_workflow": gpu_workflow_rows,
              "input_pipeline": input_pipeline_rows, "sliding_window": sliding_window_rows, "metrics": metrics_rows,
              "augmentation": augmentation_rows, "training_step": training_step_rows,
-             "training_profile": training_profile_rows, "training": training_rows}
+             "training_profile": training_profile_rows, "training": training_rows, "brats_end_to_end": brats_rows}
 
 
 def render(name):

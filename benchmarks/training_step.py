@@ -10,7 +10,8 @@ the streaming Dice) in float32, mixed_bfloat16 and float32 with jit_compile (`--
 out); the peer is MONAI DynUNet(filters=[16, 32, 64, 128], strides=[1, 2, 2, 2], norm_name="instance")
 with DiceCELoss (softmax, background excluded, batch Dice: our loss's definition) and torch Adam,
 in float32 and under torch.autocast(bfloat16), with torch's default threads. Each configuration runs
-in a fresh subprocess (the keras dtype policy is global; its peak RSS is its own). The figure is the
+in a fresh subprocess with the library's own interpreter (`interpreters.python_for`; `isolated` on
+its line): the keras dtype policy is global, and its peak RSS is its own. The figure is the
 median patches/s of 6 timed steps after 2 warm-up steps; a configuration whose second warm-up step
 takes over 10 s times 2 steps (said by `note`). medseg_dl lines carry `speedup_vs_monai` (ours /
 MONAI float32) and, when not float32, `speedup_vs_monai_same_precision`. Kept in
@@ -34,6 +35,7 @@ import tempfile
 import time
 
 import numpy as np
+from interpreters import python_for
 from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +237,8 @@ def child(library, precision, args):
 
 def measure(library, precision, jit_compile, args, timeout_s=3600):
     """The raw figures of one configuration from a fresh subprocess; None (reported on stderr) on failure."""
-    command = [sys.executable, os.path.abspath(__file__), "--child", library, precision]
+    python, isolated = python_for(library)
+    command = [python, os.path.abspath(__file__), "--child", library, precision]
     command += ["--jit-compile"] * jit_compile + ["--quick"] * args.quick + ["--profile"] * args.profile
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -245,7 +248,7 @@ def measure(library, precision, jit_compile, args, timeout_s=3600):
         print(f"{library} {precision}{' jit_compile' * jit_compile}: no result ({err})\n"
               f"{(err.stderr or '')[-3000:]}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "isolated": isolated}
 
 
 def step_line(library, jit_compile, raw, quick):
@@ -258,7 +261,7 @@ def step_line(library, jit_compile, raw, quick):
             "step_time_s": round(float(np.median(times_s)), 3), "precision": raw["precision"],
             "jit_compile": jit_compile, "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "warmup_s": [round(s, 2) for s in raw["warmup_s"]], "batch_size": batch_size, "patch": list(patch),
-            "base_filters": base_filters}
+            "base_filters": base_filters, "isolated": raw["isolated"]}
     if "torch_threads" in raw:
         line["torch_threads"] = raw["torch_threads"]
     if not quick and len(times_s) < TIMED_STEPS:

@@ -202,8 +202,10 @@ def add_windows(accumulator: np.ndarray, outputs: np.ndarray, starts_vox: np.nda
                 weights: Optional[np.ndarray] = None) -> None:
     """Add window outputs (N, px, py, pz, K), times `weights` (px, py, pz, 1) if given, into
     `accumulator` (X, Y, Z, K) at `starts_vox` (N, 3), in place. The x range of the batch is split
-    into one slab per thread; each thread adds the part of every window inside its slab, weighting it
-    a few x rows at a time in a small buffer that stays in the core's cache."""
+    into one slab per thread; each thread walks its slab a few x rows at a time and adds the part of
+    every window in those rows (weighted in a small buffer that stays in the core's cache), so the
+    accumulator rows that overlapping windows share are loaded once per batch, not once per window.
+    Each voxel receives the windows in batch order, as a window-by-window loop would add them."""
     px, py, pz, k = outputs.shape[1:]
     bounds = np.linspace(starts_vox[:, 0].min(), starts_vox[:, 0].max() + px, THREADS + 1).round().astype(int)
     rows = max(1, CACHE_VALUES // (py * pz * k))
@@ -211,13 +213,15 @@ def add_windows(accumulator: np.ndarray, outputs: np.ndarray, starts_vox: np.nda
     def add_slab(slab):
         begin, end = bounds[slab], bounds[slab + 1]
         buffer = np.empty((rows, py, pz, k), np.float32) if weights is not None else None
-        for output, (x, y, z) in zip(outputs, starts_vox):
-            for low in range(max(begin, x), min(end, x + px), rows):
-                high = min(low + rows, end, x + px)
-                part = output[low - x:high - x]
+        for low in range(begin, end, rows):
+            for output, (x, y, z) in zip(outputs, starts_vox):
+                first, last = max(low, x), min(low + rows, end, x + px)
+                if first >= last:
+                    continue
+                part = output[first - x:last - x]
                 if weights is not None:
-                    part = np.multiply(part, weights[low - x:high - x], out=buffer[:high - low])
-                accumulator[low:high, y:y + py, z:z + pz] += part
+                    part = np.multiply(part, weights[first - x:last - x], out=buffer[:last - first])
+                accumulator[first:last, y:y + py, z:z + pz] += part
 
     list(_POOL.map(add_slab, range(THREADS)))
 
