@@ -79,6 +79,12 @@ def _when(r):
     return f"{r['machine']}, {r['date']}"
 
 
+def _own_venv(r):
+    """'yes' when the line's library ran in its own environment (benchmarks/venvs.sh): only then is its
+    peak RSS its own."""
+    return "yes" if r.get("isolated") else "no"
+
+
 def input_pipeline_rows(lines):
     rows = ["| workload | library | patches/s (min-max) | ours / theirs | machine, date |\n|---|---|---|---|---|"]
     for r in lines:
@@ -92,13 +98,13 @@ def input_pipeline_rows(lines):
 def sliding_window_rows(lines):
     rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | windowing s "
             "(without the network) | peak RSS MB | speed-up vs MONAI / TorchIO | windowing speed-up vs MONAI / "
-            "TorchIO | RSS vs MONAI / TorchIO | machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "TorchIO | RSS vs MONAI / TorchIO | own venv | machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in lines:
         ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
                   for key in ("speedup", "windowing_speedup", "peak_rss_ratio")]
         rows.append(f"| {r['workload']} | {r['blending']} | {r['library']} | {_spread(r, 3)} | "
                     f"{r.get('probabilities_s', '-')} | {r.get('network_s', '-')} | {r.get('windowing_s', '-')} | "
-                    f"{r['peak_rss_mb']:.0f} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {_when(r)} |")
+                    f"{r['peak_rss_mb']:.0f} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {_own_venv(r)} | {_when(r)} |")
     return rows
 
 
@@ -113,22 +119,23 @@ def metrics_rows(lines):
 
 
 def augmentation_rows(lines):
-    rows = ["| library | s/volume (min-max) | first call s | peak RSS MB | ours / theirs | machine, date |\n"
-            "|---|---|---|---|---|---|"]
+    rows = ["| library | s/volume (min-max) | first call s | peak RSS MB | ours / theirs | own venv | machine, date |\n"
+            "|---|---|---|---|---|---|---|"]
     for r in lines:
         ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
         rows.append(f"| {r['library']} | {_spread(r, 2)} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                    f"{ratios or '-'} | {_when(r)} |")
+                    f"{ratios or '-'} | {_own_venv(r)} | {_when(r)} |")
     return rows
 
 
 def training_step_rows(lines):
     rows = ["| library | precision | XLA | patches/s (min-max) | s/step | ours / MONAI float32 | ours / MONAI same "
-            "precision | peak RSS MB | machine, date |\n|---|---|---|---|---|---|---|---|---|"]
+            "precision | peak RSS MB | own venv | machine, date |\n|---|---|---|---|---|---|---|---|---|---|"]
     for r in lines:
         rows.append(f"| {r['library']} | {r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {_spread(r, 2)} | "
                     f"{r['step_time_s']:.2f} | {r.get('speedup_vs_monai', '-')} | "
-                    f"{r.get('speedup_vs_monai_same_precision', '-')} | {r['peak_rss_mb']:.0f} | {_when(r)} |")
+                    f"{r.get('speedup_vs_monai_same_precision', '-')} | {r['peak_rss_mb']:.0f} | {_own_venv(r)} | "
+                    f"{_when(r)} |")
     return rows
 
 
