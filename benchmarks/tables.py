@@ -24,6 +24,27 @@ def _dice(value):
     return "-" if value is None else f"{value:.4f}"
 
 
+def _spread(r, digits):
+    """'value (min-max)' of a benchmark line."""
+    return f"{r['value']:.{digits}f} ({r['min']:.{digits}f}-{r['max']:.{digits}f})"
+
+
+def _when(r):
+    """'machine, date' of a benchmark line."""
+    return f"{r['machine']}, {r['date']}"
+
+
+def _ratios(r, prefix):
+    """'name 1.5x, ...' of the line's keys `<prefix><name>` (ratios against each peer), or None."""
+    return ", ".join(f"{k[len(prefix):]} {v}x" for k, v in r.items() if k.startswith(prefix)) or None
+
+
+def _own_venv(r):
+    """'yes' when the line's library ran in its own environment (benchmarks/venvs.sh): only then is its
+    peak RSS its own."""
+    return "yes" if r.get("isolated") else "no"
+
+
 def accuracy_rows(lines):
     header = ("| network | settings | steps | minutes | s/step | test cases | Dice anterior / posterior | mean Dice | "
               "learning curve (step: Dice) | ASSD mm | HD95 mm | machine, date |\n"
@@ -34,7 +55,7 @@ def accuracy_rows(lines):
         rows.append(f"| {r['network']} | {' '.join(r['settings']) or 'planned'} | {r['steps']} | {r['minutes']} | {r['step_time_s']} | {r['test_cases']} | "
                     f"{r['dice_anterior']:.4f} / {r['dice_posterior']:.4f} | {r['mean_dice']:.4f} | {curve} | "
                     f"{r['assd_mm_anterior']:.2f} / {r['assd_mm_posterior']:.2f} | "
-                    f"{r['hd95_mm_anterior']:.2f} / {r['hd95_mm_posterior']:.2f} | {r['machine']}, {r['date']} |")
+                    f"{r['hd95_mm_anterior']:.2f} / {r['hd95_mm_posterior']:.2f} | {_when(r)} |")
     return rows
 
 
@@ -56,7 +77,7 @@ def cv_rows(lines):
                     f"{', '.join(f'{d:.3f}' for d in r['test_mean_dice_per_fold'])} | "
                     f"{_dice(r['test_mean_dice_ensemble'])} | {_dice(r['test_mean_dice_ensemble_postprocessed'])} | "
                     f"{r['export_s_per_volume']} / {r['predictor_s_per_volume']} | {r['export_labels_identical']} | "
-                    f"{r['machine']}, {r['date']} |")
+                    f"{_when(r)} |")
     return rows
 
 
@@ -66,31 +87,15 @@ def gpu_workflow_rows(lines):
     for r in lines:
         rows.append(f"| {r['precision']} | {'yes' if r['evaluator_beside'] else 'no'} | {r['steps_per_s']:.2f} | "
                     f"{r['checkpoints_evaluated']} | {r['peak_rss_mb_trainer']:.0f} / "
-                    f"{r.get('peak_rss_mb_evaluator', '-')} | {' '.join(r['settings'])} | {r['machine']}, {r['date']} |")
+                    f"{r.get('peak_rss_mb_evaluator', '-')} | {' '.join(r['settings'])} | {_when(r)} |")
     return rows
-
-
-def _spread(r, digits):
-    """'value (min-max)' of a benchmark line."""
-    return f"{r['value']:.{digits}f} ({r['min']:.{digits}f}-{r['max']:.{digits}f})"
-
-
-def _when(r):
-    return f"{r['machine']}, {r['date']}"
-
-
-def _own_venv(r):
-    """'yes' when the line's library ran in its own environment (benchmarks/venvs.sh): only then is its
-    peak RSS its own."""
-    return "yes" if r.get("isolated") else "no"
 
 
 def input_pipeline_rows(lines):
     rows = ["| workload | library | patches/s (min-max) | ours / theirs | machine, date |\n|---|---|---|---|---|"]
     for r in lines:
         library = r["library"] + (f" ({r['mode']})" if "mode" in r else "")
-        ratios = ", ".join(f"{k[len('ratio_'):]} {v}x" for k, v in r.items() if k.startswith("ratio_"))
-        rows.append(f"| {r['workload']} | {library} | {_spread(r, 1)} | {ratios or r.get('ratio', '-')} | "
+        rows.append(f"| {r['workload']} | {library} | {_spread(r, 1)} | {_ratios(r, 'ratio_') or r.get('ratio', '-')} | "
                     f"{_when(r)} |")
     return rows
 
@@ -98,7 +103,7 @@ def input_pipeline_rows(lines):
 def sliding_window_rows(lines):
     rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | windowing s "
             "(without the network) | peak RSS MB | speed-up vs MONAI / TorchIO | windowing speed-up vs MONAI / "
-            "TorchIO | RSS vs MONAI / TorchIO | own venv | machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "TorchIO | RSS vs MONAI / TorchIO | own venv | machine, date |\n" + "|---" * 13 + "|"]
     for r in lines:
         ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
                   for key in ("speedup", "windowing_speedup", "peak_rss_ratio")]
@@ -122,9 +127,8 @@ def augmentation_rows(lines):
     rows = ["| library | s/volume (min-max) | first call s | peak RSS MB | ours / theirs | own venv | machine, date |\n"
             "|---|---|---|---|---|---|---|"]
     for r in lines:
-        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
         rows.append(f"| {r['library']} | {_spread(r, 2)} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                    f"{ratios or '-'} | {_own_venv(r)} | {_when(r)} |")
+                    f"{_ratios(r, 'speedup_vs_') or '-'} | {_own_venv(r)} | {_when(r)} |")
     return rows
 
 
