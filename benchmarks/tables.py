@@ -45,144 +45,123 @@ def _own_venv(r):
     return "yes" if r.get("isolated") else "no"
 
 
-def accuracy_rows(lines):
-    header = ("| network | settings | steps | minutes | s/step | test cases | Dice anterior / posterior | mean Dice | "
-              "learning curve (step: Dice) | ASSD mm | HD95 mm | machine, date |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [header]
-    for r in lines:
-        curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in r["curve_test_dice"])
-        rows.append(f"| {r['network']} | {' '.join(r['settings']) or 'planned'} | {r['steps']} | {r['minutes']} | {r['step_time_s']} | {r['test_cases']} | "
-                    f"{r['dice_anterior']:.4f} / {r['dice_posterior']:.4f} | {r['mean_dice']:.4f} | {curve} | "
-                    f"{r['assd_mm_anterior']:.2f} / {r['assd_mm_posterior']:.2f} | "
-                    f"{r['hd95_mm_anterior']:.2f} / {r['hd95_mm_posterior']:.2f} | {_when(r)} |")
-    return rows
+def accuracy_cells(r):
+    curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in r["curve_test_dice"])
+    return [r["network"], " ".join(r["settings"]) or "planned", r["steps"], r["minutes"], r["step_time_s"],
+            r["test_cases"], f"{r['dice_anterior']:.4f} / {r['dice_posterior']:.4f}", f"{r['mean_dice']:.4f}", curve,
+            f"{r['assd_mm_anterior']:.2f} / {r['assd_mm_posterior']:.2f}",
+            f"{r['hd95_mm_anterior']:.2f} / {r['hd95_mm_posterior']:.2f}"]
 
 
-def cv_rows(lines):
-    header = ("| folds x steps | CV mean Dice (per fold) | CV after post-processing | decision | test Dice per fold | "
-              "test Dice, ensemble | ensemble after post-processing | export / predict s per volume | "
-              "labels identical | machine, date |\n|---|---|---|---|---|---|---|---|---|---|")
-    rows = [header]
-    for r in lines:
-        decision = r["postprocessing"]
-        steps = [name for name, on in (("foreground LCC", decision["foreground_largest_component"]),
-                                       (f"LCC of classes {decision['largest_component_classes']}",
-                                        decision["largest_component_classes"]),
-                                       (f"islands < {decision['min_island_mm3']} mm^3", decision["min_island_mm3"]))
-                 if on] or ["none"]
-        rows.append(f"| {r['folds']} x {r['steps_per_fold']} | {_dice(r['cv_mean_dice'])} "
-                    f"({', '.join(f'{d:.3f}' for d in r['cv_mean_dice_per_fold'])}) | "
-                    f"{_dice(r['cv_mean_dice_postprocessed'])} | {'; '.join(steps)} | "
-                    f"{', '.join(f'{d:.3f}' for d in r['test_mean_dice_per_fold'])} | "
-                    f"{_dice(r['test_mean_dice_ensemble'])} | {_dice(r['test_mean_dice_ensemble_postprocessed'])} | "
-                    f"{r['export_s_per_volume']} / {r['predictor_s_per_volume']} | {r['export_labels_identical']} | "
-                    f"{_when(r)} |")
-    return rows
+def cv_cells(r):
+    decision = r["postprocessing"]
+    steps = [name for name, on in (("foreground LCC", decision["foreground_largest_component"]),
+                                   (f"LCC of classes {decision['largest_component_classes']}",
+                                    decision["largest_component_classes"]),
+                                   (f"islands < {decision['min_island_mm3']} mm^3", decision["min_island_mm3"]))
+             if on] or ["none"]
+    return [f"{r['folds']} x {r['steps_per_fold']}",
+            f"{_dice(r['cv_mean_dice'])} ({', '.join(f'{d:.3f}' for d in r['cv_mean_dice_per_fold'])})",
+            _dice(r["cv_mean_dice_postprocessed"]), "; ".join(steps),
+            ", ".join(f"{d:.3f}" for d in r["test_mean_dice_per_fold"]), _dice(r["test_mean_dice_ensemble"]),
+            _dice(r["test_mean_dice_ensemble_postprocessed"]),
+            f"{r['export_s_per_volume']} / {r['predictor_s_per_volume']}", r["export_labels_identical"]]
 
 
-def gpu_workflow_rows(lines):
-    rows = ["| precision | evaluator beside | steps/s | checkpoints evaluated | peak RSS trainer / evaluator MB | "
-            "settings | machine, date |\n|---|---|---|---|---|---|---|"]
-    for r in lines:
-        rows.append(f"| {r['precision']} | {'yes' if r['evaluator_beside'] else 'no'} | {r['steps_per_s']:.2f} | "
-                    f"{r['checkpoints_evaluated']} | {r['peak_rss_mb_trainer']:.0f} / "
-                    f"{r.get('peak_rss_mb_evaluator', '-')} | {' '.join(r['settings'])} | {_when(r)} |")
-    return rows
+def gpu_workflow_cells(r):
+    return [r["precision"], "yes" if r["evaluator_beside"] else "no", f"{r['steps_per_s']:.2f}",
+            r["checkpoints_evaluated"], f"{r['peak_rss_mb_trainer']:.0f} / {r.get('peak_rss_mb_evaluator', '-')}",
+            " ".join(r["settings"])]
 
 
-def input_pipeline_rows(lines):
-    rows = ["| workload | library | patches/s (min-max) | ours / theirs | machine, date |\n|---|---|---|---|---|"]
-    for r in lines:
-        library = r["library"] + (f" ({r['mode']})" if "mode" in r else "")
-        rows.append(f"| {r['workload']} | {library} | {_spread(r, 1)} | {_ratios(r, 'ratio_') or r.get('ratio', '-')} | "
-                    f"{_when(r)} |")
-    return rows
+def input_pipeline_cells(r):
+    library = r["library"] + (f" ({r['mode']})" if "mode" in r else "")
+    return [r["workload"], library, _spread(r, 1), _ratios(r, "ratio_") or r.get("ratio", "-")]
 
 
-def sliding_window_rows(lines):
-    rows = ["| workload | blending | library | s/volume (min-max) | with softmax s | network alone s | windowing s "
-            "(without the network) | peak RSS MB | speed-up vs MONAI / TorchIO | windowing speed-up vs MONAI / "
-            "TorchIO | RSS vs MONAI / TorchIO | own venv | machine, date |\n" + "|---" * 13 + "|"]
-    for r in lines:
-        ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
-                  for key in ("speedup", "windowing_speedup", "peak_rss_ratio")]
-        rows.append(f"| {r['workload']} | {r['blending']} | {r['library']} | {_spread(r, 3)} | "
-                    f"{r.get('probabilities_s', '-')} | {r.get('network_s', '-')} | {r.get('windowing_s', '-')} | "
-                    f"{r['peak_rss_mb']:.0f} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {_own_venv(r)} | {_when(r)} |")
-    return rows
+def sliding_window_cells(r):
+    ratios = [" / ".join(str(r.get(f"{key}_vs_{peer}", "-")) for peer in ("monai", "torchio"))
+              for key in ("speedup", "windowing_speedup", "peak_rss_ratio")]
+    return [r["workload"], r["blending"], r["library"], _spread(r, 3), r.get("probabilities_s", "-"),
+            r.get("network_s", "-"), r.get("windowing_s", "-"), f"{r['peak_rss_mb']:.0f}", *ratios, _own_venv(r)]
 
 
-def metrics_rows(lines):
-    rows = ["| library | s/subject, 1 mm (min-max) | s/subject, anisotropic | peer / ours | largest relative "
-            "difference to ours | machine, date |\n|---|---|---|---|---|---|"]
-    for r in lines:
-        diffs = ", ".join(f"{k} {v:.2g}" for k, v in r.get("max_rel_diff", {}).items()) or "-"
-        rows.append(f"| {r['library']} | {_spread(r, 3)} | {r['anisotropic']['value']:.3f} | {r.get('ratio', '-')} | "
-                    f"{diffs} | {_when(r)} |")
-    return rows
+def metrics_cells(r):
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in r.get("max_rel_diff", {}).items()) or "-"
+    return [r["library"], _spread(r, 3), f"{r['anisotropic']['value']:.3f}", r.get("ratio", "-"), diffs]
 
 
-def augmentation_rows(lines):
-    rows = ["| library | s/volume (min-max) | first call s | peak RSS MB | ours / theirs | own venv | machine, date |\n"
-            "|---|---|---|---|---|---|---|"]
-    for r in lines:
-        rows.append(f"| {r['library']} | {_spread(r, 2)} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                    f"{_ratios(r, 'speedup_vs_') or '-'} | {_own_venv(r)} | {_when(r)} |")
-    return rows
+def augmentation_cells(r):
+    return [r["library"], _spread(r, 2), f"{r['first_call_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
+            _ratios(r, "speedup_vs_") or "-", _own_venv(r)]
 
 
-def training_step_rows(lines):
-    rows = ["| library | precision | XLA | patches/s (min-max) | s/step | ours / MONAI float32 | ours / MONAI same "
-            "precision | peak RSS MB | own venv | machine, date |\n|---|---|---|---|---|---|---|---|---|---|"]
-    for r in lines:
-        rows.append(f"| {r['library']} | {r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {_spread(r, 2)} | "
-                    f"{r['step_time_s']:.2f} | {r.get('speedup_vs_monai', '-')} | "
-                    f"{r.get('speedup_vs_monai_same_precision', '-')} | {r['peak_rss_mb']:.0f} | {_own_venv(r)} | "
-                    f"{_when(r)} |")
-    return rows
+def training_step_cells(r):
+    return [r["library"], r["precision"], "yes" if r["jit_compile"] else "no", _spread(r, 2),
+            f"{r['step_time_s']:.2f}", r.get("speedup_vs_monai", "-"), r.get("speedup_vs_monai_same_precision", "-"),
+            f"{r['peak_rss_mb']:.0f}", _own_venv(r)]
 
 
-def training_profile_rows(lines):
-    rows = ["| precision | step s | forward s | loss s | backward s | optimizer s | metric s | step without norm s | "
-            "instance-norm share | top op types (share of op time) | machine, date |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in lines:
-        ops = ", ".join(f"{name.replace('_MklNative', '')} {share:.0%}"
-                        for name, share in list((r.get("top_op_types") or {}).items())[:5])
-        rows.append(f"| {r['precision']} | {r['step_s']:.3f} | {r['forward_s']:.3f} | {r['loss_s']:.3f} | "
-                    f"{r['backward_s']:.3f} | {r['optimizer_s']:.3f} | {r['metric_s']:.3f} | "
-                    f"{r['step_norm_none_s']:.3f} | {r['instance_norm_share']:.0%} | {ops or '-'} | {_when(r)} |")
-    return rows
+def training_profile_cells(r):
+    ops = ", ".join(f"{name.replace('_MklNative', '')} {share:.0%}"
+                    for name, share in list((r.get("top_op_types") or {}).items())[:5])
+    return [r["precision"], *(f"{r[key]:.3f}" for key in ("step_s", "forward_s", "loss_s", "backward_s",
+                                                          "optimizer_s", "metric_s", "step_norm_none_s")),
+            f"{r['instance_norm_share']:.0%}", ops or "-"]
 
 
-def training_rows(lines):
-    rows = ["| network | precision | patches/s (min-max) | s/step | input wait | machine, date |\n|---|---|---|---|---|---|"]
-    for r in lines:
-        rows.append(f"| {r['network']} | {r['precision']} | {_spread(r, 2)} | {r['step_time_s']:.2f} | "
-                    f"{r['data_wait_fraction']:.1%} | {_when(r)} |")
-    return rows
+def training_cells(r):
+    return [r["network"], r["precision"], _spread(r, 2), f"{r['step_time_s']:.2f}", f"{r['data_wait_fraction']:.1%}"]
 
 
-def brats_rows(lines):
-    rows = ["| experiment | steps | patch, batch | depth | normalisation | minutes convert / train / evaluate | "
-            "peak RSS MB convert / train / evaluate | validation subjects | validation Dice per class | mean Dice | "
-            "machine, date |\n|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in lines:
-        chosen = r["planned"]
-        minutes, rss = (" / ".join(str(r[key][stage]) for stage in ("convert", "train", "evaluate"))
-                        for key in ("minutes", "peak_rss_mb"))
-        dice = ", ".join(f"{name} {value:.3f}" for name, value in r["val_dice"].items())
-        rows.append(f"| planned {chosen['base_filters']}-filter U-Net | {r['steps']} | {chosen['patch_size']}, "
-                    f"{chosen['batch_size']} | {chosen['depth']} | {chosen['normalization']} | {minutes} | {rss} | "
-                    f"{r['val_subjects']} | {dice} | {r['val_mean_dice']:.3f} | {_when(r)} |")
-    return rows
+def brats_cells(r):
+    chosen = r["planned"]
+    minutes, rss = (" / ".join(str(r[key][stage]) for stage in ("convert", "train", "evaluate"))
+                    for key in ("minutes", "peak_rss_mb"))
+    dice = ", ".join(f"{name} {value:.3f}" for name, value in r["val_dice"].items())
+    return [f"planned {chosen['base_filters']}-filter U-Net", r["steps"],
+            f"{chosen['patch_size']}, {chosen['batch_size']}", chosen["depth"], chosen["normalization"], minutes, rss,
+            r["val_subjects"], dice, f"{r['val_mean_dice']:.3f}"]
 
 
-RENDERERS = {"hippocampus_accuracy": accuracy_rows, "hippocampus_cv": cv_rows, "gpu_workflow": gpu_workflow_rows,
-             "input_pipeline": input_pipeline_rows, "sliding_window": sliding_window_rows, "metrics": metrics_rows,
-             "augmentation": augmentation_rows, "training_step": training_step_rows,
-             "training_profile": training_profile_rows, "training": training_rows, "brats_end_to_end": brats_rows}
+# results name -> (column titles before "machine, date", the cells of one line in that order)
+RENDERERS = {
+    "hippocampus_accuracy": (["network", "settings", "steps", "minutes", "s/step", "test cases",
+                              "Dice anterior / posterior", "mean Dice", "learning curve (step: Dice)", "ASSD mm",
+                              "HD95 mm"], accuracy_cells),
+    "hippocampus_cv": (["folds x steps", "CV mean Dice (per fold)", "CV after post-processing", "decision",
+                        "test Dice per fold", "test Dice, ensemble", "ensemble after post-processing",
+                        "export / predict s per volume", "labels identical"], cv_cells),
+    "gpu_workflow": (["precision", "evaluator beside", "steps/s", "checkpoints evaluated",
+                      "peak RSS trainer / evaluator MB", "settings"], gpu_workflow_cells),
+    "input_pipeline": (["workload", "library", "patches/s (min-max)", "ours / theirs"], input_pipeline_cells),
+    "sliding_window": (["workload", "blending", "library", "s/volume (min-max)", "with softmax s", "network alone s",
+                        "windowing s (without the network)", "peak RSS MB", "speed-up vs MONAI / TorchIO",
+                        "windowing speed-up vs MONAI / TorchIO", "RSS vs MONAI / TorchIO", "own venv"],
+                       sliding_window_cells),
+    "metrics": (["library", "s/subject, 1 mm (min-max)", "s/subject, anisotropic", "peer / ours",
+                 "largest relative difference to ours"], metrics_cells),
+    "augmentation": (["library", "s/volume (min-max)", "first call s", "peak RSS MB", "ours / theirs", "own venv"],
+                     augmentation_cells),
+    "training_step": (["library", "precision", "XLA", "patches/s (min-max)", "s/step", "ours / MONAI float32",
+                       "ours / MONAI same precision", "peak RSS MB", "own venv"], training_step_cells),
+    "training_profile": (["precision", "step s", "forward s", "loss s", "backward s", "optimizer s", "metric s",
+                          "step without norm s", "instance-norm share", "top op types (share of op time)"],
+                         training_profile_cells),
+    "training": (["network", "precision", "patches/s (min-max)", "s/step", "input wait"], training_cells),
+    "brats_end_to_end": (["experiment", "steps", "patch, batch", "depth", "normalisation",
+                          "minutes convert / train / evaluate", "peak RSS MB convert / train / evaluate",
+                          "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
+}
+
+
+def table_rows(name, lines):
+    """The markdown lines of the table `name`: header, separator, one row per results line, each ending with
+    its machine and date."""
+    columns, cells = RENDERERS[name]
+    columns = [*columns, "machine, date"]
+    rows = ["| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"]
+    return rows + ["| " + " | ".join(str(cell) for cell in [*cells(r), _when(r)]) + " |" for r in lines]
 
 
 def render(name):
@@ -192,7 +171,7 @@ def render(name):
         return f"(no results yet: {os.path.relpath(path, REPO)} is written by its benchmark)\n"
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    return "\n".join(RENDERERS[name](lines)) + "\n"
+    return "\n".join(table_rows(name, lines)) + "\n"
 
 
 def regenerate(text):
