@@ -8,12 +8,15 @@ and leaves the previous file intact. A crash that kills the process may leave a 
 never a half-written target; `remove_stale_temporaries` deletes those whose process is gone.
 """
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
 from typing import Any, Iterator, List, Optional
+
+from medseg_dl.errors import DiskFullError, MedsegError
 
 TEMPORARY_PREFIX = ".tmp-"
 _TEMPORARY = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
@@ -72,6 +75,50 @@ def copy_file(source, target) -> None:
     """Copy the file `source` to `target` atomically (raises FileNotFoundError if `source` is gone)."""
     with replacing(target) as temporary:
         shutil.copyfile(source, temporary)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS)  # "No space left on device", ...
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a failed write ran out of disk space or quota: an OSError with errno ENOSPC or EDQUOT, or
+    TensorFlow's error for one (it maps both to ResourceExhaustedError, the same class as running out of
+    memory, and keeps the system's text in its message)."""
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL_ERRNOS
+    return any(text in str(getattr(err, "message", err)) for text in _DISK_FULL_TEXTS)
+
+
+def disk_full_error(folder, what: str, then: str) -> DiskFullError:
+    """The one-line error of a full disk while writing `what` into `folder`, with the space left there
+    and the fix: free space, then `then` (e.g. "resume with --params ...")."""
+    folder = os.fspath(folder)
+    try:
+        free_mb = f"{shutil.disk_usage(_existing_parent(folder)).free / 2**20:.0f} MB free"
+    except OSError:
+        free_mb = "free space unknown"
+    return DiskFullError(f"{folder}: the disk is full ({free_mb}) while writing {what}; free disk space, then {then}")
+
+
+@contextlib.contextmanager
+def disk_full_reported(folder, what: str, then: str) -> Iterator[None]:
+    """Turn a disk-full error raised in the block (`is_disk_full`) into `disk_full_error`; other errors, and
+    the project's own errors, pass unchanged."""
+    try:
+        yield
+    except MedsegError:  # already told apart, with its own message
+        raise
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full_error(folder, what, then) from None
+        raise
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def process_alive(pid: int) -> bool:

@@ -23,3 +23,7 @@ class TrainingError(MedsegError):
 
 class CheckpointError(MedsegError):
     """A checkpoint cannot be read (files missing or damaged)."""
+
+
+class DiskFullError(MedsegError):
+    """A write failed because the disk (or the user's quota) is full: not a memory problem."""

@@ -6,11 +6,12 @@ copy is reported as `CheckpointGone`), restores from the copy, and promotes that
 `<model_dir>/best/` when it ranks among the best K (copied under a temporary name, then renamed).
 """
 import glob
+import itertools
 import json
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import tensorflow as tf
 
@@ -42,11 +43,30 @@ def completed_checkpoints(folder: str) -> List[str]:
     return sorted((p for p in prefixes if _STEP.search(os.path.basename(p))), key=checkpoint_step)
 
 
-def move_checkpoint(prefix: str, folder: str) -> None:
-    """Move a checkpoint's files into `folder` (created), e.g. an unreadable one out of the way."""
+def set_aside_checkpoints(prefixes: List[str], folder: str) -> None:
+    """Move the files of checkpoints (e.g. unreadable ones) into `folder` (created) and drop them from the
+    checkpoint state of their own folder, so that a CheckpointManager built afterwards neither lists them
+    nor takes one of them for the latest (it would then skip saving that step again)."""
     os.makedirs(folder, exist_ok=True)
-    for path in _files_of(prefix):
-        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    for prefix in prefixes:
+        for path in _files_of(prefix):
+            os.replace(path, os.path.join(folder, os.path.basename(path)))
+    if prefixes:
+        _drop_from_state(os.path.dirname(prefixes[0]), {os.path.basename(p) for p in prefixes})
+
+
+def _drop_from_state(folder: str, names: Set[str]) -> None:
+    """Rewrite `<folder>/checkpoint` (TensorFlow's CheckpointState text with relative paths, as the
+    CheckpointManager writes it) without the checkpoints `names`; the latest becomes the newest left."""
+    state = tf.train.get_checkpoint_state(folder)
+    kept = [(os.path.basename(p), t) for p, t in
+            itertools.zip_longest(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
+            if os.path.basename(p) not in names]
+    lines = [f'model_checkpoint_path: "{kept[-1][0]}"'] if kept else []
+    lines += [f'all_model_checkpoint_paths: "{p}"' for p, _ in kept]
+    lines += [f"all_model_checkpoint_timestamps: {t!r}" for _, t in kept if t is not None]
+    lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+    atomic.write_text(os.path.join(folder, "checkpoint"), "\n".join(lines) + "\n")
 
 
 def _files_of(prefix):

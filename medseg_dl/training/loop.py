@@ -27,7 +27,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError, ModelDirError, TrainingError
-from medseg_dl.experiment.checkpoints import completed_checkpoints, move_checkpoint
+from medseg_dl.experiment.checkpoints import completed_checkpoints, set_aside_checkpoints
 from medseg_dl.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
 from medseg_dl.model.model_fn import model_fn
@@ -106,7 +106,9 @@ def run_training(params: Params, model_dir: ModelDir) -> int:
             _remove_leftovers(model_dir)
             convert_dataset(params)  # skips the subjects already converted with the same settings
         files = _training_files(params, model_dir, wait=not chief)
-        return _train(params, model_dir, strategy, chief, files)
+        with atomic.disk_full_reported(model_dir.root, "the params or the done marker",
+                                       f"resume with --params {model_dir.params_path}"):
+            return _train(params, model_dir, strategy, chief, files)
 
 
 def _train(params, model_dir, strategy, chief, files):
@@ -144,23 +146,41 @@ def _train(params, model_dir, strategy, chief, files):
 
 def restore_newest(checkpoint: tf.train.Checkpoint, model_dir: ModelDir, move_unreadable: bool) -> Optional[str]:
     """Restore the newest readable checkpoint listed in the folder's checkpoint state; returns its prefix,
-    or None when there is none (a first run). An unreadable one (truncated, files missing) is reported
-    and, with `move_unreadable`, moved to checkpoints/unreadable/; `TrainingError` if none can be read."""
+    or None when there is none (a first run). Newer unreadable ones (truncated, files missing) are reported
+    and, with `move_unreadable`, moved to checkpoints/unreadable/ and dropped from the checkpoint state;
+    `TrainingError` (nothing moved) if none can be read."""
     listed = completed_checkpoints(model_dir.checkpoints)
+    unreadable = []
     for prefix in reversed(listed):
         try:
             checkpoint.restore(prefix).assert_existing_objects_matched()
-            return prefix
         except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as err:
             print(f"warning: checkpoint {prefix} cannot be read ({type(err).__name__}); trying the one before",
                   flush=True)
-            if move_unreadable:
-                move_checkpoint(prefix, model_dir.unreadable_checkpoints)
+            unreadable.append(prefix)
+            continue
+        if move_unreadable and unreadable:
+            if os.path.exists(model_dir.done_marker):
+                os.remove(model_dir.done_marker)  # it may name a checkpoint set aside: training is not done
+            set_aside_checkpoints(unreadable, model_dir.unreadable_checkpoints)
+        return prefix
     if listed:
         raise TrainingError(f"{model_dir.checkpoints}: none of the checkpoints {[os.path.basename(p) for p in listed]} "
                             f"can be read (damaged, or written by an older medseg_dl); restore them from a backup, "
                             f"or start a new experiment.model_dir")
     return None
+
+
+def verify_checkpoint(prefix: str) -> None:
+    """Read every tensor of the checkpoint `prefix` back from disk; `TrainingError` naming it when one
+    cannot be read (the save did not reach the disk intact)."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError) as err:
+        raise TrainingError(f"{prefix}: the checkpoint just saved cannot be read back ({type(err).__name__}); "
+                            f"check the disk of the model folder, then resume") from None
 
 
 def _continue_schedule(spec, start, params):
@@ -212,6 +232,7 @@ class _Loop:
         self.params, self.model_dir, self.spec, self.step, self.manager = params, model_dir, spec, step, manager
         self.chief = chief
         start = int(step.numpy())
+        self.saved_step = start  # restored from a checkpoint of this step, or 0: nothing to save
         self.train_step = make_train_step(strategy, spec, params.training.jit_compile)
         self.writer = tf.summary.create_file_writer(model_dir.train_logs) if chief else tf.summary.create_noop_writer()
         self.csv = reporting.ScalarCsv(model_dir.scalars_csv, start) if chief else None
@@ -232,20 +253,29 @@ class _Loop:
                         print(f"{stop.signal_name or 'stop requested on another worker'}: saved checkpoint at step "
                               f"{current}; resume with --params {self.model_dir.params_path}", flush=True)
                         return current
-        except tf.errors.ResourceExhaustedError:
-            raise TrainingError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
-                                f"sampling.patch_size (resume from {self.model_dir.checkpoints}), or train a new "
-                                f"model folder with training.precision: mixed_bfloat16 or mixed_float16") from None
-        except OSError as err:
-            raise ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); "
-                                f"free disk space or make the folder writable, then resume") from None
+            self._save(current)
+        except (tf.errors.ResourceExhaustedError, OSError) as err:
+            raise self._fault(err, current) from None
         finally:
             self.progress.close()
             self.writer.flush()
-        self._save(current)
         if self.chief:
+            verify_checkpoint(self.manager.latest_checkpoint)
             _write_done(self.model_dir, current, self.manager.latest_checkpoint)
         return current
+
+    def _fault(self, err, current):
+        """The one-line error of a failed step or write: a full disk (TensorFlow reports one with the class
+        of running out of memory), out of memory, or another write failure."""
+        resume = f"resume with --params {self.model_dir.params_path}"
+        if atomic.is_disk_full(err):
+            return atomic.disk_full_error(self.model_dir.root, f"the checkpoint or logs of step {current}", resume)
+        if isinstance(err, tf.errors.ResourceExhaustedError):
+            return TrainingError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
+                                 f"sampling.patch_size ({resume}), or train a new model folder with "
+                                 f"training.precision: mixed_bfloat16 or mixed_float16")
+        return ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); make "
+                             f"the folder writable, then {resume}")
 
     def _one_step(self, iterator, stop_requested, trace_graph):
         """One step; returns (the new step, whether any worker asked to stop)."""
@@ -298,9 +328,10 @@ class _Loop:
         self.timing = {"data_s": 0.0, "step_s": 0.0, "steps": 0, "loss": 0.0}
 
     def _save(self, current):
-        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{current}"):
-            return
-        self.manager.save(checkpoint_number=current)
+        """Save step `current`, unless this process has saved or restored that step already."""
+        if current != self.saved_step:
+            self.manager.save(checkpoint_number=current)
+            self.saved_step = current
 
     def _stop_nonfinite(self, batch, loss):
         subjects = sorted({s.decode() for s in _local(batch)["subject"].tolist()})

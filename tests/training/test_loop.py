@@ -211,23 +211,73 @@ def test_scalars_csv_drops_rows_after_checkpoint_and_cut_lines(tmp_path):
     assert path.read_text() == "step,loss\n5,1.0\n10,0.9\n15,0.5\n"
 
 
-@pytest.mark.parametrize("damage", ["truncated data", "missing index"])
+def damage_checkpoint(prefix, damage):
+    if damage == "truncated data":
+        data = prefix + ".data-00000-of-00001"
+        os.truncate(data, os.path.getsize(data) // 2)
+    else:
+        os.remove(prefix + ".index")
+
+
+@pytest.mark.parametrize("damage, steps", [("truncated data", 10), ("missing index", 10), ("truncated data", 12)])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_one_before(
-        tmp_path, capsys, damage):
+        tmp_path, capsys, damage, steps):
+    """Resumed with the same steps (the final checkpoint is damaged and must be written again) or more."""
     params, model_dir = prepare(write_params(tmp_path, training={"steps": 10, "keep_last": 3}))
     training.run_training(params, model_dir)
     newest = os.path.join(model_dir.checkpoints, "ckpt-10")
-    if damage == "truncated data":
-        data = newest + ".data-00000-of-00001"
-        os.truncate(data, os.path.getsize(data) // 2)
-    else:
-        os.remove(newest + ".index")
-    params, model_dir = prepare(model_dir.params_path, ["training.steps=12"])
-    assert training.run_training(params, model_dir) == 12
+    damage_checkpoint(newest, damage)
+    params, model_dir = prepare(model_dir.params_path, [f"training.steps={steps}"])
+    assert training.run_training(params, model_dir) == steps
     out = capsys.readouterr().out
     assert f"warning: checkpoint {newest} cannot be read" in out and "at step 5" in out
     assert any(n.startswith("ckpt-10") for n in os.listdir(model_dir.unreadable_checkpoints))
-    assert checkpoint_counters(os.path.join(model_dir.checkpoints, "ckpt-12")) == (12, 12)
+    final = os.path.join(model_dir.checkpoints, f"ckpt-{steps}")
+    assert checkpoint_counters(final) == (steps, steps)
+    assert tf.train.latest_checkpoint(model_dir.checkpoints) == final
+    assert json.load(open(model_dir.done_marker)) == {"step": steps, "checkpoint": f"ckpt-{steps}"}
+    assert training.run_training(*prepare(model_dir.params_path)) == steps  # nothing left to do, no warning
+    assert "cannot be read" not in capsys.readouterr().out
+
+
+def test_a_final_checkpoint_that_cannot_be_read_back_leaves_no_done_marker(tmp_path, monkeypatch):
+    params, model_dir = prepare(write_params(tmp_path, training={"steps": 6}))
+    real_save = tf.train.CheckpointManager.save
+
+    def save_then_damage(manager, checkpoint_number=None, **kwargs):
+        prefix = real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
+        if checkpoint_number == 6:
+            damage_checkpoint(prefix, "truncated data")
+        return prefix
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save_then_damage)
+    with pytest.raises(TrainingError, match=r"ckpt-6: the checkpoint just saved cannot be read back"):
+        training.run_training(params, model_dir)
+    assert not os.path.exists(model_dir.done_marker)
+
+
+def test_kill9_while_retraining_after_a_fallback_then_resume_saves_the_final_step(tmp_path):
+    """The final checkpoint is damaged; the resume (same steps) falls back to the one before and is killed
+    while it retrains; the next resume (same steps) still ends with a readable final checkpoint."""
+    path = write_params(tmp_path, training={"steps": 20, "checkpoint_every": 10, "keep_last": 2})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    own_params = str(tmp_path / "run" / "params.yaml")
+    first = _start(path)
+    assert first.wait(timeout=240) == 0, first.stdout.read()
+    damage_checkpoint(str(checkpoints / "ckpt-20"), "truncated data")
+    second = _start(own_params)
+    for line in second.stdout:  # killed as soon as it has fallen back, before it can save again
+        if "resumed from" in line:
+            assert "at step 10" in line, line
+            second.kill()
+            break
+    second.wait(timeout=60)
+    assert not (checkpoints / "done.json").exists()
+    third = _start(own_params)
+    output = third.communicate(timeout=240)[0]
+    assert third.returncode == 0, output
+    assert "resumed from" in output and "at step 10" in output
+    assert checkpoint_counters(str(checkpoints / "ckpt-20")) == (20, 20)
+    assert json.load(open(checkpoints / "done.json")) == {"step": 20, "checkpoint": "ckpt-20"}
 
 
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
