@@ -25,5 +25,9 @@ class CheckpointError(MedsegError):
     """A checkpoint cannot be read (files missing or damaged)."""
 
 
+class OutOfMemoryError(MedsegError):
+    """The GPU or host memory ran out (TensorFlow's ResourceExhaustedError that is not a full disk)."""
+
+
 class DiskFullError(MedsegError):
     """A write failed because the disk (or the user's quota) is full: not a memory problem."""

@@ -63,7 +63,8 @@ def write_report(report_dir: str, results: Sequence[Segmentation], params: Param
     rows = score_results(results, params)
     summary = {"step": step, "subjects": len(results), **scoring.summarize(rows, params.data.class_names),
                **(extra or {}), "per_case": rows}
-    with atomic.replacing(report_dir) as folder:
+    with atomic.disk_full_reported(report_dir, "this report", "evaluate again (the report is written whole or not at "
+                                   "all)"), atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
         _write_csv(os.path.join(folder, ModelDir.REPORT_METRICS), rows)
         with open(os.path.join(folder, ModelDir.REPORT_SUMMARY), "w") as f:

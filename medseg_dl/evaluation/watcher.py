@@ -153,14 +153,23 @@ def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, chec
                    timeout_s: Optional[float] = None, split: str = "val") -> Optional[Dict]:
     """`medseg evaluate`: watch the checkpoints (default), or evaluate one (`once`; with `data_dir`,
     on that folder; with split "test", on the held-out test list, report eval/<step>-test/). Returns
-    the summary of the one evaluated checkpoint, None in watch mode."""
-    if data_dir or split == "test":
-        configure_devices(params.evaluation, "evaluation")
-        if data_dir:
-            return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
-        cases = record_cases(params, split_records(params, model_dir, "test", params.evaluation.poll_seconds,
-                                                   timeout_s))
-        return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test", checkpoint)
+    the summary of the one evaluated checkpoint, None in watch mode. A full disk while writing the
+    staging copies, reports, history or best checkpoints is a `DiskFullError` naming eval/."""
+    with atomic.disk_full_reported(model_dir.eval_root, "the evaluation's files (staging copies, reports, history, "
+                                   "best checkpoints)", "restart the evaluation: what is not in eval/history.json "
+                                   "is evaluated again"):
+        if data_dir or split == "test":
+            configure_devices(params.evaluation, "evaluation")
+            if data_dir:
+                return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
+            cases = record_cases(params, split_records(params, model_dir, "test", params.evaluation.poll_seconds,
+                                                       timeout_s))
+            return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test",
+                                    checkpoint)
+        return _watch_or_once(params, model_dir, once, checkpoint, timeout_s)
+
+
+def _watch_or_once(params, model_dir, once, checkpoint, timeout_s):
     with ProcessLock(model_dir.eval_lock, "evaluator"):
         _remove_leftovers(model_dir)
         files = split_records(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)

@@ -69,6 +69,21 @@ def _drop_from_state(folder: str, names: Set[str]) -> None:
     atomic.write_text(os.path.join(folder, "checkpoint"), "\n".join(lines) + "\n")
 
 
+def remove_unlisted_checkpoints(folder: str) -> List[str]:
+    """Delete the checkpoint files in `folder` that its checkpoint state does not list (a save cut by a kill
+    or a full disk; a rotation's deletion cut short), and TensorFlow's `<prefix>_temp` folders of unfinished
+    saves. Only the trainer of the folder may call it. Returns the removed prefixes."""
+    listed = {os.path.basename(p) for p in completed_checkpoints(folder)}
+    names = {n.split(".", 1)[0] for n in os.listdir(folder) if n.endswith(".index") or ".data-" in n}
+    removed = [os.path.join(folder, n) for n in sorted(names) if _STEP.search(n) and n not in listed]
+    for prefix in removed:
+        remove_checkpoint(prefix)
+    for name in os.listdir(folder):
+        if name.endswith("_temp") and os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    return removed
+
+
 def _files_of(prefix):
     return sorted(glob.glob(prefix + ".index") + glob.glob(prefix + ".data-*"))
 

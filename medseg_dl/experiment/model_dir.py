@@ -281,10 +281,11 @@ def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDi
                                 f"resume it with --params {model_dir.params_path}, choose another "
                                 f"experiment.model_dir, or pass --overwrite to empty it")
         shutil.rmtree(model_dir.root)
-    _make_folders(model_dir)
-    params.save(model_dir.params_path)
-    if not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
-        write_filelists(params, model_dir)
+    with atomic.disk_full_reported(model_dir.root, "the params and file lists", "run the command again"):
+        _make_folders(model_dir)
+        params.save(model_dir.params_path)
+        if not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
+            write_filelists(params, model_dir)
     return model_dir, resumed
 
 
@@ -336,5 +337,7 @@ def _make_folders(model_dir: ModelDir) -> None:
         atomic.write_text(model_dir.path(".write-test"), "ok")
         os.remove(model_dir.path(".write-test"))
     except OSError as err:
+        if atomic.is_disk_full(err):
+            raise
         raise ModelDirError(f"{model_dir.root}: cannot write the model folder ({err.strerror}); choose a "
-                            f"writable experiment.model_dir or free disk space") from None
+                            f"writable experiment.model_dir") from None

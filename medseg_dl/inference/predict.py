@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medseg_dl import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import spacing_from_affine, write_nifti
@@ -125,9 +126,17 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
         raise DataError(f"{output_dir}: the output is a file; give a folder for the label maps")
     predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)
     recipe = stored_recipe(ensemble.params)
+    with atomic.disk_full_reported(output_dir, "the label maps", "predict again (each file is written whole or "
+                                   "not at all)"):
+        return _predict_subjects(predictor, decision, recipe, input_subjects(inputs, ensemble.params.data),
+                                 output_dir, save_probabilities)
+
+
+def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities):
+    """`run_prediction`'s loop: segment and save each subject; returns the written paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for subject in input_subjects(inputs, ensemble.params.data):
+    for subject in subjects:
         case = subject_case(subject, recipe)
         labels, probabilities = segment_case(predictor, case, decision)
         path = os.path.join(output_dir, f"{subject.id}.nii.gz")

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params
-from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.errors import DataError, OutOfMemoryError, ParamsError
 from medseg_dl.inference import windows
 from medseg_dl.pipeline.sampling import mirror_positions
 
@@ -107,6 +107,14 @@ class Predictor:
 
     def _predict(self, image, output):
         image = _check_image(image)
+        try:
+            return self._predict_checked(image, output)
+        except (tf.errors.ResourceExhaustedError, MemoryError):  # predicting writes no file: memory, not disk
+            raise OutOfMemoryError(f"out of memory (GPU or host) while segmenting a volume of "
+                                   f"{' x '.join(map(str, image.shape[:3]))} voxels into {self.num_classes} classes; "
+                                   f"lower evaluation.batch_size, or set evaluation.device: cpu") from None
+
+    def _predict_checked(self, image, output):
         if self.on_device:
             return self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
         grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)

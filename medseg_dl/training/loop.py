@@ -26,8 +26,9 @@ from medseg_dl.cluster import is_chief
 from medseg_dl.config.params import Params
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.devices import configure_devices
-from medseg_dl.errors import DataError, ModelDirError, TrainingError
-from medseg_dl.experiment.checkpoints import completed_checkpoints, set_aside_checkpoints
+from medseg_dl.errors import DataError, ModelDirError, OutOfMemoryError, TrainingError
+from medseg_dl.experiment.checkpoints import (completed_checkpoints, remove_unlisted_checkpoints,
+                                              set_aside_checkpoints)
 from medseg_dl.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
 from medseg_dl.model.model_fn import model_fn
@@ -209,12 +210,10 @@ def _training_files(params, model_dir, wait):
 
 
 def _remove_leftovers(model_dir):
-    """What killed processes left: temporaries, TensorFlow's half-written checkpoint folders, the
-    checkpoint folders of non-chief workers."""
+    """What killed processes left: temporaries, half-written checkpoints (files and TensorFlow's _temp
+    folders), the checkpoint folders of non-chief workers."""
     atomic.remove_stale_temporaries(model_dir.root, recursive=True)
-    for name in os.listdir(model_dir.checkpoints):
-        if name.endswith("_temp"):
-            shutil.rmtree(os.path.join(model_dir.checkpoints, name), ignore_errors=True)
+    remove_unlisted_checkpoints(model_dir.checkpoints)
     for path in model_dir.stale_worker_checkpoints():
         shutil.rmtree(path, ignore_errors=True)
 
@@ -269,9 +268,10 @@ class _Loop:
         of running out of memory), out of memory, or another write failure."""
         resume = f"resume with --params {self.model_dir.params_path}"
         if atomic.is_disk_full(err):
-            return atomic.disk_full_error(self.model_dir.root, f"the checkpoint or logs of step {current}", resume)
+            remove_unlisted_checkpoints(self.manager.directory)  # the cut save's files: give their space back
+            return atomic.disk_full_error(self.model_dir.root, "checkpoints or logs", resume)
         if isinstance(err, tf.errors.ResourceExhaustedError):
-            return TrainingError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
+            return OutOfMemoryError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
                                  f"sampling.patch_size ({resume}), or train a new model folder with "
                                  f"training.precision: mixed_bfloat16 or mixed_float16")
         return ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); make "

@@ -303,18 +303,6 @@ def test_a_second_trainer_on_the_folder_is_refused(tmp_path):
     assert not os.listdir(model_dir.checkpoints)
 
 
-def test_out_of_memory_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
-    params, model_dir = prepare(write_params(tmp_path))
-
-    def exhausted(strategy, spec, jit_compile):
-        def step(batch, stop):
-            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-        return step
-    monkeypatch.setattr(training, "make_train_step", exhausted)
-    with pytest.raises(TrainingError, match="out of memory .* lower sampling.batch_size"):
-        training.run_training(params, model_dir)
-
-
 def test_two_runs_with_one_seed_give_equal_losses(tmp_path):
     """Weights, dropout and the input pipeline are seeded: two training processes, one seed, equal losses."""
     losses = []
