@@ -1,21 +1,25 @@
 """`medseg export`: a TensorFlow SavedModel that segments a whole preprocessed volume, without medseg_dl.
 
     served = tf.saved_model.load(DIR)
-    out = served.serve(image)              # image (X, Y, Z, C) float32 on the model grid, any size
+    out = served.serve(image, spacing_mm)  # image (X, Y, Z, C) float32 on the model grid, any size;
+                                           # spacing_mm (3,) float32: its voxel size in mm
     out["probabilities"]                   # (X, Y, Z, K) float32
-    out["labels"]                          # (X, Y, Z) int32: the arg-max (before post-processing)
+    out["labels"]                          # (X, Y, Z) int32: the arg-max, post-processed
 
 Inside the graph: the sliding-window grid of windows.py (padding of small volumes, evenly spread
 starts in the same float64 arithmetic, the patch positions of `pipeline.sampling.patch_positions`),
 Gaussian or constant blending with the per-axis coverages, and the window function of the `Predictor`
 (`Predictor.window_function`: one network, or the mean softmax of an ensemble, over the 8 flips with
 mirroring TTA), traced from the same code, so the result equals `Predictor.probabilities` (medseg
-predict on the model grid) to float32 rounding. The serving signature `serving_default` is the same
-function. `assets.extra/recipe.json` holds what makes the input and reads the output: the preprocessing
-(`CaseRecipe`: normalisation per channel with its stored CT statistics, target spacing in mm,
-reorientation to RAS), the channel and class names, the window settings and the members' checkpoints;
-`assets.extra/postprocessing.json` the post-processing decision to apply to the labels
-(inference/postprocess.py; `{}` when the experiment has none).
+predict on the model grid) to float32 rounding. The labels are the arg-max after the experiment's
+post-processing decision (inference/postprocess.py), traced into the graph by postprocess_graph.py with
+the thresholds in mm^3 of `spacing_mm`, so they equal `medseg predict`'s where the model grid is the
+original grid (predict post-processes on the original grid); without a decision, the plain arg-max.
+The serving signature `serving_default` is the same function. `assets.extra/recipe.json` holds what
+makes the input and reads the output: the preprocessing (`CaseRecipe`: normalisation per channel with
+its stored CT statistics, target spacing in mm, reorientation to RAS), the channel and class names,
+the window settings and the members' checkpoints; `assets.extra/postprocessing.json` the decision
+applied to the labels (informative; `{}` when the experiment has none).
 """
 import dataclasses
 import json
@@ -28,7 +32,7 @@ import tensorflow as tf
 from medseg_dl import atomic
 from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
-from medseg_dl.inference import windows
+from medseg_dl.inference import postprocess, postprocess_graph, windows
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble
@@ -63,24 +67,30 @@ def export_recipe(ensemble: TrainedEnsemble, predictor: Predictor) -> Dict:
                 "step": m.step, "architecture": m.params.model.architecture} for m in ensemble.members]
     return {"recipe": recipe, "normalization_per_channel": normalization, "channels": channels,
             "class_names": list(class_names), "windows": windows_settings,
-            "members": members, "input": "image (X, Y, Z, C) float32 on the model grid, preprocessed by the recipe",
-            "outputs": {"probabilities": "(X, Y, Z, K) float32", "labels": "(X, Y, Z) int32, before post-processing"}}
+            "members": members,
+            "inputs": {"image": "(X, Y, Z, C) float32 on the model grid, preprocessed by the recipe",
+                       "spacing_mm": "(3,) float32, the voxel size in mm of the image (for the mm^3 thresholds)"},
+            "outputs": {"probabilities": "(X, Y, Z, K) float32",
+                        "labels": "(X, Y, Z) int32, the arg-max after the post-processing of postprocessing.json"}}
 
 
 def export_savedmodel(predictor: Predictor, num_channels: int, output_dir: str, recipe: Dict,
                       postprocessing: Optional[Dict]) -> str:
     """Write the SavedModel of `predictor` (its networks: keras models) to `output_dir` atomically (a folder
     there is replaced whole), with `recipe` and the `postprocessing` decision (None: `{}`) as JSON assets in
-    assets.extra/; the endpoint `serve` takes (X, Y, Z, num_channels) float32. Returns `output_dir`."""
+    assets.extra/; the endpoint `serve` takes an image (X, Y, Z, num_channels) float32 and its spacing_mm
+    (3,) float32, and returns the labels post-processed by that decision. Returns `output_dir`."""
     archive = keras.export.ExportArchive()
     for network in predictor.networks:
         archive.track(network)
 
-    def serve(image):
+    def serve(image, spacing_mm):
         probabilities, labels = segment_volume(predictor, image)
-        return {"probabilities": probabilities, "labels": labels}
+        return {"probabilities": probabilities,
+                "labels": postprocess_graph.apply(labels, postprocessing or postprocess.NOTHING, spacing_mm)}
 
-    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, None, None, num_channels], tf.float32)])
+    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, None, None, num_channels], tf.float32),
+                                                          tf.TensorSpec([3], tf.float32)])
     with atomic.replacing(output_dir) as folder:
         archive.write_out(folder, verbose=False)
         os.makedirs(os.path.join(folder, ASSETS), exist_ok=True)
