@@ -177,3 +177,20 @@ def test_out_of_memory_while_segmenting_is_one_line(trained_folder, monkeypatch)
     with pytest.raises(OutOfMemoryError, match=r"while segmenting a volume of 20 x 20 x 20 voxels into 3 classes; "
                                                r"lower evaluation.batch_size"):
         watcher.run_evaluation(params, model_dir, once=True)
+
+
+def test_export_on_a_full_disk_names_the_savedmodel_folder_and_leaves_none(trained_folder, monkeypatch, tmp_path):
+    import keras
+    from medseg_dl.inference.export import run_export
+
+    params, model_dir, _ = trained_folder
+
+    def full(archive, folder, **kwargs):  # part of the SavedModel is written, then the disk is full
+        os.makedirs(folder)
+        open(os.path.join(folder, "saved_model.pb"), "wb").write(b"\0" * 10)
+        raise TF_ENOSPC
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", full)  # the backend's class
+    output = tmp_path / "savedmodel"
+    with pytest.raises(DiskFullError, match=rf"^{re.escape(str(output))}: {DISK_FULL} the SavedModel"):
+        run_export(model_dir.root, "latest", str(output))
+    assert os.listdir(tmp_path) == []

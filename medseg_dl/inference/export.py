@@ -91,7 +91,8 @@ def export_savedmodel(predictor: Predictor, num_channels: int, output_dir: str, 
 
     archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, None, None, num_channels], tf.float32),
                                                           tf.TensorSpec([3], tf.float32)])
-    with atomic.replacing(output_dir) as folder:
+    with atomic.disk_full_reported(output_dir, "the SavedModel", "export again (the folder is replaced whole or "
+                                   "not at all)"), atomic.replacing(output_dir) as folder:
         archive.write_out(folder, verbose=False)
         os.makedirs(os.path.join(folder, ASSETS), exist_ok=True)
         for name, content in (("recipe.json", recipe), ("postprocessing.json", postprocessing or {})):
