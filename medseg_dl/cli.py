@@ -23,7 +23,7 @@ def _cmd_convert(args):
     from medseg_dl.data.convert import convert_dataset
     from medseg_dl.experiment.model_dir import open_model_dir
 
-    params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite)
+    params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
     folder = params.data.tfrecords_dir
     size_mb = sum(os.path.getsize(os.path.join(folder, e["file"])) for e in index["subjects"].values()) / 2**20

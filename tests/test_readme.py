@@ -23,9 +23,10 @@ def test_readme_resume_table_is_generated_from_the_rules():
 
 def test_every_params_key_has_a_resume_rule():
     from medseg_dl.config.params import all_keys
-    from medseg_dl.experiment.resume import APPLIED, REFUSED, rule
+    from medseg_dl.experiment.resume import APPLIED, NO_EFFECT, REFUSED, rule
 
-    assert {rule(dotted)[0] for dotted, _ in all_keys()} <= {APPLIED, REFUSED}
+    assert {rule(dotted)[0] for dotted, _ in all_keys()} <= {APPLIED, REFUSED, NO_EFFECT}
+    assert rule("training.warmup_steps")[0] == NO_EFFECT and rule("data.source_dir")[0] == APPLIED
     assert rule("model.depth")[0] == REFUSED and rule("training.steps")[0] == APPLIED
     assert rule("data.split.val")[0] == REFUSED and rule("sampling.batch_size")[0] == APPLIED
 

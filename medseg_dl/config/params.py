@@ -4,8 +4,11 @@
     p["training"]["steps"] == p.training.steps == 200
 
 Values are merged over the schema's defaults (schema.py), validated (unknown keys get a
-"did you mean" hint; types, bounds, choices and list lengths are checked), and paths are
-made absolute against the working directory, so a saved `params.yaml` resumes from anywhere.
+"did you mean" hint; types, bounds, choices and list lengths are checked), and relative paths
+(`PATH_KEYS`) are made absolute against the working directory, except in a file whose
+`experiment.model_dir` is '.': that is the folder of the file itself, and its other relative
+paths are relative to it too. A model folder's own params.yaml is saved so (experiment/model_dir.py),
+which makes the folder movable: moved or copied, it is still its own model folder.
 """
 import copy
 import difflib
@@ -37,28 +40,43 @@ class Params(dict):
         return Params(copy.deepcopy(dict(self), memo))
 
     @classmethod
-    def load(cls, path, overrides=()):
-        """Read a YAML file (safe_load), apply `section.key=value` overrides, merge, validate."""
-        return cls.from_dict(read_yaml_mapping(path), overrides=overrides, source=str(path))
+    def load(cls, path, overrides=(), base_dir=None):
+        """Read a YAML file (safe_load), apply `section.key=value` overrides, merge, validate. Relative paths
+        are taken from `base_dir`; None: from the file's folder where its experiment.model_dir is '.' (a
+        model folder's own params.yaml), else from the working directory."""
+        values = read_yaml_mapping(path)
+        if base_dir is None and _names_its_own_folder(values):
+            base_dir = os.path.dirname(os.path.abspath(path))
+        return cls.from_dict(values, overrides=overrides, source=str(path), base_dir=base_dir)
 
     @classmethod
-    def from_dict(cls, user, overrides=(), source="<dict>"):
-        """Merge a plain dict (plus overrides) over the defaults and validate it."""
+    def from_dict(cls, user, overrides=(), source="<dict>", base_dir=None):
+        """Merge a plain dict (plus overrides) over the defaults and validate it; relative paths are taken
+        from `base_dir` (None: the working directory)."""
         user = copy.deepcopy(user or {})
         for override in overrides:
             _apply_override(user, override)
         merged = _merge(defaults_dict(), user, SCHEMA, prefix="", source=source)
         _validate(merged, SCHEMA, prefix="", source=source)
-        _resolve(merged)
+        _resolve(merged, base_dir or os.getcwd())
         return _wrap(merged)
 
     def to_dict(self):
         """A plain nested dict (for YAML or JSON)."""
         return _unwrap(self)
 
-    def save(self, path):
-        """Write the parameters as YAML, atomically (a failure leaves the previous file intact)."""
-        atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save(self, path, relative_to=None, within=None, header=""):
+        """Write the parameters as YAML, atomically (a failure leaves the previous file intact). With
+        `relative_to` (a folder), the paths (`PATH_KEYS`) inside `within` (default: that folder) are
+        written relative to it, to be loaded with `base_dir=relative_to`. `header`: comment lines on top."""
+        values = self.to_dict()
+        if relative_to is not None:
+            for dotted in PATH_KEYS:
+                section, key = dotted.split(".")
+                path_value = values[section][key]
+                if path_value is not None and _is_inside(path_value, within or relative_to):
+                    values[section][key] = os.path.relpath(path_value, relative_to)
+        atomic.write_text(path, header + yaml.safe_dump(values, sort_keys=False))
 
     def model_structure(self):
         """The keys that fix the network's variables; a resume must not change them."""
@@ -82,6 +100,12 @@ def read_yaml_mapping(path):
         raise ParamsError(f"{path}: expected a YAML mapping of sections (seed:, data:, training:, ...), "
                           f"got a {type(data).__name__}")
     return data
+
+
+def _names_its_own_folder(values):
+    """Whether a params mapping (as read) has experiment.model_dir '.', the folder of its file."""
+    experiment = values.get("experiment")
+    return isinstance(experiment, dict) and experiment.get("model_dir") == "."
 
 
 def defaults_dict(schema=SCHEMA):
@@ -159,12 +183,18 @@ def _validate(values, schema, prefix, source):
             entry.check(values[name], dotted, source)
 
 
-def _resolve(values):
-    """Absolute paths, derived defaults (tfrecords_dir, class_names), consistency checks."""
+def _is_inside(path, folder):
+    """Whether the absolute `path` is `folder` or lies below it."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _resolve(values, base_dir):
+    """Absolute paths (relative ones from `base_dir`), derived defaults (tfrecords_dir, class_names),
+    consistency checks."""
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         if values[section][key] is not None:
-            values[section][key] = os.path.abspath(os.path.expanduser(values[section][key]))
+            values[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(values[section][key])))
     data = values["data"]
     if data["tfrecords_dir"] is None:
         data["tfrecords_dir"] = os.path.join(values["experiment"]["model_dir"], "tfrecords")

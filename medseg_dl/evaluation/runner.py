@@ -27,7 +27,7 @@ from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import CheckpointError, DataError, MedsegError
 from medseg_dl.evaluation.report import Segmentation, write_report
-from medseg_dl.experiment.model_dir import ModelDir, read_filelist, split_record_paths
+from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects, read_filelist, split_record_paths
 from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network, restore_weights
@@ -58,8 +58,7 @@ def segment_cases(predictor: Predictor, cases: Sequence[Case], subjects: Dict[st
 
 def split_subjects_of(model_dir: ModelDir, split: str) -> Dict[str, Subject]:
     """The subjects (with their source files) of a split's file list, by id."""
-    with open(model_dir.filelist(split)) as f:
-        return {entry["id"]: Subject(**entry) for entry in json.load(f)}
+    return {subject.id: subject for subject in filelist_subjects(model_dir, split)}
 
 
 def split_records(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,

@@ -14,6 +14,11 @@
 
 The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the params (config/params.py).
 
+The folder can be moved or copied: its params.yaml and checkpoints/run_params.yaml hold the paths that lie
+inside the experiment (the folder itself: `experiment.model_dir: .`, its records, the records of the folds'
+root) relative to the folder (`ModelDir.save_params`), and are loaded from where the folder lies now
+(config/params.py). A moved data folder with the same subjects is followed (`follow_moved_data`).
+
 k-fold cross-validation (`data.split.folds` = k > 0): `experiment.model_dir` is the experiment root, and
 fold j trains in a complete model folder of its own (`open_model_dir(..., fold=j)`, the CLI's `--fold j`):
 
@@ -38,6 +43,8 @@ from medseg_dl.errors import DataError, ModelDirError, ParamsError
 from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
 
 SPLITS = ("train", "val", "test")
+PARAMS_HEADER = ("# Saved by medseg_dl. experiment.model_dir '.' is the folder of this file; the relative paths are\n"
+                 "# relative to it, so the folder can be moved or copied. Resume with --params <this file>.\n")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,17 @@ class ModelDir:
     @property
     def params_path(self) -> str:
         return self.path("params.yaml")
+
+    def save_params(self, params: Params, path: Optional[str] = None) -> None:
+        """Write `params` to params.yaml (or `path`, e.g. `run_params`), the paths inside the experiment
+        (`experiment_root`) relative to this folder, with a header saying so."""
+        params.save(path or self.params_path, relative_to=self.root, within=experiment_root(params).root,
+                    header=PARAMS_HEADER)
+
+    def load_run_params(self) -> Optional[Params]:
+        """The params the checkpoints follow (`run_params`, its paths relative to this folder), or None before
+        the first training."""
+        return Params.load(self.run_params, base_dir=self.root) if os.path.isfile(self.run_params) else None
 
     @property
     def filelists(self) -> str:
@@ -175,7 +193,7 @@ class ModelDir:
 
 
 def open_model_dir(params_path: str, overrides=(), overwrite: bool = False,
-                   fold: Optional[int] = None) -> Tuple[Params, ModelDir, bool]:
+                   fold: Optional[int] = None, trainer: bool = True) -> Tuple[Params, ModelDir, bool]:
     """Load params (once) and prepare their model folder; returns (params, ModelDir, resumed).
 
     Resume when `params_path` is the folder's own `params.yaml`, or when the folder already holds
@@ -183,9 +201,11 @@ def open_model_dir(params_path: str, overrides=(), overwrite: bool = False,
     `overwrite`, which empties it first. A non-chief worker of a multi-worker run (cluster.py) waits
     until the chief has prepared the folder and changes nothing. With cross-validation
     (`data.split.folds` > 0) the params become those of fold `fold` (`fold_params`) first; a fold's own
-    params.yaml needs no `fold`. `ParamsError` when no fold is given or set, or another one is."""
+    params.yaml needs no `fold`. `ParamsError` when no fold is given or set, or another one is.
+    `trainer`: False for a process that is never one of several workers (convert), which then needs no
+    cluster (TF_CONFIG) even for training.strategy: multi_worker."""
     params = select_fold(Params.load(params_path, overrides), fold, params_path)
-    if not is_chief(params.training.strategy):
+    if trainer and not is_chief(params.training.strategy):
         return params, _wait_for_folder(ModelDir(params.experiment.model_dir)), True
     model_dir, resumed = _prepare(params, params_path, overwrite)
     return params, model_dir, resumed
@@ -264,7 +284,8 @@ def load_experiment(params_path: str, overrides=(), fold: Optional[int] = None) 
     model_dir = ModelDir(params.experiment.model_dir)
     if not os.path.isfile(model_dir.params_path):
         model_dir, _ = _prepare(params, params_path, overwrite=False)
-    check_resume(model_dir.run_params, params, params_path, NETWORK_KEYS)
+    check_resume(model_dir.load_run_params(), params, params_path, NETWORK_KEYS)
+    follow_moved_data(params, model_dir)
     return params, model_dir
 
 
@@ -273,8 +294,9 @@ def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDi
     own_params = os.path.abspath(params_path) == os.path.abspath(model_dir.params_path)
     resumed = own_params or _same_experiment(model_dir, params)
     if resumed:
-        for change in check_resume(model_dir.run_params, params, params_path):
+        for change in check_resume(model_dir.load_run_params(), params, params_path):
             print(f"resume: {change.describe()}", flush=True)
+        follow_moved_data(params, model_dir)
     elif _is_non_empty(model_dir.root):
         if not overwrite:
             raise ModelDirError(f"{model_dir.root}: model folder is not empty and holds another experiment; "
@@ -283,7 +305,7 @@ def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDi
         shutil.rmtree(model_dir.root)
     with atomic.disk_full_reported(model_dir.root, "the params and file lists", "run the command again"):
         _make_folders(model_dir)
-        params.save(model_dir.params_path)
+        model_dir.save_params(params)
         if not all(os.path.isfile(model_dir.filelist(s)) for s in SPLITS):
             write_filelists(params, model_dir)
     return model_dir, resumed
@@ -291,14 +313,82 @@ def _prepare(params: Params, params_path: str, overwrite: bool) -> Tuple[ModelDi
 
 def write_filelists(params: Params, model_dir: ModelDir) -> Dict[str, List[str]]:
     """Discover subjects, split them by `data.split` and the seed, and save `filelists/<split>.json`
-    (lists of subject dicts: id and source paths). Returns the split {name: [ids]}."""
+    (lists of subject dicts: id, source paths and "bytes", the size of each file). Returns the split
+    {name: [ids]}."""
     subjects = find_subjects(params.data)
     split = split_subjects([s.id for s in subjects], params.data.split, params.seed)
     by_id: Dict[str, Subject] = {s.id: s for s in subjects}
     os.makedirs(model_dir.filelists, exist_ok=True)
     for name, ids in split.items():
-        atomic.write_json(model_dir.filelist(name), [by_id[i].to_dict() for i in ids])
+        atomic.write_json(model_dir.filelist(name), [_filelist_entry(by_id[i]) for i in ids])
     return split
+
+
+def _filelist_entry(subject: Subject) -> Dict:
+    """A file list's entry of `subject`: its dict with "bytes", the size of each of its files (a DICOM folder:
+    the sum of its files) in `_subject_files` order."""
+    return {**subject.to_dict(), "bytes": [_size_bytes(path) for path in _subject_files(subject)]}
+
+
+def _subject_files(subject: Subject) -> List[str]:
+    return [*subject.channels, *(p for p in (subject.label, subject.mask) if p is not None)]
+
+
+def _size_bytes(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+    return os.path.getsize(path)
+
+
+def filelist_subjects(model_dir: ModelDir, split: str) -> List[Subject]:
+    """The subjects (with their source files) of `filelists/<split>.json`, in its order."""
+    with open(model_dir.filelist(split)) as f:
+        return [_entry_subject(entry) for entry in json.load(f)]
+
+
+def _entry_subject(entry: Dict) -> Subject:
+    return Subject(**{k: v for k, v in entry.items() if k != "bytes"})
+
+
+def follow_moved_data(params: Params, model_dir: ModelDir) -> None:
+    """When the subjects of the file lists are no longer where the lists say, or lie outside data.source_dir
+    (the data folder was moved or copied): accept data.source_dir only if it holds the same subjects (the same
+    ids, file names and sizes), then rewrite the file lists to point there and print one line; else
+    `ModelDirError` naming the first difference, before anything is written. Nothing before the lists exist."""
+    listed = {split: json.load(open(model_dir.filelist(split))) for split in SPLITS
+              if os.path.isfile(model_dir.filelist(split))}
+    entries = [entry for split_entries in listed.values() for entry in split_entries]
+    source_dir = params.data.source_dir
+    if all(os.path.exists(path) and os.path.commonpath([path, source_dir]) == source_dir
+           for entry in entries for path in _subject_files(_entry_subject(entry))):
+        return
+    found = {s.id: s for s in find_subjects(params.data)}
+    difference = _first_difference(entries, found)
+    if difference:
+        raise ModelDirError(f"{source_dir}: not the data of {model_dir.root} ({difference}); set data.source_dir to "
+                            f"the folder of its subjects, or start a new experiment.model_dir")
+    for split, split_entries in listed.items():
+        atomic.write_json(model_dir.filelist(split), [_filelist_entry(found[entry["id"]]) for entry in split_entries])
+    print(f"data: the {len(entries)} subjects of the file lists are now read from {source_dir} (same ids, file names "
+          f"and sizes)", flush=True)
+
+
+def _first_difference(entries: List[Dict], found: Dict[str, Subject]) -> Optional[str]:
+    """How the subjects `found` in a data folder differ from the file lists' `entries`, or None when they are
+    the same: the same ids, and per subject the same file names and sizes."""
+    listed_ids = {entry["id"] for entry in entries}
+    if set(found) != listed_ids:
+        missing, extra = sorted(listed_ids - set(found)), sorted(set(found) - listed_ids)
+        return f"subjects missing: {missing[:3]}, not in the file lists: {extra[:3]}"
+    for entry in entries:
+        subject = found[entry["id"]]
+        names, listed_names = ([os.path.basename(p) for p in _subject_files(s)] for s in (subject, _entry_subject(entry)))
+        if names != listed_names:
+            return f"{subject.id}: files {names}, the file lists have {listed_names}"
+        sizes = [_size_bytes(p) for p in _subject_files(subject)]
+        if sizes != entry["bytes"]:
+            return f"{subject.id}: file sizes {sizes} bytes, the file lists have {entry['bytes']}"
+    return None
 
 
 def read_filelist(model_dir: ModelDir, split: str) -> List[str]:

@@ -3,26 +3,28 @@
 The params the checkpoints follow are kept in `checkpoints/run_params.yaml` (ModelDir.run_params),
 written by the trainer when it starts. Resuming (`medseg train --params <model_dir>/params.yaml`,
 edited by hand or with `--set`) compares the new params with them key by key: a key whose rule is
-"applied" takes effect from the resume step and is printed; a key whose rule is "refused" stops the
-command with one line naming the key, the reason and the fix, before any file is changed. The
+"applied" takes effect from the resume step and is printed; a key whose rule is "no effect" is printed
+with the reason; a key whose rule is "refused" stops the command with one line naming the key, the
+reason and the fix, before any file is changed. The
 evaluator and `medseg predict` apply the same check to the network-defining keys, so a hand-edited
 params.yaml can never build a network the checkpoints do not fit. The README's resume table is
 generated from `RULES` (`medseg params-doc --resume`).
 """
-import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from medseg_dl.config.params import Params, all_keys
 from medseg_dl.errors import ModelDirError
 
-APPLIED, REFUSED = "applied", "refused"
+APPLIED, REFUSED, NO_EFFECT = "applied", "refused", "no effect"
 
 # (dotted key or section prefix, verdict, what happens or why not); the longest matching prefix wins
 RULES: List[Tuple[str, str, str]] = [
     ("seed", REFUSED, "it fixed the split, the conversion and the initial weights"),
     ("experiment", APPLIED, "recorded only (model_dir is the folder itself)"),
     ("data", REFUSED, "it defines the subjects, their split and the converted records"),
+    ("data.source_dir", APPLIED, "the data folder may move: it must hold the same subjects (ids, file names and "
+                                 "sizes, checked before anything is written); the file lists then point there"),
     ("data.channels", REFUSED, "it fixes the network's input channels"),
     ("data.num_classes", REFUSED, "it fixes the network's outputs"),
     ("data.class_names", APPLIED, "names in logs and reports from now on"),
@@ -37,7 +39,8 @@ RULES: List[Tuple[str, str, str]] = [
                                 "last step; a stale done marker is removed, so the evaluator follows"),
     ("training.learning_rate", APPLIED, "the schedule restarts from this rate at the resume step"),
     ("training.schedule", APPLIED, "from the current rate at the resume step"),
-    ("training.warmup_steps", APPLIED, "warm-up is only at the start of the first run: no effect on resume"),
+    ("training.warmup_steps", NO_EFFECT, "warm-up is only at the start of the first run; a resume continues the "
+                                         "schedule it restores"),
     ("training.optimizer", REFUSED, "the optimizer's state (moments, momentum) is in the checkpoints"),
     ("training.precision", REFUSED, "mixed_float16's loss-scale state is in the checkpoints (and not in others)"),
     ("evaluation", APPLIED, "read by the evaluator when it starts (restart it to apply)"),
@@ -78,20 +81,20 @@ def changes(old: Params, new: Params) -> List[Change]:
     return found
 
 
-def check_resume(run_params_path: str, params: Params, params_path: str,
+def check_resume(run_params: Optional[Params], params: Params, params_path: str,
                  keys: Tuple[str, ...] = ()) -> List[Change]:
-    """Compare `params` with the run record at `run_params_path` (absent: a first run, no changes).
-    Raises `ModelDirError` for refused changes (only those under `keys`, when given); returns the
-    applied ones."""
-    if not os.path.isfile(run_params_path):
+    """Compare `params` with the run record `run_params` (ModelDir.load_run_params; None: a first run, no
+    changes). Raises `ModelDirError` for refused changes (only those under `keys`, when given); returns the
+    others (applied, or of no effect), to be printed."""
+    if run_params is None:
         return []
-    found = changes(Params.load(run_params_path), params)
+    found = changes(run_params, params)
     refused = [c for c in found if c.verdict == REFUSED and (not keys or _under(c.key, keys))]
     if refused:
         detail = "; ".join(f"{c.key} was {c.old!r}, now {c.new!r} ({c.why})" for c in refused)
         raise ModelDirError(f"{params_path}: cannot resume with these changes: {detail}. Restore the old value, "
                             f"or start a new experiment.model_dir; nothing was changed on disk")
-    return [c for c in found if c.verdict == APPLIED]
+    return [c for c in found if c.verdict != REFUSED]
 
 
 def resume_table() -> str:

@@ -80,7 +80,7 @@ def load_trained(model_dir: ModelDir, which: str = "best", params: Params = None
     """The trained network of a model folder at checkpoint `which` (latest, best or a path).
     params: the experiment's params when already loaded, else `<model_dir>/params.yaml`."""
     params = params if params is not None else Params.load(model_dir.params_path)
-    check_resume(model_dir.run_params, params, model_dir.params_path, NETWORK_KEYS)
+    check_resume(model_dir.load_run_params(), params, model_dir.params_path, NETWORK_KEYS)
     prefix = resolve_checkpoint(model_dir, which)
     network = inference_network(params)
     restore_weights(network, prefix)

@@ -127,7 +127,7 @@ def _train(params, model_dir, strategy, chief, files):
         print(f"resumed from {restored} at step {start}", flush=True)
         _continue_schedule(spec, start, params)
     if chief:
-        params.save(model_dir.run_params)
+        model_dir.save_params(params, model_dir.run_params)
     saved_dir = model_dir.checkpoints if chief else model_dir.worker_checkpoints(os.getpid())
     manager = tf.train.CheckpointManager(checkpoint, saved_dir, max_to_keep=params.training.keep_last)
     try:
