@@ -49,7 +49,8 @@ def _cmd_evaluate(args):
         from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ensemble_test
 
         run = run_ensemble_test if args.split == "test" else run_cross_validation
-        summary = run(Params.load(args.params, args.set), args.checkpoint or "best")["postprocessed"]
+        choice = {"checkpoint": args.checkpoint} if args.checkpoint else {}  # each has its default
+        summary = run(Params.load(args.params, args.set), **choice)["postprocessed"]
     else:
         params, model_dir = load_experiment(args.params, args.set, fold=args.fold)
         summary = run_evaluation(params, model_dir, once=args.once, checkpoint=args.checkpoint or "latest",
@@ -90,8 +91,9 @@ def _add_model_arguments(parser):
                         "the experiment root that holds fold_<k>/")
     parser.add_argument("--folds", nargs="+", metavar="all|K",
                         help="the ensemble of the folds <model-dir>/fold_<k>/: all, or fold numbers")
-    parser.add_argument("--checkpoint", nargs="+", default=["best"], metavar="C",
-                        help="best (default) or latest, each folder's own; or one value (best, latest, a path) "
+    parser.add_argument("--checkpoint", nargs="+", default=["auto"], metavar="C",
+                        help="auto (default: the best an evaluator kept, else latest), best or latest, each folder's "
+                        "own; or one value (auto, best, latest, a path) "
                         "per folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a parameter of every folder (e.g. evaluation.tta_mirroring=true)")
@@ -156,8 +158,10 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="watch checkpoints and evaluate them")
     _add_params_arguments(evaluate)
     evaluate.add_argument("--once", action="store_true", help="evaluate one checkpoint (--checkpoint) and exit")
-    evaluate.add_argument("--checkpoint", help="with --once, --data or --split test: latest (default), best, or a "
-                          "checkpoint path; with --cv: best (default) or latest")
+    evaluate.add_argument("--checkpoint", help="with --once, --data or --split test: latest (default), best, auto or "
+                          "a checkpoint path; with --cv: latest (default: the final checkpoint, chosen without the "
+                          "validation cases), best or auto (chosen on them: optimistic); with --cv --split test: auto "
+                          "(default, as predict) or best or latest")
     evaluate.add_argument("--fold", type=int, metavar="K", help="cross-validation: the model folder of fold K")
     evaluate.add_argument("--cv", action="store_true", help="score every fold's validation cases with its own "
                           "model, one summary in <model_dir>/cv/, and decide the post-processing; with --split test: "

@@ -154,27 +154,32 @@ def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, chec
     """`medseg evaluate`: watch the checkpoints (default), or evaluate one (`once`; with `data_dir`,
     on that folder; with split "test", on the held-out test list, report eval/<step>-test/). Returns
     the summary of the one evaluated checkpoint, None in watch mode. A full disk while writing the
-    staging copies, reports, history or best checkpoints is a `DiskFullError` naming eval/."""
+    staging copies, reports, history or best checkpoints is a `DiskFullError` naming eval/. Devices are
+    configured first (evaluation.device; this process keeps off the GPUs when a child evaluates each checkpoint)."""
+    in_children = not (data_dir or split == "test") and _in_child_processes(params)
+    if in_children:
+        restrict_devices("cpu", None, "evaluation.device")
+    else:
+        configure_devices(params.evaluation, "evaluation")
     with atomic.disk_full_reported(model_dir.eval_root, "the evaluation's files (staging copies, reports, history, "
                                    "best checkpoints)", "restart the evaluation: what is not in eval/history.json "
                                    "is evaluated again"):
         if data_dir or split == "test":
-            configure_devices(params.evaluation, "evaluation")
             if data_dir:
                 return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
             cases = record_cases(params, split_records(params, model_dir, "test", params.evaluation.poll_seconds,
                                                        timeout_s))
             return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test",
                                     checkpoint)
-        return _watch_or_once(params, model_dir, once, checkpoint, timeout_s)
+        return _watch_or_once(params, model_dir, once, checkpoint, timeout_s, in_children)
 
 
-def _watch_or_once(params, model_dir, once, checkpoint, timeout_s):
+def _watch_or_once(params, model_dir, once, checkpoint, timeout_s, in_children):
     with ProcessLock(model_dir.eval_lock, "evaluator"):
         _remove_leftovers(model_dir)
         files = split_records(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)
         staging = tempfile.mkdtemp(prefix=ModelDir.STAGING_PREFIX, dir=model_dir.eval_root)
-        runner = _make_runner(params, model_dir, files, staging)
+        runner = _make_runner(params, model_dir, files, staging, in_children)
         try:
             evaluator = Evaluator(params, model_dir, runner, staging)
             if once:
@@ -186,15 +191,18 @@ def _watch_or_once(params, model_dir, once, checkpoint, timeout_s):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _make_runner(params, model_dir, files, staging):
-    """In this process, or one child process per checkpoint (evaluation.checkpoint_process; auto: a child
-    when a GPU would be used, and then this process keeps off the GPUs)."""
+def _in_child_processes(params):
+    """Whether each checkpoint is evaluated in a child process (evaluation.checkpoint_process; auto: when a
+    GPU would be used, since TensorFlow never hands GPU memory back while a process lives)."""
     mode = params.evaluation.checkpoint_process
-    if mode == "always" or (mode == "auto" and uses_gpu(params.evaluation.device)):
-        restrict_devices("cpu", None, "evaluation.device")
+    return mode == "always" or (mode == "auto" and uses_gpu(params.evaluation.device))
+
+
+def _make_runner(params, model_dir, files, staging, in_children):
+    """In this process, or one child process per checkpoint (`_in_child_processes`)."""
+    if in_children:
         params.save(os.path.join(staging, "params.yaml"))
         return ChildProcessRunner(os.path.join(staging, "params.yaml"))
-    configure_devices(params.evaluation, "evaluation")
     return InProcessRunner(params, model_dir, record_cases(params, files), split_subjects_of(model_dir, "val"))
 
 

@@ -116,7 +116,7 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
                    save_probabilities: bool = False) -> List[str]:
     """`medseg predict`: segment every input with the network of one model folder, or the ensemble of several
     (`model_dirs`) or of the folds of one experiment root (`folds`: "all" or fold numbers; trained.py
-    `resolve_members`), each at `checkpoint` (best, latest, or one of these or a path per folder), and save
+    `resolve_members`), each at `checkpoint` (auto, best, latest, or one of these or a path per folder), and save
     `<output_dir>/<subject>.nii.gz` (uint8 labels) on each input's own grid, post-processed by the
     decision of the (root) model folder when it has one; with `save_probabilities` also
     `<subject>_probabilities.nii.gz` (X, Y, Z, K) float32. Returns the written paths. overrides:

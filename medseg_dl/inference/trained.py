@@ -1,11 +1,11 @@
 """A trained network from a model folder: the network of its params with the weights of one checkpoint;
 an ensemble of several model folders, or of the fold folders of a cross-validation experiment root.
 
-    trained = load_trained(model_dir, "best")          # or "latest", or a checkpoint path
+    trained = load_trained(model_dir, "auto")          # best where kept, else latest; or best, latest, a path
     predictor = Predictor.from_params(trained.network, trained.params)
 
     folders, decision_dir = resolve_members([root], folds="all")     # <root>/fold_<k>/ (or [d1, d2, ...])
-    ensemble = load_ensemble(folders, "best")                        # each member its own best checkpoint
+    ensemble = load_ensemble(folders, "auto")                        # each member's best, else latest
     predictor = Predictor.from_params(ensemble.networks, ensemble.params)
 
 Only the network is built (no optimizer, loss or schedule); the optimizer slots of a training
@@ -60,8 +60,17 @@ def restore_weights(network: keras.Model, prefix: str) -> None:
                               f"damaged: choose another with --checkpoint") from None
 
 
+CHECKPOINT_CHOICES = ("auto", "best", "latest")  # or a checkpoint path
+
+
 def resolve_checkpoint(model_dir: ModelDir, which: str) -> str:
-    """The checkpoint prefix for `--checkpoint latest|best|PATH` (PATH: a prefix or its .index file)."""
+    """The checkpoint prefix for `--checkpoint auto|best|latest|PATH`: auto is the best checkpoint the
+    evaluator kept (best/), else the latest of training (printed: which one, and why); PATH: a prefix
+    or its .index file."""
+    if which == "auto":
+        which = "best" if os.path.isfile(model_dir.best_index) else "latest"
+        print(f"{model_dir.root}: checkpoint {which}" + ("" if which == "best" else " (no evaluator kept a best one)"),
+              flush=True)
     if which == "best":
         prefix = BestCheckpoints(model_dir.best, model_dir.best_index, 1, "").best_prefix()
     elif which == "latest":
@@ -76,8 +85,9 @@ def resolve_checkpoint(model_dir: ModelDir, which: str) -> str:
     return prefix
 
 
-def load_trained(model_dir: ModelDir, which: str = "best", params: Params = None) -> TrainedModel:
-    """The trained network of a model folder at checkpoint `which` (latest, best or a path).
+def load_trained(model_dir: ModelDir, which: str = "auto", params: Params = None) -> TrainedModel:
+    """The trained network of a model folder at checkpoint `which` (auto, best, latest or a path:
+    `resolve_checkpoint`).
     params: the experiment's params when already loaded, else `<model_dir>/params.yaml`."""
     params = params if params is not None else Params.load(model_dir.params_path)
     check_resume(model_dir.load_run_params(), params, model_dir.params_path, NETWORK_KEYS)
@@ -146,10 +156,10 @@ def resolve_members(model_dirs: Sequence[str], folds: Union[None, str, Sequence[
     return roots, (roots[0] if len(roots) == 1 else None)
 
 
-def load_ensemble(model_dirs: Sequence[str], which: Union[str, Sequence[str]] = "best",
+def load_ensemble(model_dirs: Sequence[str], which: Union[str, Sequence[str]] = "auto",
                   params: Optional[Sequence[Params]] = None) -> TrainedEnsemble:
     """The trained networks of the model folders `model_dirs` (see `resolve_members`), each at its own
-    checkpoint `which`: best or latest (each folder's), or one value (best, latest, path) per folder. params: the
+    checkpoint `which`: auto, best or latest (each folder's), or one value (those, or a path) per folder. params: the
     folders' params when already loaded (one per folder, e.g. with overrides), else their params.yaml.
     `ParamsError` naming two folders when they differ in the window, classes, channels or preprocessing."""
     folders = [ModelDir(os.path.abspath(d)) for d in model_dirs]
@@ -168,13 +178,14 @@ def load_ensemble(model_dirs: Sequence[str], which: Union[str, Sequence[str]] = 
 
 
 def _member_checkpoints(which, count):
-    """One `--checkpoint` value per member: best/latest for all, or one value (best, latest, path) per folder."""
+    """One `--checkpoint` value per member: auto, best or latest for all, or one value (those, or a path) per
+    folder."""
     values = [which] if isinstance(which, str) else list(which)
-    if len(values) == 1 and (count == 1 or values[0] in ("best", "latest")):
+    if len(values) == 1 and (count == 1 or values[0] in CHECKPOINT_CHOICES):
         return values * count
     if len(values) != count:
-        raise ParamsError(f"--checkpoint {' '.join(values)}: give best or latest (each folder's own), or one "
-                          f"value (best, latest or a checkpoint path) per model folder ({count} folders)")
+        raise ParamsError(f"--checkpoint {' '.join(values)}: give auto, best or latest (each folder's own), or one "
+                          f"value (auto, best, latest or a checkpoint path) per model folder ({count} folders)")
     return values
 
 

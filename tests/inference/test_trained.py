@@ -70,7 +70,7 @@ def test_members_must_share_window_classes_channels_and_preprocessing(tmp_path, 
 
 def test_a_checkpoint_path_is_one_per_member(tmp_path):
     first, second = write_params(tmp_path / "a"), write_params(tmp_path / "b")
-    with pytest.raises(ParamsError, match=r"one value \(best, latest or a checkpoint path\) per model folder"):
+    with pytest.raises(ParamsError, match=r"one value \(auto, best, latest or a checkpoint path\) per model folder"):
         load_ensemble([first, second], "a/checkpoints/ckpt-5")
     with pytest.raises(ParamsError, match="per model folder"):
         load_ensemble([first, second], ["best", "latest", "a/checkpoints/ckpt-5"])
