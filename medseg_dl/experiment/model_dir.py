@@ -342,8 +342,12 @@ def _size_bytes(path: str) -> int:
 
 def filelist_subjects(model_dir: ModelDir, split: str) -> List[Subject]:
     """The subjects (with their source files) of `filelists/<split>.json`, in its order."""
+    return [_entry_subject(entry) for entry in _filelist_entries(model_dir, split)]
+
+
+def _filelist_entries(model_dir: ModelDir, split: str) -> List[Dict]:
     with open(model_dir.filelist(split)) as f:
-        return [_entry_subject(entry) for entry in json.load(f)]
+        return json.load(f)
 
 
 def _entry_subject(entry: Dict) -> Subject:
@@ -355,8 +359,7 @@ def follow_moved_data(params: Params, model_dir: ModelDir) -> None:
     (the data folder was moved or copied): accept data.source_dir only if it holds the same subjects (the same
     ids, file names and sizes), then rewrite the file lists to point there and print one line; else
     `ModelDirError` naming the first difference, before anything is written. Nothing before the lists exist."""
-    listed = {split: json.load(open(model_dir.filelist(split))) for split in SPLITS
-              if os.path.isfile(model_dir.filelist(split))}
+    listed = {split: _filelist_entries(model_dir, split) for split in SPLITS if os.path.isfile(model_dir.filelist(split))}
     entries = [entry for split_entries in listed.values() for entry in split_entries]
     source_dir = params.data.source_dir
     if all(os.path.exists(path) and os.path.commonpath([path, source_dir]) == source_dir
@@ -397,8 +400,7 @@ def read_filelist(model_dir: ModelDir, split: str) -> List[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
                         f"params file first")
-    with open(path) as f:
-        return [entry["id"] for entry in json.load(f)]
+    return [entry["id"] for entry in _filelist_entries(model_dir, split)]
 
 
 def split_record_paths(params: Params, model_dir: ModelDir, split: str) -> List[str]:
