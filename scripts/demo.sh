@@ -11,7 +11,6 @@ if [ ! -x .venv/bin/medseg ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e .
 fi
-export TF_CPP_MIN_LOG_LEVEL=2
 medseg=.venv/bin/medseg
 run=runs/hippocampus-demo
 demo_settings=(--set experiment.model_dir=$run --set training.steps=${DEMO_STEPS:-400}
@@ -19,6 +18,7 @@ demo_settings=(--set experiment.model_dir=$run --set training.steps=${DEMO_STEPS
                --set model.base_filters=8 --set training.learning_rate=0.003
                --set evaluation.save_predictions=true)
 $medseg convert --params params/hippocampus.yaml "${demo_settings[@]}" "$@"
+: > $run/train.log  # there before tail opens it
 $medseg train --params $run/params.yaml > $run/train.log 2>&1 &
 train_pid=$!
 $medseg evaluate --params $run/params.yaml --timeout 900 > $run/evaluate.log 2>&1 &

@@ -102,17 +102,28 @@ def _foreground_samples(job):
 
 
 def _run_parallel(function, jobs, workers, description):
-    """Yield function(job) for each job, in parallel 'spawn' processes when workers > 1."""
+    """Yield function(job) for each job, in parallel 'spawn' processes when workers > 1. After the last
+    job the workers exit on their own; an error stops them at once."""
     if workers <= 1 or len(jobs) <= 1:
         yield from tqdm(map(function, jobs), total=len(jobs), desc=description, disable=None)
         return
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_fork_by_default)
     try:
         yield from tqdm(pool.imap_unordered(function, jobs), total=len(jobs), desc=description, disable=None)
         pool.close()
-    finally:
+    except BaseException:
         pool.terminate()
+        raise
+    finally:
         pool.join()
+
+
+def _fork_by_default():
+    """Make 'fork' a worker's default start method, so that the locks libraries create in it are unlinked
+    at once: itk's lazy loader makes a multiprocessing RLock on the first volume the worker reads. With the
+    pool's 'spawn' it is a named semaphore that only the worker's exit handlers unlink, and a worker stopped
+    by terminate() would leave it for the resource tracker to report as leaked."""
+    multiprocessing.set_start_method("fork", force=True)
 
 
 def convert_dataset(params: Params, overwrite: bool = False) -> dict:
