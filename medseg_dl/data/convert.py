@@ -21,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from medseg_dl.atomic import remove_stale_temporaries
+from medseg_dl.atomic import disk_full_error, is_disk_full, remove_stale_temporaries
 from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, tfrecords
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import find_subjects
-from medseg_dl.errors import DataError, ModelDirError
+from medseg_dl.errors import DataError, MedsegError, ModelDirError
 from medseg_dl.locks import ProcessLock
 
 FORMAT_VERSION = 1
@@ -72,19 +72,23 @@ def _convert_one(job):
     }
 
 
-def write_error(out_dir: str, err: Exception) -> DataError:
-    """The `DataError` of a failed write into `out_dir` (an OSError, or TensorFlow's error of a record
-    writer), with the system's text of the error (e.g. "No space left on device")."""
+def write_error(out_dir: str, err: Exception) -> MedsegError:
+    """The error of a failed write into `out_dir` (an OSError, or TensorFlow's error of a record writer): a
+    `DiskFullError` with the free space when the disk is full (atomic.is_disk_full), else a `DataError` with
+    the system's text of the error."""
+    kept = "the subjects already converted are kept"
+    if is_disk_full(err):
+        return disk_full_error(out_dir, "the converted data", f"run convert again; {kept}")
     if isinstance(err, OSError):
         text = err.strerror or str(err)
     else:  # tf.errors.OpError: "<path>; <text>"
         text = err.message.rsplit("; ", 1)[-1]
-    return DataError(f"{out_dir}: cannot write the converted data ({text}); free disk space and run convert "
-                     f"again; the subjects already converted are kept")
+    return DataError(f"{out_dir}: cannot write the converted data ({text}); make the folder writable and run convert "
+                     f"again; {kept}")
 
 
 def save_index(out_dir: str, index: dict) -> None:
-    """Sort the index's subjects and write `dataset.json` atomically; a failed write is a `DataError`."""
+    """Sort the index's subjects and write `dataset.json` atomically; a failed write is `write_error`'s."""
     index["subjects"] = dict(sorted(index["subjects"].items()))
     try:
         write_index(out_dir, index)

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from medseg_dl.data import convert, tfrecords
 from medseg_dl.data.cases import recipe_from_params, subject_case
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.subjects import split_subjects
-from medseg_dl.errors import DataError, ParamsError
+from medseg_dl.errors import DataError, DiskFullError, ParamsError
 from medseg_dl.inference.predict import input_subjects
 
 ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -236,10 +237,21 @@ def test_full_disk_during_conversion(tmp_path, monkeypatch, what, exception):
         monkeypatch.setattr(convert, "write_index", lambda folder, index: fault(
             lambda _, i: real_index(folder, i), os.path.join(folder, "dataset.json"), index))
     out_dir = params.data.tfrecords_dir
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DiskFullError) as err:
         convert_dataset(params)
-    assert str(err.value) == (f"{out_dir}: cannot write the converted data (No space left on device); free disk "
-                              f"space and run convert again; the subjects already converted are kept")
+    assert re.fullmatch(rf"{re.escape(out_dir)}: the disk is full \(\d+ MB free\) while writing the converted data; "
+                        rf"free disk space, then run convert again; the subjects already converted are kept",
+                        str(err.value)), str(err.value)
     assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]
     with open(os.path.join(out_dir, "dataset.json")) as stream:
         assert sorted(json.load(stream)["subjects"]) == ["case_00", "case_01", "case_02"]
+
+
+def test_another_write_failure_during_conversion_is_not_a_full_disk(tmp_path, monkeypatch):
+    params = Params.from_dict(tiny_params(synthetic_dataset(tmp_path / "d", cases=2), tmp_path / "run"))
+    real_record = tfrecords.write_record
+    fault = fill_disk_after(1, OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    monkeypatch.setattr(tfrecords, "write_record", lambda path, *a: fault(real_record, path, *a))
+    with pytest.raises(DataError, match=r": cannot write the converted data \(Permission denied\); make the folder "
+                                        r"writable and run convert again"):
+        convert_dataset(params)
