@@ -22,8 +22,9 @@ each library in its own angle convention. The elastic fields are matched in RMS 
   order 1 (image) and 0 (label). It needs numpy < 2 (0.5.1 is built against numpy 1): it runs in
   its own environment (benchmarks/venvs.sh); its subprocess imports only numpy and elasticdeform.
 Each library runs with its own interpreter (`interpreters.python_for`; `isolated` on its line).
-The figure is the median s/volume of the repetitions after one warm-up (`first_call_s`: the warm-up,
-with medseg_dl's XLA compilation); medseg_dl's line adds speedup_vs_<peer> = peer s / our s.
+The figure is the median s/volume of the repetitions (each kept: `value_runs`) after one warm-up
+(`first_call_s`: the warm-up, with medseg_dl's XLA compilation); medseg_dl's line adds
+speedup_vs_<peer> = peer s / our s.
 `--quick`: a 64x64x48 crop, one repetition (a smoke run; nothing is kept in benchmarks/results/).
 """
 import argparse
@@ -179,7 +180,8 @@ def line(library, raw, machine_name):
     times = raw["times"]
     return {"workload": "W4", "library": library, "value": round(float(np.median(times)), 4), "unit": "s",
             "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
-            "machine": machine_name, "peak_rss_mb": round(raw["peak_rss_mb"], 1),
+            "value_runs": [round(t, 4) for t in times], "machine": machine_name,
+            "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "first_call_s": round(raw["first_call_s"], 4), "shape": raw["shape"],
             "rotation_deg": list(ANGLES_DEG), "elastic_rms_mm": RMS_MM, "isolated": raw["isolated"]}
 

@@ -3,11 +3,11 @@ each process's peak device memory, for each precision. Run by `benchmarks/gpu_wo
 
 For each precision (float32, and mixed_float16 on a GPU): `medseg train` on the hippocampus experiment
 runs alone for `--minutes`, then again (a fresh model folder) with `medseg evaluate` watching it (a
-checkpoint every `--checkpoint-every` steps); both are stopped with SIGTERM. Steps/s is the median
-over the logged intervals after the first (tracing). Peak memory: GPU memory per process from
-`nvidia-smi --query-compute-apps` sampled every 0.5 s (the evaluator's child processes counted as
-the evaluator), or, without a GPU (`--cpu`), the peak RSS (VmHWM). Prints one JSON line per run and
-appends them to benchmarks/results/gpu_workflow.jsonl.
+checkpoint every `--checkpoint-every` steps); both are stopped with SIGTERM. Steps/s is the median over
+the logged intervals after the first (tracing); every interval's is kept (`steps_per_s_runs`). Peak
+memory: GPU memory per process from `nvidia-smi --query-compute-apps` sampled every 0.5 s (the
+evaluator's child processes counted as the evaluator), or, without a GPU (`--cpu`), the peak RSS
+(VmHWM). Prints one JSON line per run and appends them to benchmarks/results/gpu_workflow.jsonl.
 """
 import argparse
 import csv
@@ -88,10 +88,11 @@ def _rss_peak_mb(pid):
     return 0.0
 
 
-def steps_per_s(model_dir):
+def interval_steps_per_s(model_dir):
+    """Steps/s of each logged interval of the run after the first (it includes tracing)."""
     with open(os.path.join(model_dir, "logs", "train", "scalars.csv")) as f:
         rows = list(csv.DictReader(f))[1:]
-    return statistics.median(1.0 / float(r["step_time_s"]) for r in rows) if rows else float("nan")
+    return [1.0 / float(r["step_time_s"]) for r in rows]
 
 
 def one_run(args, precision, beside, work):
@@ -118,8 +119,10 @@ def one_run(args, precision, beside, work):
     evaluated = len(json.load(open(os.path.join(model_dir, "eval", "history.json")))) \
         if os.path.isfile(os.path.join(model_dir, "eval", "history.json")) else 0
     unit = "gpu_mb" if args.gpu else "rss_mb"
+    rates = interval_steps_per_s(model_dir)
     return {"benchmark": "gpu_workflow", "precision": precision, "evaluator_beside": beside,
-            "steps_per_s": steps_per_s(model_dir), "minutes": args.minutes, "checkpoints_evaluated": evaluated,
+            "steps_per_s": statistics.median(rates) if rates else float("nan"), "steps_per_s_runs": rates,
+            "minutes": args.minutes, "checkpoints_evaluated": evaluated,
             **{f"peak_{unit}_{name}": round(mb, 1) for name, mb in sampler.peak_mb.items()},
             "settings": args.set, "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
 

@@ -9,7 +9,8 @@ the last step) is set to fill the budget; training is stopped with SIGTERM (whic
 checkpoint) if it overruns by 20% plus 2 minutes for start-up, conversion and tracing. Then each of
 the `--curve-points` kept checkpoints is scored on the test cases (the learning curve; the last is
 the result) and one JSON line is printed and appended to benchmarks/results/hippocampus_accuracy.jsonl:
-per-class Dice, ASSD, HD95 (means), the curve, minutes, steps, step time, network, settings.
+per-class Dice, ASSD, HD95 (means), the curve, minutes, steps, step time (the median of the logged
+intervals, and every interval's), network, settings.
 
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture unet
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture medpatchnet [--no-position]
@@ -61,12 +62,9 @@ def calibrated_steps(params_path, overrides, model_dir, minutes):
     calibration_dir = model_dir + "-calibration"
     train(params_path, [*overrides, f"experiment.model_dir={calibration_dir}",
                         f"training.steps={CALIBRATION_STEPS}", "training.log_every=10"], None)
-    from medseg_dl.experiment.model_dir import ModelDir
-
-    with open(ModelDir(calibration_dir).scalars_csv) as f:
-        step_times_s = [float(row["step_time_s"]) for row in csv.DictReader(f)][1:]
+    median_s = statistics.median(step_times_s(calibration_dir))
     shutil.rmtree(calibration_dir)
-    return max(1, int(minutes * 60 / statistics.median(step_times_s)))
+    return max(1, int(minutes * 60 / median_s))
 
 
 def planned_experiment(data_dir, work_dir):
@@ -94,12 +92,14 @@ def score_test_split(model_dir_path, overrides):
     return params, summary, curve
 
 
-def step_time_s(model_dir_path):
+def step_times_s(model_dir_path):
+    """The mean step time of each logged interval of a run, without the first (it includes tracing) unless it
+    is the only one."""
     from medseg_dl.experiment.model_dir import ModelDir
 
     with open(ModelDir(model_dir_path).scalars_csv) as f:
         rows = list(csv.DictReader(f))
-    return statistics.median(float(row["step_time_s"]) for row in (rows[1:] or rows))  # the first includes tracing
+    return [float(row["step_time_s"]) for row in (rows[1:] or rows)]
 
 
 def report(result, results_name, data_dir):
@@ -126,13 +126,16 @@ def main():
                  f"data.tfrecords_dir={os.path.join(args.model_dir, 'tfrecords')}",
                  f"model.use_position={not args.no_position}".lower(), *args.set]
     steps = args.steps or calibrated_steps(params_path, overrides, model_dir, args.minutes)
+    shutil.rmtree(model_dir, ignore_errors=True)  # an earlier run of the same settings would be resumed, not timed
     every = max(1, steps // args.curve_points)
     minutes = train(params_path, [*overrides, f"experiment.model_dir={model_dir}", f"training.steps={steps}",
                                   f"training.checkpoint_every={every}", f"training.keep_last={args.curve_points}"],
                     None if args.steps else 1.2 * args.minutes + STARTUP_MINUTES)
     params, summary, curve = score_test_split(model_dir, [])
+    intervals_s = step_times_s(model_dir)
     result = {"benchmark": "hippocampus_accuracy", "network": name, "minutes": round(minutes, 1),
-              "steps": summary["step"], "step_time_s": round(step_time_s(model_dir), 3),
+              "steps": summary["step"], "step_time_s": round(statistics.median(intervals_s), 3),
+              "step_time_s_runs": [round(s, 3) for s in intervals_s],
               "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"], "curve_test_dice": curve,
               "base_filters": params.model.base_filters, "deep_supervision": params.model.deep_supervision,
               "patch_size": params.sampling.patch_size, "batch_size": params.sampling.batch_size,

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, report, step_time_s
+from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, report, step_times_s
 from machine_info import describe_machine
 
 TIMED_VOLUMES = 10
@@ -68,35 +68,39 @@ def test_scores_per_fold(fold_dirs):
 
 
 def export_timing(root, fold_dirs, output_dir):
-    """Seconds per test volume of the exported ensemble and of the Predictor, and whether their labels agree."""
+    """Seconds per test volume of the exported ensemble and of the Predictor, and whether their labels agree (the
+    Predictor's after the experiment's post-processing decision, which the SavedModel applies in its graph)."""
     import tensorflow as tf
 
     from medseg_dl.config.params import Params
     from medseg_dl.evaluation.runner import record_cases, split_records
+    from medseg_dl.inference import postprocess
     from medseg_dl.inference.export import run_export
     from medseg_dl.inference.predict import load_predictor
 
     started = time.time()
     run_export([root], "latest", output_dir, folds="all")
     export_s = time.time() - started
-    predictor, ensemble, _ = load_predictor([root], "latest", "all")
+    predictor, ensemble, decision = load_predictor([root], "latest", "all")
     params = Params.load(fold_dirs[0].params_path)
     cases = record_cases(params, split_records(params, fold_dirs[0], "test", 1.0))[:TIMED_VOLUMES]
     served = tf.saved_model.load(output_dir)
     exported_s, predictor_s, equal = [], [], 0
     for case in cases:
-        image = case.image.astype(np.float32)
-        served.serve(tf.constant(image))
+        image, spacing_mm = case.image.astype(np.float32), np.asarray(case.spacing_mm, np.float32)
+        served.serve(tf.constant(image), tf.constant(spacing_mm))
         begin = time.perf_counter()
-        out = served.serve(tf.constant(image))
+        out = served.serve(tf.constant(image), tf.constant(spacing_mm))
         exported_s.append(time.perf_counter() - begin)
         predictor.labels(image)
         begin = time.perf_counter()
-        labels = predictor.labels(image)
+        labels = postprocess.apply(predictor.labels(image), decision or postprocess.NOTHING, case.spacing_mm)
         predictor_s.append(time.perf_counter() - begin)
         equal += int(np.array_equal(out["labels"].numpy(), labels))
     return {"export_s": round(export_s, 1), "export_s_per_volume": round(statistics.median(exported_s), 3),
-            "predictor_s_per_volume": round(statistics.median(predictor_s), 3), "timed_volumes": len(cases),
+            "export_s_per_volume_runs": [round(s, 3) for s in exported_s],
+            "predictor_s_per_volume": round(statistics.median(predictor_s), 3),
+            "predictor_s_per_volume_runs": [round(s, 3) for s in predictor_s], "timed_volumes": len(cases),
             "export_labels_identical": f"{equal}/{len(cases)}", "members": len(ensemble.members)}
 
 
@@ -125,7 +129,9 @@ def main():
     cv = run_cross_validation(params, "latest")
     ensemble = run_ensemble_test(params, "latest")
     result = {"benchmark": "hippocampus_cv", "folds": args.folds, "steps_per_fold": args.steps,
-              "train_minutes_per_fold": minutes, "step_time_s": [round(step_time_s(d.root), 3) for d in fold_dirs],
+              "train_minutes_per_fold": minutes,
+              "step_time_s": [round(statistics.median(step_times_s(d.root)), 3) for d in fold_dirs],
+              "step_time_s_runs": [[round(s, 3) for s in step_times_s(d.root)] for d in fold_dirs],
               "cv_cases": cv["raw"]["subjects"], "test_cases": ensemble["raw"]["subjects"],
               "cv_mean_dice": cv["raw"]["mean_dice"], "cv_mean_dice_postprocessed": cv["postprocessed"]["mean_dice"],
               "cv_mean_dice_per_fold": per_fold_validation(cv["raw"], fold_dirs),

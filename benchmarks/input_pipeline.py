@@ -5,7 +5,7 @@
 Decoded, z-scored volumes are held in memory; each library draws class-balanced patches with flips,
 rotation, scaling, elastic deformation and Gaussian noise; batches are fetched and thrown away.
 After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200, W1b peers 16: they run at about
-1 patch/s; `segment_patches`); the figure is the median rate.
+1 patch/s; `segment_patches`); the figure is the median rate (every segment's kept: `value_runs`).
 
 With --peers (and torch, monai, torchio importable by the peers' interpreter) MONAI and TorchIO run
 the same workload in the same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
@@ -96,7 +96,7 @@ def timed_rates(next_batch, warmup_patches, segment_patches, segments=3):
 def result_line(workload, library, rates, **details):
     return {"workload": workload, "library": library, "value": round(statistics.median(rates), 3),
             "unit": "patches/s", "median_of": len(rates), "min": round(min(rates), 3), "max": round(max(rates), 3),
-            "machine": describe_machine(), **details}
+            "value_runs": [round(rate, 3) for rate in rates], "machine": describe_machine(), **details}
 
 
 # --- medseg_dl ------------------------------------------------------------------------------------
@@ -144,8 +144,6 @@ def memory_dataset(cases, num_classes):
 
 
 def run_medseg(workload, cases, quick):
-    import tensorflow as tf
-
     from medseg_dl.pipeline.inputs import patch_dataset, prepare_volume
 
     spec = WORKLOADS[workload]
@@ -163,7 +161,7 @@ def run_medseg(workload, cases, quick):
     segment = 2 * spec["batch"] if quick else spec["segment"]
     rates = timed_rates(next_batch, max(warmup - first, 0), segment)
     return result_line(workload, "medseg_dl", rates, cases=len(cases), first_batch_s=round(time.perf_counter() -
-                       start, 1), samples_per_volume=SAMPLES_PER_VOLUME, tf_version=tf.__version__,
+                       start, 1), samples_per_volume=SAMPLES_PER_VOLUME,
                        segment_patches=segment)
 
 
@@ -213,8 +211,7 @@ def run_monai(workload, cases, quick):
                                    persistent_workers=True, drop_last=True)
     rates, segment = loader_rates(loader, lambda batch: int(batch["image"].shape[0]), spec, quick)
     return result_line(workload, "monai", rates, cases=len(cases), crop_region=region, workers=2,
-                       scale="1+U(-0.15,0.25) per axis", monai_version=monai.__version__,
-                       torch_version=torch.__version__, segment_patches=segment)
+                       scale="1+U(-0.15,0.25) per axis", segment_patches=segment)
 
 
 def torchio_parts(spec, cases):
@@ -265,7 +262,7 @@ def run_torchio(workload, cases, quick, per_patch):
     rates, segment = loader_rates(loader, lambda batch: int(batch["image"][tio.DATA].shape[0]), spec, quick)
     return result_line(workload, "torchio", rates, cases=len(cases), mode="per_patch" if per_patch else "queue",
                        samples_per_volume=1 if per_patch else SAMPLES_PER_VOLUME, workers=2,
-                       torchio_version=tio.__version__, segment_patches=segment)
+                       segment_patches=segment)
 
 
 RUNNERS = {"medseg_dl": run_medseg, "monai": run_monai,

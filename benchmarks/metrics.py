@@ -9,7 +9,8 @@ class 1 unchanged. Classes 1..4 are scored with spacing (1, 1, 1) mm (the line's
 "value") and, on the same arrays, (0.8, 0.8, 2.5) mm (the "anisotropic" detail).
 
 Timing: one untimed pass over all subjects (warm-up, also records the values), then
-`--repetitions` timed passes; a figure is the median over passes of seconds per subject.
+`--repetitions` timed passes; a figure is the median over passes of seconds per subject (every pass's
+kept beside it: `value_runs`).
 The libraries take turns within each pass, so a change of machine load hits them alike.
 Only the metric calls are timed: reading, building the prediction and each peer's input
 format (MONAI one-hot tensors, per-class boolean masks) are prepared outside the clock.
@@ -164,7 +165,7 @@ def one_pass(runner, cases, spacing):
 
 
 def measure(runners, cases, repetitions):
-    """Interleaved timing of every library: {name: (iso (median, min, max), aniso (...), values)}.
+    """Interleaved timing of every library: {name: (iso [seconds per subject of each pass], aniso [...], values)}.
 
     Pass 0 is the warm-up and gives the values (spacing 1 subjects, then anisotropic ones);
     each later pass runs every library in turn, so load changes hit all of them alike.
@@ -181,12 +182,13 @@ def measure(runners, cases, repetitions):
                         values[name].extend(result)
                     else:
                         seconds[name][spacing].append(elapsed / len(cases))
-    return {name: (_spread(seconds[name][ISOTROPIC_MM]), _spread(seconds[name][ANISOTROPIC_MM]), values[name])
-            for name in runners}
+    return {name: (seconds[name][ISOTROPIC_MM], seconds[name][ANISOTROPIC_MM], values[name]) for name in runners}
 
 
-def _spread(seconds):
-    return statistics.median(seconds), min(seconds), max(seconds)
+def spread(seconds):
+    """The median ("value"), min, max and every pass ("value_runs") of seconds per subject."""
+    return {"value": round(statistics.median(seconds), 4), "min": round(min(seconds), 4),
+            "max": round(max(seconds), 4), "value_runs": [round(s, 4) for s in seconds]}
 
 
 def max_relative_differences(ours, theirs):
@@ -203,12 +205,10 @@ def max_relative_differences(ours, theirs):
 
 
 def result_line(library, timing, cases, repetitions, machine):
-    (value, low, high), (aniso_value, aniso_low, aniso_high) = timing
-    return {"workload": "W3", "library": library, "value": round(value, 4), "unit": "s", "median_of": repetitions,
-            "min": round(low, 4), "max": round(high, 4), "machine": machine, "subjects": len(cases),
-            "spacing_mm": list(ISOTROPIC_MM),
-            "anisotropic": {"spacing_mm": list(ANISOTROPIC_MM), "value": round(aniso_value, 4),
-                            "min": round(aniso_low, 4), "max": round(aniso_high, 4)}}
+    isotropic_s, anisotropic_s = timing
+    return {"workload": "W3", "library": library, **spread(isotropic_s), "unit": "s", "median_of": repetitions,
+            "machine": machine, "subjects": len(cases), "spacing_mm": list(ISOTROPIC_MM),
+            "anisotropic": {"spacing_mm": list(ANISOTROPIC_MM), **spread(anisotropic_s)}}
 
 
 def parse_args(argv=None):
@@ -257,7 +257,8 @@ def main(argv=None):
     for name, (iso, aniso, values) in results.items():
         line = result_line(name, (iso, aniso), cases, args.repetitions, machine)
         worst, not_compared = max_relative_differences(ours_values, values)
-        line.update(ratio=round(iso[0] / ours_iso[0], 2), ratio_anisotropic=round(aniso[0] / ours_aniso[0], 2),
+        line.update(ratio=round(statistics.median(iso) / statistics.median(ours_iso), 2),
+                    ratio_anisotropic=round(statistics.median(aniso) / statistics.median(ours_aniso), 2),
                     max_rel_diff={key: float(f"{v:.3g}") for key, v in worst.items()},
                     same_convention=list(PEERS[name][1]), not_compared=not_compared)
         record("metrics", line, keep=not args.quick)

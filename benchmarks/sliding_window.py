@@ -16,10 +16,12 @@ logits (medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines
 (`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess with the
 library's own interpreter (`interpreters.python_for`; `isolated` on its line), so its peak RSS
 (ru_maxrss: imports, the read volume and the inference) is its own. The figure is the median
-s/volume of the repetitions after one warm-up. `--peers` adds MONAI sliding_window_inference
-(gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average), with speedup_vs_<peer>
-(peer s / our s) and peak_rss_ratio_vs_<peer> on the medseg_dl lines. Lines are kept in
-benchmarks/results/sliding_window.jsonl (not with --quick: a 64x64x48 crop, window 32, one repetition).
+s/volume of the repetitions after one warm-up (network_s and probabilities_s too); every repetition is
+kept beside its median (`value_runs`, `network_s_runs`, `probabilities_s_runs`). `--peers` adds MONAI
+sliding_window_inference (gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average),
+with speedup_vs_<peer> (peer s / our s) and peak_rss_ratio_vs_<peer> on the medseg_dl lines. Lines are
+kept in benchmarks/results/sliding_window.jsonl (not with --quick: a 64x64x48 crop, window 32, one
+repetition).
 """
 import argparse
 import json
@@ -78,11 +80,10 @@ def run_medseg_dl(image, window, blending, repetitions, workload):
     predictor = Predictor(lambda inputs: network(inputs["image"]), (window,) * 3, NUM_CLASSES, overlap=OVERLAP,
                           blending=blending, batch_size=BATCH_SIZE)
     times = timed(lambda: predictor.logits(image), repetitions)
-    details = {"probabilities_s": float(np.median(timed(lambda: predictor.probabilities(image), repetitions)))}
+    details = {"probabilities_s": timed(lambda: predictor.probabilities(image), repetitions)}
     num_windows = window_grid(image.shape[:3], (window,) * 3, OVERLAP, blending).num_windows
     batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
-    details["network_s"] = float(np.median(timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows),
-                                                 repetitions)))
+    details["network_s"] = timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows), repetitions)
     return times, details, num_windows
 
 
@@ -106,8 +107,7 @@ def torch_network(image, window, workload):
 
 def torch_details(torch, network, num_windows, window, channels, repetitions):
     batch = torch.rand(BATCH_SIZE, channels, window, window, window)
-    return {"network_s": float(np.median(timed(lambda: run_batches(lambda: network(batch), num_windows),
-                                               repetitions)))}
+    return {"network_s": timed(lambda: run_batches(lambda: network(batch), num_windows), repetitions)}
 
 
 def run_monai(image, window, blending, repetitions, workload):
@@ -172,12 +172,15 @@ def line(workload, library, blending, raw):
     value = float(np.median(times))
     item = {"workload": workload, "library": library, "value": round(value, 4), "unit": "s",
             "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
-            "blending": blending, "voxels_per_s": round(raw["voxels"] / value),
+            "value_runs": [round(t, 4) for t in times], "blending": blending,
+            "voxels_per_s": round(raw["voxels"] / value),
             "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"],
             "isolated": raw["isolated"]}
-    item.update({key: round(raw[key], 4) for key in ("network_s", "probabilities_s") if key in raw})
+    for key in ("network_s", "probabilities_s"):
+        if key in raw:
+            item.update({key: round(float(np.median(raw[key])), 4), f"{key}_runs": [round(t, 4) for t in raw[key]]})
     if "network_s" in raw:
-        item["windowing_s"] = round(value - raw["network_s"], 4)
+        item["windowing_s"] = round(value - float(np.median(raw["network_s"])), 4)
     return item
 
 

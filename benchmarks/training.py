@@ -3,7 +3,8 @@
 Runs the real training process (`medseg_dl.training.loop.run_training`) with the W1a augmentations of
 ../shared/BENCHMARKS.md and reports, per network and training.precision, the median over the timed
 log intervals of patches/s and of the share of step time spent waiting for the input pipeline (the
-first interval, which includes tracing, is the warm-up). One JSON line per (network, precision), kept
+first interval, which includes tracing, is the warm-up); each interval's figures are kept beside the medians
+(`<key>_runs`). One JSON line per (network, precision), kept
 in results/training.jsonl unless --quick; `precision` is the policy in force ("auto" resolved), and
 `precision_option` the value given. The runs share one process: each `model_fn` sets the global keras
 dtype policy anew, so none leaks into the next.
@@ -70,11 +71,12 @@ def main():
                 rows = run(architecture, steps, log_every, run_dir, tfrecords_dir, precision, args.quick)
                 rates = [float(r["patches_per_s"]) for r in rows]
                 waits = [float(r["data_wait_fraction"]) for r in rows]
+                step_times = [float(r["step_time_s"]) for r in rows]
                 record("training", {"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
                                     "value": float(np.median(rates)), "unit": "patches/s", "median_of": len(rates),
-                                    "min": min(rates), "max": max(rates),
-                                    "data_wait_fraction": float(np.median(waits)),
-                                    "step_time_s": float(np.median([float(r["step_time_s"]) for r in rows])),
+                                    "min": min(rates), "max": max(rates), "value_runs": rates,
+                                    "data_wait_fraction": float(np.median(waits)), "data_wait_fraction_runs": waits,
+                                    "step_time_s": float(np.median(step_times)), "step_time_s_runs": step_times,
                                     "precision": resolve_precision(precision, "auto"),
                                     "precision_option": precision}, keep=not args.quick)
 

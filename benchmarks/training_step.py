@@ -12,18 +12,21 @@ with DiceCELoss (softmax, background excluded, batch Dice: our loss's definition
 in float32 and under torch.autocast(bfloat16), with torch's default threads. Each configuration runs
 in a fresh subprocess with the library's own interpreter (`interpreters.python_for`; `isolated` on
 its line): the keras dtype policy is global, and its peak RSS is its own. The figure is the
-median patches/s of 6 timed steps after 2 warm-up steps; a configuration whose second warm-up step
-takes over 10 s times 2 steps (said by `note`). medseg_dl lines carry `speedup_vs_monai` (ours /
+median patches/s of 6 timed steps after 2 warm-up steps (every step's rate and time kept: `value_runs`,
+`step_time_s_runs`); a configuration whose second warm-up step takes over 10 s times 2 steps (said by
+`note`). medseg_dl lines carry `speedup_vs_monai` (ours /
 MONAI float32) and, when not float32, `speedup_vs_monai_same_precision`. Kept in
 results/training_step.jsonl.
 
 `--profile` instead splits our step, float32 and mixed_bfloat16 (a subprocess each), into parts, each
-its own tf.function, median of 5 calls after 2 warm-up calls: forward (training mode); forward + loss;
-forward + loss + gradients; the optimizer update alone (fixed gradients); the metric update alone; the
-full step; the full step of the same network without normalisation (`instance_norm_share` = the
-difference / the full step); and `top_op_types`, each op type's share of the op self-time in a TF
-profiler trace of two full steps. Kept in results/training_profile.jsonl. `--quick`: batch 2 of
-16x16x16, base 4 filters, 1 timed step or call (a smoke run, never kept).
+its own tf.function, median of 5 calls after 2 warm-up calls (every call's seconds kept in
+`call_s_runs`, per function: forward, loss, gradients, optimizer, metric, step, step_norm_none): forward
+(training mode); forward + loss; forward + loss + gradients; the optimizer update alone (fixed
+gradients); the metric update alone; the full step; the full step of the same network without
+normalisation (`instance_norm_share` = the difference / the full step); and `top_op_types`, each op
+type's share of the op self-time in a TF profiler trace of two full steps. Kept in
+results/training_profile.jsonl. `--quick`: batch 2 of 16x16x16, base 4 filters, 1 timed step or call (a
+smoke run, never kept).
 """
 import argparse
 import json
@@ -135,8 +138,8 @@ def run_monai(precision, quick):
     return timed_steps(step, quick), precision
 
 
-def median_call_s(function, quick):
-    """Median seconds of PROFILE_CALLS calls (quick: 1) of `function` (a tf.function, outputs waited for)
+def call_seconds(function, quick):
+    """Seconds of each of PROFILE_CALLS calls (quick: 1) of `function` (a tf.function, outputs waited for)
     after WARMUP_STEPS warm-up calls."""
     import tensorflow as tf
 
@@ -147,7 +150,7 @@ def median_call_s(function, quick):
 
     for _ in range(WARMUP_STEPS):
         call()
-    return float(np.median([seconds(call) for _ in range(1 if quick else PROFILE_CALLS)]))
+    return [seconds(call) for _ in range(1 if quick else PROFILE_CALLS)]
 
 
 def top_op_types(step):
@@ -178,7 +181,8 @@ def top_op_types(step):
 
 
 def profile_medseg_dl(precision, quick):
-    """The parts of our step (see the module docstring) in seconds, and the trace's top op types."""
+    """The parts of our step (see the module docstring) in seconds (medians), every call's seconds per
+    measured function (`call_s_runs`), and the trace's top op types."""
     import tensorflow as tf
     from medseg_dl.training.loop import make_train_step
     _, spec = medseg_spec(precision, quick)
@@ -202,13 +206,14 @@ def profile_medseg_dl(precision, quick):
     parts = {"forward": forward, "loss": loss, "gradients": gradients,
              "optimizer": lambda: spec.optimizer.apply(fixed_gradients, variables),
              "metric": lambda: spec.metrics["dice"].update_state(labels, logits)}
-    cumulative_s = {name: median_call_s(tf.function(part), quick) for name, part in parts.items()}
-    step_s = median_call_s(lambda: step(batch, stop), quick)
+    runs_s = {name: call_seconds(tf.function(part), quick) for name, part in parts.items()}
+    runs_s["step"] = call_seconds(lambda: step(batch, stop), quick)
     top_ops = top_op_types(lambda: step(batch, stop)[0].numpy())
     _, plain_spec = medseg_spec(precision, quick, norm="none")
     plain_step = make_train_step(strategy, plain_spec)
-    step_norm_none_s = median_call_s(lambda: plain_step(batch, stop), quick)
-    gradients_s = cumulative_s["gradients"]
+    runs_s["step_norm_none"] = call_seconds(lambda: plain_step(batch, stop), quick)
+    cumulative_s = {name: float(np.median(seconds_of_calls)) for name, seconds_of_calls in runs_s.items()}
+    step_s, step_norm_none_s, gradients_s = (cumulative_s[name] for name in ("step", "step_norm_none", "gradients"))
     parts_s = {"forward_s": cumulative_s["forward"], "loss_s": cumulative_s["loss"] - cumulative_s["forward"],
                "backward_s": gradients_s - cumulative_s["loss"], "optimizer_s": cumulative_s["optimizer"],
                "metric_s": cumulative_s["metric"], "step_s": step_s,
@@ -216,6 +221,7 @@ def profile_medseg_dl(precision, quick):
                "step_norm_none_s": step_norm_none_s}
     return {**{key: round(value, 4) for key, value in parts_s.items()},
             "instance_norm_share": round((step_s - step_norm_none_s) / step_s, 3), "top_op_types": top_ops,
+            "call_s_runs": {name: [round(s, 4) for s in seconds_of_calls] for name, seconds_of_calls in runs_s.items()},
             "precision": spec.precision}
 
 
@@ -258,7 +264,8 @@ def step_line(library, jit_compile, raw, quick):
     rates = [batch_size / s for s in times_s]
     line = {"workload": "W5", "library": library, "value": round(float(np.median(rates)), 3), "unit": "patches/s",
             "median_of": len(times_s), "min": round(min(rates), 3), "max": round(max(rates), 3),
-            "step_time_s": round(float(np.median(times_s)), 3), "precision": raw["precision"],
+            "value_runs": [round(rate, 3) for rate in rates], "step_time_s": round(float(np.median(times_s)), 3),
+            "step_time_s_runs": [round(s, 3) for s in times_s], "precision": raw["precision"],
             "jit_compile": jit_compile, "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "warmup_s": [round(s, 2) for s in raw["warmup_s"]], "batch_size": batch_size, "patch": list(patch),
             "base_filters": base_filters, "isolated": raw["isolated"]}

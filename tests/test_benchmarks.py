@@ -1,8 +1,12 @@
 """Smoke runs of the benchmark scripts whose peers run in subprocesses (`--quick`): one JSON line per
-measured configuration, each saying whether it ran in its library's own environment, and nothing kept
-in benchmarks/results/."""
+measured configuration, each saying whether it ran in its library's own environment, keeping every
+repetition beside its median and the versions of what produced it, and nothing kept in
+benchmarks/results/. And `record`: the versions on a line are those of the interpreter that ran it."""
+import importlib.metadata
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 
@@ -11,6 +15,7 @@ import pytest
 from conftest import BRATS, REPO
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def quick_lines(script, *arguments):
@@ -28,6 +33,9 @@ def test_training_step_quick_measures_our_step_in_each_precision():
     for line in lines:
         assert line["workload"] == "W5" and line["unit"] == "patches/s" and line["value"] > 0
         assert line["median_of"] == 1 and line["jit_compile"] is False and isinstance(line["isolated"], bool)
+        assert len(line["value_runs"]) == len(line["step_time_s_runs"]) == line["median_of"]
+        assert line["value"] == statistics.median(line["value_runs"])
+        assert line["versions"]["tensorflow"] == importlib.metadata.version("tensorflow")
 
 
 @pytest.mark.skipif(not os.path.isdir(BRATS), reason="BraTS data not available")
@@ -35,4 +43,39 @@ def test_augmentation_quick_deforms_a_crop_of_a_brats_volume():
     (line,) = quick_lines("augmentation.py")
     assert line["workload"] == "W4" and line["library"] == "medseg_dl" and line["unit"] == "s"
     assert line["shape"] == [64, 64, 48, 2] and line["value"] > 0 and line["peak_rss_mb"] > 0
+    assert line["value_runs"] == [line["value"]] and "tensorflow" in line["versions"]
     assert isinstance(line["isolated"], bool) and "cores" in line["machine"]
+
+
+def installed(*packages):
+    """{"python": version, package: version} of this interpreter, for the installed ones of `packages`."""
+    versions = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def test_record_keeps_the_versions_of_the_interpreter_that_ran_the_line(tmp_path, monkeypatch):
+    """A peer line that ran in its own environment gets that environment's versions (here a bare venv with a
+    stand-in monai 9.9.9 and no numpy); a line that ran with this interpreter gets this one's."""
+    import machine_info
+
+    peer = tmp_path / "peer"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(peer)], check=True)
+    site = next((peer / "lib").glob("python*/site-packages"))
+    (site / "monai-9.9.9.dist-info").mkdir()
+    (site / "monai-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: monai\nVersion: 9.9.9\n")
+    monkeypatch.setattr(machine_info, "python_for", lambda library: (str(peer / "bin" / "python"), True))
+    monkeypatch.setattr(machine_info, "RESULTS_DIR", str(tmp_path / "results"))
+    machine_info.record("kept", {"library": "monai", "isolated": True, "value": 1.0}, keep=True)
+    machine_info.record("kept", {"library": "monai", "isolated": False, "value": 2.0}, keep=True)
+    machine_info.record("kept", {"benchmark": "hippocampus_accuracy"}, keep=True)
+    with open(tmp_path / "results" / "kept.jsonl") as f:
+        own_venv, this_venv, ours = [json.loads(text) for text in f]
+    assert own_venv["versions"] == {"python": platform.python_version(), "monai": "9.9.9"}
+    assert this_venv["versions"] == installed("monai", "torch", "numpy")
+    assert ours["versions"] == installed("tensorflow", "keras", "numpy", "scipy")
+    assert all("cores" in line["machine"] and line["date"] for line in (own_venv, this_venv, ours))

@@ -2,12 +2,13 @@
 mm, CT in HU, two channels), and planned files that validate and train two steps."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import write_nifti
+from conftest import REPO, write_nifti
 from medseg_dl.config.params import Params
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.planning import planner
@@ -28,6 +29,37 @@ def test_isotropic_mri_gets_nnunets_hippocampus_configuration():
     assert values["preprocessing.normalization"] == "zscore"
     assert values["augmentation.rotate"]["max_deg"] == [30.0, 30.0, 30.0]
     assert values["sampling.batch_size"] == planner.CPU_BATCH and values["training.optimizer"] == "adam"
+
+
+def accuracy_runs():
+    """The raw lines of benchmarks/hippocampus_accuracy.py, and those of the planned unet (no settings)."""
+    with open(os.path.join(REPO, "benchmarks", "results", "hippocampus_accuracy.jsonl")) as f:
+        runs = [json.loads(line) for line in f]
+    return runs, [run for run in runs if run["network"] == "unet" and not run["settings"]]
+
+
+def test_the_cpu_recipes_time_is_its_steps_at_a_measured_step_time():
+    """The time the planned training.steps states is the steps at the step time of a kept run of the planned
+    hippocampus experiment."""
+    values, why = planner.plan(fingerprint([1.0, 1.0, 1.0], [35, 50, 36]), {}, ["MRI"], None, "h")
+    minutes, step_s = re.search(r"about (\d+) minutes at the ([\d.]+) s/step", why["training.steps"]).groups()
+    assert int(minutes) == round(values["training.steps"] * float(step_s) / 60)
+    assert float(step_s) in {run["step_time_s"] for run in accuracy_runs()[1]}
+
+
+def test_the_cpu_recipes_optimizer_is_the_one_measured_ahead_of_sgd():
+    """The planned Adam's reason is the kept comparison: the planned experiment and the same with nnU-Net's SGD,
+    1000 steps each; Adam's test Dice is the higher at every checkpoint."""
+    runs, planned = accuracy_runs()
+    adam = next(run for run in planned if run["steps"] == 1000)
+    sgd = next(run for run in runs if run["optimizer"] == "sgd" and run["steps"] == 1000)
+    assert sgd["learning_rate"] == planner.GPU_RECIPE["training.learning_rate"][0]
+    assert [step for step, _ in adam["curve_test_dice"]] == [step for step, _ in sgd["curve_test_dice"]]
+    assert all(a > s for (_, a), (_, s) in zip(adam["curve_test_dice"], sgd["curve_test_dice"]))
+    values, why = planner.plan(fingerprint([1.0, 1.0, 1.0], [35, 50, 36]), {}, ["MRI"], None, "h")
+    assert values["training.optimizer"] == adam["optimizer"] == "adam"
+    assert (f"test Dice {adam['mean_dice']:.3f} against {sgd['mean_dice']:.3f} for nnU-Net's SGD"
+            in why["training.optimizer"]) and "ahead at every 200 steps" in why["training.optimizer"]
 
 
 def test_anisotropic_data_pools_and_rotates_in_plane_only():
