@@ -271,9 +271,9 @@ class _Loop:
             remove_unlisted_checkpoints(self.manager.directory)  # the cut save's files: give their space back
             return atomic.disk_full_error(self.model_dir.root, "checkpoints or logs", resume)
         if isinstance(err, tf.errors.ResourceExhaustedError):
-            return OutOfMemoryError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size or "
-                                 f"sampling.patch_size ({resume}), or train a new model folder with "
-                                 f"training.precision: mixed_bfloat16 or mixed_float16")
+            return OutOfMemoryError(f"out of memory (GPU or host) at step {current + 1}; lower sampling.batch_size "
+                                    f"or sampling.patch_size ({resume}), or train a new model folder with "
+                                    f"training.precision: mixed_bfloat16 or mixed_float16")
         return ModelDirError(f"{self.model_dir.root}: cannot write logs or checkpoints ({err.strerror or err}); make "
                              f"the folder writable, then {resume}")
 
