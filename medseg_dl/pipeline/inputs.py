@@ -1,17 +1,23 @@
 """The tf.data pipelines: training patches (`train_inputs`, its patch stage `patch_dataset`) and
 whole volumes for evaluation metrics (`volume_inputs`).
 
-Training: shuffled files -> parallel interleaved reads -> decode and flatten for sampling
-(`prepare_volume`) -> optional in-memory cache -> shuffle of volumes -> repeat ->
-`samples_per_volume` augmented patches per loaded volume in one vectorised call -> shuffle of
-patches -> batch -> prefetch. Parallelism is AUTOTUNE'd. Patch draw
-number i uses the stateless seed (seed, i), so with `sampling.deterministic` the same params
-give the same batches.
+Training (`training_volumes`, then `patch_dataset`): the files in a new random order each epoch ->
+reads and decodes -> flattened for sampling (`prepare_volume`) -> `samples_per_volume` augmented
+patches per volume in one vectorised call -> a small shuffle of patches (`patch_shuffle_buffer`,
+which fills from the first volumes) -> batch -> prefetch. Memory is bounded by the settings, never by
+the number of cases: `sampling.loaded_volumes` volumes are read and sampled at once; the decoded
+volumes are cached in memory only when the whole training set fits `sampling.cache_budget_mb`
+(`sampling.cache: auto`; `cache_decision` says what it decided). Patch draw number i uses the stateless
+seed (seed, i), so with `sampling.deterministic` the same params give the same batches.
 """
 import json
+import os
+from typing import Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
+from medseg_dl.data.index import read_index
 from medseg_dl.data.tfrecords import decode_example, record_dataset
 from medseg_dl.errors import DataError
 from medseg_dl.pipeline import intensity, sampling, spatial
@@ -118,7 +124,8 @@ def patch_dataset(volumes, params, seed):
     def draw(index, volume):
         return volume_patches(volume, params, tf.stack([tf.constant(seed, tf.int64), index]))
 
-    patches = volumes.enumerate().map(draw, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    patches = volumes.enumerate().map(draw, num_parallel_calls=sampling_params.loaded_volumes,
+                                      deterministic=deterministic)
     patches = patches.unbatch()
     if sampling_params.patch_shuffle_buffer > 1:
         patches = patches.shuffle(sampling_params.patch_shuffle_buffer, seed=seed)
@@ -127,25 +134,57 @@ def patch_dataset(volumes, params, seed):
 
 
 def train_inputs(params, files, seed):
-    """Endless training batches (see `patch_dataset`) from TFRecord `files` (list of paths, one
-    subject each; GZIP per data.gzip). seed: int of the file and volume shuffles and the patch draws
-    (training passes params.seed + the step it resumes from)."""
+    """Endless training batches (see `patch_dataset`) from TFRecord `files` (list of paths, one subject each;
+    GZIP per data.gzip; indexed in data.tfrecords_dir), through `training_volumes`. seed: int of the file
+    order and the patch draws (training passes params.seed + the step it resumes from)."""
+    return patch_dataset(training_volumes(params, files, seed), params, seed)
+
+
+def training_volumes(params, files, seed) -> tf.data.Dataset:
+    """Prepared training volumes (`prepare_volume`), endlessly, each epoch all `files` in a new random order
+    (seed: int). Cached in memory after the first epoch when `cache_decision` says so (its line printed),
+    else read again each epoch, `sampling.loaded_volumes` in parallel: the memory of the reads is then about
+    loaded_volumes prepared volumes, whatever the number of files."""
     files = [str(f) for f in files]
     if not files:
         raise DataError("train_inputs: no TFRecord files given; check the training file list "
                         "(<model_dir>/filelists/train.json) and run `medseg convert`")
     sampling_params = params.sampling
-    deterministic = sampling_params.deterministic
-    volumes = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-    volumes = volumes.interleave(lambda path: record_dataset(path, params.data.gzip), cycle_length=AUTOTUNE,
-                                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    cache, reason = cache_decision(params, files)
+    print(f"training input: {reason}", flush=True)
+    parallel, deterministic = sampling_params.loaded_volumes, sampling_params.deterministic
+    paths = tf.data.Dataset.from_tensor_slices(files)
+    if not cache:
+        paths = paths.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    volumes = paths.interleave(lambda path: record_dataset(path, params.data.gzip), cycle_length=parallel,
+                               num_parallel_calls=parallel, deterministic=deterministic)
     volumes = volumes.map(lambda record: prepare_volume(decode_example(record, len(params.data.channels)),
                                                         sampling_params.padding),
-                          num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    if sampling_params.cache:
-        volumes = volumes.cache()
-    volumes = volumes.shuffle(sampling_params.shuffle_buffer, seed=seed).repeat()
-    return patch_dataset(volumes, params, seed)
+                          num_parallel_calls=parallel, deterministic=deterministic)
+    if cache:
+        volumes = volumes.cache().shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    return volumes
+
+
+def cache_decision(params, files: Sequence[str]) -> Tuple[bool, str]:
+    """(whether the training volumes are cached, a line saying why) for `sampling.cache`: true, false, or auto:
+    when their prepared size, (4 x channels + 1) bytes per voxel with the one-voxel border (read from the
+    records' index), fits `sampling.cache_budget_mb`."""
+    setting = params.sampling.cache
+    if setting != "auto":
+        return setting, f"{len(files)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
+    subjects = {entry["file"]: entry for entry in read_index(params.data.tfrecords_dir)["subjects"].values()}
+    total_mb = sum(_prepared_bytes(subjects[os.path.basename(f)]) for f in files) / 2**20
+    budget_mb = params.sampling.cache_budget_mb
+    fits = total_mb <= budget_mb
+    return fits, (f"{len(files)} volumes, {total_mb:.0f} MB decoded: "
+                  + ("cached in memory" if fits else f"read from disk each epoch, {params.sampling.loaded_volumes} "
+                     f"at a time") + f" (sampling.cache: auto, sampling.cache_budget_mb: {budget_mb})")
+
+
+def _prepared_bytes(entry) -> int:
+    """Bytes of one prepared volume (`prepare_volume` without its bucket padding) from its index entry."""
+    return (4 * entry["channels"] + 1) * int(np.prod([n + 2 for n in entry["shape"]]))
 
 
 def volume_inputs(params, files):

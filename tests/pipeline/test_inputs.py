@@ -1,5 +1,7 @@
 """The tf.data pipelines: exact crops at the reported positions, repeatability, channels and small
 volumes, TFRecord reading (train_inputs, volume_inputs), and user errors."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -134,10 +136,11 @@ def write_records(folder, subjects, gzip):
     return paths
 
 
-def test_train_inputs_repeat_records_and_volume_inputs_keep_file_order(tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_inputs_repeat_records_and_volume_inputs_keep_file_order(tmp_path, cache):
     subjects = [subject("rec_a", (9, 8, 7), channels=2, seed=5), subject("rec_b", (6, 10, 8), channels=2, seed=6)]
     paths = write_records(tmp_path, subjects, gzip=True)
-    params = make_params(patch_shuffle_buffer=4)
+    params = make_params(patch_shuffle_buffer=4, cache=cache)
     batches = [b for _, b in zip(range(4), inputs.train_inputs(params, paths, seed=0).as_numpy_iterator())]
     assert len(batches) == 4  # 16 patches from 2 volumes: the pipeline repeats
     names = {n.decode() for b in batches for n in b["subject"]}
@@ -155,3 +158,40 @@ def test_user_errors_name_the_fix():
         inputs.train_inputs(make_params(), [], seed=0)
     with pytest.raises(ParamsError, match="sampling.patch_size"):
         make_params(patch_size=[4, 0, 4])
+
+
+def write_index(folder, subjects, paths):
+    """The dataset.json entries train_inputs reads (file, shape, channels) for records in `folder`."""
+    from medseg_dl.data.index import write_index as write
+    write(str(folder), {"subjects": {s["subject"]: {"file": os.path.basename(p), "shape": list(s["shape"]),
+                                                     "channels": s["image"].shape[-1]}
+                                     for s, p in zip(subjects, paths)}})
+
+
+@pytest.mark.parametrize("budget_mb, cached", [(0, False), (1, True)])
+def test_cache_auto_caches_only_a_training_set_that_fits_its_budget(tmp_path, budget_mb, cached):
+    subjects = [subject(f"rec_{i}", (9, 8, 7), channels=2, seed=i) for i in range(3)]
+    paths = write_records(tmp_path, subjects, gzip=False)
+    write_index(tmp_path, subjects, paths)
+    params = Params.from_dict({**make_params().to_dict(), "data": {"num_classes": 3, "channels": ["a", "b"],
+                                                                   "gzip": False, "tfrecords_dir": str(tmp_path)},
+                               "sampling": {**make_params().sampling.to_dict(), "cache_budget_mb": budget_mb}})
+    decision, line = inputs.cache_decision(params, paths)
+    voxels = 11 * 10 * 9  # with the one-voxel border
+    assert decision is cached and line.startswith(f"3 volumes, {3 * 9 * voxels / 2**20:.0f} MB decoded: ")
+    assert ("cached in memory" in line) == cached and f"sampling.cache_budget_mb: {budget_mb})" in line
+    assert len(list(zip(range(3), inputs.train_inputs(params, paths, seed=0)))) == 3
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_each_epoch_reads_every_volume_once_in_a_new_order(tmp_path, cache):
+    """No buffer of volumes that grows with the number of cases: volumes come in the shuffled order of the
+    files, each once per epoch (one patch per volume, no patch shuffle: batch i is volume i)."""
+    subjects = [subject(f"rec_{i}", (6, 6, 6), channels=2, seed=i) for i in range(5)]
+    paths = write_records(tmp_path, subjects, gzip=True)
+    params = make_params(cache=cache, samples_per_volume=1, batch_size=1, patch_size=[3, 3, 3])
+    names = [b["subject"][0].decode() for _, b in zip(range(15), inputs.train_inputs(params, paths, seed=1)
+                                                      .as_numpy_iterator())]
+    epochs = [names[i:i + 5] for i in range(0, 15, 5)]
+    assert all(sorted(epoch) == sorted(s["subject"] for s in subjects) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1
