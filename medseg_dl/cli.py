@@ -1,4 +1,4 @@
-"""`medseg` command line: convert, train, evaluate, predict, export, show, plan, params-doc.
+"""`medseg` command line: convert, train, evaluate, predict, export, show, plan, input-service, params-doc.
 
 Every subcommand takes `--set section.key=value` overrides. A user mistake (`MedsegError`) is
 printed as one line naming the file and the fix, with exit code 2 and no traceback.
@@ -10,6 +10,8 @@ import sys
 
 from medseg_dl.config import schema
 from medseg_dl.errors import MedsegError
+
+DISPATCHER_PORT = 5050  # medseg input-service dispatcher's default port
 
 
 def _add_params_arguments(parser, required=True):
@@ -128,6 +130,17 @@ def _cmd_show(args):
         print(f"wrote {path}")
 
 
+def _cmd_input_service(args):
+    from medseg_dl.pipeline import service
+
+    if args.role == "dispatcher":
+        service.run_dispatcher(args.port or DISPATCHER_PORT, args.work_dir)
+    elif args.dispatcher is None:
+        raise MedsegError("medseg input-service worker needs --dispatcher HOST:PORT (the dispatcher's address)")
+    else:
+        service.run_worker(args.dispatcher, args.port or 0)
+
+
 def _cmd_params_doc(args):
     if args.resume:
         from medseg_dl.experiment.resume import resume_table
@@ -211,6 +224,16 @@ def build_parser():
     show.add_argument("--out", help="PNG to write (without it and with a display, a viewer opens)")
     _add_params_arguments(show, required=False)
     show.set_defaults(handler=_cmd_show)
+
+    serving = commands.add_parser("input-service", help="serve the training input on tf.data service workers "
+                                  "(training.input_service)")
+    serving.add_argument("role", choices=["dispatcher", "worker"])
+    serving.add_argument("--port", type=int, help=f"port to listen on (dispatcher: default {DISPATCHER_PORT}; "
+                         "worker: default any free one)")
+    serving.add_argument("--dispatcher", metavar="HOST:PORT", help="worker: the dispatcher's address")
+    serving.add_argument("--work-dir", help="dispatcher: a folder for its journal, so that a restarted dispatcher "
+                         "resumes its jobs")
+    serving.set_defaults(handler=_cmd_input_service)
 
     doc = commands.add_parser("params-doc", help="print the params reference (Markdown)")
     doc.add_argument("--resume", action="store_true", help="print the table of what a resume may change instead")

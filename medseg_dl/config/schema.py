@@ -245,6 +245,10 @@ SCHEMA = {
                            "default)"),
         "device": _device("trainer"),
         "gpu_memory_limit_mb": _memory_limit("trainer"),
+        "input_service": Key(None, (str, NONE), "address of a tf.data service dispatcher (grpc://HOST:PORT, started "
+                             "with `medseg input-service dispatcher`) whose workers make the training batches when "
+                             "this host's cores cannot feed its GPUs; null: this process makes them",
+                             pattern=r"grpc://[^\s:]+:\d+"),
     },
     "evaluation": {
         "overlap": Key(0.5, NUMBER, "fractional overlap of sliding windows", minimum=0.0, maximum=0.95),

@@ -8,7 +8,9 @@ which fills from the first volumes) -> batch -> prefetch. Memory is bounded by t
 the number of cases: `sampling.loaded_volumes` volumes are read and sampled at once; the decoded
 volumes are cached in memory only when the whole training set fits `sampling.cache_budget_mb`
 (`sampling.cache: auto`; `cache_decision` says what it decided). Patch draw number i uses the stateless
-seed (seed, i), so with `sampling.deterministic` the same params give the same batches.
+seed (seed, r_i), r_i the i-th number of tf.data's random dataset seeded with seed, so with
+`sampling.deterministic` the same params give the same batches. With `training.input_service` the batches
+are made on tf.data service workers (pipeline/service.py), each drawing from its own unseeded numbers.
 """
 import json
 import os
@@ -21,6 +23,7 @@ from medseg_dl.data.index import read_index
 from medseg_dl.data.tfrecords import decode_example, record_dataset
 from medseg_dl.errors import DataError
 from medseg_dl.pipeline import intensity, sampling, spatial
+from medseg_dl.pipeline.service import served
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -121,11 +124,13 @@ def patch_dataset(volumes, params, seed):
         volumes = volumes.map(lambda volume: prepare_volume(volume, sampling_params.padding), AUTOTUNE,
                               deterministic=deterministic)
 
-    def draw(index, volume):
-        return volume_patches(volume, params, tf.stack([tf.constant(seed, tf.int64), index]))
+    def draw(draw_seed, volume):
+        return volume_patches(volume, params, tf.stack([tf.constant(seed, tf.int64), draw_seed]))
 
-    patches = volumes.enumerate().map(draw, num_parallel_calls=sampling_params.loaded_volumes,
-                                      deterministic=deterministic)
+    # unseeded on tf.data service workers: each worker draws its own patches (seeded, all would draw the same)
+    draw_seeds = tf.data.Dataset.random(seed=None if params.training.input_service else seed)
+    patches = tf.data.Dataset.zip(draw_seeds, volumes).map(draw, num_parallel_calls=sampling_params.loaded_volumes,
+                                                           deterministic=deterministic)
     patches = patches.unbatch()
     if sampling_params.patch_shuffle_buffer > 1:
         patches = patches.shuffle(sampling_params.patch_shuffle_buffer, seed=seed)
@@ -135,9 +140,12 @@ def patch_dataset(volumes, params, seed):
 
 def train_inputs(params, files, seed):
     """Endless training batches (see `patch_dataset`) from TFRecord `files` (list of paths, one subject each;
-    GZIP per data.gzip; indexed in data.tfrecords_dir), through `training_volumes`. seed: int of the file
-    order and the patch draws (training passes params.seed + the step it resumes from)."""
-    return patch_dataset(training_volumes(params, files, seed), params, seed)
+    GZIP per data.gzip; indexed in data.tfrecords_dir), through `training_volumes`; made by the tf.data
+    service at `training.input_service` when it is set (pipeline/service.py). seed: int of the file order and
+    the patch draws (training passes params.seed + the step it resumes from)."""
+    batches = patch_dataset(training_volumes(params, files, seed), params, seed)
+    address = params.training.input_service
+    return batches if address is None else served(batches, address)
 
 
 def training_volumes(params, files, seed) -> tf.data.Dataset:
@@ -169,8 +177,11 @@ def training_volumes(params, files, seed) -> tf.data.Dataset:
 def cache_decision(params, files: Sequence[str]) -> Tuple[bool, str]:
     """(whether the training volumes are cached, a line saying why) for `sampling.cache`: true, false, or auto:
     when their prepared size, (4 x channels + 1) bytes per voxel with the one-voxel border (read from the
-    records' index), fits `sampling.cache_budget_mb`."""
+    records' index), fits `sampling.cache_budget_mb`. Never with `training.input_service` (each worker gets
+    files from the dispatcher, not all of them)."""
     setting = params.sampling.cache
+    if params.training.input_service is not None:
+        return False, f"{len(files)} volumes, no cache: made by the tf.data service at {params.training.input_service}"
     if setting != "auto":
         return setting, f"{len(files)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
     subjects = {entry["file"]: entry for entry in read_index(params.data.tfrecords_dir)["subjects"].values()}
