@@ -113,9 +113,12 @@ def tree_rss_mb(pid):
 
 
 def run_measured(command, env):
-    """Run `command`; returns (stdout, seconds, peak RSS in MB of its process tree, sampled every 0.1 s)."""
+    """Run `command` in the checkout of env["PYTHONPATH"] (`-m` and `-c` put the working directory first on
+    the path: it must be that checkout); returns (stdout, seconds, peak RSS in MB of its process tree, sampled
+    every 0.1 s)."""
     started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=env["PYTHONPATH"])
     peak = [0.0]
 
     def sample():

@@ -124,6 +124,12 @@ def brats_cells(r):
             r["val_subjects"], dice, f"{r['val_mean_dice']:.3f}"]
 
 
+def scale_cells(r):
+    disk = f"{r['disk_mb']:.0f} / {r['source_mb']:.0f}" if "disk_mb" in r else "-"
+    return [r["workload"], r["label"], r["stage"], r["cases"], "x".join(map(str, r["shape"])), r["peak_rss_mb"],
+            f"{r['slope_mb_per_case']:+.2f}", r["seconds"], r.get("patches_per_s", "-"), disk]
+
+
 # results name -> (column titles before "machine, date", the cells of one line in that order)
 RENDERERS = {
     "hippocampus_accuracy": (["network", "settings", "steps", "minutes", "s/step", "test cases",
@@ -152,6 +158,8 @@ RENDERERS = {
     "brats_end_to_end": (["experiment", "steps", "patch, batch", "depth", "normalisation",
                           "minutes convert / train / evaluate", "peak RSS MB convert / train / evaluate",
                           "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
+    "scale": (["workload", "code", "stage", "cases", "voxels per case", "peak RSS MB (process tree)",
+               "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB"], scale_cells),
 }
 
 

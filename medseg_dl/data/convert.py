@@ -15,8 +15,9 @@ import multiprocessing
 import os
 import time
 import zlib
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
+import nibabel as nib
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, tfrecords
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
 from medseg_dl.data.index import INDEX_NAME, read_index, write_index
-from medseg_dl.data.subjects import find_subjects
+from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError, ModelDirError
 from medseg_dl.locks import ProcessLock
 
@@ -105,6 +106,11 @@ def _foreground_samples(job):
     return values[keep]
 
 
+# peak RSS of one conversion process above its baseline, per voxel and channel of the case it converts: 27 B
+# measured for a 512 x 512 x 160 one-channel CT case (synthetic, benchmarks/scale.py), CT and z-score alike
+CONVERSION_BYTES_PER_VOXEL = 27
+
+
 def _run_parallel(function, jobs, workers, description):
     """Yield function(job) for each job, in parallel 'spawn' processes when workers > 1. After the last
     job the workers exit on their own; an error stops them at once."""
@@ -167,14 +173,15 @@ def _convert(params, subjects, settings, out_dir, overwrite):
     index = _existing_index(out_dir, settings, overwrite)
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]
             or not os.path.isfile(os.path.join(out_dir, index["subjects"][s.id]["file"]))]
+    workers = conversion_workers(params.data.workers, todo, len(params.data.channels))
     ct_stats = index.get("ct_stats")
     if uses(params.preprocessing, "ct") and (ct_stats is None or todo):
-        ct_stats = _ct_statistics(subjects, params)
+        ct_stats = _ct_statistics(subjects, params, workers)
         index["ct_stats"] = ct_stats
     recipe = recipe_from_params(params, ct_stats)
     jobs = [(s, recipe, settings, out_dir) for s in todo]
     try:
-        for subject_id, entry in _run_parallel(_convert_one, jobs, params.data.workers, "convert"):
+        for subject_id, entry in _run_parallel(_convert_one, jobs, workers, "convert"):
             index["subjects"][subject_id] = entry
             save_index(out_dir, index)
     finally:
@@ -182,9 +189,46 @@ def _convert(params, subjects, settings, out_dir, overwrite):
     return index
 
 
-def _ct_statistics(subjects, params):
+def conversion_workers(requested: int, subjects: Sequence[Subject], channels: int) -> int:
+    """How many processes convert `subjects` at once: `requested` (data.workers), fewer when that many copies
+    of the largest case (`CONVERSION_BYTES_PER_VOXEL` per voxel and channel, its size read from the NIfTI
+    headers) would not fit 80% of the memory available now; at least 1. Prints the decision when it bounds."""
+    voxels = [_header_voxels(s.channels[0]) for s in subjects]
+    known = [v for v in voxels if v is not None]
+    if requested <= 1 or not known:
+        return max(1, requested)
+    per_worker = CONVERSION_BYTES_PER_VOXEL * max(known) * channels
+    available = _available_memory_bytes()
+    fitting = max(1, int(0.8 * available // per_worker))
+    if fitting < requested:
+        print(f"convert: {fitting} worker(s), not data.workers = {requested}: a worker needs about "
+              f"{per_worker / 2**30:.1f} GB for the largest case ({max(known) / 1e6:.0f} M voxels x {channels} "
+              f"channel(s)) and {available / 2**30:.1f} GB are available", flush=True)
+    return min(requested, fitting)
+
+
+def _header_voxels(path: str) -> Optional[int]:
+    """The voxel count of a NIfTI file from its header (nothing else is read); None for other formats."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        return int(np.prod(nib.load(path).shape[:3]))
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return None  # reported by the conversion itself, with the file's name
+
+
+def _available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else the total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _ct_statistics(subjects, params, workers):
     jobs = [(s, recipe_from_params(params), params.seed) for s in subjects]
-    samples = np.concatenate(list(_run_parallel(_foreground_samples, jobs, params.data.workers, "ct statistics")))
+    samples = np.concatenate(list(_run_parallel(_foreground_samples, jobs, workers, "ct statistics")))
     return preprocess.ct_statistics([samples[:, c] for c in range(samples.shape[1])],
                                     params.preprocessing.ct_percentiles)
 

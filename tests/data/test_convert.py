@@ -168,3 +168,21 @@ def test_normalisation_per_channel_matches_numpy():
     np.testing.assert_allclose(out[..., 1], (np.clip(image[..., 1], -500, 500) - 10) / 250, atol=1e-5)
     np.testing.assert_array_equal(out[..., 2], image[..., 2])
     np.testing.assert_array_equal(normalize(image, "none"), image)
+
+
+def test_conversion_workers_are_bounded_by_memory(tmp_path, monkeypatch, capsys):
+    """data.workers unless that many copies of the largest case (27 B per voxel and channel) would not fit
+    80% of the available memory; at least one; unknown sizes (not NIfTI) do not bound."""
+    from medseg_dl.data import convert
+    from medseg_dl.data.subjects import Subject
+
+    synthetic_dataset(tmp_path, cases=2, shape=(20, 30, 14))
+    subjects = [Subject(f"case_0{i}", [str(tmp_path / "images" / f"case_0{i}.nii.gz")]) for i in range(2)]
+    per_worker = 27 * 8400 * 2  # 8400 voxels, 2 channels
+    monkeypatch.setattr(convert, "_available_memory_bytes", lambda: int(3.5 * per_worker / 0.8))
+    assert convert.conversion_workers(8, subjects, 2) == 3
+    assert "convert: 3 worker(s), not data.workers = 8" in capsys.readouterr().out
+    assert convert.conversion_workers(2, subjects, 2) == 2
+    monkeypatch.setattr(convert, "_available_memory_bytes", lambda: 10)
+    assert convert.conversion_workers(4, subjects, 2) == 1
+    assert convert.conversion_workers(4, [Subject("d", [str(tmp_path / "dicom_folder")])], 1) == 4
