@@ -119,7 +119,7 @@ def medseg_params(spec):
 
 
 def memory_dataset(cases, num_classes):
-    """A tf.data.Dataset of decoded-volume dicts (as data/tfrecords.py decodes) from in-memory cases."""
+    """A tf.data.Dataset of volume dicts (as pipeline/inputs.py `read_case` reads them) from in-memory cases."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)

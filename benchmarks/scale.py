@@ -30,10 +30,10 @@ SPACING_MM = (0.8, 0.8, 2.5)
 INPUT_EPOCH = """
 import sys, time, yaml
 from medseg_dl.config.params import Params
-from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
+from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
 from medseg_dl.pipeline.inputs import train_inputs
 params = Params.load(sys.argv[1])
-files = split_record_paths(params, ModelDir(params.experiment.model_dir), "train")
+files = split_case_paths(params, ModelDir(params.experiment.model_dir), "train")
 patches = len(files) * params.sampling.samples_per_volume
 started, seen = time.time(), 0
 for batch in train_inputs(params, files, seed=0):

@@ -28,7 +28,8 @@ def _cmd_convert(args):
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
     folder = params.data.tfrecords_dir
-    size_mb = sum(os.path.getsize(os.path.join(folder, e["file"])) for e in index["subjects"].values()) / 2**20
+    size_mb = sum(os.path.getsize(os.path.join(case, name)) for e in index["subjects"].values()
+                  for case, _, names in os.walk(os.path.join(folder, e["case"])) for name in names) / 2**20
     print(f"converted {len(index['subjects'])} subjects into {folder} ({size_mb:.1f} MB); "
           f"model folder {model_dir.root}")
 
@@ -156,7 +157,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="medseg", description="Patch-based 3D medical image segmentation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="convert a dataset folder to TFRecords")
+    convert = commands.add_parser("convert", help="convert a dataset folder to case folders (chunked, compressed)")
     _add_params_arguments(convert)
     convert.add_argument("--overwrite", action="store_true", help="empty the model folder and convert again")
     convert.set_defaults(handler=_cmd_convert)

@@ -83,7 +83,7 @@ def tiny_params(root, model_dir, **sections):
     """A params dict for a tiny, fast experiment on `synthetic_dataset(root)`."""
     params = {"seed": 3, "experiment": {"name": "tiny", "model_dir": str(model_dir)},
               "data": {"source_dir": str(root), "layout": "images_labels", "channels": ["img"],
-                       "num_classes": 3, "workers": 1, "gzip": False, "split": {"val": 0.25}},
+                       "num_classes": 3, "workers": 1, "split": {"val": 0.25}},
               "sampling": {"patch_size": [12, 12, 12], "batch_size": 2, "samples_per_volume": 2},
               "model": {"architecture": "unet", "base_filters": 4, "depth": 2},
               "training": {"steps": 20, "learning_rate": 0.01, "checkpoint_every": 5, "keep_last": 2,

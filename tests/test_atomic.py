@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
-from medseg_dl.data import io, tfrecords
+from medseg_dl.data import io, store
 from medseg_dl.evaluation import report
 from medseg_dl.viz import plotting
 
@@ -89,27 +89,24 @@ def test_params_nifti_record_png_and_report_writers_fail_cleanly(tmp_path, monke
     monkeypatch.undo()
     assert np.asanyarray(nib.load(str(tmp_path / "label.nii.gz")).dataobj).min() == 1
 
-    tfrecords.write_record(str(tmp_path / "s.tfrecord"), b"first", gzip=False)
-    size = (tmp_path / "s.tfrecord").stat().st_size
+    case = str(tmp_path / store.case_name("s"))
+    meta = {"shape": [4, 4, 4], "channels": 1}
+    store.write_case(case, np.zeros((4, 4, 4, 1)), np.zeros((4, 4, 4)), np.zeros((0, 3)), meta, (2, 2, 2))
+    before = store.read_arrays(case)["meta"]
+    compress, calls = store.zlib.compress, []
 
-    class FailingWriter:  # creates its file, writes part of the record, fails
-        def __init__(self, path, options):
-            self.stream = open(path, "wb")
-
-        def write(self, record):
-            self.stream.write(record[:3])
+    def compress_five_chunks(*args):  # the sixth chunk fails
+        calls.append(1)
+        if len(calls) > 5:
             raise Fault
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.stream.close()
-    monkeypatch.setattr(tfrecords.tf.io, "TFRecordWriter", FailingWriter)
+        return compress(*args)
+    monkeypatch.setattr(store.zlib, "compress", compress_five_chunks)
     with pytest.raises(Fault):
-        tfrecords.write_record(str(tmp_path / "s.tfrecord"), b"second record", gzip=False)
+        store.write_case(case, np.ones((4, 4, 4, 1)), np.ones((4, 4, 4)), np.zeros((0, 3)), meta, (2, 2, 2))
     monkeypatch.undo()
-    assert (tmp_path / "s.tfrecord").stat().st_size == size
+    assert store.read_arrays(case)["meta"] == before and store.read_arrays(case)["image"].max() == 0
+    assert os.listdir(tmp_path).count(store.case_name("s")) == 1 and not [n for n in os.listdir(tmp_path)
+                                                                          if n.startswith(".tmp-")]
 
     plotting.save_png(Figure(), tmp_path / "plot.png")
     png = (tmp_path / "plot.png").read_bytes()

@@ -122,7 +122,6 @@ SCHEMA = {
                                                     "patient land in one fold (and test holds whole patients); an "
                                                     "id it does not match is a patient of its own"),
         },
-        "gzip": Key(True, (bool,), "GZIP-compress the TFRecords"),
         "workers": Key(2, (int,), "parallel processes for conversion", minimum=1),
     },
     "preprocessing": {

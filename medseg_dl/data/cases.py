@@ -4,7 +4,7 @@ Conversion (`medseg convert`), evaluation of another labelled folder (`medseg ev
 prediction (`medseg predict`) all call `subject_case`: read and check the channels (and mask and
 label), reorient (preprocessing.reorient_ras), resample (preprocessing.target_spacing_mm; order 3
 for images, nearest for labels) and normalise (preprocessing.normalization). The validation split,
-already converted, comes back as `Case`s from its records (`case_from_record`).
+already converted, comes back as `Case`s from its records (`case_from_volume`).
 """
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -19,11 +19,15 @@ from medseg_dl.data.subjects import Subject
 from medseg_dl.errors import DataError
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest normalised intensity a stored case holds
+
+
 @dataclass(frozen=True, eq=False)
 class Case:
     """One subject on the model grid, with the geometry of its source files.
 
-    image (X, Y, Z, C) float32, normalised; label (X, Y, Z) int32 in [0, num_classes), or None for an
+    image (X, Y, Z, C) float32, normalised and rounded to float16 (the precision of the stored cases, so that
+    training, evaluation and prediction see the same values); label (X, Y, Z) int32 in [0, num_classes), or None for an
     unlabelled subject; affine (4, 4) float64 voxel -> RAS mm of the model grid; original_shape (3,)
     and original_affine (4, 4) float64 of the source grid (before reorientation and resampling).
     """
@@ -137,14 +141,20 @@ def to_model_grid(array: np.ndarray, affine: np.ndarray, preprocessing: dict,
 
 def prepare_image(image: np.ndarray, mask: Optional[np.ndarray], affine: np.ndarray, recipe: CaseRecipe,
                   subject_id: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Image (X, Y, Z, C) on the model grid, normalised (float32), and its affine (4, 4)."""
+    """Image (X, Y, Z, C) on the model grid, normalised and rounded to float16 (float32 values), and its affine
+    (4, 4). `DataError` when a normalised value is beyond float16's range (possible with normalization none)."""
     prep = recipe.preprocessing
     if uses(prep, "zscore_mask") and mask is None:
         raise DataError(f"subject '{subject_id}': preprocessing.normalization is zscore_mask but it has no "
                         f"mask; set data.mask_pattern or use zscore")
     image_grid, grid_affine = to_model_grid(image, affine, prep, order=3)
     mask_grid = to_model_grid(mask.astype(np.float32), affine, prep, 0)[0] > 0.5 if mask is not None else None
-    return preprocess.normalize(image_grid, prep["normalization"], mask_grid, recipe.ct_stats), grid_affine
+    normalised = preprocess.normalize(image_grid, prep["normalization"], mask_grid, recipe.ct_stats)
+    largest = float(np.abs(normalised).max(initial=0.0))
+    if largest > FLOAT16_MAX:
+        raise DataError(f"subject '{subject_id}': normalised intensities reach {largest:g}, beyond the {FLOAT16_MAX:g} "
+                        f"that the stored float16 holds; use preprocessing.normalization zscore or ct")
+    return normalised.astype(np.float16).astype(np.float32), grid_affine
 
 
 def subject_case(subject: Subject, recipe: CaseRecipe) -> Case:
@@ -157,8 +167,9 @@ def subject_case(subject: Subject, recipe: CaseRecipe) -> Case:
     return Case(subject.id, image_grid, label_grid, grid_affine, tuple(int(n) for n in image.shape[:3]), affine)
 
 
-def case_from_record(volume: Mapping[str, Any]) -> Case:
-    """The `Case` of one decoded record (a dict of tensors or arrays, see tfrecords.decode_example)."""
+def case_from_volume(volume: Mapping[str, Any]) -> Case:
+    """The `Case` of one converted case read back (a dict of tensors or arrays: pipeline/inputs.py
+    `volume_inputs`)."""
     value = {k: np.asarray(v) for k, v in volume.items()}
     return Case(value["subject"].item().decode(), value["image"], value["label"].astype(np.int32),
                 value["affine"].astype(np.float64), tuple(int(n) for n in value["original_shape"]),

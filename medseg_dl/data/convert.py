@@ -1,12 +1,13 @@
-"""Dataset conversion: raw subjects -> preprocessed cases (cases.py) -> one TFRecord each + `dataset.json`.
+"""Dataset conversion: raw subjects -> preprocessed cases (cases.py) -> one case folder each (store.py) +
+`dataset.json` (index.py).
 
-Subjects are converted in parallel processes (`data.workers`); each record is written atomically,
-so a crash or a bad subject leaves no partial file, and `dataset.json` is rewritten (atomically) after
-each finished subject, so a killed conversion loses none of them; the temporaries a killed run left
-are removed when the next one starts. Subjects already converted with the same settings are skipped
-unless `overwrite`. A failed write (a full disk) is a `DataError`. Each record also stores, per class,
-up to `preprocessing.max_locations_per_class` voxel locations for class-balanced sampling, drawn with
-a generator seeded by (seed, crc32(subject id)).
+Subjects are converted in parallel processes (`data.workers`, fewer when memory would not hold them);
+each case folder is written atomically, so a crash or a bad subject leaves no partial folder, and
+`dataset.json` is rewritten (atomically) after each finished subject, so a killed conversion loses none
+of them; the temporaries a killed run left are removed when the next one starts. Subjects already
+converted with the same settings are skipped unless `overwrite`. A failed write is a `DataError` (a full
+disk: `DiskFullError`). Each case also stores, per class, up to `preprocessing.max_locations_per_class`
+voxel locations for class-balanced sampling, drawn with a generator seeded by (seed, crc32(subject id)).
 """
 import contextlib
 import hashlib
@@ -19,29 +20,26 @@ from typing import Iterator, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from medseg_dl.atomic import disk_full_error, is_disk_full, remove_stale_temporaries
 from medseg_dl.config.params import Params
-from medseg_dl.data import preprocess, tfrecords
+from medseg_dl.data import preprocess, store
 from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
-from medseg_dl.data.index import INDEX_NAME, read_index, write_index
+from medseg_dl.data.index import FORMAT_VERSION, INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError, ModelDirError
 from medseg_dl.locks import ProcessLock
 
-FORMAT_VERSION = 1
 CONVERSION_LOCK = "convert.lock"
 CT_SAMPLES_PER_SUBJECT = 10000
 
 
 def conversion_settings(params: Params) -> dict:
-    """Everything that changes a converted record: if it differs, a subject is converted again."""
+    """Everything that changes a converted case: if it differs, a subject is converted again."""
     data = params.data
     return {"format_version": FORMAT_VERSION, "layout": data.layout, "channels": list(data.channels),
-            "num_classes": data.num_classes, "seed": params.seed, "gzip": data.gzip,
-            "preprocessing": params.preprocessing.to_dict()}
+            "num_classes": data.num_classes, "seed": params.seed, "preprocessing": params.preprocessing.to_dict()}
 
 
 def settings_hash(settings: dict) -> str:
@@ -59,31 +57,27 @@ def _convert_one(job):
     locations, counts, voxels = preprocess.class_locations(
         case.label, recipe.num_classes, recipe.preprocessing["max_locations_per_class"],
         _subject_rng(settings["seed"], subject.id))
-    name = tfrecords.record_name(subject.id, settings["gzip"])
-    serialized = tfrecords.serialize_case(case, locations, counts)
+    name = store.case_name(subject.id)
+    entry = {"case": name, "shape": list(case.label.shape), "channels": int(case.image.shape[-1]),
+             "spacing_mm": [float(s) for s in case.spacing_mm], "affine": np.asarray(case.affine).tolist(),
+             "original_shape": list(case.original_shape), "original_affine": np.asarray(case.original_affine).tolist(),
+             "class_location_counts": [int(c) for c in counts], "class_voxels": [int(v) for v in voxels],
+             "source": subject.to_dict(), "settings_hash": settings_hash(settings),
+             "intensity_mean": [float(m) for m in case.image.reshape(-1, case.image.shape[-1]).mean(0)]}
     try:
-        tfrecords.write_record(os.path.join(out_dir, name), serialized, settings["gzip"])
-    except (OSError, tf.errors.OpError) as err:
+        store.write_case(os.path.join(out_dir, name), case.image, case.label, locations, entry)
+    except OSError as err:
         raise write_error(out_dir, err) from None
-    return subject.id, {
-        "file": name, "shape": list(case.label.shape), "channels": int(case.image.shape[-1]),
-        "spacing_mm": [float(s) for s in case.spacing_mm], "class_voxels": [int(v) for v in voxels],
-        "source": subject.to_dict(), "settings_hash": settings_hash(settings),
-        "intensity_mean": [float(m) for m in case.image.reshape(-1, case.image.shape[-1]).mean(0)],
-    }
+    return subject.id, entry
 
 
-def write_error(out_dir: str, err: Exception) -> MedsegError:
-    """The error of a failed write into `out_dir` (an OSError, or TensorFlow's error of a record writer): a
-    `DiskFullError` with the free space when the disk is full (atomic.is_disk_full), else a `DataError` with
-    the system's text of the error."""
+def write_error(out_dir: str, err: OSError) -> MedsegError:
+    """The error of a failed write into `out_dir`: a `DiskFullError` with the free space when the disk is full
+    (atomic.is_disk_full), else a `DataError` with the system's text of the error."""
     kept = "the subjects already converted are kept"
     if is_disk_full(err):
         return disk_full_error(out_dir, "the converted data", f"run convert again; {kept}")
-    if isinstance(err, OSError):
-        text = err.strerror or str(err)
-    else:  # tf.errors.OpError: "<path>; <text>"
-        text = err.message.rsplit("; ", 1)[-1]
+    text = err.strerror or str(err)
     return DataError(f"{out_dir}: cannot write the converted data ({text}); make the folder writable and run convert "
                      f"again; {kept}")
 
@@ -172,7 +166,7 @@ def _convert(params, subjects, settings, out_dir, overwrite):
     remove_stale_temporaries(out_dir)
     index = _existing_index(out_dir, settings, overwrite)
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]
-            or not os.path.isfile(os.path.join(out_dir, index["subjects"][s.id]["file"]))]
+            or not os.path.isdir(os.path.join(out_dir, index["subjects"][s.id]["case"]))]
     workers = conversion_workers(params.data.workers, todo, len(params.data.channels))
     ct_stats = index.get("ct_stats")
     if uses(params.preprocessing, "ct") and (ct_stats is None or todo):
@@ -239,7 +233,7 @@ def _existing_index(out_dir, settings, overwrite):
     path = os.path.join(out_dir, INDEX_NAME)
     if overwrite or not os.path.isfile(path):
         return fresh
-    index = read_index(out_dir)
+    index = read_index(out_dir)  # DataError for a folder converted in an older format
     if index.get("settings_hash") != fresh["settings_hash"]:
         return fresh  # other settings: every subject is converted again
     return index

@@ -1,5 +1,6 @@
-"""`dataset.json`: the index of a converted folder (settings, settings hash, CT statistics, and per
-subject its record file, shape, spacing, class voxel counts and source paths), written by convert.py.
+"""`dataset.json`: the index of a converted folder (its format version, settings, settings hash, CT
+statistics, and per subject its case folder (store.py), shape, channels, geometry, class counts and source
+paths), written by convert.py. A folder converted in another format is refused with one line.
 """
 import json
 import os
@@ -9,6 +10,7 @@ from medseg_dl import atomic
 from medseg_dl.errors import DataError
 
 INDEX_NAME = "dataset.json"
+FORMAT_VERSION = 2  # 1: one TFRecord per subject; 2: one chunked case folder per subject (store.py)
 
 
 def read_index(tfrecords_dir: str) -> dict:
@@ -17,7 +19,11 @@ def read_index(tfrecords_dir: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found; convert the dataset first with `medseg convert --params P`")
     with open(path) as f:
-        return json.load(f)
+        index = json.load(f)
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: converted by an older medseg_dl (format {index.get('format_version')}; this one "
+                        f"reads format {FORMAT_VERSION}); convert again with `medseg convert --params P --overwrite`")
+    return index
 
 
 def write_index(tfrecords_dir: str, index: dict) -> None:
@@ -25,11 +31,11 @@ def write_index(tfrecords_dir: str, index: dict) -> None:
     atomic.write_json(os.path.join(tfrecords_dir, INDEX_NAME), index)
 
 
-def record_paths(tfrecords_dir: str, subject_ids: Sequence[str]) -> List[str]:
-    """Paths of the records of `subject_ids` from the index; `DataError` for a subject not converted."""
+def case_paths(tfrecords_dir: str, subject_ids: Sequence[str]) -> List[str]:
+    """Paths of the case folders of `subject_ids` from the index; `DataError` for a subject not converted."""
     index = read_index(tfrecords_dir)
     missing = [s for s in subject_ids if s not in index["subjects"]]
     if missing:
         raise DataError(f"{os.path.join(tfrecords_dir, INDEX_NAME)}: subjects {missing[:3]} are not converted; "
                         f"run `medseg convert` with the same params")
-    return [os.path.join(tfrecords_dir, index["subjects"][s]["file"]) for s in subject_ids]
+    return [os.path.join(tfrecords_dir, index["subjects"][s]["case"]) for s in subject_ids]

@@ -24,7 +24,7 @@ from medseg_dl.data.cases import stored_recipe
 from medseg_dl.devices import configure_devices
 from medseg_dl.evaluation import postprocessing
 from medseg_dl.evaluation.report import Segmentation, write_report
-from medseg_dl.evaluation.runner import record_cases, segment_cases, split_records, split_subjects_of
+from medseg_dl.evaluation.runner import converted_cases, segment_cases, split_cases, split_subjects_of
 from medseg_dl.experiment.model_dir import ModelDir, experiment_root, fold_model_dirs
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference import postprocess
@@ -39,7 +39,7 @@ def fold_predictions(fold_dir: ModelDir, checkpoint: str) -> Tuple[List[Segmenta
     if not os.path.isfile(fold_dir.done_marker):
         print(f"warning: {fold_dir.root} has not finished training: its step {trained.step} is scored, not the "
               f"final step {params.training.steps}", flush=True)
-    cases = record_cases(params, split_records(params, fold_dir, "val", params.evaluation.poll_seconds))
+    cases = converted_cases(params, split_cases(params, fold_dir, "val", params.evaluation.poll_seconds))
     results = segment_cases(Predictor.from_params(trained.network, params), cases, split_subjects_of(fold_dir, "val"),
                             stored_recipe(params))
     print(f"{fold_dir.root}: {len(results)} validation cases at step {trained.step}", flush=True)
@@ -90,7 +90,7 @@ def run_ensemble_test(params: Params, checkpoint: str = "auto") -> Dict:
     root, folds = experiment_root(params), fold_model_dirs(params)
     ensemble = load_ensemble([f.root for f in folds], checkpoint)
     first = ensemble.params
-    cases = record_cases(first, split_records(first, folds[0], "test", first.evaluation.poll_seconds))
+    cases = converted_cases(first, split_cases(first, folds[0], "test", first.evaluation.poll_seconds))
     results = segment_cases(Predictor.from_params(ensemble.networks, first), cases,
                             split_subjects_of(folds[0], "test"), stored_recipe(first))
     steps = {f"fold_{k}": m.step for k, m in enumerate(ensemble.members)}

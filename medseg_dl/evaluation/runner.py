@@ -21,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import Case, CaseRecipe, case_from_record, read_image, read_label, stored_recipe, subject_case
+from medseg_dl.data.cases import Case, CaseRecipe, case_from_volume, read_image, read_label, stored_recipe, subject_case
 from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import CheckpointError, DataError, MedsegError
 from medseg_dl.evaluation.report import Segmentation, write_report
-from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects, read_filelist, split_record_paths
+from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects, read_filelist, split_case_paths
 from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network, restore_weights
@@ -61,16 +61,16 @@ def split_subjects_of(model_dir: ModelDir, split: str) -> Dict[str, Subject]:
     return {subject.id: subject for subject in filelist_subjects(model_dir, split)}
 
 
-def split_records(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
+def split_cases(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
                   timeout_s: Optional[float] = None) -> List[str]:
-    """The TFRecords of a split; waits while training still converts them (at most `timeout_s`)."""
+    """The case folders of a split; waits while training still converts them (at most `timeout_s`)."""
     if not read_filelist(model_dir, split):
         raise MedsegError(f"{model_dir.filelist(split)} is empty; set data.split.{split} > 0 or give "
                           f"explicit lists, or evaluate another folder with --data DIR")
     started = time.time()
     while True:
         try:
-            return split_record_paths(params, model_dir, split)
+            return split_case_paths(params, model_dir, split)
         except DataError:
             if timeout_s is not None and time.time() - started > timeout_s:
                 raise MedsegError(f"{params.data.tfrecords_dir}: the {split} subjects are still not converted after "
@@ -80,9 +80,9 @@ def split_records(params: Params, model_dir: ModelDir, split: str, poll_seconds:
             time.sleep(max(poll_seconds, 1.0))
 
 
-def record_cases(params: Params, files: Sequence[str]) -> List[Case]:
-    """The `Case`s of converted records."""
-    return [case_from_record(volume) for volume in volume_inputs(params, files)]
+def converted_cases(params: Params, cases: Sequence[str]) -> List[Case]:
+    """The `Case`s of converted case folders."""
+    return [case_from_volume(volume) for volume in volume_inputs(params, cases)]
 
 
 def folder_cases(params: Params, data_dir: str, layout: Optional[str] = None) -> Tuple[List[Case], Dict[str, Subject]]:
@@ -154,7 +154,7 @@ def main(argv: Sequence[str]) -> int:
         params = Params.load(argv[0])
         model_dir = ModelDir(params.experiment.model_dir)
         configure_devices(params.evaluation, "evaluation")
-        runner = InProcessRunner(params, model_dir, record_cases(params, split_record_paths(params, model_dir, "val")),
+        runner = InProcessRunner(params, model_dir, converted_cases(params, split_case_paths(params, model_dir, "val")),
                                  split_subjects_of(model_dir, "val"))
         summary = runner(argv[1], int(argv[2]))
         runner.close()

@@ -31,8 +31,8 @@ from medseg_dl.data.subjects import Subject
 from medseg_dl.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import CheckpointError, MedsegError
 from medseg_dl.evaluation.report import write_report
-from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, folder_cases, record_cases,
-                                         segment_cases, split_records, split_subjects_of)
+from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, folder_cases, converted_cases,
+                                         segment_cases, split_cases, split_subjects_of)
 from medseg_dl.experiment.checkpoints import (BestCheckpoints, CheckpointGone, checkpoint_step, completed_checkpoints,
                                               remove_checkpoint, stage_checkpoint)
 from medseg_dl.locks import ProcessLock
@@ -167,7 +167,7 @@ def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, chec
         if data_dir or split == "test":
             if data_dir:
                 return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
-            cases = record_cases(params, split_records(params, model_dir, "test", params.evaluation.poll_seconds,
+            cases = converted_cases(params, split_cases(params, model_dir, "test", params.evaluation.poll_seconds,
                                                        timeout_s))
             return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test",
                                     checkpoint)
@@ -177,7 +177,7 @@ def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, chec
 def _watch_or_once(params, model_dir, once, checkpoint, timeout_s, in_children):
     with ProcessLock(model_dir.eval_lock, "evaluator"):
         _remove_leftovers(model_dir)
-        files = split_records(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)
+        files = split_cases(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)
         staging = tempfile.mkdtemp(prefix=ModelDir.STAGING_PREFIX, dir=model_dir.eval_root)
         runner = _make_runner(params, model_dir, files, staging, in_children)
         try:
@@ -203,7 +203,7 @@ def _make_runner(params, model_dir, files, staging, in_children):
     if in_children:
         params.save(os.path.join(staging, "params.yaml"))
         return ChildProcessRunner(os.path.join(staging, "params.yaml"))
-    return InProcessRunner(params, model_dir, record_cases(params, files), split_subjects_of(model_dir, "val"))
+    return InProcessRunner(params, model_dir, converted_cases(params, files), split_subjects_of(model_dir, "val"))
 
 
 def _remove_leftovers(model_dir):

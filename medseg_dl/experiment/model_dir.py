@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 from medseg_dl import atomic
 from medseg_dl.cluster import is_chief
 from medseg_dl.config.params import Params
-from medseg_dl.data.index import record_paths
+from medseg_dl.data.index import case_paths
 from medseg_dl.data.subjects import Subject, find_subjects, split_subjects
 from medseg_dl.errors import DataError, ModelDirError, ParamsError
 from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
@@ -403,9 +403,9 @@ def read_filelist(model_dir: ModelDir, split: str) -> List[str]:
     return [entry["id"] for entry in _filelist_entries(model_dir, split)]
 
 
-def split_record_paths(params: Params, model_dir: ModelDir, split: str) -> List[str]:
-    """TFRecord paths of the subjects of `split`; `DataError` if one is not converted yet."""
-    return record_paths(params.data.tfrecords_dir, read_filelist(model_dir, split))
+def split_case_paths(params: Params, model_dir: ModelDir, split: str) -> List[str]:
+    """Case folder paths of the subjects of `split`; `DataError` if one is not converted yet."""
+    return case_paths(params.data.tfrecords_dir, read_filelist(model_dir, split))
 
 
 def _same_experiment(model_dir: ModelDir, params: Params) -> bool:

@@ -1,8 +1,8 @@
 """The tf.data pipelines: training patches (`train_inputs`, its patch stage `patch_dataset`) and
 whole volumes for evaluation metrics (`volume_inputs`).
 
-Training (`training_volumes`, then `patch_dataset`): the files in a new random order each epoch ->
-reads and decodes -> flattened for sampling (`prepare_volume`) -> `samples_per_volume` augmented
+Training (`training_volumes`, then `patch_dataset`): the cases in a new random order each epoch ->
+read from their case folders (data/store.py, TensorFlow ops) -> flattened for sampling (`prepare_volume`) -> `samples_per_volume` augmented
 patches per volume in one vectorised call -> a small shuffle of patches (`patch_shuffle_buffer`,
 which fills from the first volumes) -> batch -> prefetch. Memory is bounded by the settings, never by
 the number of cases: `sampling.loaded_volumes` volumes are read and sampled at once; the decoded
@@ -19,8 +19,8 @@ from typing import Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from medseg_dl.data import store
 from medseg_dl.data.index import read_index
-from medseg_dl.data.tfrecords import decode_example, record_dataset
 from medseg_dl.errors import DataError
 from medseg_dl.pipeline import intensity, sampling, spatial
 from medseg_dl.pipeline.service import served
@@ -138,57 +138,76 @@ def patch_dataset(volumes, params, seed):
     return patches.prefetch(AUTOTUNE).with_options(_options(deterministic))
 
 
-def train_inputs(params, files, seed):
-    """Endless training batches (see `patch_dataset`) from TFRecord `files` (list of paths, one subject each;
-    GZIP per data.gzip; indexed in data.tfrecords_dir), through `training_volumes`; made by the tf.data
-    service at `training.input_service` when it is set (pipeline/service.py). seed: int of the file order and
-    the patch draws (training passes params.seed + the step it resumes from)."""
-    batches = patch_dataset(training_volumes(params, files, seed), params, seed)
+def train_inputs(params, cases, seed):
+    """Endless training batches (see `patch_dataset`) from the converted `cases` (case folder paths, indexed
+    in data.tfrecords_dir), through `training_volumes`; made by the tf.data service at
+    `training.input_service` when it is set (pipeline/service.py). seed: int of the case order and the patch
+    draws (training passes params.seed + the step it resumes from)."""
+    batches = patch_dataset(training_volumes(params, cases, seed), params, seed)
     address = params.training.input_service
     return batches if address is None else served(batches, address)
 
 
-def training_volumes(params, files, seed) -> tf.data.Dataset:
-    """Prepared training volumes (`prepare_volume`), endlessly, each epoch all `files` in a new random order
-    (seed: int). Cached in memory after the first epoch when `cache_decision` says so (its line printed),
-    else read again each epoch, `sampling.loaded_volumes` in parallel: the memory of the reads is then about
-    loaded_volumes prepared volumes, whatever the number of files."""
-    files = [str(f) for f in files]
-    if not files:
-        raise DataError("train_inputs: no TFRecord files given; check the training file list "
-                        "(<model_dir>/filelists/train.json) and run `medseg convert`")
+def training_volumes(params, cases, seed) -> tf.data.Dataset:
+    """Prepared training volumes (`prepare_volume`), endlessly, each epoch all `cases` (case folder paths, see
+    data/store.py) in a new random order (seed: int). Cached in memory after the first epoch when
+    `cache_decision` says so (its line printed), else read again each epoch, `sampling.loaded_volumes` in
+    parallel: the memory of the reads is then about loaded_volumes prepared volumes, whatever the number of cases."""
+    entries = case_entries(params, cases, "train_inputs")
     sampling_params = params.sampling
-    cache, reason = cache_decision(params, files)
+    cache, reason = cache_decision(params, cases)
     print(f"training input: {reason}", flush=True)
     parallel, deterministic = sampling_params.loaded_volumes, sampling_params.deterministic
-    paths = tf.data.Dataset.from_tensor_slices(files)
     if not cache:
-        paths = paths.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-    volumes = paths.interleave(lambda path: record_dataset(path, params.data.gzip), cycle_length=parallel,
-                               num_parallel_calls=parallel, deterministic=deterministic)
-    volumes = volumes.map(lambda record: prepare_volume(decode_example(record, len(params.data.channels)),
-                                                        sampling_params.padding),
+        entries = entries.shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
+    volumes = entries.map(lambda entry: prepare_volume(read_case(entry, params), sampling_params.padding),
                           num_parallel_calls=parallel, deterministic=deterministic)
     if cache:
-        volumes = volumes.cache().shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+        volumes = volumes.cache().shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
     return volumes
 
 
-def cache_decision(params, files: Sequence[str]) -> Tuple[bool, str]:
+def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
+    """The index entries (dataset.json) of the case folders `cases`, in their order, as a dataset of dicts:
+    case () string (the path), subject () string, shape (3,) int32, spacing_mm (3,) float32, affine (4, 4)
+    float64, original_shape (3,) int32, original_affine (4, 4) float64, class_location_counts (K,) int32.
+    `DataError` naming `caller` when there are none."""
+    cases = [str(c) for c in cases]
+    if not cases:
+        raise DataError(f"{caller}: no converted cases given; check the file list (<model_dir>/filelists/) and "
+                        f"run `medseg convert`")
+    by_case = {entry["case"]: (subject, entry) for subject, entry in read_index(params.data.tfrecords_dir)["subjects"]
+               .items()}
+    chosen = [by_case[os.path.basename(c)] for c in cases]
+    columns = {"case": (cases, tf.string), "subject": ([s for s, _ in chosen], tf.string)}
+    for key, dtype in (("shape", tf.int32), ("spacing_mm", tf.float32), ("affine", tf.float64),
+                       ("original_shape", tf.int32), ("original_affine", tf.float64),
+                       ("class_location_counts", tf.int32)):
+        columns[key] = ([e[key] for _, e in chosen], dtype)
+    return tf.data.Dataset.from_tensor_slices({k: tf.constant(v, dtype) for k, (v, dtype) in columns.items()})
+
+
+def read_case(entry, params) -> dict:
+    """One case entry (`case_entries`) with its arrays read (data/store.py `read_volume`): image (X, Y, Z, C)
+    float32, label (X, Y, Z) int32, class_locations (M, 3) int32."""
+    return {**entry, **store.read_volume(entry["case"], entry["shape"], len(params.data.channels))}
+
+
+def cache_decision(params, cases: Sequence[str]) -> Tuple[bool, str]:
     """(whether the training volumes are cached, a line saying why) for `sampling.cache`: true, false, or auto:
     when their prepared size, (4 x channels + 1) bytes per voxel with the one-voxel border (read from the
-    records' index), fits `sampling.cache_budget_mb`. Never with `training.input_service` (each worker gets
-    files from the dispatcher, not all of them)."""
+    index), fits `sampling.cache_budget_mb`. Never with `training.input_service` (each worker gets cases from
+    the dispatcher, not all of them)."""
     setting = params.sampling.cache
     if params.training.input_service is not None:
-        return False, f"{len(files)} volumes, no cache: made by the tf.data service at {params.training.input_service}"
+        return False, f"{len(cases)} volumes, no cache: made by the tf.data service at {params.training.input_service}"
     if setting != "auto":
-        return setting, f"{len(files)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
-    subjects = {entry["file"]: entry for entry in read_index(params.data.tfrecords_dir)["subjects"].values()}
-    total_mb = sum(_prepared_bytes(subjects[os.path.basename(f)]) for f in files) / 2**20
+        return setting, f"{len(cases)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
+    entries = {entry["case"]: entry for entry in read_index(params.data.tfrecords_dir)["subjects"].values()}
+    total_mb = sum(_prepared_bytes(entries[os.path.basename(c)]) for c in cases) / 2**20
     budget_mb = params.sampling.cache_budget_mb
     fits = total_mb <= budget_mb
-    return fits, (f"{len(files)} volumes, {total_mb:.0f} MB decoded: "
+    return fits, (f"{len(cases)} volumes, {total_mb:.0f} MB decoded: "
                   + ("cached in memory" if fits else f"read from disk each epoch, {params.sampling.loaded_volumes} "
                      f"at a time") + f" (sampling.cache: auto, sampling.cache_budget_mb: {budget_mb})")
 
@@ -198,15 +217,11 @@ def _prepared_bytes(entry) -> int:
     return (4 * entry["channels"] + 1) * int(np.prod([n + 2 for n in entry["shape"]]))
 
 
-def volume_inputs(params, files):
-    """Whole decoded volumes (dicts of data/tfrecords.py `decode_example`), one at a time, in the
-    order of `files`, without augmentation: the evaluation metrics pipeline."""
-    files = [str(f) for f in files]
-    if not files:
-        raise DataError("volume_inputs: no TFRecord files given; check the evaluation file list")
-    volumes = record_dataset(files, params.data.gzip)
-    volumes = volumes.map(lambda record: decode_example(record, len(params.data.channels)),
-                          num_parallel_calls=AUTOTUNE, deterministic=True)
+def volume_inputs(params, cases):
+    """Whole volumes (dicts of `case_entries` with the arrays of `read_case`), one at a time, in the order of
+    `cases` (case folder paths), without augmentation: the evaluation metrics pipeline."""
+    volumes = case_entries(params, cases, "volume_inputs").map(lambda entry: read_case(entry, params),
+                                                               num_parallel_calls=AUTOTUNE, deterministic=True)
     return volumes.prefetch(1)
 
 

@@ -51,7 +51,7 @@ def class_balanced_centres(class_locations, class_location_counts, class_probabi
 
 
 def patch_centres(volume, sampling_params, count, seed):
-    """(count, 3) int32 centres for one decoded volume dict (see data/tfrecords.py), following
+    """(count, 3) int32 centres for one volume dict (pipeline/inputs.py `read_case`), following
     `sampling.class_probabilities`: [] uniform; null equal over present classes; a list per class."""
     probabilities = sampling_params.class_probabilities
     if probabilities is not None and len(probabilities) == 0:

@@ -30,7 +30,7 @@ from medseg_dl.errors import DataError, ModelDirError, OutOfMemoryError, Trainin
 from medseg_dl.experiment.checkpoints import (completed_checkpoints, remove_unlisted_checkpoints,
                                               set_aside_checkpoints)
 from medseg_dl.locks import ProcessLock
-from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
+from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
 from medseg_dl.model.model_fn import model_fn
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training import reporting
@@ -199,10 +199,10 @@ def _continue_schedule(spec, start, params):
 
 
 def _training_files(params, model_dir, wait):
-    """The TFRecords of the training split; with `wait`, until the chief has converted them."""
+    """The case folders of the training split; with `wait`, until the chief has converted them."""
     while True:
         try:
-            return split_record_paths(params, model_dir, "train")
+            return split_case_paths(params, model_dir, "train")
         except DataError:
             if not wait:
                 raise

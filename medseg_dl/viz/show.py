@@ -7,7 +7,7 @@ import numpy as np
 
 from medseg_dl.config.params import Params
 from medseg_dl.data.io import read_volume
-from medseg_dl.experiment.model_dir import ModelDir, split_record_paths
+from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
 from medseg_dl.viz import plotting
 
 
@@ -28,7 +28,7 @@ def show_batch(params: Params, model_dir: ModelDir, out: str) -> str:
     from medseg_dl.pipeline.inputs import train_inputs
 
     configure_devices(params.training, "training")
-    batches = train_inputs(params, split_record_paths(params, model_dir, "train"), seed=params.seed)
+    batches = train_inputs(params, split_case_paths(params, model_dir, "train"), seed=params.seed)
     return plotting.batch_grid({k: v.numpy() for k, v in next(iter(batches)).items()}, out)
 
 

@@ -1,5 +1,5 @@
-"""Conversion of real cases: decoded records equal what nibabel reads and normalises directly."""
-import gzip
+"""Conversion of real cases: the cases read back (pipeline `volume_inputs`) equal what nibabel reads and
+normalises directly, to float16 precision (the stored type)."""
 import json
 import os
 import signal
@@ -9,18 +9,26 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 import tensorflow as tf
 import yaml
 
 from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params
 from medseg_dl.config.params import Params
-from medseg_dl.data import tfrecords
+from medseg_dl.data import store
 from medseg_dl.data.convert import convert_dataset
+from medseg_dl.pipeline.inputs import volume_inputs
 
 
-def decode_file(path, gzip_records=True):
-    serialized = next(iter(tfrecords.record_dataset([path], gzip_records)))
-    return {k: v.numpy() for k, v in tfrecords.decode_example(serialized).items()}
+def read_back(params, subject_id):
+    """The converted case of `subject_id` as the pipelines read it (a dict of numpy arrays)."""
+    path = os.path.join(params.data.tfrecords_dir, store.case_name(subject_id))
+    return next(volume_inputs(params, [path]).as_numpy_iterator())
+
+
+def assert_float16_close(stored, expected):
+    """`stored` (read back: float16 values as float32) equals `expected` to float16 rounding."""
+    np.testing.assert_allclose(stored, expected, rtol=2 ** -10, atol=2 ** -14)
 
 
 def nibabel_zscore(path):
@@ -33,10 +41,10 @@ def test_hippocampus_records_equal_nibabel(hippo_dir, tmp_path):
     index = convert_dataset(params)
     assert sorted(index["subjects"]) == HIPPO_CASES
     for case in HIPPO_CASES:
-        record = decode_file(os.path.join(params.data.tfrecords_dir, index["subjects"][case]["file"]))
+        record = read_back(params, case)
         image_nib = nib.load(str(hippo_dir / "images" / f"{case}.nii.gz"))
         label = np.asanyarray(nib.load(str(hippo_dir / "labels" / f"{case}.nii.gz")).dataobj)
-        np.testing.assert_allclose(record["image"][..., 0], nibabel_zscore(image_nib.get_filename()), atol=1e-5)
+        assert_float16_close(record["image"][..., 0], nibabel_zscore(image_nib.get_filename()))
         np.testing.assert_array_equal(record["label"], label.astype(np.int32))
         np.testing.assert_array_equal(record["affine"], image_nib.affine)
         np.testing.assert_allclose(record["spacing_mm"], image_nib.header.get_zooms()[:3])
@@ -53,24 +61,22 @@ def test_hippocampus_records_equal_nibabel(hippo_dir, tmp_path):
 def test_second_run_skips_and_overwrite_redoes(hippo_dir, tmp_path):
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
     convert_dataset(params)
-    record = os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz")
-    mtime = os.path.getmtime(record)
+    case = os.path.join(params.data.tfrecords_dir, store.case_name(HIPPO_CASES[0]))
+    mtime = os.path.getmtime(case)
     convert_dataset(params)
-    assert os.path.getmtime(record) == mtime
+    assert os.path.getmtime(case) == mtime
     convert_dataset(params, overwrite=True)
-    assert os.path.getmtime(record) > mtime
-    with gzip.open(record) as f:  # a complete GZIP stream
-        assert len(f.read()) > 0
+    assert os.path.getmtime(case) > mtime
+    assert store.read_arrays(case)["meta"]["shape"] == list(read_back(params, HIPPO_CASES[0])["shape"])
 
 
 def test_parallel_workers_give_identical_records(hippo_dir, tmp_path):
     serial = Params.from_dict(hippo_params(hippo_dir, tmp_path / "a"))
-    parallel = Params.from_dict(hippo_params(hippo_dir, tmp_path / "b", data={"workers": 2, "gzip": False}))
+    parallel = Params.from_dict(hippo_params(hippo_dir, tmp_path / "b", data={"workers": 2}))
     convert_dataset(serial)
     convert_dataset(parallel)
     for case in HIPPO_CASES[:2]:
-        a = decode_file(os.path.join(serial.data.tfrecords_dir, f"{case}.tfrecord.gz"))
-        b = decode_file(os.path.join(parallel.data.tfrecords_dir, f"{case}.tfrecord"), gzip_records=False)
+        a, b = read_back(serial, case), read_back(parallel, case)
         for key in ("image", "label", "class_locations"):
             np.testing.assert_array_equal(a[key], b[key])
 
@@ -85,7 +91,7 @@ def test_brats_subject_two_channels_equal_nibabel(brats_subject_dir, tmp_path):
     index = convert_dataset(params)
     entry = index["subjects"]["brats_2013_pat0005_1"]
     assert entry["class_voxels"] == [8847318, 23030, 35416, 3882, 18354]  # as documented in the data README
-    record = decode_file(os.path.join(params.data.tfrecords_dir, entry["file"]))
+    record = read_back(params, "brats_2013_pat0005_1")
     folder = brats_subject_dir / "brats_2013_pat0005_1"
     mask = nib.load(str(folder / "brainmask.nii.gz")).get_fdata() > 0.5
     assert record["image"].shape == (240, 240, 155, 2)
@@ -93,7 +99,7 @@ def test_brats_subject_two_channels_equal_nibabel(brats_subject_dir, tmp_path):
         image = nib.load(str(folder / f"{name}.nii.gz"))
         data = np.asanyarray(image.dataobj).astype(np.float64)
         expected = np.where(mask, (data - data[mask].mean()) / data[mask].std(), 0.0)
-        np.testing.assert_allclose(record["image"][..., c], expected, atol=1e-5)
+        assert_float16_close(record["image"][..., c], expected)
         np.testing.assert_array_equal(record["affine"], image.affine)  # LPS affine kept as is
     assert json.load(open(os.path.join(params.data.tfrecords_dir, "dataset.json")))["num_classes"] == 5
 
@@ -102,7 +108,7 @@ def test_resampling_and_reorientation_keep_geometry(hippo_dir, tmp_path):
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run", preprocessing={
         "target_spacing_mm": [2.0, 2.0, 1.5], "reorient_ras": True}))
     convert_dataset(params)
-    record = decode_file(os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz"))
+    record = read_back(params, HIPPO_CASES[0])
     source = nib.load(str(hippo_dir / "images" / f"{HIPPO_CASES[0]}.nii.gz"))
     np.testing.assert_allclose(record["spacing_mm"], [2.0, 2.0, 1.5])
     np.testing.assert_array_equal(record["original_shape"], source.shape)
@@ -113,13 +119,25 @@ def test_resampling_and_reorientation_keep_geometry(hippo_dir, tmp_path):
     assert set(np.unique(record["label"])) <= {0, 1, 2}
 
 
-def test_decode_fixes_channel_dimension(hippo_dir, tmp_path):
+def test_volume_inputs_fix_the_channel_dimension(hippo_dir, tmp_path):
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
     convert_dataset(params)
-    path = os.path.join(params.data.tfrecords_dir, f"{HIPPO_CASES[0]}.tfrecord.gz")
-    dataset = tfrecords.record_dataset([path], True).map(lambda s: tfrecords.decode_example(s, num_channels=1))
+    dataset = volume_inputs(params, [os.path.join(params.data.tfrecords_dir, store.case_name(HIPPO_CASES[0]))])
     assert dataset.element_spec["image"].shape.as_list() == [None, None, None, 1]
     assert dataset.element_spec["label"].dtype == tf.int32
+
+
+def test_a_folder_converted_in_the_older_format_is_refused_with_the_fix(hippo_dir, tmp_path):
+    from medseg_dl.errors import DataError
+
+    params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
+    os.makedirs(params.data.tfrecords_dir)
+    with open(os.path.join(params.data.tfrecords_dir, "dataset.json"), "w") as f:
+        json.dump({"format_version": 1, "subjects": {}}, f)
+    with pytest.raises(DataError, match=r"dataset.json: converted by an older medseg_dl \(format 1; this one reads "
+                                        r"format 2\); convert again with `medseg convert --params P --overwrite`"):
+        convert_dataset(params)
+    assert len(convert_dataset(params, overwrite=True)["subjects"]) == 4
 
 
 def indexed_subjects(tfrecords_dir):
@@ -148,11 +166,11 @@ def test_killed_conversion_keeps_finished_subjects(tmp_path):
     process.wait()
     finished = indexed_subjects(out_dir)
     assert 3 <= len(finished) < 24, f"killed with {len(finished)} subjects indexed; make the cases larger"
-    (out_dir / f".tmp-{process.pid}-deadbeef-x.tfrecord").write_bytes(b"half a record")
-    mtimes = {s: (out_dir / f"{s}.tfrecord").stat().st_mtime_ns for s in finished}
+    (out_dir / f".tmp-{process.pid}-deadbeef-x.case").mkdir()  # a half-written case folder
+    mtimes = {s: (out_dir / store.case_name(s)).stat().st_mtime_ns for s in finished}
     subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, timeout=120)
     assert len(indexed_subjects(out_dir)) == 24
-    assert {s: (out_dir / f"{s}.tfrecord").stat().st_mtime_ns for s in finished} == mtimes
+    assert {s: (out_dir / store.case_name(s)).stat().st_mtime_ns for s in finished} == mtimes
     assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]
 
 

@@ -29,16 +29,16 @@ def trained(tmp_path, steps=10):
 
 
 def evaluator_for(params, model_dir, staging):
-    files = runner.split_records(params, model_dir, "val", 0.1)
+    files = runner.split_cases(params, model_dir, "val", 0.1)
     staging.mkdir(exist_ok=True)
-    in_process = runner.InProcessRunner(params, model_dir, runner.record_cases(params, files),
+    in_process = runner.InProcessRunner(params, model_dir, runner.converted_cases(params, files),
                                         runner.split_subjects_of(model_dir, "val"))
     return evaluation.Evaluator(params, model_dir, in_process, str(staging))
 
 
 def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
     params, model_dir = trained(tmp_path)
-    cases = runner.record_cases(params, runner.split_records(params, model_dir, "val", 0.1))
+    cases = runner.converted_cases(params, runner.split_cases(params, model_dir, "val", 0.1))
     assert len(cases) == 1
     assert evaluation.run_evaluation(params, model_dir, timeout_s=30) is None
     history = json.load(open(model_dir.history))

@@ -49,7 +49,7 @@ def test_cli_convert_and_help(hippo_dir, tmp_path):
     path = _write_params(tmp_path, hippo_dir)
     run = lambda *a: subprocess.run([sys.executable, "-m", "medseg_dl.cli", *a], capture_output=True,
                                     text=True, cwd=REPO)
-    result = run("convert", "--params", path, "--set", "data.gzip=false")
+    result = run("convert", "--params", path)
     assert result.returncode == 0, result.stderr
     assert "converted 4 subjects" in result.stdout
     assert sorted(os.listdir(tmp_path / "run" / "tfrecords"))[0] == "dataset.json"

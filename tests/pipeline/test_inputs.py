@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import Case
 from medseg_dl.data.preprocess import class_locations
-from medseg_dl.data.tfrecords import record_name, serialize_case, write_record
+from medseg_dl.data import store
+from medseg_dl.data.index import FORMAT_VERSION, write_index
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.pipeline import inputs
 
@@ -18,7 +18,7 @@ ALL_ON = {"flip": {"p": 0.5}, "rotate": {"p": 1.0}, "scale": {"p": 1.0}, "elasti
 
 
 def subject(name, shape, channels=1, num_classes=3, seed=0):
-    """A decoded-volume dict of numpy arrays (as data/tfrecords.py decodes), random image and labels."""
+    """A volume dict of numpy arrays (as pipeline/inputs.py `read_case` reads a case), random image and labels."""
     rng = np.random.default_rng(seed)
     label = rng.integers(0, num_classes, size=shape).astype(np.int32)
     locations, counts, _ = class_locations(label, num_classes, 100, rng)
@@ -125,22 +125,34 @@ def test_a_flipped_patch_gets_its_position_mirrored_on_the_flipped_axis(axis):
     assert np.all(np.abs(expected[:, axis] - 0.5) > 0.01)  # mirroring changes the position
 
 
-def write_records(folder, subjects, gzip):
-    paths = []
+def write_cases(folder, subjects):
+    """Case folders (data/store.py) of the `subject` dicts in `folder` with their dataset.json; returns the paths."""
+    entries, paths = {}, []
     for s in subjects:
-        case = Case(s["subject"], s["image"], s["label"], np.diag([*s["spacing_mm"], 1.0]), tuple(s["shape"]),
-                    np.eye(4))
-        path = folder / record_name(s["subject"], gzip)
-        write_record(str(path), serialize_case(case, s["class_locations"], s["class_location_counts"]), gzip)
-        paths.append(str(path))
+        path = str(folder / store.case_name(s["subject"]))
+        entry = {"case": os.path.basename(path), "shape": [int(n) for n in s["shape"]],
+                 "channels": s["image"].shape[-1], "spacing_mm": [float(v) for v in s["spacing_mm"]],
+                 "affine": np.diag([*s["spacing_mm"], 1.0]).tolist(), "original_shape": [int(n) for n in s["shape"]],
+                 "original_affine": np.eye(4).tolist(),
+                 "class_location_counts": [int(c) for c in s["class_location_counts"]]}
+        store.write_case(path, s["image"], s["label"], s["class_locations"], entry)
+        entries[s["subject"]], paths = entry, paths + [path]
+    write_index(str(folder), {"format_version": FORMAT_VERSION, "subjects": entries})
     return paths
 
 
+def params_for(folder, **sampling):
+    """`make_params` reading the cases of `folder`."""
+    values = make_params(**sampling).to_dict()
+    values["data"]["tfrecords_dir"] = str(folder)
+    return Params.from_dict(values)
+
+
 @pytest.mark.parametrize("cache", [True, False])
-def test_train_inputs_repeat_records_and_volume_inputs_keep_file_order(tmp_path, cache):
+def test_train_inputs_repeat_cases_and_volume_inputs_keep_their_order(tmp_path, cache):
     subjects = [subject("rec_a", (9, 8, 7), channels=2, seed=5), subject("rec_b", (6, 10, 8), channels=2, seed=6)]
-    paths = write_records(tmp_path, subjects, gzip=True)
-    params = make_params(patch_shuffle_buffer=4, cache=cache)
+    paths = write_cases(tmp_path, subjects)
+    params = params_for(tmp_path, patch_shuffle_buffer=4, cache=cache)
     batches = [b for _, b in zip(range(4), inputs.train_inputs(params, paths, seed=0).as_numpy_iterator())]
     assert len(batches) == 4  # 16 patches from 2 volumes: the pipeline repeats
     names = {n.decode() for b in batches for n in b["subject"]}
@@ -148,34 +160,23 @@ def test_train_inputs_repeat_records_and_volume_inputs_keep_file_order(tmp_path,
     volumes = list(inputs.volume_inputs(params, paths[::-1]).as_numpy_iterator())
     assert [v["subject"].decode() for v in volumes] == ["rec_b", "rec_a"]
     for volume, original in zip(volumes, subjects[::-1]):
-        np.testing.assert_array_equal(volume["image"], original["image"])
+        np.testing.assert_array_equal(volume["image"], original["image"].astype(np.float16).astype(np.float32))
         np.testing.assert_array_equal(volume["label"], original["label"])
         np.testing.assert_array_equal(volume["shape"], original["shape"])
 
 
 def test_user_errors_name_the_fix():
-    with pytest.raises(DataError, match="no TFRecord files"):
+    with pytest.raises(DataError, match="no converted cases given"):
         inputs.train_inputs(make_params(), [], seed=0)
     with pytest.raises(ParamsError, match="sampling.patch_size"):
         make_params(patch_size=[4, 0, 4])
 
 
-def write_index(folder, subjects, paths):
-    """The dataset.json entries train_inputs reads (file, shape, channels) for records in `folder`."""
-    from medseg_dl.data.index import write_index as write
-    write(str(folder), {"subjects": {s["subject"]: {"file": os.path.basename(p), "shape": list(s["shape"]),
-                                                     "channels": s["image"].shape[-1]}
-                                     for s, p in zip(subjects, paths)}})
-
-
 @pytest.mark.parametrize("budget_mb, cached", [(0, False), (1, True)])
 def test_cache_auto_caches_only_a_training_set_that_fits_its_budget(tmp_path, budget_mb, cached):
     subjects = [subject(f"rec_{i}", (9, 8, 7), channels=2, seed=i) for i in range(3)]
-    paths = write_records(tmp_path, subjects, gzip=False)
-    write_index(tmp_path, subjects, paths)
-    params = Params.from_dict({**make_params().to_dict(), "data": {"num_classes": 3, "channels": ["a", "b"],
-                                                                   "gzip": False, "tfrecords_dir": str(tmp_path)},
-                               "sampling": {**make_params().sampling.to_dict(), "cache_budget_mb": budget_mb}})
+    paths = write_cases(tmp_path, subjects)
+    params = params_for(tmp_path, cache_budget_mb=budget_mb)
     decision, line = inputs.cache_decision(params, paths)
     voxels = 11 * 10 * 9  # with the one-voxel border
     assert decision is cached and line.startswith(f"3 volumes, {3 * 9 * voxels / 2**20:.0f} MB decoded: ")
@@ -188,8 +189,8 @@ def test_each_epoch_reads_every_volume_once_in_a_new_order(tmp_path, cache):
     """No buffer of volumes that grows with the number of cases: volumes come in the shuffled order of the
     files, each once per epoch (one patch per volume, no patch shuffle: batch i is volume i)."""
     subjects = [subject(f"rec_{i}", (6, 6, 6), channels=2, seed=i) for i in range(5)]
-    paths = write_records(tmp_path, subjects, gzip=True)
-    params = make_params(cache=cache, samples_per_volume=1, batch_size=1, patch_size=[3, 3, 3])
+    paths = write_cases(tmp_path, subjects)
+    params = params_for(tmp_path, cache=cache, samples_per_volume=1, batch_size=1, patch_size=[3, 3, 3])
     names = [b["subject"][0].decode() for _, b in zip(range(15), inputs.train_inputs(params, paths, seed=1)
                                                       .as_numpy_iterator())]
     epochs = [names[i:i + 5] for i in range(0, 15, 5)]

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.experiment.model_dir import open_model_dir, read_filelist, split_record_paths
+from medseg_dl.experiment.model_dir import open_model_dir, read_filelist, split_case_paths
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training.loop import run_training
 
@@ -51,7 +51,7 @@ def test_batches_made_by_two_workers_are_balanced_and_cover_the_training_list(tm
     params, model_dir, _ = open_model_dir(str(path))
     convert_dataset(params)
     training_list = read_filelist(model_dir, "train")
-    batches = [b for _, b in zip(range(18), train_inputs(params, split_record_paths(params, model_dir, "train"),
+    batches = [b for _, b in zip(range(18), train_inputs(params, split_case_paths(params, model_dir, "train"),
                                                          seed=0).as_numpy_iterator())]
     assert all(b["image"].shape == (4, 13, 13, 13, 1) and b["label"].shape == (4, 13, 13, 13) for b in batches)
     subjects = [s.decode() for b in batches for s in b["subject"]]

@@ -52,7 +52,7 @@ def aug_params(**sections):
 
 
 def volume_dict(image, label, spacing_mm):
-    """A decoded-volume dict (data/tfrecords.py) of `image` (X, Y, Z, C) and `label` (X, Y, Z) on voxels of
+    """A volume dict (pipeline/inputs.py `read_case`) of `image` (X, Y, Z, C) and `label` (X, Y, Z) on voxels of
     `spacing_mm` (3 floats), with no class locations."""
     return {"image": image, "label": label, "spacing_mm": np.asarray(spacing_mm, np.float32),
             "class_locations": np.zeros((0, 3), np.int32), "class_location_counts": np.zeros(5, np.int32),
