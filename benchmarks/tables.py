@@ -130,6 +130,11 @@ def scale_cells(r):
             f"{r['slope_mb_per_case']:+.2f}", r["seconds"], r.get("patches_per_s", "-"), disk]
 
 
+def storage_cells(r):
+    return [r["format"], f"{r['cases']} x {'x'.join(map(str, r['shape']))}", r["mb_per_case"], r["of_source"],
+            r["read_case_s"], r["read_box_s"]]
+
+
 # results name -> (column titles before "machine, date", the cells of one line in that order)
 RENDERERS = {
     "hippocampus_accuracy": (["network", "settings", "steps", "minutes", "s/step", "test cases",
@@ -160,6 +165,8 @@ RENDERERS = {
                           "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
     "scale": (["workload", "code", "stage", "cases", "voxels per case", "peak RSS MB (process tree)",
                "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB"], scale_cells),
+    "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
+                storage_cells),
 }
 
 
