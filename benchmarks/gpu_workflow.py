@@ -97,7 +97,7 @@ def interval_steps_per_s(model_dir):
 
 def one_run(args, precision, beside, work):
     model_dir = os.path.join(work, f"{precision}-{'beside' if beside else 'alone'}")
-    settings = [f"experiment.model_dir={model_dir}", f"data.tfrecords_dir={os.path.join(work, 'tfrecords')}",
+    settings = [f"experiment.model_dir={model_dir}", f"data.converted_dir={os.path.join(work, 'converted')}",
                 "training.steps=1000000", "training.log_every=20", f"training.checkpoint_every={args.checkpoint_every}",
                 f"training.precision={precision}", *args.set]
     overrides = [a for s in settings for a in ("--set", s)]

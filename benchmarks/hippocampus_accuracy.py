@@ -123,7 +123,7 @@ def main():
     model_dir = os.path.join(os.path.abspath(args.model_dir), name)
     params_path = planned_experiment(args.data, args.model_dir)
     overrides = [f"model.architecture={args.architecture}", "data.split.val=0.0", "data.split.test=0.2",
-                 f"data.tfrecords_dir={os.path.join(args.model_dir, 'tfrecords')}",
+                 f"data.converted_dir={os.path.join(args.model_dir, 'converted')}",
                  f"model.use_position={not args.no_position}".lower(), *args.set]
     steps = args.steps or calibrated_steps(params_path, overrides, model_dir, args.minutes)
     shutil.rmtree(model_dir, ignore_errors=True)  # an earlier run of the same settings would be resumed, not timed

@@ -116,7 +116,7 @@ def main():
     root = os.path.join(work, "unet")
     params_path = planned_experiment(args.data, work)
     overrides = [CLASS_NAMES, f"data.split.folds={args.folds}", "data.split.val=0.0", "data.split.test=0.2",
-                 f"data.tfrecords_dir={os.path.join(work, 'tfrecords')}", f"experiment.model_dir={root}",
+                 f"data.converted_dir={os.path.join(work, 'converted')}", f"experiment.model_dir={root}",
                  f"training.steps={args.steps}", f"training.checkpoint_every={args.steps}", *args.set]
     minutes = [round(train_fold(params_path, k, overrides), 1) for k in range(args.folds)]
 

@@ -173,7 +173,7 @@ def measure(count, args, cases_dir, env):
               "shape": args.shape, "classes": args.classes}
     _, seconds, peak = run_measured([*medseg, "convert", "--params", params], env)
     lines = [{**common, "stage": "convert", "peak_rss_mb": peak, "seconds": round(seconds, 1),
-              "disk_mb": round(folder_mb(os.path.join(model_dir, "tfrecords")), 1),
+              "disk_mb": round(folder_mb(os.path.join(model_dir, "converted")), 1),
               "source_mb": round(source_mb(data_dir), 1)}]
     own = os.path.join(model_dir, "params.yaml")
     out, seconds, peak = run_measured([sys.executable, "-c", INPUT_EPOCH, own], env)

@@ -27,14 +27,14 @@ W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 
                    "noise": {"p": 1.0, "std": [0.1, 0.1]}}
 
 
-def run(architecture, steps, log_every, work_dir, tfrecords_dir, precision, quick):
+def run(architecture, steps, log_every, work_dir, converted_dir, precision, quick):
     from medseg_dl.config.params import Params
     from medseg_dl.experiment.model_dir import ModelDir, write_filelists
     from medseg_dl.training.loop import run_training
 
     params = Params.from_dict({
         "seed": 0, "experiment": {"model_dir": os.path.join(work_dir, architecture)},
-        "data": {"source_dir": HIPPO, "tfrecords_dir": tfrecords_dir, "channels": ["mri"], "num_classes": 3,
+        "data": {"source_dir": HIPPO, "converted_dir": converted_dir, "channels": ["mri"], "num_classes": 3,
                  "split": {"val": 0.0}},
         "sampling": {"patch_size": [40, 56, 40], "batch_size": 9, "samples_per_volume": 8,
                      "class_probabilities": [1 / 3] * 3},
@@ -64,11 +64,11 @@ def main():
     sys.path.insert(0, REPO)
     from medseg_dl.devices import resolve_precision
     with tempfile.TemporaryDirectory() as work_dir:
-        tfrecords_dir = os.path.join(work_dir, "tfrecords")
+        converted_dir = os.path.join(work_dir, "converted")
         for architecture in args.architectures:
             for precision in args.precision:
                 run_dir = os.path.join(work_dir, precision)
-                rows = run(architecture, steps, log_every, run_dir, tfrecords_dir, precision, args.quick)
+                rows = run(architecture, steps, log_every, run_dir, converted_dir, precision, args.quick)
                 rates = [float(r["patches_per_s"]) for r in rows]
                 waits = [float(r["data_wait_fraction"]) for r in rows]
                 step_times = [float(r["step_time_s"]) for r in rows]

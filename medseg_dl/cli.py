@@ -27,7 +27,7 @@ def _cmd_convert(args):
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
-    folder = params.data.tfrecords_dir
+    folder = params.data.converted_dir
     size_mb = sum(os.path.getsize(os.path.join(case, name)) for e in index["subjects"].values()
                   for case, _, names in os.walk(os.path.join(folder, e["case"])) for name in names) / 2**20
     print(f"converted {len(index['subjects'])} subjects into {folder} ({size_mb:.1f} MB); "

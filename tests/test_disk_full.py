@@ -33,7 +33,7 @@ def experiment(tmp_path, model_dir, **training_keys):
     """A converted tiny experiment: params file path (records outside `model_dir`)."""
     root = synthetic_dataset(tmp_path / "data")
     values = tiny_params(root, model_dir, training={"steps": 20, **training_keys})
-    values["data"]["tfrecords_dir"] = str(tmp_path / "records")
+    values["data"]["converted_dir"] = str(tmp_path / "records")
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(values))
     return str(path)

@@ -73,4 +73,4 @@ def test_accuracy_benchmark_fills_a_time_budget_and_scores_the_test_split(hippo_
     assert result["network"] == "unet" and result["test_cases"] == 1 and result["steps"] >= 10
     assert 0.0 <= result["mean_dice"] <= 1.0 and {"dice_anterior", "hd95_mm_posterior"} <= set(result)
     assert result["curve_test_dice"][-1][0] == result["steps"] and result["optimizer"] == "adam"
-    assert sorted(os.listdir(tmp_path / "accuracy")) == ["planned.plan.json", "planned.yaml", "tfrecords", "unet"]
+    assert sorted(os.listdir(tmp_path / "accuracy")) == ["converted", "planned.plan.json", "planned.yaml", "unet"]

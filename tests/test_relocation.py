@@ -43,13 +43,13 @@ def trained_run(tmp_path_factory):
 
 def test_the_saved_params_hold_the_paths_inside_the_folder_relative_to_it(trained_run):
     saved = yaml.safe_load((trained_run / "runs" / "a" / "params.yaml").read_text())
-    assert saved["experiment"]["model_dir"] == "." and saved["data"]["tfrecords_dir"] == "tfrecords"
+    assert saved["experiment"]["model_dir"] == "." and saved["data"]["converted_dir"] == "converted"
     assert saved["data"]["source_dir"] == str(trained_run / "data")  # outside: absolute
     run_params = yaml.safe_load((trained_run / "runs" / "a" / "checkpoints" / "run_params.yaml").read_text())
-    assert run_params["experiment"]["model_dir"] == "." and run_params["data"]["tfrecords_dir"] == "tfrecords"
+    assert run_params["experiment"]["model_dir"] == "." and run_params["data"]["converted_dir"] == "converted"
     loaded = Params.load(str(trained_run / "runs" / "a" / "params.yaml"))  # from any working directory
     assert loaded.experiment.model_dir == str(trained_run / "runs" / "a")
-    assert loaded.data.tfrecords_dir == str(trained_run / "runs" / "a" / "tfrecords")
+    assert loaded.data.converted_dir == str(trained_run / "runs" / "a" / "converted")
 
 
 @pytest.mark.parametrize("how", ["mv", "cp -a"])
@@ -87,7 +87,7 @@ def test_a_copy_whose_paths_were_edited_to_it_resumes_there(trained_run, tmp_pat
     shutil.copytree(trained_run / "runs" / "a", copy)
     values = yaml.safe_load((copy / "params.yaml").read_text())
     values["experiment"]["model_dir"] = str(copy)
-    values["data"]["tfrecords_dir"] = str(copy / "tfrecords")
+    values["data"]["converted_dir"] = str(copy / "converted")
     (copy / "params.yaml").write_text(yaml.safe_dump(values))
     code, output = medseg("train", "--params", str(copy / "params.yaml"), "--set", "training.steps=12")
     assert code == 0, output

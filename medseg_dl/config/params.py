@@ -21,7 +21,7 @@ from medseg_dl import atomic
 from medseg_dl.config.schema import SCHEMA
 from medseg_dl.errors import ParamsError
 
-PATH_KEYS = ("experiment.model_dir", "data.source_dir", "data.tfrecords_dir")
+PATH_KEYS = ("experiment.model_dir", "data.source_dir", "data.converted_dir")
 
 
 class Params(dict):
@@ -189,15 +189,15 @@ def _is_inside(path, folder):
 
 
 def _resolve(values, base_dir):
-    """Absolute paths (relative ones from `base_dir`), derived defaults (tfrecords_dir, class_names),
+    """Absolute paths (relative ones from `base_dir`), derived defaults (converted_dir, class_names),
     consistency checks."""
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         if values[section][key] is not None:
             values[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(values[section][key])))
     data = values["data"]
-    if data["tfrecords_dir"] is None:
-        data["tfrecords_dir"] = os.path.join(values["experiment"]["model_dir"], "tfrecords")
+    if data["converted_dir"] is None:
+        data["converted_dir"] = os.path.join(values["experiment"]["model_dir"], "converted")
     if data["class_names"] is None:
         data["class_names"] = [f"class_{i}" for i in range(data["num_classes"])]
     if len(data["class_names"]) != data["num_classes"]:

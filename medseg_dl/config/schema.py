@@ -96,7 +96,8 @@ SCHEMA = {
         "source_dir": Key(None, (str, NONE), "folder of the raw dataset"),
         "layout": Key("images_labels", (str,), "how subjects are laid out in source_dir",
                       choices=["images_labels", "msd", "subject_folders"]),
-        "tfrecords_dir": Key(None, (str, NONE), "where converted TFRecords go; null: <model_dir>/tfrecords"),
+        "converted_dir": Key(None, (str, NONE), "where the converted cases go (one folder each, and dataset.json); "
+                             "null: <model_dir>/converted"),
         "channels": Key(["image"], (list,), "channel names; subject_folders: one glob pattern per channel "
                                             "(e.g. 'Flair*.nii.gz'), msd: names only"),
         "label_pattern": Key("*label*", (str,), "subject_folders: glob of the label file in a subject folder"),
@@ -115,7 +116,7 @@ SCHEMA = {
                                     "are dealt into folds of balanced size; fold k validates on fold k and trains on "
                                     "the others (data.split.val then picks no validation subjects)", minimum=0),
             "fold": Key(None, (int, NONE), "the fold this model folder trains, 0..folds-1; set by --fold k, which "
-                                           "trains in <model_dir>/fold_k/ (records shared in <model_dir>/tfrecords); "
+                                           "trains in <model_dir>/fold_k/ (records shared in <model_dir>/converted); "
                                            "null outside cross-validation", minimum=0),
             "group_pattern": Key(None, (str, NONE), "with folds: regular expression whose first group names the "
                                                     "patient in a subject id, e.g. '^(pat\\d+)_': all subjects of a "

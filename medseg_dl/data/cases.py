@@ -65,7 +65,7 @@ def recipe_from_params(params: Params, ct_stats: Optional[list] = None) -> CaseR
 def stored_recipe(params: Params) -> CaseRecipe:
     """The recipe of a converted experiment: for normalization "ct", with the statistics stored in
     its `dataset.json` at conversion, so new subjects are normalised exactly like the training data."""
-    ct_stats = read_index(params.data.tfrecords_dir).get("ct_stats") if uses(params.preprocessing, "ct") else None
+    ct_stats = read_index(params.data.converted_dir).get("ct_stats") if uses(params.preprocessing, "ct") else None
     return recipe_from_params(params, ct_stats)
 
 

@@ -131,14 +131,14 @@ def _fork_by_default():
 
 
 def convert_dataset(params: Params, overwrite: bool = False) -> dict:
-    """Convert every subject of `params.data.source_dir` into `params.data.tfrecords_dir`.
+    """Convert every subject of `params.data.source_dir` into `params.data.converted_dir`.
 
     Returns the index dict written to `dataset.json`. Raises `DataError` on the first bad subject;
     the subjects finished before it keep their (complete) records and index entries: the index is
     written after each subject. Temporaries of killed conversions in the folder are removed first."""
     subjects = find_subjects(params.data)
     settings = conversion_settings(params)
-    out_dir = params.data.tfrecords_dir
+    out_dir = params.data.converted_dir
     os.makedirs(out_dir, exist_ok=True)
     with conversion_lock(out_dir):
         return _convert(params, subjects, settings, out_dir, overwrite)
@@ -147,7 +147,7 @@ def convert_dataset(params: Params, overwrite: bool = False) -> dict:
 @contextlib.contextmanager
 def conversion_lock(out_dir: str) -> Iterator[ProcessLock]:
     """Hold the folder's conversion lock, waiting while another process converts into it (e.g. the trainers
-    of two cross-validation folds sharing one tfrecords folder); a lock of a process that is gone is taken."""
+    of two cross-validation folds sharing one converted folder); a lock of a process that is gone is taken."""
     lock = ProcessLock(os.path.join(out_dir, CONVERSION_LOCK), "conversion")
     while True:
         try:

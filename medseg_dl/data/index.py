@@ -13,9 +13,9 @@ INDEX_NAME = "dataset.json"
 FORMAT_VERSION = 2  # 1: one TFRecord per subject; 2: one chunked case folder per subject (store.py)
 
 
-def read_index(tfrecords_dir: str) -> dict:
+def read_index(converted_dir: str) -> dict:
     """The `dataset.json` of a converted folder; `DataError` if the folder was not converted."""
-    path = os.path.join(tfrecords_dir, INDEX_NAME)
+    path = os.path.join(converted_dir, INDEX_NAME)
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found; convert the dataset first with `medseg convert --params P`")
     with open(path) as f:
@@ -26,16 +26,16 @@ def read_index(tfrecords_dir: str) -> dict:
     return index
 
 
-def write_index(tfrecords_dir: str, index: dict) -> None:
+def write_index(converted_dir: str, index: dict) -> None:
     """Write `dataset.json` atomically."""
-    atomic.write_json(os.path.join(tfrecords_dir, INDEX_NAME), index)
+    atomic.write_json(os.path.join(converted_dir, INDEX_NAME), index)
 
 
-def case_paths(tfrecords_dir: str, subject_ids: Sequence[str]) -> List[str]:
+def case_paths(converted_dir: str, subject_ids: Sequence[str]) -> List[str]:
     """Paths of the case folders of `subject_ids` from the index; `DataError` for a subject not converted."""
-    index = read_index(tfrecords_dir)
+    index = read_index(converted_dir)
     missing = [s for s in subject_ids if s not in index["subjects"]]
     if missing:
-        raise DataError(f"{os.path.join(tfrecords_dir, INDEX_NAME)}: subjects {missing[:3]} are not converted; "
+        raise DataError(f"{os.path.join(converted_dir, INDEX_NAME)}: subjects {missing[:3]} are not converted; "
                         f"run `medseg convert` with the same params")
-    return [os.path.join(tfrecords_dir, index["subjects"][s]["case"]) for s in subject_ids]
+    return [os.path.join(converted_dir, index["subjects"][s]["case"]) for s in subject_ids]

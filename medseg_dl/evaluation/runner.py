@@ -73,7 +73,7 @@ def split_cases(params: Params, model_dir: ModelDir, split: str, poll_seconds: f
             return split_case_paths(params, model_dir, split)
         except DataError:
             if timeout_s is not None and time.time() - started > timeout_s:
-                raise MedsegError(f"{params.data.tfrecords_dir}: the {split} subjects are still not converted after "
+                raise MedsegError(f"{params.data.converted_dir}: the {split} subjects are still not converted after "
                                   f"{timeout_s:.0f} s; start `medseg train` (it converts them) or `medseg convert`, "
                                   f"then evaluate again") from None
             print(f"waiting for the {split} subjects to be converted (medseg train converts them)", flush=True)

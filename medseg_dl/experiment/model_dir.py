@@ -12,7 +12,7 @@
     <model_dir>/train.lock, eval/eval.lock the pid and host of the running trainer and evaluator
     <model_dir>/curves.png                 learning curves (medseg show --curves)
 
-The default `data.tfrecords_dir`, `<model_dir>/tfrecords`, is resolved with the params (config/params.py).
+The default `data.converted_dir`, `<model_dir>/converted`, is resolved with the params (config/params.py).
 
 The folder can be moved or copied: its params.yaml and checkpoints/run_params.yaml hold the paths that lie
 inside the experiment (the folder itself: `experiment.model_dir: .`, its records, the records of the folds'
@@ -23,7 +23,7 @@ k-fold cross-validation (`data.split.folds` = k > 0): `experiment.model_dir` is 
 fold j trains in a complete model folder of its own (`open_model_dir(..., fold=j)`, the CLI's `--fold j`):
 
     <root>/fold_<j>/                       the model folder of fold j (its params say data.split.fold = j)
-    <root>/tfrecords/                      the converted subjects, shared by the folds (unless data.tfrecords_dir)
+    <root>/converted/                       the converted subjects, shared by the folds (unless data.converted_dir)
     <root>/cv/                             cross-validation results of the evaluator (--cv)
     <root>/postprocessing.json             the post-processing chosen on the cross-validation predictions
 """
@@ -241,7 +241,7 @@ def _is_fold_folder(params: Params) -> bool:
 
 def fold_params(params: Params, fold: int) -> Params:
     """The params of fold `fold` from the experiment root's: experiment.model_dir -> <root>/fold_<fold>,
-    data.split.fold -> fold; data.tfrecords_dir stays (resolved: <root>/tfrecords unless given), so the
+    data.split.fold -> fold; data.converted_dir stays (resolved: <root>/converted unless given), so the
     folds share the converted records."""
     values = params.to_dict()
     values["experiment"]["model_dir"] = ModelDir(params.experiment.model_dir).fold(fold).root
@@ -405,7 +405,7 @@ def read_filelist(model_dir: ModelDir, split: str) -> List[str]:
 
 def split_case_paths(params: Params, model_dir: ModelDir, split: str) -> List[str]:
     """Case folder paths of the subjects of `split`; `DataError` if one is not converted yet."""
-    return case_paths(params.data.tfrecords_dir, read_filelist(model_dir, split))
+    return case_paths(params.data.converted_dir, read_filelist(model_dir, split))
 
 
 def _same_experiment(model_dir: ModelDir, params: Params) -> bool:

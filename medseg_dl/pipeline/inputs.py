@@ -140,7 +140,7 @@ def patch_dataset(volumes, params, seed):
 
 def train_inputs(params, cases, seed):
     """Endless training batches (see `patch_dataset`) from the converted `cases` (case folder paths, indexed
-    in data.tfrecords_dir), through `training_volumes`; made by the tf.data service at
+    in data.converted_dir), through `training_volumes`; made by the tf.data service at
     `training.input_service` when it is set (pipeline/service.py). seed: int of the case order and the patch
     draws (training passes params.seed + the step it resumes from)."""
     batches = patch_dataset(training_volumes(params, cases, seed), params, seed)
@@ -176,7 +176,7 @@ def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
     if not cases:
         raise DataError(f"{caller}: no converted cases given; check the file list (<model_dir>/filelists/) and "
                         f"run `medseg convert`")
-    by_case = {entry["case"]: (subject, entry) for subject, entry in read_index(params.data.tfrecords_dir)["subjects"]
+    by_case = {entry["case"]: (subject, entry) for subject, entry in read_index(params.data.converted_dir)["subjects"]
                .items()}
     chosen = [by_case[os.path.basename(c)] for c in cases]
     columns = {"case": (cases, tf.string), "subject": ([s for s, _ in chosen], tf.string)}
@@ -203,7 +203,7 @@ def cache_decision(params, cases: Sequence[str]) -> Tuple[bool, str]:
         return False, f"{len(cases)} volumes, no cache: made by the tf.data service at {params.training.input_service}"
     if setting != "auto":
         return setting, f"{len(cases)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
-    entries = {entry["case"]: entry for entry in read_index(params.data.tfrecords_dir)["subjects"].values()}
+    entries = {entry["case"]: entry for entry in read_index(params.data.converted_dir)["subjects"].values()}
     total_mb = sum(_prepared_bytes(entries[os.path.basename(c)]) for c in cases) / 2**20
     budget_mb = params.sampling.cache_budget_mb
     fits = total_mb <= budget_mb

@@ -70,7 +70,7 @@ def test_save_round_trip_and_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = Params.load(write(tmp_path, {"experiment": {"model_dir": "runs/x"}, "data": {"num_classes": 3}}))
     assert p.experiment.model_dir == str(tmp_path / "runs" / "x")
-    assert p.data.tfrecords_dir == str(tmp_path / "runs" / "x" / "tfrecords")
+    assert p.data.converted_dir == str(tmp_path / "runs" / "x" / "converted")
     assert p.data.class_names == ["class_0", "class_1", "class_2"]
     p.save(str(tmp_path / "saved.yaml"))
     assert Params.load(str(tmp_path / "saved.yaml")) == p

@@ -26,7 +26,7 @@ def leftovers(folder):
     """Temporary or record files of a conversion that failed on its only subject."""
     if not os.path.isdir(folder):
         return []
-    return [f for f in os.listdir(folder) if ".tmp" in f or f.endswith((".tfrecord", ".tfrecord.gz"))]
+    return [f for f in os.listdir(folder) if ".tmp" in f or f.endswith(store.CASE_SUFFIX)]
 
 
 def convert_expecting(tmp_path, root, match, **sections):
@@ -68,8 +68,8 @@ def test_truncated_gzip(hippo_dir, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     params, message = convert_expecting(tmp_path, hippo_dir, "cannot read the volume")
     assert str(path) in message
-    assert not any(".tmp" in f for f in os.listdir(params.data.tfrecords_dir))
-    assert not os.path.exists(os.path.join(params.data.tfrecords_dir, store.case_name(HIPPO_CASES[0])))
+    assert not any(".tmp" in f for f in os.listdir(params.data.converted_dir))
+    assert not os.path.exists(os.path.join(params.data.converted_dir, store.case_name(HIPPO_CASES[0])))
 
 
 def test_not_an_image(tmp_path):
@@ -81,7 +81,7 @@ def test_not_an_image(tmp_path):
 def test_shape_mismatch(tmp_path):
     synthetic_case(tmp_path / "d", label=np.zeros((8, 9, 11), np.uint8))
     params, message = convert_expecting(tmp_path, tmp_path / "d", r"shape \(8, 9, 11\) differs")
-    assert "labels/case.nii.gz" in message and leftovers(params.data.tfrecords_dir) == []
+    assert "labels/case.nii.gz" in message and leftovers(params.data.converted_dir) == []
 
 
 def test_affine_mismatch(tmp_path):
@@ -96,7 +96,7 @@ def test_label_out_of_range(tmp_path):
     label[0, 0, 0] = 3
     synthetic_case(tmp_path / "d", label=label)
     params, message = convert_expecting(tmp_path, tmp_path / "d", r"label values span \[0, 3\]")
-    assert "num_classes = 3" in message and leftovers(params.data.tfrecords_dir) == []
+    assert "num_classes = 3" in message and leftovers(params.data.converted_dir) == []
 
 
 def test_nan_in_image(tmp_path):
@@ -137,7 +137,7 @@ def test_label_with_two_components_on_a_fourth_axis(tmp_path):
     synthetic_case(tmp_path / "d", label=np.zeros((8, 9, 10, 2), np.uint8))
     params, message = convert_expecting(tmp_path, tmp_path / "d", r"a label map must be \(X, Y, Z\) integer classes")
     assert "labels/case.nii.gz" in message and "(8, 9, 10, 2)" in message
-    assert leftovers(params.data.tfrecords_dir) == []
+    assert leftovers(params.data.converted_dir) == []
 
 
 def test_label_with_a_singleton_fourth_axis_is_accepted(tmp_path):
@@ -153,7 +153,7 @@ def test_2d_image_in_conversion(tmp_path):
     synthetic_case(tmp_path / "d", image=np.random.rand(8, 47).astype(np.float32))
     params, message = convert_expecting(tmp_path, tmp_path / "d", "medseg_dl segments 3D volumes")
     assert "images/case.nii.gz" in message and "shape (8, 47)" in message and "channels" not in message.split(";")[0]
-    assert leftovers(params.data.tfrecords_dir) == []
+    assert leftovers(params.data.converted_dir) == []
 
 
 def test_2d_image_in_prediction(tmp_path):
@@ -233,7 +233,7 @@ def test_full_disk_during_conversion(tmp_path, monkeypatch, what):
         real_index = convert.write_index
         monkeypatch.setattr(convert, "write_index", lambda folder, index: fault(
             lambda _, i: real_index(folder, i), os.path.join(folder, "dataset.json"), index))
-    out_dir = params.data.tfrecords_dir
+    out_dir = params.data.converted_dir
     with pytest.raises(DiskFullError) as err:
         convert_dataset(params)
     assert re.fullmatch(rf"{re.escape(out_dir)}: the disk is full \(\d+ MB free\) while writing the converted data; "

@@ -22,7 +22,7 @@ from medseg_dl.pipeline.inputs import volume_inputs
 
 def read_back(params, subject_id):
     """The converted case of `subject_id` as the pipelines read it (a dict of numpy arrays)."""
-    path = os.path.join(params.data.tfrecords_dir, store.case_name(subject_id))
+    path = os.path.join(params.data.converted_dir, store.case_name(subject_id))
     return next(volume_inputs(params, [path]).as_numpy_iterator())
 
 
@@ -61,7 +61,7 @@ def test_hippocampus_records_equal_nibabel(hippo_dir, tmp_path):
 def test_second_run_skips_and_overwrite_redoes(hippo_dir, tmp_path):
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
     convert_dataset(params)
-    case = os.path.join(params.data.tfrecords_dir, store.case_name(HIPPO_CASES[0]))
+    case = os.path.join(params.data.converted_dir, store.case_name(HIPPO_CASES[0]))
     mtime = os.path.getmtime(case)
     convert_dataset(params)
     assert os.path.getmtime(case) == mtime
@@ -101,7 +101,7 @@ def test_brats_subject_two_channels_equal_nibabel(brats_subject_dir, tmp_path):
         expected = np.where(mask, (data - data[mask].mean()) / data[mask].std(), 0.0)
         assert_float16_close(record["image"][..., c], expected)
         np.testing.assert_array_equal(record["affine"], image.affine)  # LPS affine kept as is
-    assert json.load(open(os.path.join(params.data.tfrecords_dir, "dataset.json")))["num_classes"] == 5
+    assert json.load(open(os.path.join(params.data.converted_dir, "dataset.json")))["num_classes"] == 5
 
 
 def test_resampling_and_reorientation_keep_geometry(hippo_dir, tmp_path):
@@ -122,7 +122,7 @@ def test_resampling_and_reorientation_keep_geometry(hippo_dir, tmp_path):
 def test_volume_inputs_fix_the_channel_dimension(hippo_dir, tmp_path):
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
     convert_dataset(params)
-    dataset = volume_inputs(params, [os.path.join(params.data.tfrecords_dir, store.case_name(HIPPO_CASES[0]))])
+    dataset = volume_inputs(params, [os.path.join(params.data.converted_dir, store.case_name(HIPPO_CASES[0]))])
     assert dataset.element_spec["image"].shape.as_list() == [None, None, None, 1]
     assert dataset.element_spec["label"].dtype == tf.int32
 
@@ -131,8 +131,8 @@ def test_a_folder_converted_in_the_older_format_is_refused_with_the_fix(hippo_di
     from medseg_dl.errors import DataError
 
     params = Params.from_dict(hippo_params(hippo_dir, tmp_path / "run"))
-    os.makedirs(params.data.tfrecords_dir)
-    with open(os.path.join(params.data.tfrecords_dir, "dataset.json"), "w") as f:
+    os.makedirs(params.data.converted_dir)
+    with open(os.path.join(params.data.converted_dir, "dataset.json"), "w") as f:
         json.dump({"format_version": 1, "subjects": {}}, f)
     with pytest.raises(DataError, match=r"dataset.json: converted by an older medseg_dl \(format 1; this one reads "
                                         r"format 2\); convert again with `medseg convert --params P --overwrite`"):
@@ -140,10 +140,10 @@ def test_a_folder_converted_in_the_older_format_is_refused_with_the_fix(hippo_di
     assert len(convert_dataset(params, overwrite=True)["subjects"]) == 4
 
 
-def indexed_subjects(tfrecords_dir):
+def indexed_subjects(converted_dir):
     """The subject ids in `dataset.json`, or [] while it does not exist yet."""
     try:
-        with open(os.path.join(tfrecords_dir, "dataset.json")) as stream:
+        with open(os.path.join(converted_dir, "dataset.json")) as stream:
             return list(json.load(stream)["subjects"])
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or read while it is replaced
         return []
@@ -155,7 +155,7 @@ def test_killed_conversion_keeps_finished_subjects(tmp_path):
     root = synthetic_dataset(tmp_path / "data", cases=24, shape=(40, 40, 40))
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(tiny_params(root, tmp_path / "run")))
-    out_dir = tmp_path / "run" / "tfrecords"
+    out_dir = tmp_path / "run" / "converted"
     command = [sys.executable, "-m", "medseg_dl.cli", "convert", "--params", str(params_path)]
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

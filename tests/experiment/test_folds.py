@@ -54,20 +54,20 @@ def test_fold_model_folder_and_shared_records(tmp_path):
     assert not resumed and model_dir.root == os.path.join(root, "fold_1") and os.listdir(root) == ["fold_1"]
     saved = Params.load(model_dir.params_path)
     assert saved.data.split.fold == 1 and saved.experiment.model_dir == os.path.join(root, "fold_1")
-    assert saved.data.tfrecords_dir == params.data.tfrecords_dir == os.path.join(root, "tfrecords")
+    assert saved.data.converted_dir == params.data.converted_dir == os.path.join(root, "converted")
     test, folds = fold_lists([f"case_{i:02d}" for i in range(7)], saved.data.split, saved.seed)
     train = sorted(folds[0] + folds[2])
     assert (_ids(model_dir, "train"), _ids(model_dir, "val"), _ids(model_dir, "test")) == (train, folds[1], test)
     _, other, _ = open_model_dir(path, fold=0)
     assert _ids(other, "test") == test and _ids(other, "val") == folds[0]
     assert Params.load(other.params_path).data.split.fold == 0
-    assert Params.load(other.params_path).data.tfrecords_dir == os.path.join(root, "tfrecords")
+    assert Params.load(other.params_path).data.converted_dir == os.path.join(root, "converted")
 
 
-def test_explicit_tfrecords_dir_is_kept(tmp_path):
+def test_explicit_converted_dir_is_kept(tmp_path):
     path, _ = _root_params(tmp_path)
-    params, _, _ = open_model_dir(path, overrides=[f"data.tfrecords_dir={tmp_path / 'records'}"], fold=2)
-    assert params.data.tfrecords_dir == str(tmp_path / "records")
+    params, _, _ = open_model_dir(path, overrides=[f"data.converted_dir={tmp_path / 'records'}"], fold=2)
+    assert params.data.converted_dir == str(tmp_path / "records")
 
 
 def test_fold_resume_and_wrong_fold(tmp_path):

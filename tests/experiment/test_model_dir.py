@@ -52,7 +52,7 @@ def test_cli_convert_and_help(hippo_dir, tmp_path):
     result = run("convert", "--params", path)
     assert result.returncode == 0, result.stderr
     assert "converted 4 subjects" in result.stdout
-    assert sorted(os.listdir(tmp_path / "run" / "tfrecords"))[0] == "dataset.json"
+    assert sorted(os.listdir(tmp_path / "run" / "converted"))[0] == "dataset.json"
     for command in ("convert", "train", "evaluate", "predict", "show", "params-doc"):
         assert run(command, "--help").returncode == 0
 

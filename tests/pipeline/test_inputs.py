@@ -1,5 +1,5 @@
 """The tf.data pipelines: exact crops at the reported positions, repeatability, channels and small
-volumes, TFRecord reading (train_inputs, volume_inputs), and user errors."""
+volumes, reading converted cases (train_inputs, volume_inputs), and user errors."""
 import os
 
 import numpy as np
@@ -144,7 +144,7 @@ def write_cases(folder, subjects):
 def params_for(folder, **sampling):
     """`make_params` reading the cases of `folder`."""
     values = make_params(**sampling).to_dict()
-    values["data"]["tfrecords_dir"] = str(folder)
+    values["data"]["converted_dir"] = str(folder)
     return Params.from_dict(values)
 
 
