@@ -1,6 +1,8 @@
-"""W6 of BENCHMARKS.md: the training side at the scale of real CT, memory against the number of cases.
+"""W6 and W7 of BENCHMARKS.md: the training side at the scale of real CT, memory against the number of cases,
+and one case no one can hold twice.
 
     python benchmarks/scale.py [--cases 16 32 64] [--shape 256 256 128] [--quick] [--repo DIR]
+    python benchmarks/scale.py --workload W7 [--shape 512 512 1000]
 
 Synthetic CT-like cases (`synthetic_ct`: int16 HU, a body ellipse, K-1 ellipsoid organs, spacing
 0.8 x 0.8 x 2.5 mm, .nii.gz) are written once under --work (seeded; reused when there). For each N the
@@ -11,6 +13,10 @@ and `medseg train` for 20 steps of a small U-Net. A line per (N, stage), kept in
 benchmarks/results/scale.jsonl (not with --quick); the figure to read is the slope over N (MB per added
 case). --repo runs the stages with another checkout's medseg_dl (e.g. a worktree of an older commit), on
 the same cases, for a before/after in one run.
+
+W7: one case of 512 x 512 x 1000 (262 M voxels): `medseg convert`, `medseg train` for 10 steps of 2 patches
+of 96^3 (20 training patches drawn from it) and `medseg predict` of the case with the trained network; each
+stage passes or fails (its exit code), with its peak RSS and seconds; a failed stage ends the run.
 """
 import argparse
 import json
@@ -185,10 +191,46 @@ def measure(count, args, cases_dir, env):
     return lines
 
 
+def measure_w7(args, env):
+    """The W7 lines: convert, 20 training patches, predict one case of `args.shape`, until a stage fails."""
+    cases_dir = os.path.join(args.work, "w7_" + "x".join(map(str, args.shape)))
+    write_cases(cases_dir, 1, args.shape, args.classes)
+    model_dir = os.path.join(args.work, "w7-run")
+    subprocess.run(["rm", "-rf", model_dir, model_dir + "-predicted"], check=True)
+    params = experiment(cases_dir, model_dir, args.classes, [args.patch] * 3)
+    with open(params) as f:
+        values = yaml.safe_load(f)
+    values["data"]["split"] = {"val": 0.0, "test": 0.0}
+    values["training"].update({"steps": 10, "checkpoint_every": 10})
+    values["model"].update({"base_filters": 4, "depth": 3})
+    with open(params, "w") as f:
+        yaml.safe_dump(values, f)
+    medseg = [sys.executable, "-m", "medseg_dl.cli"]
+    stages = {"convert": ["convert", "--params", params],
+              "train_20_patches": ["train", "--params", os.path.join(model_dir, "params.yaml")],
+              "predict": ["predict", "--model-dir", model_dir, "--checkpoint", "latest", "--input",
+                          os.path.join(cases_dir, "images", "case_000.nii.gz"), "--output", model_dir + "-predicted"]}
+    lines = []
+    for stage, arguments in stages.items():
+        try:
+            _, seconds, peak = run_measured([*medseg, *arguments], env)
+            passed = True
+        except SystemExit as failure:
+            print(failure, file=sys.stderr)
+            seconds, peak, passed = float("nan"), float("nan"), False
+        lines.append({"workload": "W7", "library": "medseg_dl", "label": args.label, "cases": 1, "shape": args.shape,
+                      "classes": args.classes, "stage": stage, "passed": passed, "peak_rss_mb": peak,
+                      "seconds": round(seconds, 1)})
+        if not passed:
+            break
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["W6", "W7"], default="W6")
     parser.add_argument("--cases", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 128])
+    parser.add_argument("--shape", type=int, nargs=3)
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--work", default="/tmp/medseg_scale")
@@ -196,11 +238,16 @@ def main():
     parser.add_argument("--label", default="main", help="names this checkout in the lines")
     parser.add_argument("--quick", action="store_true", help="4 and 6 cases of 48 x 48 x 24: a smoke test")
     args = parser.parse_args()
+    args.shape = args.shape or ([256, 256, 128] if args.workload == "W6" else [512, 512, 1000])
     if args.quick:
         args.cases, args.shape, args.patch, args.work = [4, 6], [48, 48, 24], 16, os.path.join(args.work, "quick")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if args.workload == "W7":
+        for line in measure_w7(args, env):
+            record("scale", line, keep=not args.quick)
+        return
     cases_dir = os.path.join(args.work, "cases_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")
     write_cases(cases_dir, max(args.cases), args.shape, args.classes)
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
     lines = [line for count in args.cases for line in measure(count, args, cases_dir, env)]
     for stage in ("convert", "input_epoch", "train_20_steps"):
         points = [(line["cases"], line["peak_rss_mb"]) for line in lines if line["stage"] == stage]
