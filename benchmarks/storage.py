@@ -52,7 +52,8 @@ def timed(function):
 
 def ours(image, label, folder):
     path = os.path.join(folder, "case.case")
-    store.write_case(path, image, label, np.zeros((0, 3), np.int32), {"shape": list(label.shape), "channels": 1})
+    store.write_case(path, image, label, {"class_locations": np.zeros((0, 3), np.int32)},
+                     {"shape": list(label.shape), "channels": 1})
     shape, start, size = (tf.constant(v, tf.int32) for v in (label.shape, *box_of(label.shape)))
     read_volume = tf.function(lambda: store.read_volume(tf.constant(path), shape, 1))  # as in the tf.data pipeline
     read_box = tf.function(lambda: store.read_box(tf.constant(path), start, size, 1))

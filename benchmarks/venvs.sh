@@ -6,6 +6,7 @@
 #   peers          the .[bench] extra (torch, MONAI, TorchIO, medpy, surface-distance) with medseg_dl's
 #                  readers, TensorFlow and Keras removed
 #   elasticdeform  numpy < 2 and the .[bench] pin of elasticdeform (built against numpy 1)
+#   nnunet         nnU-Net v2 (the .[bench] pin of torch, CPU build), the peer of the large-data workloads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=.venv-bench
@@ -17,4 +18,6 @@ python3 -m venv "$root/peers"
 "$root/peers/bin/python" -m pip uninstall --quiet --yes tensorflow keras tensorboard
 python3 -m venv "$root/elasticdeform"
 "$root/elasticdeform/bin/python" -m pip install --quiet "numpy<2" scipy "$(pin elasticdeform)"
-echo "made $root/ours, $root/peers, $root/elasticdeform"
+python3 -m venv "$root/nnunet"
+"$root/nnunet/bin/python" -m pip install --quiet "$(pin torch)" nnunetv2==2.8.1 psutil
+echo "made $root/ours, $root/peers, $root/elasticdeform, $root/nnunet"

@@ -91,7 +91,8 @@ def test_params_nifti_record_png_and_report_writers_fail_cleanly(tmp_path, monke
 
     case = str(tmp_path / store.case_name("s"))
     meta = {"shape": [4, 4, 4], "channels": 1}
-    store.write_case(case, np.zeros((4, 4, 4, 1)), np.zeros((4, 4, 4)), np.zeros((0, 3)), meta, (2, 2, 2))
+    store.write_case(case, np.zeros((4, 4, 4, 1)), np.zeros((4, 4, 4)), {"class_locations": np.zeros((0, 3), np.int32)},
+                     meta, (2, 2, 2))
     before = store.read_arrays(case)["meta"]
     compress, calls = store.zlib.compress, []
 
@@ -102,7 +103,8 @@ def test_params_nifti_record_png_and_report_writers_fail_cleanly(tmp_path, monke
         return compress(*args)
     monkeypatch.setattr(store.zlib, "compress", compress_five_chunks)
     with pytest.raises(Fault):
-        store.write_case(case, np.ones((4, 4, 4, 1)), np.ones((4, 4, 4)), np.zeros((0, 3)), meta, (2, 2, 2))
+        store.write_case(case, np.ones((4, 4, 4, 1)), np.ones((4, 4, 4)), {"class_locations": np.zeros((0, 3), np.int32)},
+                         meta, (2, 2, 2))
     monkeypatch.undo()
     assert store.read_arrays(case)["meta"] == before and store.read_arrays(case)["image"].max() == 0
     assert os.listdir(tmp_path).count(store.case_name("s")) == 1 and not [n for n in os.listdir(tmp_path)

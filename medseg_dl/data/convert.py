@@ -8,6 +8,11 @@ of them; the temporaries a killed run left are removed when the next one starts.
 converted with the same settings are skipped unless `overwrite`. A failed write is a `DataError` (a full
 disk: `DiskFullError`). Each case also stores, per class, up to `preprocessing.max_locations_per_class`
 voxel locations for class-balanced sampling, drawn with a generator seeded by (seed, crc32(subject id)).
+
+One pass per case: with normalization ct a case keeps its intensities in HU and up to CT_SAMPLES_PER_SUBJECT
+foreground intensities (drawn with the same generator); the dataset's statistics are pooled from the samples
+of every indexed case at the end of each run (`_ct_statistics`) and applied when a case is read, so adding
+cases reads no converted case again.
 """
 import contextlib
 import hashlib
@@ -25,13 +30,14 @@ from tqdm import tqdm
 from medseg_dl.atomic import disk_full_error, is_disk_full, remove_stale_temporaries
 from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, store
-from medseg_dl.data.cases import read_image, read_label, recipe_from_params, subject_case, uses
+from medseg_dl.data.cases import recipe_from_params, stored_case, uses
 from medseg_dl.data.index import FORMAT_VERSION, INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError, ModelDirError
 from medseg_dl.locks import ProcessLock
 
 CONVERSION_LOCK = "convert.lock"
+CT_SAMPLES = "ct_samples"  # the case folder's file of foreground intensities (store.write_case)
 CT_SAMPLES_PER_SUBJECT = 10000
 
 
@@ -53,19 +59,21 @@ def _subject_rng(seed, subject_id):
 
 def _convert_one(job):
     subject, recipe, settings, out_dir = job
-    case = subject_case(subject, recipe)
+    case = stored_case(subject, recipe)
+    rng = _subject_rng(settings["seed"], subject.id)
     locations, counts, voxels = preprocess.class_locations(
-        case.label, recipe.num_classes, recipe.preprocessing["max_locations_per_class"],
-        _subject_rng(settings["seed"], subject.id))
+        case.label, recipe.num_classes, recipe.preprocessing["max_locations_per_class"], rng)
+    small_arrays = {"class_locations": locations}
+    if uses(recipe.preprocessing, "ct"):
+        small_arrays[CT_SAMPLES] = preprocess.foreground_samples(case.image, case.label, CT_SAMPLES_PER_SUBJECT, rng)
     name = store.case_name(subject.id)
     entry = {"case": name, "shape": list(case.label.shape), "channels": int(case.image.shape[-1]),
              "spacing_mm": [float(s) for s in case.spacing_mm], "affine": np.asarray(case.affine).tolist(),
              "original_shape": list(case.original_shape), "original_affine": np.asarray(case.original_affine).tolist(),
              "class_location_counts": [int(c) for c in counts], "class_voxels": [int(v) for v in voxels],
-             "source": subject.to_dict(), "settings_hash": settings_hash(settings),
-             "intensity_mean": [float(m) for m in case.image.reshape(-1, case.image.shape[-1]).mean(0)]}
+             "source": subject.to_dict(), "settings_hash": settings_hash(settings)}
     try:
-        store.write_case(os.path.join(out_dir, name), case.image, case.label, locations, entry)
+        store.write_case(os.path.join(out_dir, name), case.image, case.label, small_arrays, entry)
     except OSError as err:
         raise write_error(out_dir, err) from None
     return subject.id, entry
@@ -89,15 +97,6 @@ def save_index(out_dir: str, index: dict) -> None:
         write_index(out_dir, index)
     except OSError as err:
         raise write_error(out_dir, err) from None
-
-
-def _foreground_samples(job):
-    subject, recipe, seed = job
-    image, _, affine = read_image(subject, recipe)
-    values = image[read_label(subject, image.shape, affine, recipe) > 0]
-    keep = _subject_rng(seed, subject.id).choice(len(values), size=min(len(values), CT_SAMPLES_PER_SUBJECT),
-                                                 replace=False)
-    return values[keep]
 
 
 # peak RSS of one conversion process above its baseline, per voxel and channel of the case it converts: 27 B
@@ -168,17 +167,14 @@ def _convert(params, subjects, settings, out_dir, overwrite):
     todo = [s for s in subjects if overwrite or s.id not in index["subjects"]
             or not os.path.isdir(os.path.join(out_dir, index["subjects"][s.id]["case"]))]
     workers = conversion_workers(params.data.workers, todo, len(params.data.channels))
-    ct_stats = index.get("ct_stats")
-    if uses(params.preprocessing, "ct") and (ct_stats is None or todo):
-        ct_stats = _ct_statistics(subjects, params, workers)
-        index["ct_stats"] = ct_stats
-    recipe = recipe_from_params(params, ct_stats)
-    jobs = [(s, recipe, settings, out_dir) for s in todo]
+    jobs = [(s, recipe_from_params(params), settings, out_dir) for s in todo]
     try:
         for subject_id, entry in _run_parallel(_convert_one, jobs, workers, "convert"):
             index["subjects"][subject_id] = entry
             save_index(out_dir, index)
     finally:
+        if uses(params.preprocessing, "ct"):
+            index["ct_stats"] = _ct_statistics(index, out_dir, params)
         save_index(out_dir, index)
     return index
 
@@ -220,11 +216,15 @@ def _available_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _ct_statistics(subjects, params, workers):
-    jobs = [(s, recipe_from_params(params), params.seed) for s in subjects]
-    samples = np.concatenate(list(_run_parallel(_foreground_samples, jobs, workers, "ct statistics")))
-    return preprocess.ct_statistics([samples[:, c] for c in range(samples.shape[1])],
-                                    params.preprocessing.ct_percentiles)
+def _ct_statistics(index, out_dir, params):
+    """The dataset's CT statistics (preprocess.ct_statistics) from the foreground samples stored in every case
+    of the index (no image is read); None while no case is converted."""
+    samples = [store.read_small(os.path.join(out_dir, entry["case"]), CT_SAMPLES, np.float32, entry["channels"])
+               for _, entry in sorted(index["subjects"].items())]
+    if not samples:
+        return None
+    pooled = np.concatenate(samples)
+    return preprocess.ct_statistics([pooled[:, c] for c in range(pooled.shape[1])], params.preprocessing.ct_percentiles)
 
 
 def _existing_index(out_dir, settings, overwrite):

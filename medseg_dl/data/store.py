@@ -4,10 +4,12 @@ any box of it (a patch, a window, a slab) without decoding the rest.
     <subject>.case/
         meta.json            what the index (dataset.json) also holds of the case: shape, channels, geometry
         image/<i>.<j>.<k>    chunk (i, j, k): chunk_vox[0] x chunk_vox[1] x chunk_vox[2] x C float16, the
-                             normalised image, C order, bytes shuffled (all first bytes, then all second
+                             image as preprocess.normalize stores it, C order, bytes shuffled (all first bytes, then all second
                              bytes), zlib-compressed; chunks at the far edges are zero-padded to full size
         label/<i>.<j>.<k>    the same grid of uint8 labels, zlib-compressed
         class_locations      (M, 3) int32 voxel indices sorted by class, zlib-compressed
+        ct_samples           (S, C) float32 foreground intensities, zlib-compressed (normalization ct only: the
+                             dataset statistics are pooled from these, no image is read again)
 
 Why this format (measured on a 256 x 256 x 128 CT-like case, docs in README "Converted data"): zlib is the
 one codec TensorFlow decodes in its own ops (`tf.io.decode_compressed`), so the readers are graph ops that
@@ -56,11 +58,11 @@ def _chunks(array: np.ndarray, chunk_vox: Sequence[int]):
         yield index, np.pad(chunk, padding) if any(p[1] for p in padding) else chunk
 
 
-def write_case(path: str, image: np.ndarray, label: np.ndarray, class_locations: np.ndarray, meta: Dict,
+def write_case(path: str, image: np.ndarray, label: np.ndarray, small_arrays: Dict[str, np.ndarray], meta: Dict,
                chunk_vox: Sequence[int] = CHUNK_VOX) -> None:
     """Write one case folder at `path` atomically: image (X, Y, Z, C) (stored as float16), label (X, Y, Z)
-    uint8-valued, class_locations (M, 3) int32 and `meta` (JSON-able: geometry and counts). Memory: one
-    chunk at a time besides the arrays given."""
+    uint8-valued, `small_arrays` by file name (class_locations (M, 3) int32, ct_samples (S, C) float32) and
+    `meta` (JSON-able: geometry and counts). Memory: one chunk at a time besides the arrays given."""
     with atomic.replacing(path) as folder:
         for name, array, dtype in (("image", image, np.float16), ("label", label, np.uint8)):
             os.makedirs(os.path.join(folder, name))
@@ -68,10 +70,18 @@ def write_case(path: str, image: np.ndarray, label: np.ndarray, class_locations:
                 data = np.ascontiguousarray(chunk, dtype)
                 with open(os.path.join(folder, name, ".".join(map(str, index))), "wb") as f:
                     f.write(zlib.compress(_shuffled(data) if data.itemsize > 1 else data.tobytes(), ZLIB_LEVEL))
-        with open(os.path.join(folder, "class_locations"), "wb") as f:
-            f.write(zlib.compress(np.ascontiguousarray(class_locations, np.int32).tobytes(), ZLIB_LEVEL))
+        for name, array in small_arrays.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(zlib.compress(np.ascontiguousarray(array).tobytes(), ZLIB_LEVEL))
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump({**meta, "chunk_vox": list(chunk_vox)}, f)
+
+
+def read_small(path: str, name: str, dtype, width: int) -> np.ndarray:
+    """The small array `name` (class_locations: int32, width 3; ct_samples: float32, width C) of the case folder
+    `path`, with numpy: (M, width)."""
+    with open(os.path.join(path, name), "rb") as f:
+        return np.frombuffer(zlib.decompress(f.read()), dtype).reshape(-1, width)
 
 
 def _read_chunk(path: tf.Tensor, stored: tf.DType, chunk_shape: tf.Tensor) -> tf.Tensor:
@@ -143,6 +153,5 @@ def read_arrays(path: str) -> Dict[str, np.ndarray]:
             box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk_vox))
             full[box] = raw.view(dtype).reshape([*chunk_vox, *tail])
         arrays[name] = full[tuple(slice(0, n) for n in shape)]
-    with open(os.path.join(path, "class_locations"), "rb") as f:
-        arrays["class_locations"] = np.frombuffer(zlib.decompress(f.read()), np.int32).reshape(-1, 3)
+    arrays["class_locations"] = read_small(path, "class_locations", np.int32, 3)
     return {**arrays, "meta": meta}

@@ -19,7 +19,8 @@ from typing import Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl.data import store
+from medseg_dl.data import preprocess, store
+from medseg_dl.data.cases import stored_recipe
 from medseg_dl.data.index import read_index
 from medseg_dl.errors import DataError
 from medseg_dl.pipeline import intensity, sampling, spatial
@@ -160,7 +161,8 @@ def training_volumes(params, cases, seed) -> tf.data.Dataset:
     parallel, deterministic = sampling_params.loaded_volumes, sampling_params.deterministic
     if not cache:
         entries = entries.shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
-    volumes = entries.map(lambda entry: prepare_volume(read_case(entry, params), sampling_params.padding),
+    vectors = intensity_vectors(params)
+    volumes = entries.map(lambda entry: prepare_volume(read_case(entry, params, vectors), sampling_params.padding),
                           num_parallel_calls=parallel, deterministic=deterministic)
     if cache:
         volumes = volumes.cache().shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
@@ -187,10 +189,21 @@ def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices({k: tf.constant(v, dtype) for k, (v, dtype) in columns.items()})
 
 
-def read_case(entry, params) -> dict:
+def read_case(entry, params, vectors) -> dict:
     """One case entry (`case_entries`) with its arrays read (data/store.py `read_volume`): image (X, Y, Z, C)
-    float32, label (X, Y, Z) int32, class_locations (M, 3) int32."""
-    return {**entry, **store.read_volume(entry["case"], entry["shape"], len(params.data.channels))}
+    float32 as the network sees it (the stored intensities, ct channels through `vectors`: (clip(x, low, high) -
+    mean) / std, as preprocess.apply_ct does in numpy), label (X, Y, Z) int32, class_locations (M, 3) int32."""
+    volume = store.read_volume(entry["case"], entry["shape"], len(params.data.channels))
+    low, high, mean, std = (tf.constant(v) for v in vectors)
+    volume["image"] = (tf.clip_by_value(volume["image"], low, high) - mean) / std
+    return {**entry, **volume}
+
+
+def intensity_vectors(params) -> Tuple[np.ndarray, ...]:
+    """The (C,) float32 vectors of `read_case` (preprocess.ct_vectors) with the statistics of the converted
+    dataset (its dataset.json)."""
+    return preprocess.ct_vectors(params.preprocessing.normalization, stored_recipe(params).ct_stats,
+                                 len(params.data.channels))
 
 
 def cache_decision(params, cases: Sequence[str]) -> Tuple[bool, str]:
@@ -220,7 +233,8 @@ def _prepared_bytes(entry) -> int:
 def volume_inputs(params, cases):
     """Whole volumes (dicts of `case_entries` with the arrays of `read_case`), one at a time, in the order of
     `cases` (case folder paths), without augmentation: the evaluation metrics pipeline."""
-    volumes = case_entries(params, cases, "volume_inputs").map(lambda entry: read_case(entry, params),
+    vectors = intensity_vectors(params)
+    volumes = case_entries(params, cases, "volume_inputs").map(lambda entry: read_case(entry, params, vectors),
                                                                num_parallel_calls=AUTOTUNE, deterministic=True)
     return volumes.prefetch(1)
 

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params
+from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params, write_nifti
 from medseg_dl.config.params import Params
 from medseg_dl.data import store
 from medseg_dl.data.convert import convert_dataset
@@ -175,17 +177,104 @@ def test_killed_conversion_keeps_finished_subjects(tmp_path):
 
 
 def test_normalisation_per_channel_matches_numpy():
-    from medseg_dl.data.preprocess import normalize
+    from medseg_dl.data.preprocess import apply_ct, ct_vectors, normalize
 
     rng = np.random.default_rng(0)
     image = np.stack([rng.normal(100, 20, (6, 5, 4)), rng.uniform(-1000, 1000, (6, 5, 4)),
                       rng.normal(3, 2, (6, 5, 4))], axis=-1).astype(np.float32)
-    stats = [None, {"low": -500.0, "high": 500.0, "mean": 10.0, "std": 250.0}, None]
-    out = normalize(image, ["zscore", "ct", "none"], ct_stats=stats)
-    np.testing.assert_allclose(out[..., 0], (image[..., 0] - image[..., 0].mean()) / image[..., 0].std(), atol=1e-5)
-    np.testing.assert_allclose(out[..., 1], (np.clip(image[..., 1], -500, 500) - 10) / 250, atol=1e-5)
-    np.testing.assert_array_equal(out[..., 2], image[..., 2])
-    np.testing.assert_array_equal(normalize(image, "none"), image)
+    methods, stats = ["zscore", "ct", "none"], [None, {"low": -500.0, "high": 500.0, "mean": 10.0, "std": 250.0}, None]
+    stored = normalize(image.copy(), methods)
+    np.testing.assert_allclose(stored[..., 0], (image[..., 0] - image[..., 0].mean()) / image[..., 0].std(), atol=1e-5)
+    np.testing.assert_array_equal(stored[..., 1], np.rint(image[..., 1]))  # kept in HU, normalised when read
+    np.testing.assert_array_equal(stored[..., 2], image[..., 2])
+    seen = apply_ct(stored.copy(), ct_vectors(methods, stats, 3))
+    np.testing.assert_array_equal(seen[..., [0, 2]], stored[..., [0, 2]])  # the identity on other channels
+    np.testing.assert_allclose(seen[..., 1], (np.clip(np.rint(image[..., 1]), -500, 500) - 10) / 250, atol=1e-6)
+
+
+def synthetic_ct(root, names, shape=(24, 20, 16)):
+    """images/ + labels/ of int16 HU cases (air -1000, a noisy body, a brighter organ: label 1), one per name."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    for name in names:
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        body = x ** 2 + y ** 2 < 0.8
+        organ = body & ((x - rng.uniform(-.3, .3)) ** 2 + y ** 2 + z ** 2 < rng.uniform(0.1, 0.3))
+        image = np.where(body, rng.normal(40, 30, shape) + 150 * organ, -1000)
+        write_nifti(root / "images" / f"{name}.nii.gz", image.astype(np.int16))
+        write_nifti(root / "labels" / f"{name}.nii.gz", organ.astype(np.uint8) + body)
+
+
+def ct_params(data, run):
+    return Params.from_dict(tiny_params(data, run, data={"num_classes": 3, "split": {"val": 0.0}},
+                                        preprocessing={"normalization": "ct"}))
+
+
+def test_ct_conversion_is_one_pass_and_added_cases_read_no_converted_case(tmp_path, monkeypatch):
+    """Converting 3 cases, then 3 more, reads each file once and gives the CT statistics and the case folders
+    of converting all 6 at once (the reference); the statistics come from the stored samples."""
+    from medseg_dl.data import cases
+
+    names = [f"ct_{i}" for i in range(6)]
+    synthetic_ct(tmp_path / "all", names)
+    synthetic_ct(tmp_path / "grown", names[:3])
+    reference = convert_dataset(ct_params(tmp_path / "all", tmp_path / "ref"))
+    params = ct_params(tmp_path / "grown", tmp_path / "run")
+    convert_dataset(params)
+    converted = tmp_path / "run" / "converted"
+    before = {n: (converted / store.case_name(n) / "image" / "0.0.0").stat().st_mtime_ns for n in names[:3]}
+    synthetic_ct(tmp_path / "grown", names[3:])
+    read = []
+    monkeypatch.setattr(cases, "read_volume", lambda path, real=cases.read_volume: read.append(path) or real(path))
+    grown = convert_dataset(params)
+    assert sorted(os.path.basename(p) for p in read) == sorted([f"{n}.nii.gz" for n in names[3:]] * 2)
+    assert before == {n: (converted / store.case_name(n) / "image" / "0.0.0").stat().st_mtime_ns for n in names[:3]}
+    assert grown["ct_stats"] == reference["ct_stats"]
+    for name in names:
+        ours, theirs = (store.read_arrays(str(root / "converted" / store.case_name(name)))
+                        for root in (tmp_path / "run", tmp_path / "ref"))
+        for key in ("image", "label", "class_locations"):
+            np.testing.assert_array_equal(ours[key], theirs[key])
+
+
+def test_a_converted_ct_case_reads_as_predict_makes_it_and_as_the_formula_says(tmp_path):
+    """The pipelines' CT normalisation (TensorFlow, when a case is read) equals predict's (numpy, subject_case)
+    bit for bit, and (clip(HU, low, high) - mean) / std with the dataset's statistics."""
+    from medseg_dl.data.cases import stored_recipe, subject_case
+    from medseg_dl.data.subjects import find_subjects
+
+    synthetic_ct(tmp_path / "data", ["a", "b"])
+    params = ct_params(tmp_path / "data", tmp_path / "run")
+    stats = convert_dataset(params)["ct_stats"][0]
+    assert stats["low"] < stats["high"] and stats["std"] > 0
+    for subject in find_subjects(params.data):
+        read = read_back(params, subject.id)["image"]
+        np.testing.assert_array_equal(read, subject_case(subject, stored_recipe(params)).image)
+        hu = np.asanyarray(nib.load(subject.channels[0]).dataobj).astype(np.float64)
+        expected = (np.clip(hu, stats["low"], stats["high"]) - stats["mean"]) / stats["std"]
+        np.testing.assert_allclose(read[..., 0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_converting_a_case_allocates_at_most_12_bytes_per_voxel(tmp_path):
+    """Peak memory that numpy allocates while one case of int16 CT is converted (read, normalise, locations,
+    samples, write), traced by tracemalloc: at most 12 bytes per voxel."""
+    from medseg_dl.data.cases import recipe_from_params
+    from medseg_dl.data.convert import _convert_one, conversion_settings
+    from medseg_dl.data.subjects import find_subjects
+
+    synthetic_ct(tmp_path / "data", ["big"], shape=(160, 160, 96))
+    params = ct_params(tmp_path / "data", tmp_path / "run")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    subject = find_subjects(params.data)[0]
+    tracemalloc.start()
+    try:
+        _convert_one((subject, recipe_from_params(params), conversion_settings(params), str(out_dir)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 12 * 160 * 160 * 96, f"{peak / (160 * 160 * 96):.1f} bytes per voxel"
 
 
 def test_conversion_workers_are_bounded_by_memory(tmp_path, monkeypatch, capsys):

@@ -22,7 +22,8 @@ def random_case(shape, channels, seed=0):
 def test_a_written_case_reads_back_whole_and_in_boxes(tmp_path, shape, channels, chunk):
     image, label, locations = random_case(shape, channels)
     path = str(tmp_path / store.case_name("s"))
-    store.write_case(path, image, label, locations, {"shape": list(shape), "channels": channels}, chunk)
+    store.write_case(path, image, label, {"class_locations": locations}, {"shape": list(shape), "channels": channels},
+                     chunk)
     expected = image.astype(np.float16).astype(np.float32)
     volume = store.read_volume(tf.constant(path), tf.constant(shape, tf.int32), channels, chunk)
     np.testing.assert_array_equal(volume["image"].numpy(), expected)
@@ -46,7 +47,8 @@ def test_a_written_case_reads_back_whole_and_in_boxes(tmp_path, shape, channels,
 def test_a_box_reads_only_its_chunks(tmp_path):
     image, label, locations = random_case((16, 16, 16), 1)
     path = str(tmp_path / store.case_name("s"))
-    store.write_case(path, image, label, locations, {"shape": [16, 16, 16], "channels": 1}, (8, 8, 8))
+    store.write_case(path, image, label, {"class_locations": locations}, {"shape": [16, 16, 16], "channels": 1},
+                     (8, 8, 8))
     for name in ("image", "label"):
         os.remove(os.path.join(path, name, "1.1.1"))  # the far corner chunk
     got_image, _ = store.read_box(tf.constant(path), tf.constant([0, 0, 0]), tf.constant([8, 16, 16]), 1, (8, 8, 8))

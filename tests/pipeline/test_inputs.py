@@ -135,7 +135,7 @@ def write_cases(folder, subjects):
                  "affine": np.diag([*s["spacing_mm"], 1.0]).tolist(), "original_shape": [int(n) for n in s["shape"]],
                  "original_affine": np.eye(4).tolist(),
                  "class_location_counts": [int(c) for c in s["class_location_counts"]]}
-        store.write_case(path, s["image"], s["label"], s["class_locations"], entry)
+        store.write_case(path, s["image"], s["label"], {"class_locations": s["class_locations"]}, entry)
         entries[s["subject"]], paths = entry, paths + [path]
     write_index(str(folder), {"format_version": FORMAT_VERSION, "subjects": entries})
     return paths
