@@ -11,7 +11,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_OF = {"medseg_dl": "ours", "monai": "peers", "torchio": "peers", "torchio_per_patch": "peers",
-           "elasticdeform": "elasticdeform"}
+           "elasticdeform": "elasticdeform", "nnunetv2": "nnunet"}
 
 
 def python_for(library):

@@ -14,6 +14,13 @@ benchmarks/results/scale.jsonl (not with --quick); the figure to read is the slo
 case). --repo runs the stages with another checkout's medseg_dl (e.g. a worktree of an older commit), on
 the same cases, for a before/after in one run.
 
+nnU-Net v2 (its own venv, benchmarks/venvs.sh) on the same N cases as a raw dataset of links: stage `convert` is
+`nnUNetv2_plan_and_preprocess -c 3d_fullres` with 2 processes (its disk: the 3d_fullres folder the trainer reads,
+`disk_mb`, and the whole preprocessed dataset with its copy of the labels, `disk_all_mb`); stage `input_epoch`
+draws as many patches as ours (N_train x 8) from the loaders of its nnUNetTrainer (fold 0: 80% training, its
+default augmentation, patch 96^3, batch 2, 2 augmentation processes as on 2 cores; its validation loader starts
+too, as in training). --peer nnunetv2 runs it, --peer none skips it.
+
 W7: one case of 512 x 512 x 1000 (262 M voxels): `medseg convert`, `medseg train` for 10 steps of 2 patches
 of 96^3 (20 training patches drawn from it) and `medseg predict` of the case with the trained network; each
 stage passes or fails (its exit code), with its peak RSS and seconds; a failed stage ends the run.
@@ -29,6 +36,7 @@ import time
 import nibabel as nib
 import numpy as np
 import yaml
+from interpreters import python_for
 from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +54,22 @@ for batch in train_inputs(params, files, seed=0):
     seen += batch["image"].shape[0]
     if seen >= patches:
         break
+print("patches_per_s", seen / (time.time() - started))
+"""
+NNUNET_EPOCH = """
+import sys, time, torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+folder, patch, patches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+plans = load_json(join(folder, "nnUNetPlans.json"))
+plans["configurations"]["3d_fullres"].update({"patch_size": [patch] * 3, "batch_size": 2})
+plans["continue_training"] = False  # as run_training.py sets it
+trainer = nnUNetTrainer(plans, "3d_fullres", 0, load_json(join(folder, "dataset.json")), torch.device("cpu"))
+trainer._set_batch_size_and_oversample()
+started, seen = time.time(), 0
+train_batches, _ = trainer.get_dataloaders()
+while seen < patches:
+    seen += next(train_batches)["data"].shape[0]
 print("patches_per_s", seen / (time.time() - started))
 """
 
@@ -191,6 +215,50 @@ def measure(count, args, cases_dir, env):
     return lines
 
 
+def nnunet_raw(cases_dir, raw_root, dataset_id, count, classes):
+    """nnU-Net's raw dataset `Dataset<id>_W6` under `raw_root`: links to the first `count` cases; returns its name."""
+    name = f"Dataset{dataset_id}_W6"
+    folder = os.path.join(raw_root, name)
+    for sub in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for i in range(count):
+        for sub, source, suffix in (("imagesTr", "images", "_0000"), ("labelsTr", "labels", "")):
+            link = os.path.join(folder, sub, f"case_{i:03d}{suffix}.nii.gz")
+            if not os.path.lexists(link):
+                os.symlink(os.path.join(cases_dir, source, f"case_{i:03d}.nii.gz"), link)
+    labels = {"background": 0, **{f"organ_{k}": k for k in range(1, classes)}}
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "CT"}, "labels": labels, "numTraining": count, "file_ending": ".nii.gz"}, f)
+    return name
+
+
+def measure_nnunet(count, args, cases_dir):
+    """nnU-Net v2's two lines for the first `count` cases (see the module's docstring)."""
+    python, isolated = python_for("nnunetv2")
+    if not isolated:
+        raise SystemExit("nnU-Net's venv is missing: run benchmarks/venvs.sh, or pass --peer none")
+    root = os.path.join(args.work, f"n{count}", "nnunet")
+    subprocess.run(["rm", "-rf", root], check=True)
+    paths = {key: os.path.join(root, key) for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    env = {**os.environ, **paths, "nnUNet_n_proc_DA": "2", "PYTHONPATH": REPO}
+    name = nnunet_raw(cases_dir, paths["nnUNet_raw"], 900 + count, count, args.classes)
+    common = {"workload": "W6", "library": "nnunetv2", "isolated": True, "label": "nnU-Net v2", "cases": count,
+              "shape": args.shape, "classes": args.classes}
+    tool = os.path.join(os.path.dirname(python), "nnUNetv2_plan_and_preprocess")
+    _, seconds, peak = run_measured([tool, "-d", str(900 + count), "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
+    preprocessed = os.path.join(paths["nnUNet_preprocessed"], name)
+    lines = [{**common, "stage": "convert", "peak_rss_mb": peak, "seconds": round(seconds, 1),
+              "disk_mb": round(folder_mb(os.path.join(preprocessed, "nnUNetPlans_3d_fullres")), 1),
+              "disk_all_mb": round(folder_mb(preprocessed), 1),
+              "source_mb": round(source_mb(os.path.join(paths["nnUNet_raw"], name)), 1)}]
+    patches = (count - round(0.2 * count)) * 8
+    out, seconds, peak = run_measured([python, "-c", NNUNET_EPOCH, preprocessed, str(args.patch), str(patches)], env)
+    rate = float(out.rsplit("patches_per_s", 1)[1].split()[0])
+    lines.append({**common, "stage": "input_epoch", "peak_rss_mb": peak, "seconds": round(seconds, 1),
+                  "patches_per_s": round(rate, 2), "patch": [args.patch] * 3})
+    return lines
+
+
 def measure_w7(args, env):
     """The W7 lines: convert, 20 training patches, predict one case of `args.shape`, until a stage fails."""
     cases_dir = os.path.join(args.work, "w7_" + "x".join(map(str, args.shape)))
@@ -236,11 +304,12 @@ def main():
     parser.add_argument("--work", default="/tmp/medseg_scale")
     parser.add_argument("--repo", default=REPO, help="the checkout whose medseg_dl runs the stages")
     parser.add_argument("--label", default="main", help="names this checkout in the lines")
-    parser.add_argument("--quick", action="store_true", help="4 and 6 cases of 48 x 48 x 24: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="5 and 6 cases of 48 x 48 x 24: a smoke test")
+    parser.add_argument("--peer", choices=["nnunetv2", "none"], default="nnunetv2", help="W6's peer")
     args = parser.parse_args()
     args.shape = args.shape or ([256, 256, 128] if args.workload == "W6" else [512, 512, 1000])
     if args.quick:
-        args.cases, args.shape, args.patch, args.work = [4, 6], [48, 48, 24], 16, os.path.join(args.work, "quick")
+        args.cases, args.shape, args.patch, args.work = [5, 6], [48, 48, 24], 16, os.path.join(args.work, "quick")
     env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
     if args.workload == "W7":
         for line in measure_w7(args, env):
@@ -249,11 +318,14 @@ def main():
     cases_dir = os.path.join(args.work, "cases_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")
     write_cases(cases_dir, max(args.cases), args.shape, args.classes)
     lines = [line for count in args.cases for line in measure(count, args, cases_dir, env)]
-    for stage in ("convert", "input_epoch", "train_20_steps"):
-        points = [(line["cases"], line["peak_rss_mb"]) for line in lines if line["stage"] == stage]
+    if args.peer == "nnunetv2":
+        lines += [line for count in args.cases for line in measure_nnunet(count, args, cases_dir)]
+    for library, stage in {(line["library"], line["stage"]) for line in lines}:
+        points = [(line["cases"], line["peak_rss_mb"]) for line in lines
+                  if line["stage"] == stage and line["library"] == library]
         slope = np.polyfit(*zip(*points), 1)[0] if len(points) > 1 else float("nan")
         for line in lines:
-            if line["stage"] == stage:
+            if line["stage"] == stage and line["library"] == library:
                 line["slope_mb_per_case"] = round(float(slope), 2)
     for line in lines:
         record("scale", line, keep=not args.quick)
