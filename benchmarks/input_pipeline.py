@@ -150,7 +150,7 @@ def run_medseg(workload, cases, quick):
     params = medseg_params(spec)
     volumes = memory_dataset(cases, spec["classes"]).map(lambda volume: prepare_volume(volume, "constant"))
     volumes = volumes.cache().shuffle(64, seed=0).repeat()
-    iterator = iter(patch_dataset(volumes, params, seed=0))
+    iterator = iter(patch_dataset(volumes, params, seed=0, in_flight=params.sampling.loaded_volumes))
 
     def next_batch():
         return int(next(iterator)["image"].shape[0])

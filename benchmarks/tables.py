@@ -128,7 +128,7 @@ def scale_cells(r):
     disk = f"{r['disk_mb']:.0f} / {r['source_mb']:.0f}" if "disk_mb" in r else "-"
     slope = f"{r['slope_mb_per_case']:+.2f}" if "slope_mb_per_case" in r else "-"
     passed = {True: "passed", False: "failed"}.get(r.get("passed"), "-")
-    return [r["workload"], r["label"], r["stage"], passed, r["cases"], "x".join(map(str, r["shape"])),
+    return [r["workload"], r["library"], r["label"], r["stage"], passed, r["cases"], "x".join(map(str, r["shape"])),
             r["peak_rss_mb"], slope, r["seconds"], r.get("patches_per_s", "-"), disk]
 
 
@@ -165,7 +165,7 @@ RENDERERS = {
     "brats_end_to_end": (["experiment", "steps", "patch, batch", "depth", "normalisation",
                           "minutes convert / train / evaluate", "peak RSS MB convert / train / evaluate",
                           "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
-    "scale": (["workload", "code", "stage", "W7 stage", "cases", "voxels per case", "peak RSS MB (process tree)",
+    "scale": (["workload", "library", "code", "stage", "W7 stage", "cases", "voxels per case", "peak RSS MB (process tree)",
                "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB"], scale_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),

@@ -149,12 +149,14 @@ SCHEMA = {
         "padding": Key("constant", (str,), "how patches reaching past the volume are filled",
                        choices=["constant", "edge"]),
         "cache": Key("auto", (str, bool), "keep the decoded training volumes in memory after the first epoch: "
-                     "true, false, or auto (when they fit sampling.cache_budget_mb; the decision is printed)",
+                     "true, false, or auto (when they fit sampling.input_budget_mb; the decision is printed)",
                      choices=["auto", True, False]),
-        "cache_budget_mb": Key(1024, (int,), "sampling.cache auto: the most memory the cached training volumes may "
-                               "take ((4 x channels + 1) bytes per voxel)", minimum=0),
-        "loaded_volumes": Key(4, (int,), "without the cache: volumes read in parallel and being sampled at once; "
-                              "bounds the input's memory by this count, not by the number of cases", minimum=1),
+        "input_budget_mb": Key(1024, (int,), "the most memory the loaded training volumes may take ((4 x channels "
+                               "+ 1) bytes per voxel): all cached when they fit (sampling.cache auto), else as many "
+                               "at once as fit, at least one", minimum=0),
+        "loaded_volumes": Key(4, (int,), "without the cache: at most this many volumes read in parallel and being "
+                              "sampled at once (fewer when sampling.input_budget_mb holds fewer of the largest)",
+                              minimum=1),
         "patch_shuffle_buffer": Key(16, (int,), "patches in the buffer that mixes patches of different "
                                     "volumes into batches; 1: off", minimum=1),
         "deterministic": Key(False, (bool,), "repeatable order of parallel reads (slower)"),

@@ -86,20 +86,20 @@ def read_small(path: str, name: str, dtype, width: int) -> np.ndarray:
 
 def _read_chunk(path: tf.Tensor, stored: tf.DType, chunk_shape: tf.Tensor) -> tf.Tensor:
     """One chunk file of `stored` values (uint8, or byte-shuffled float16) -> `chunk_shape` (cx, cy, cz[, C])
-    float32: the box is assembled in float32 (oneDNN reports uint8 and int32 transposes as unsupported, with an
-    error line in the user's log; labels up to 255 are exact in it) and labels are cast to int32 after."""
+    float16: labels up to 255 are exact in it, and oneDNN reports transposes of 8- and 16-bit integers as
+    unsupported, with an error line in the user's log (`_read_array` casts labels back to uint8)."""
     raw = tf.io.decode_raw(tf.io.decode_compressed(tf.io.read_file(path), "ZLIB"), tf.uint8)
     if stored == tf.uint8:
-        return tf.reshape(tf.cast(raw, tf.float32), chunk_shape)
+        return tf.reshape(tf.cast(raw, tf.float16), chunk_shape)
     low, high = tf.split(tf.cast(raw, tf.uint16), 2)  # the shuffled planes: all first bytes, then all second
-    return tf.reshape(tf.cast(tf.bitcast(low + high * 256, tf.float16), tf.float32), chunk_shape)
+    return tf.reshape(tf.bitcast(low + high * 256, tf.float16), chunk_shape)
 
 
 def _read_array(case: tf.Tensor, name: str, start: tf.Tensor, size: tf.Tensor, channels: int,
                 stored: tf.DType, chunk_vox: Sequence[int]) -> tf.Tensor:
     """The box [start, start + size) (3,) int32, inside the case, of its array `name` (image or label, `stored`
-    as float16 or uint8), as (size..., channels) float32 (channels 0: (size...) float32 labels): only the chunks
-    the box touches are read."""
+    as float16 or uint8), as (size..., channels) float16 (channels 0: (size...) uint8 labels): only the chunks the
+    box touches are read, and the box is assembled in float16 (2 bytes per voxel and channel per copy)."""
     chunk = tf.constant(chunk_vox, tf.int32)
     first, last = start // chunk, (start + size - 1) // chunk
     counts = last - first + 1
@@ -108,27 +108,28 @@ def _read_array(case: tf.Tensor, name: str, start: tf.Tensor, size: tf.Tensor, c
     folder = tf.strings.join([case, "/", name, "/"])
     shape = tf.concat([chunk, [channels]], 0) if channels else chunk
     chunks = tf.map_fn(lambda n: _read_chunk(folder + n, stored, shape), names,
-                       fn_output_signature=tf.TensorSpec(None, tf.float32))
+                       fn_output_signature=tf.TensorSpec(None, tf.float16))
     tiles = tf.reshape(chunks, tf.concat([counts, shape], 0))  # (nx, ny, nz, cx, cy, cz[, C])
     order = [0, 3, 1, 4, 2, 5] + ([6] if channels else [])
     joined = tf.reshape(tf.transpose(tiles, order), tf.concat([counts * chunk, shape[3:]], 0))
     offset = start - first * chunk
-    return tf.slice(joined, tf.concat([offset, [0] * (1 if channels else 0)], 0),
-                    tf.concat([size, [channels] if channels else []], 0))
+    box = tf.slice(joined, tf.concat([offset, [0] * (1 if channels else 0)], 0),
+                   tf.concat([size, [channels] if channels else []], 0))
+    return box if stored == tf.float16 else tf.cast(box, tf.uint8)
 
 
 def read_box(case: tf.Tensor, start: tf.Tensor, size: tf.Tensor, channels: int,
              chunk_vox: Sequence[int] = CHUNK_VOX) -> Tuple[tf.Tensor, tf.Tensor]:
-    """(image (size..., channels) float32, label size (3,) int32) of the box [start, start + size) (3,) int32
+    """(image (size..., channels) float32, label size (3,) uint8) of the box [start, start + size) (3,) int32
     of the case folder `case` () string; the box lies inside the case (shape: its index entry)."""
-    return (_read_array(case, "image", start, size, channels, tf.float16, chunk_vox),
-            tf.cast(_read_array(case, "label", start, size, 0, tf.uint8, chunk_vox), tf.int32))
+    return (tf.cast(_read_array(case, "image", start, size, channels, tf.float16, chunk_vox), tf.float32),
+            _read_array(case, "label", start, size, 0, tf.uint8, chunk_vox))
 
 
 def read_volume(case: tf.Tensor, shape_vox: tf.Tensor, channels: int,
                 chunk_vox: Sequence[int] = CHUNK_VOX) -> Dict[str, tf.Tensor]:
     """The whole case folder `case` () string of spatial shape `shape_vox` (3,) int32: image (X, Y, Z, C)
-    float32, label (X, Y, Z) int32 and class_locations (M, 3) int32."""
+    float32, label (X, Y, Z) uint8 and class_locations (M, 3) int32."""
     image, label = read_box(case, tf.zeros([3], tf.int32), shape_vox, channels, chunk_vox)
     raw = tf.io.decode_compressed(tf.io.read_file(tf.strings.join([case, "/class_locations"])), "ZLIB")
     return {"image": tf.ensure_shape(image, [None, None, None, channels]), "label": label,

@@ -6,8 +6,9 @@ read from their case folders (data/store.py, TensorFlow ops) -> flattened for sa
 patches per volume in one vectorised call -> a small shuffle of patches (`patch_shuffle_buffer`,
 which fills from the first volumes) -> batch -> prefetch. Memory is bounded by the settings, never by
 the number of cases: `sampling.loaded_volumes` volumes are read and sampled at once; the decoded
-volumes are cached in memory only when the whole training set fits `sampling.cache_budget_mb`
-(`sampling.cache: auto`; `cache_decision` says what it decided). Patch draw number i uses the stateless
+volumes are cached in memory only when the whole training set fits `sampling.input_budget_mb`
+(`sampling.cache: auto`), and fewer volumes are loaded at once when the budget holds fewer of the largest
+(`input_plan` says what it decided). Patch draw number i uses the stateless
 seed (seed, r_i), r_i the i-th number of tf.data's random dataset seeded with seed, so with
 `sampling.deterministic` the same params give the same batches. With `training.input_service` the batches
 are made on tf.data service workers (pipeline/service.py), each drawing from its own unseeded numbers.
@@ -110,10 +111,11 @@ def volume_patches(volume, params, seed):
             "subject": tf.fill([count], volume["subject"])}
 
 
-def patch_dataset(volumes, params, seed):
+def patch_dataset(volumes, params, seed, in_flight):
     """Batches of augmented patches from a dataset of decoded volume dicts (at least image (X,Y,Z,C)
-    float32, label (X,Y,Z) int32, spacing_mm (3,), class_locations, class_location_counts, subject) or of dicts
-    already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does).
+    float32, label (X,Y,Z) of an integer type, spacing_mm (3,), class_locations, class_location_counts, subject)
+    or of dicts already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does),
+    `in_flight` volumes sampled at once (`input_plan`).
 
     Yields dicts: image (N, px, py, pz, C) float32, label (N, px, py, pz) int32, position (N, 3)
     float32, subject (N,) string, N = sampling.batch_size; ends when `volumes` ends (after the last
@@ -130,7 +132,7 @@ def patch_dataset(volumes, params, seed):
 
     # unseeded on tf.data service workers: each worker draws its own patches (seeded, all would draw the same)
     draw_seeds = tf.data.Dataset.random(seed=None if params.training.input_service else seed)
-    patches = tf.data.Dataset.zip(draw_seeds, volumes).map(draw, num_parallel_calls=sampling_params.loaded_volumes,
+    patches = tf.data.Dataset.zip(draw_seeds, volumes).map(draw, num_parallel_calls=in_flight,
                                                            deterministic=deterministic)
     patches = patches.unbatch()
     if sampling_params.patch_shuffle_buffer > 1:
@@ -144,28 +146,27 @@ def train_inputs(params, cases, seed):
     in data.converted_dir), through `training_volumes`; made by the tf.data service at
     `training.input_service` when it is set (pipeline/service.py). seed: int of the case order and the patch
     draws (training passes params.seed + the step it resumes from)."""
-    batches = patch_dataset(training_volumes(params, cases, seed), params, seed)
+    entries = case_entries(params, cases, "train_inputs")
+    cache, in_flight, reason = input_plan(params, cases)
+    print(f"training input: {reason}", flush=True)
+    batches = patch_dataset(training_volumes(params, entries, seed, cache, in_flight), params, seed, in_flight)
     address = params.training.input_service
     return batches if address is None else served(batches, address)
 
 
-def training_volumes(params, cases, seed) -> tf.data.Dataset:
-    """Prepared training volumes (`prepare_volume`), endlessly, each epoch all `cases` (case folder paths, see
-    data/store.py) in a new random order (seed: int). Cached in memory after the first epoch when
-    `cache_decision` says so (its line printed), else read again each epoch, `sampling.loaded_volumes` in
-    parallel: the memory of the reads is then about loaded_volumes prepared volumes, whatever the number of cases."""
-    entries = case_entries(params, cases, "train_inputs")
-    sampling_params = params.sampling
-    cache, reason = cache_decision(params, cases)
-    print(f"training input: {reason}", flush=True)
-    parallel, deterministic = sampling_params.loaded_volumes, sampling_params.deterministic
+def training_volumes(params, entries: tf.data.Dataset, seed, cache: bool, in_flight: int) -> tf.data.Dataset:
+    """Prepared training volumes (`prepare_volume`), endlessly, each epoch all cases of `entries` (`case_entries`)
+    in a new random order (seed: int). Cached in memory after the first epoch with `cache`, else read again each
+    epoch, `in_flight` at once (`input_plan`): the memory of the reads is then about that many prepared volumes,
+    whatever the number of cases."""
+    deterministic, count = params.sampling.deterministic, int(entries.cardinality())
     if not cache:
-        entries = entries.shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
+        entries = entries.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
     vectors = intensity_vectors(params)
-    volumes = entries.map(lambda entry: prepare_volume(read_case(entry, params, vectors), sampling_params.padding),
-                          num_parallel_calls=parallel, deterministic=deterministic)
+    volumes = entries.map(lambda entry: prepare_volume(read_case(entry, params, vectors), params.sampling.padding),
+                          num_parallel_calls=in_flight, deterministic=deterministic)
     if cache:
-        volumes = volumes.cache().shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
+        volumes = volumes.cache().shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
     return volumes
 
 
@@ -192,7 +193,7 @@ def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
 def read_case(entry, params, vectors) -> dict:
     """One case entry (`case_entries`) with its arrays read (data/store.py `read_volume`): image (X, Y, Z, C)
     float32 as the network sees it (the stored intensities, ct channels through `vectors`: (clip(x, low, high) -
-    mean) / std, as preprocess.apply_ct does in numpy), label (X, Y, Z) int32, class_locations (M, 3) int32."""
+    mean) / std, as preprocess.apply_ct does in numpy), label (X, Y, Z) uint8, class_locations (M, 3) int32."""
     volume = store.read_volume(entry["case"], entry["shape"], len(params.data.channels))
     low, high, mean, std = (tf.constant(v) for v in vectors)
     volume["image"] = (tf.clip_by_value(volume["image"], low, high) - mean) / std
@@ -206,23 +207,27 @@ def intensity_vectors(params) -> Tuple[np.ndarray, ...]:
                                  len(params.data.channels))
 
 
-def cache_decision(params, cases: Sequence[str]) -> Tuple[bool, str]:
-    """(whether the training volumes are cached, a line saying why) for `sampling.cache`: true, false, or auto:
-    when their prepared size, (4 x channels + 1) bytes per voxel with the one-voxel border (read from the
-    index), fits `sampling.cache_budget_mb`. Never with `training.input_service` (each worker gets cases from
-    the dispatcher, not all of them)."""
-    setting = params.sampling.cache
-    if params.training.input_service is not None:
-        return False, f"{len(cases)} volumes, no cache: made by the tf.data service at {params.training.input_service}"
-    if setting != "auto":
-        return setting, f"{len(cases)} volumes, cache {'on' if setting else 'off'} (sampling.cache: {setting})"
+def input_plan(params, cases: Sequence[str]) -> Tuple[bool, int, str]:
+    """(whether the training volumes are cached, how many are read and sampled at once, a line saying why), from
+    their prepared sizes ((4 x channels + 1) bytes per voxel with the one-voxel border, read from the index) and
+    `sampling.input_budget_mb`: `sampling.cache` true, false, or auto (cached when all fit the budget); without
+    the cache `sampling.loaded_volumes` at once, fewer when the budget holds fewer of the largest (at least one).
+    Never cached with `training.input_service` (each worker gets cases from the dispatcher, not all of them)."""
+    sampling_params = params.sampling
     entries = {entry["case"]: entry for entry in read_index(params.data.converted_dir)["subjects"].values()}
-    total_mb = sum(_prepared_bytes(entries[os.path.basename(c)]) for c in cases) / 2**20
-    budget_mb = params.sampling.cache_budget_mb
-    fits = total_mb <= budget_mb
-    return fits, (f"{len(cases)} volumes, {total_mb:.0f} MB decoded: "
-                  + ("cached in memory" if fits else f"read from disk each epoch, {params.sampling.loaded_volumes} "
-                     f"at a time") + f" (sampling.cache: auto, sampling.cache_budget_mb: {budget_mb})")
+    sizes_mb = [_prepared_bytes(entries[os.path.basename(c)]) / 2**20 for c in cases]
+    budget_mb, setting = sampling_params.input_budget_mb, sampling_params.cache
+    in_flight = int(min(sampling_params.loaded_volumes, max(1, budget_mb // max(sizes_mb, default=1))))
+    settings = (f"sampling.cache: {setting}, sampling.loaded_volumes: {sampling_params.loaded_volumes}, "
+                f"sampling.input_budget_mb: {budget_mb}")
+    reading = f"read from disk each epoch, {in_flight} at a time ({settings})"
+    if params.training.input_service is not None:
+        return False, in_flight, f"{len(cases)} volumes, made by the tf.data service at " \
+                                 f"{params.training.input_service}: {reading}"
+    total_mb = sum(sizes_mb)
+    cache = total_mb <= budget_mb if setting == "auto" else setting
+    return cache, in_flight, f"{len(cases)} volumes, {total_mb:.0f} MB decoded: " + \
+        (f"cached in memory ({settings})" if cache else reading)
 
 
 def _prepared_bytes(entry) -> int:

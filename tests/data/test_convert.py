@@ -126,7 +126,7 @@ def test_volume_inputs_fix_the_channel_dimension(hippo_dir, tmp_path):
     convert_dataset(params)
     dataset = volume_inputs(params, [os.path.join(params.data.converted_dir, store.case_name(HIPPO_CASES[0]))])
     assert dataset.element_spec["image"].shape.as_list() == [None, None, None, 1]
-    assert dataset.element_spec["label"].dtype == tf.int32
+    assert dataset.element_spec["label"].dtype == tf.uint8
 
 
 def test_a_folder_converted_in_the_older_format_is_refused_with_the_fix(hippo_dir, tmp_path):

@@ -68,7 +68,7 @@ def test_plain_patches_are_exact_crops_at_their_position(padding):
     size = [6, 7, 5]
     by_name = {s["subject"]: s for s in subjects}
     params = make_params(padding=padding)
-    batches = list(inputs.patch_dataset(volumes_dataset(subjects).repeat(2), params, seed=0).as_numpy_iterator())
+    batches = list(inputs.patch_dataset(volumes_dataset(subjects).repeat(2), params, seed=0, in_flight=4).as_numpy_iterator())
     assert len(batches) == 3  # 12 patches / 4
     for batch in batches:
         assert batch["image"].shape == (4, *size, 2) and batch["label"].shape == (4, *size)
@@ -83,7 +83,7 @@ def test_plain_patches_are_exact_crops_at_their_position(padding):
 
 
 def first_batches(params, subjects, seed=0, count=3):
-    dataset = inputs.patch_dataset(volumes_dataset(subjects).repeat(), params, seed)
+    dataset = inputs.patch_dataset(volumes_dataset(subjects).repeat(), params, seed, in_flight=4)
     return [b for _, b in zip(range(count), dataset.as_numpy_iterator())]
 
 
@@ -176,12 +176,24 @@ def test_user_errors_name_the_fix():
 def test_cache_auto_caches_only_a_training_set_that_fits_its_budget(tmp_path, budget_mb, cached):
     subjects = [subject(f"rec_{i}", (9, 8, 7), channels=2, seed=i) for i in range(3)]
     paths = write_cases(tmp_path, subjects)
-    params = params_for(tmp_path, cache_budget_mb=budget_mb)
-    decision, line = inputs.cache_decision(params, paths)
+    params = params_for(tmp_path, input_budget_mb=budget_mb)
+    decision, _, line = inputs.input_plan(params, paths)
     voxels = 11 * 10 * 9  # with the one-voxel border
     assert decision is cached and line.startswith(f"3 volumes, {3 * 9 * voxels / 2**20:.0f} MB decoded: ")
-    assert ("cached in memory" in line) == cached and f"sampling.cache_budget_mb: {budget_mb})" in line
+    assert ("cached in memory" in line) == cached and f"sampling.input_budget_mb: {budget_mb})" in line
     assert len(list(zip(range(3), inputs.train_inputs(params, paths, seed=0)))) == 3
+
+
+@pytest.mark.parametrize("budget_mb, loaded_volumes, in_flight", [(0, 4, 1), (5, 4, 2), (100, 4, 4), (100, 3, 3)])
+def test_volumes_loaded_at_once_are_as_many_of_the_largest_as_the_budget_holds(tmp_path, budget_mb, loaded_volumes,
+                                                                               in_flight):
+    """A 2.4 MB case (prepared: 9 bytes per voxel of 66 x 66 x 66 with the border) among small ones: the budget
+    counts the largest, at least one volume is loaded, at most sampling.loaded_volumes."""
+    subjects = [subject("big", (64, 64, 64), channels=2, seed=0), subject("small", (9, 8, 7), channels=2, seed=1)]
+    paths = write_cases(tmp_path, subjects)
+    params = params_for(tmp_path, input_budget_mb=budget_mb, loaded_volumes=loaded_volumes, cache=False)
+    assert inputs.input_plan(params, paths)[1] == in_flight
+    assert f"read from disk each epoch, {in_flight} at a time" in inputs.input_plan(params, paths)[2]
 
 
 @pytest.mark.parametrize("cache", [True, False])
