@@ -36,7 +36,7 @@ def start_holder(path):
 
 def stop(child, sig=signal.SIGINT):
     child.send_signal(sig)
-    child.wait(10)
+    child.wait(30)  # generous: under the full suite's load a child took over 10 s to exit once
 
 
 def write_lock(path, **fields):
