@@ -31,7 +31,7 @@ from machine_info import describe_machine, record
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medseg_dl.data.io import read_volume  # noqa: E402
-from medseg_dl.data.preprocess import class_locations, zscore  # noqa: E402
+from medseg_dl.data.preprocess import class_locations, normalize  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 WORKLOADS = {
@@ -54,7 +54,7 @@ def load_cases(workload, quick):
         labels = sorted(glob.glob(os.path.join(DATA, "msd_hippocampus", "labels", "*.nii.gz")))[: 8 if quick else None]
         for path in labels:
             image = read_volume(path.replace(os.sep + "labels" + os.sep, os.sep + "images" + os.sep)).data
-            cases.append({"image": zscore(image[..., None].astype(np.float32)),
+            cases.append({"image": normalize(image[..., None].astype(np.float32), "zscore"),
                           "label": np.rint(read_volume(path).data).astype(np.int32),
                           "subject": os.path.basename(path).split(".")[0]})
     else:
@@ -62,7 +62,7 @@ def load_cases(workload, quick):
         for folder in folders:
             channels = [read_volume(glob.glob(os.path.join(folder, f"{name}*.nii.gz"))[0]).data.astype(np.float32)
                         for name in ("Flair", "T1c")]
-            cases.append({"image": zscore(np.stack(channels, axis=-1)),
+            cases.append({"image": normalize(np.stack(channels, axis=-1), "zscore"),
                           "label": np.rint(read_volume(os.path.join(folder, "OTMultiClass.nii.gz")).data).astype(
                               np.int32),
                           "subject": os.path.basename(folder)})
@@ -296,6 +296,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="few cases and patches (a smoke run)")
     parser.add_argument("--peers", action="store_true", help="also run MONAI and TorchIO (if importable)")
     parser.add_argument("--library", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument("--label", help="names the checkout on medseg_dl's line (e.g. a before/after pair)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for workload in args.workload or sorted(WORKLOADS):
@@ -303,8 +304,8 @@ def main():
             print(json.dumps(RUNNERS[args.library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
             continue
         if not (args.peers and peers_available()):
-            record("input_pipeline", RUNNERS["medseg_dl"](workload, load_cases(workload, args.quick), args.quick),
-                   keep=not args.quick)
+            line = RUNNERS["medseg_dl"](workload, load_cases(workload, args.quick), args.quick)
+            record("input_pipeline", {**line, **({"label": args.label} if args.label else {})}, keep=not args.quick)
             continue
         ours = run_in_subprocess(workload, "medseg_dl", args.quick)
         for library in list(RUNNERS)[1:]:  # each peer line as soon as it is measured

@@ -3,9 +3,9 @@ beside the candidates it was chosen against, on the same W6 cases (BENCHMARKS.md
 
     python benchmarks/storage.py [--cases 4] [--quick]
 
-Per case: the source .nii.gz (image + label), our case folder (float16 image, byte-shuffled, zlib level 1,
-64^3 chunks), the float32 GZIP TFRecord of format 1, and blosc2 (zstd, shuffle, the same chunks) when the
-`blosc2` package is importable; for each, the seconds to read the whole case and one 96^3 box (ours and
+Per case: the source .nii.gz (image + label), our case folder (the image as CT conversion stores it, whole HU
+in float16, byte-shuffled, zlib level 1, 64^3 chunks), the normalised float32 GZIP TFRecord of format 1, and
+blosc2 (the same float16 HU, zstd, shuffle, the same chunks) when the `blosc2` package is importable; for each, the seconds to read the whole case and one 96^3 box (ours and
 blosc2: only the chunks the box touches; the TFRecord: the whole case). One line per format, medians over the
 cases (every case kept under `_runs`), in benchmarks/results/storage.jsonl (not with --quick).
 """
@@ -37,7 +37,7 @@ def box_of(shape):
 
 
 def normalised(image):
-    """The CT normalisation's arithmetic on one case (clip, centre, scale) as float32."""
+    """The CT normalisation's arithmetic on one case (clip, centre, scale) as float32: format 1 stored it."""
     return ((np.clip(image, -1000, 300) - 20.0) / 150.0).astype(np.float32)[..., None]
 
 
@@ -107,11 +107,11 @@ def main():
         args.cases, args.shape, args.work = 2, [128, 128, 112], os.path.join(args.work, "quick")
     cases_dir = os.path.join(args.work, "cases_" + "x".join(map(str, args.shape)) + "_k5")
     write_cases(cases_dir, args.cases, args.shape, 5)
-    formats = {"medseg_dl case store (float16, zlib 1, 64^3 chunks)": ours,
-               "TFRecord (float32, GZIP; format 1)": tfrecord}
+    formats = {"medseg_dl case store (float16 HU, zlib 1, 64^3 chunks)": ours,
+               "TFRecord (normalised float32, GZIP; format 1)": tfrecord}
     try:
         import blosc2  # noqa: F401
-        formats["blosc2 (float16, zstd 3 + shuffle, 64^3 chunks)"] = blosc2_format
+        formats["blosc2 (float16 HU, zstd 3 + shuffle, 64^3 chunks)"] = blosc2_format
     except ImportError:
         pass
     results = {name: [] for name in formats}
@@ -119,10 +119,11 @@ def main():
     for i in range(args.cases):
         names = [os.path.join(cases_dir, sub, f"case_{i:03d}.nii.gz") for sub in ("images", "labels")]
         sources.append(sum(os.path.getsize(n) for n in names) / 2**20)
-        image = normalised(np.asarray(nib.load(names[0]).dataobj))
+        hu = np.asarray(nib.load(names[0]).dataobj)
         label = np.asarray(nib.load(names[1]).dataobj).astype(np.uint8)
         for name, write_and_read in formats.items():
             folder = tempfile.mkdtemp()
+            image = normalised(hu) if write_and_read is tfrecord else hu.astype(np.float32)[..., None]
             results[name].append(write_and_read(image, label, folder))
             shutil.rmtree(folder)
     for name, runs in results.items():

@@ -75,7 +75,7 @@ def gpu_workflow_cells(r):
 
 
 def input_pipeline_cells(r):
-    library = r["library"] + (f" ({r['mode']})" if "mode" in r else "")
+    library = r["library"] + "".join(f" ({r[key]})" for key in ("mode", "label") if key in r)
     return [r["workload"], library, _spread(r, 1), _ratios(r, "ratio_") or r.get("ratio", "-")]
 
 
