@@ -278,14 +278,14 @@ def test_converting_a_case_allocates_at_most_12_bytes_per_voxel(tmp_path):
 
 
 def test_conversion_workers_are_bounded_by_memory(tmp_path, monkeypatch, capsys):
-    """data.workers unless that many copies of the largest case (27 B per voxel and channel) would not fit
+    """data.workers unless that many copies of the largest case (12 B per voxel and channel) would not fit
     80% of the available memory; at least one; unknown sizes (not NIfTI) do not bound."""
     from medseg_dl.data import convert
     from medseg_dl.data.subjects import Subject
 
     synthetic_dataset(tmp_path, cases=2, shape=(20, 30, 14))
     subjects = [Subject(f"case_0{i}", [str(tmp_path / "images" / f"case_0{i}.nii.gz")]) for i in range(2)]
-    per_worker = 27 * 8400 * 2  # 8400 voxels, 2 channels
+    per_worker = 12 * 8400 * 2  # 8400 voxels, 2 channels
     monkeypatch.setattr(convert, "_available_memory_bytes", lambda: int(3.5 * per_worker / 0.8))
     assert convert.conversion_workers(8, subjects, 2) == 3
     assert "convert: 3 worker(s), not data.workers = 8" in capsys.readouterr().out
