@@ -132,6 +132,11 @@ def scale_cells(r):
             r["peak_rss_mb"], slope, r["seconds"], r.get("patches_per_s", "-"), disk]
 
 
+def demo_cells(r):
+    dice = " / ".join(f"{r['val_dice'][name]:.3f}" for name in ("anterior", "posterior"))
+    return [r["workload"], r["label"], dice, f"{r['val_mean_dice']:.3f}", r["val_subjects"]]
+
+
 def storage_cells(r):
     return [r["format"], f"{r['cases']} x {'x'.join(map(str, r['shape']))}", r["mb_per_case"], r["of_source"],
             r["read_case_s"], r["read_box_s"]]
@@ -167,6 +172,7 @@ RENDERERS = {
                           "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
     "scale": (["workload", "library", "code", "stage", "W7 stage", "cases", "voxels per case", "peak RSS MB (process tree)",
                "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB"], scale_cells),
+    "demo": (["run", "code", "Dice anterior / posterior", "mean Dice", "validation cases"], demo_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),
 }
