@@ -14,7 +14,9 @@ from medseg_dl.errors import ModelDirError
 from medseg_dl import locks
 from medseg_dl.locks import ProcessLock, process_start_time
 
-HOLD = ("import sys, time\n"
+# SIGINT as in a terminal: a shell that starts the tests in the background (`... &`) makes its children ignore it
+HOLD = ("import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from medseg_dl.locks import ProcessLock\n"
         "with ProcessLock(sys.argv[1], 'trainer'):\n"
         "    time.sleep(60)\n")
@@ -36,7 +38,7 @@ def start_holder(path):
 
 def stop(child, sig=signal.SIGINT):
     child.send_signal(sig)
-    child.wait(30)  # generous: under the full suite's load a child took over 10 s to exit once
+    child.wait(10)
 
 
 def write_lock(path, **fields):
