@@ -4,8 +4,9 @@ any box of it (a patch, a window, a slab) without decoding the rest.
     <subject>.case/
         meta.json            what the index (dataset.json) also holds of the case: shape, channels, geometry
         image/<i>.<j>.<k>    chunk (i, j, k): chunk_vox[0] x chunk_vox[1] x chunk_vox[2] x C float16, the
-                             image as preprocess.normalize stores it, C order, bytes shuffled (all first bytes, then all second
-                             bytes), zlib-compressed; chunks at the far edges are zero-padded to full size
+                             image as preprocess.normalize stores it (ct channels in whole HU), C order,
+                             bytes shuffled (all first bytes, then all second bytes), zlib-compressed;
+                             chunks at the far edges are zero-padded to full size
         label/<i>.<j>.<k>    the same grid of uint8 labels, zlib-compressed
         class_locations      (M, 3) int32 voxel indices sorted by class, zlib-compressed
         ct_samples           (S, C) float32 foreground intensities, zlib-compressed (normalization ct only: the
@@ -15,7 +16,8 @@ Why this format (measured on a 256 x 256 x 128 CT-like case, docs in README "Con
 one codec TensorFlow decodes in its own ops (`tf.io.decode_compressed`), so the readers are graph ops that
 run in parallel without the GIL and on tf.data service workers; chunks in files of their own are read
 without the rest; float16 halves the bytes of float32 (normalised intensities keep about 3 significant
-digits) and byte shuffling makes the high bytes compress. blosc2 decodes 4-5x faster but only from Python.
+digits, whole HU up to 2048 are exact) and byte shuffling makes the high bytes compress. blosc2 decodes
+2-3x faster but only from Python.
 
 `write_case` writes a folder atomically (a temporary name, then a rename). `read_volume` and `read_box` are
 TensorFlow functions of a case's path and index entry values; `read_arrays` reads with numpy (tests, tools).
