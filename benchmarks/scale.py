@@ -21,6 +21,10 @@ draws as many patches as ours (N_train x 8) from the loaders of its nnUNetTraine
 default augmentation, patch 96^3, batch 2, 2 augmentation processes as on 2 cores; its validation loader starts
 too, as in training). --peer nnunetv2 runs it, --peer none skips it.
 
+W6-eval (issue 24's measure): the evaluator's peak RSS against the number of validation cases, N_val = 8, 16,
+32 of W6's cases beside 8 training cases: `medseg convert`, 2 training steps (a checkpoint), then `medseg
+evaluate --once` of it (no mirroring); a line per N_val with the slope over N_val.
+
 W7: one case of 512 x 512 x 1000 (262 M voxels): `medseg convert`, `medseg train` for 10 steps of 2 patches
 of 96^3 (20 training patches drawn from it) and `medseg predict` of the case with the trained network; each
 stage passes or fails (its exit code), with its peak RSS and seconds; a failed stage ends the run.
@@ -259,6 +263,33 @@ def measure_nnunet(count, args, cases_dir):
     return lines
 
 
+def measure_evaluator(val_count, args, cases_dir, env):
+    """The W6-eval line of `val_count` validation cases (and 8 training cases) of `cases_dir`."""
+    count = val_count + 8
+    data_dir = os.path.join(args.work, f"n{count}", "data")
+    subset(cases_dir, data_dir, count)
+    model_dir = os.path.join(args.work, f"n{count}", f"eval-{args.label}")
+    subprocess.run(["rm", "-rf", model_dir], check=True)
+    params = experiment(data_dir, model_dir, args.classes, [args.patch] * 3)
+    with open(params) as f:
+        values = yaml.safe_load(f)
+    values["data"]["split"] = {"val": val_count / count, "test": 0.0}
+    values["training"].update({"steps": 2, "checkpoint_every": 2})
+    values["evaluation"].update({"tta_mirroring": False, "save_overlays": False})
+    with open(params, "w") as f:
+        yaml.safe_dump(values, f)
+    medseg = [sys.executable, "-m", "medseg_dl.cli"]
+    own = os.path.join(model_dir, "params.yaml")
+    for stage in (["convert", "--params", params], ["train", "--params", own]):
+        run_measured([*medseg, *stage], env)
+    _, seconds, peak = run_measured([*medseg, "evaluate", "--params", own, "--once"], env)
+    with open(os.path.join(model_dir, "filelists", "val.json")) as f:
+        validation = len(json.load(f))
+    return {"workload": "W6-eval", "library": "medseg_dl", "label": args.label, "cases": validation,
+            "shape": args.shape, "classes": args.classes, "stage": "evaluate_once", "peak_rss_mb": peak,
+            "seconds": round(seconds, 1)}
+
+
 def measure_w7(args, env):
     """The W7 lines: convert, 20 training patches, predict one case of `args.shape`, until a stage fails."""
     cases_dir = os.path.join(args.work, "w7_" + "x".join(map(str, args.shape)))
@@ -296,7 +327,7 @@ def measure_w7(args, env):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["W6", "W7"], default="W6")
+    parser.add_argument("--workload", choices=["W6", "W6-eval", "W7"], default="W6")
     parser.add_argument("--cases", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--shape", type=int, nargs=3)
     parser.add_argument("--classes", type=int, default=5)
@@ -316,9 +347,13 @@ def main():
             record("scale", line, keep=not args.quick)
         return
     cases_dir = os.path.join(args.work, "cases_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")
-    write_cases(cases_dir, max(args.cases), args.shape, args.classes)
-    lines = [line for count in args.cases for line in measure(count, args, cases_dir, env)]
-    if args.peer == "nnunetv2":
+    if args.workload == "W6-eval":
+        write_cases(cases_dir, max(args.cases) + 8, args.shape, args.classes)
+        lines = [measure_evaluator(count, args, cases_dir, env) for count in args.cases]
+    else:
+        write_cases(cases_dir, max(args.cases), args.shape, args.classes)
+        lines = [line for count in args.cases for line in measure(count, args, cases_dir, env)]
+    if args.peer == "nnunetv2" and args.workload == "W6":
         lines += [line for count in args.cases for line in measure_nnunet(count, args, cases_dir)]
     for library, stage in {(line["library"], line["stage"]) for line in lines}:
         points = [(line["cases"], line["peak_rss_mb"]) for line in lines
