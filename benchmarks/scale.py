@@ -338,7 +338,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="5 and 6 cases of 48 x 48 x 24: a smoke test")
     parser.add_argument("--peer", choices=["nnunetv2", "none"], default="nnunetv2", help="W6's peer")
     args = parser.parse_args()
-    args.shape = args.shape or ([256, 256, 128] if args.workload == "W6" else [512, 512, 1000])
+    args.shape = args.shape or ([512, 512, 1000] if args.workload == "W7" else [256, 256, 128])
     if args.quick:
         args.cases, args.shape, args.patch, args.work = [5, 6], [48, 48, 24], 16, os.path.join(args.work, "quick")
     env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
