@@ -49,7 +49,7 @@ def segment_cases(predictor: Predictor, cases: Sequence[Case], subjects: Dict[st
                                         case.spacing_mm, case.affine))
             continue
         subject = subjects[case.subject_id]
-        prediction = segment_case(predictor, case)[0]
+        prediction = segment_case(predictor, case)
         image, _, affine = read_image(subject, recipe)
         results.append(Segmentation(case.subject_id, image, read_label(subject, image.shape, affine, recipe),
                                     prediction, spacing_from_affine(affine), affine))

@@ -11,7 +11,7 @@ final label map on the original grid, with the original voxel spacing (its thres
 post-processing).
 """
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -71,16 +71,21 @@ def to_original_grid(probabilities: np.ndarray, grid_affine: np.ndarray, origina
                      for k in range(probabilities.shape[-1])], axis=-1).astype(np.float32, copy=False)
 
 
-def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """(labels (X, Y, Z) uint8, probabilities (X, Y, Z, K) float32) of one case on its original grid:
-    the predictor's probabilities on the model grid mapped back (`to_original_grid`), their arg-max, then
-    the post-processing `decision` (None: none) applied to those labels with the original spacing."""
-    probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
-                                     case.original_affine)
-    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Labels (X, Y, Z) uint8 of one case on its original grid: the predictor's probabilities on the model
+    grid mapped back (`to_original_grid`; no mapping when both grids are one), their arg-max, then the
+    post-processing `decision` (None: none) applied to those labels with the original spacing. progress:
+    called with (windows done, windows in total) as the case is segmented."""
+    if tuple(case.original_shape) == case.image.shape[:3] and np.allclose(case.affine, case.original_affine):
+        labels = predictor.labels(case.image).astype(np.uint8)
+    else:
+        probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
+                                         case.original_affine)
+        labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
     if decision is not None:
         labels = postprocess.apply(labels, decision, spacing_from_affine(case.original_affine))
-    return labels, probabilities
+    return labels
 
 
 def save_like(path: str, data: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
@@ -138,12 +143,14 @@ def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_pr
     written = []
     for subject in subjects:
         case = subject_case(subject, recipe)
-        labels, probabilities = segment_case(predictor, case, decision)
+        labels = segment_case(predictor, case, decision)
         path = os.path.join(output_dir, f"{subject.id}.nii.gz")
         save_like(path, labels, subject.channels[0], case.original_affine)
         written.append(path)
         if save_probabilities:
             written.append(os.path.join(output_dir, f"{subject.id}_probabilities.nii.gz"))
+            probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
+                                             case.original_affine)
             save_like(written[-1], probabilities, subject.channels[0], case.original_affine)
         print(f"{subject.id}: {path}", flush=True)
     return written

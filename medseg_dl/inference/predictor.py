@@ -2,8 +2,10 @@
 
     predictor = Predictor.from_params(network, params)          # or a sequence of networks (an ensemble)
     probabilities = predictor.probabilities(image)   # (X, Y, Z, K) float32
-    labels = predictor.labels(image)                 # (X, Y, Z) int32
+    labels = predictor.labels(image)                 # (X, Y, Z) uint8
     logits = predictor.logits(image)                 # (X, Y, Z, K) float32: blended, no softmax
+    for begin_vox, block in predictor.slabs(image, "probabilities", axis=2):   # the same, slab by slab
+        ...
 
 A network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
 (the window positions of `pipeline.sampling.patch_positions`) and returning logits (N, px, py, pz, K); it
@@ -20,11 +22,18 @@ position mirrored on the flipped axes, as in training.
 
 Recombination (windows.py) runs on the host with a CPU, and in TensorFlow ops on the accelerator when
 a GPU is visible (`recombination="auto"`), so that the volume stays on the device; both give the
-same result to float32 rounding.
+same result to float32 rounding. On the host, windows are visited row by row along one axis and each
+slab is finished as soon as no later window touches it (`windows.recombined_slabs`), so the live sums
+span one window along that axis: `slabs` yields the finished slabs, and `labels` or a caller that
+streams (predict.py) never holds K values per voxel of the volume. With `accumulation="float16"`
+(probabilities and labels), each window's logits are shifted per voxel by their maximum over the
+classes (the same amount for every class at a voxel, so the softmax and arg-max of the average are
+unchanged), weighted and summed in float16, half the memory of float32; the logits output is always
+summed in float32, unshifted.
 """
 import inspect
 import itertools
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -39,9 +48,12 @@ from medseg_dl.pipeline.sampling import mirror_positions
 MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
 TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
 TRANSFORMS = {"probabilities": lambda average: tf.nn.softmax(average, axis=-1),  # per voxel, of the average
-              "labels": lambda average: tf.argmax(average, axis=-1, output_type=tf.int32),
+              "labels": lambda average: tf.cast(tf.argmax(average, axis=-1), tf.uint8),  # num_classes <= 256
               "logits": lambda average: average}
-FINISHERS = {output: windows.make_finisher(transform) for output, transform in TRANSFORMS.items()}
+OUTPUT_DTYPES = {"probabilities": np.float32, "labels": np.uint8, "logits": np.float32}
+ACCUMULATIONS = {"float16": tf.float16, "float32": tf.float32}
+FINISHERS = {(output, name): windows.make_finisher(transform, dtype)
+             for output, transform in TRANSFORMS.items() for name, dtype in ACCUMULATIONS.items()}
 RECOMBINATIONS = ("auto", "host", "device")
 
 
@@ -68,7 +80,7 @@ class Predictor:
 
     def __init__(self, network_or_networks: Union[Callable, Sequence[Callable]], patch_size_vox: Sequence[int],
                  num_classes: int, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
-                 tta_mirroring: bool = False, recombination: str = "auto"):
+                 tta_mirroring: bool = False, recombination: str = "auto", accumulation: str = "float16"):
         self.networks = _as_networks(network_or_networks)
         self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
         self.num_classes = schema.check("data.num_classes", int(num_classes))
@@ -76,6 +88,7 @@ class Predictor:
         self.blending = schema.check("evaluation.blending", blending)
         self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
         self.tta_mirroring = bool(tta_mirroring)
+        self.accumulation = schema.check("evaluation.accumulation", accumulation)
         if recombination not in RECOMBINATIONS:
             raise ParamsError(f"recombination = {recombination!r}; expected one of {', '.join(RECOMBINATIONS)}")
         self.on_device = recombination == "device" or (recombination == "auto" and
@@ -90,38 +103,79 @@ class Predictor:
         evaluation = params.evaluation
         return cls(network_or_networks, params.sampling.patch_size, params.data.num_classes,
                    overlap=evaluation.overlap, blending=evaluation.blending, batch_size=evaluation.batch_size,
-                   tta_mirroring=evaluation.tta_mirroring)
+                   tta_mirroring=evaluation.tta_mirroring, accumulation=evaluation.accumulation)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
-        return self._predict(image, "probabilities")
+        return self._whole_volume(image, "probabilities")
 
-    def labels(self, image: np.ndarray) -> np.ndarray:
-        """Most probable class (X, Y, Z) int32 numpy of an image (X, Y, Z, C) float32."""
-        return self._predict(image, "labels")
+    def labels(self, image: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+        """Most probable class (X, Y, Z) uint8 numpy of an image (X, Y, Z, C) float32; progress: called with
+        (windows done, windows in total)."""
+        return self._whole_volume(image, "labels", progress)
 
     def logits(self, image: np.ndarray) -> np.ndarray:
         """The weighted average of the window logits (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C)
         float32, before the softmax (what MONAI's and TorchIO's aggregators return)."""
-        return self._predict(image, "logits")
+        return self._whole_volume(image, "logits")
 
-    def _predict(self, image, output):
+    def slabs(self, image: np.ndarray, output: str, axis: int = 2,
+              progress: Optional[Callable[[int, int], None]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """The `output` ("probabilities", "labels" or "logits") of an image (X, Y, Z, C) float32, slab by slab
+        along `axis`: yields (begin_vox, block) in increasing begin, block = the output of the voxels
+        [begin_vox, begin_vox + n) along `axis` (all of the other axes; labels uint8, else (.., K) float32).
+        On the host the blocks are finished as the windows advance; on the device the volume is one block.
+        progress: called with (windows done, windows in total)."""
         image = _check_image(image)
         try:
-            return self._predict_checked(image, output)
+            yield from self._slabs_checked(image, output, axis, progress)
         except (tf.errors.ResourceExhaustedError, MemoryError):  # predicting writes no file: memory, not disk
             raise OutOfMemoryError(f"out of memory (GPU or host) while segmenting a volume of "
                                    f"{' x '.join(map(str, image.shape[:3]))} voxels into {self.num_classes} classes; "
                                    f"lower evaluation.batch_size, or set evaluation.device: cpu") from None
 
-    def _predict_checked(self, image, output):
+    def _whole_volume(self, image, output, progress=None):
+        image = _check_image(image)
+        out = np.empty(image.shape[:3] + (() if output == "labels" else (self.num_classes,)), OUTPUT_DTYPES[output])
+        for begin, block in self.slabs(image, output, 2, progress):
+            out[:, :, begin:begin + block.shape[2]] = block
+        return out
+
+    def _slabs_checked(self, image, output, axis, progress):
         if self.on_device:
-            return self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
+            yield 0, self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
+            return
         grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)
-        accumulator = windows.accumulate(self.window_function(image.shape[3]), image, grid, self.batch_size,
-                                         self.num_classes)
-        out = np.empty(grid.shape_vox, np.int32) if output == "labels" else grid.crop(accumulator)
-        return windows.finish_slabs(FINISHERS[output], accumulator, grid, out)
+        accumulation = "float32" if output == "logits" else self.accumulation
+        half = accumulation == "float16"
+        function = self._weighted_window_function(image.shape[3]) if half else self.window_function(image.shape[3])
+        finish = FINISHERS[output, accumulation]
+        for begin, sums, coverages in windows.recombined_slabs(function, image, grid, self.batch_size, self.num_classes,
+                                                               axis, np.float16 if half else np.float32, half,
+                                                               progress):
+            out = np.empty(sums.shape[:3] + (() if output == "labels" else (self.num_classes,)),
+                           OUTPUT_DTYPES[output])
+            yield begin, windows.finish_block(finish, sums, coverages, out)
+
+    def _weighted_window_function(self, num_channels):
+        """The tf.function (windows, positions, normalized profiles (N, px), (N, py), (N, pz)) -> (N, px, py, pz,
+        K) float16 window logits minus their maximum over the classes at each voxel, times the window's share
+        of the weight at each voxel (`windows.normalized_profiles`; cached per channel count)."""
+        key = ("weighted", num_channels)
+        if key not in self._window_functions:
+            window_function = self.window_function(num_channels)
+
+            def weighted(cut, positions, profile_x, profile_y, profile_z):
+                logits = window_function(cut, positions)
+                shifted = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
+                share = profile_x[:, :, None, None] * profile_y[:, None, :, None] * profile_z[:, None, None, :]
+                return tf.cast(shifted * share[..., None], tf.float16)
+
+            signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
+                         tf.TensorSpec((None, 3), tf.float32)]
+            signature += [tf.TensorSpec((None, p), tf.float32) for p in self.patch_size_vox]
+            self._window_functions[key] = tf.function(weighted, input_signature=signature)
+        return self._window_functions[key]
 
     def _in_graph_function(self, num_channels, output):
         """The tf.function image (X, Y, Z, C) -> `output` of the whole volume in TensorFlow ops (cached)."""

@@ -29,7 +29,7 @@ device and only the result is copied back; the SavedModel export traces the same
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -107,15 +107,12 @@ class WindowGrid:
     def num_windows(self) -> int:
         return len(self.starts_vox)
 
-    def crop(self, padded: np.ndarray) -> np.ndarray:
-        """The original region (a view) of an array whose first three axes are the padded volume."""
-        return padded[self._original_region()]
-
     def cropped_coverage(self) -> Tuple[np.ndarray, ...]:
         """The per-axis coverages (3 arrays (X,), (Y,), (Z,)) of the original region."""
-        return tuple(c[region] for c, region in zip(self.coverage, self._original_region()))
+        return tuple(c[region] for c, region in zip(self.coverage, self.original_region()))
 
-    def _original_region(self):
+    def original_region(self) -> Tuple[slice, ...]:
+        """The three slices of the original volume in the padded one."""
         return tuple(slice(b, b + s) for b, s in zip(self.padding_vox[:, 0], self.shape_vox))
 
 
@@ -172,30 +169,99 @@ def extract_windows(padded: np.ndarray, starts_vox: np.ndarray, patch_size_vox: 
     return out
 
 
-def accumulate(predict_batch: Callable[[tf.Tensor, np.ndarray], Union[np.ndarray, tf.Tensor]], volume: np.ndarray,
-               grid: WindowGrid, batch_size: int, num_outputs: int) -> np.ndarray:
-    """Importance-weighted sum (padded X, Y, Z, K) float32 numpy of the window outputs over `volume`.
+def window_rows(grid: WindowGrid, axis: int) -> List[Tuple[int, int, np.ndarray]]:
+    """The windows grouped in rows along `axis`: [(row start, row end, window indices (n,) int64)] in
+    increasing start, a row holding every window of one start along `axis`; a row ends where the next
+    begins (the last: at its start + the window), so the voxels before a row's end are touched by no later row."""
+    starts = grid.starts_vox[:, axis]
+    row_starts = np.unique(starts)
+    ends = np.append(row_starts[1:], row_starts[-1] + grid.patch_size_vox[axis])
+    return [(int(b), int(e), np.flatnonzero(starts == b)) for b, e in zip(row_starts, ends)]
 
-    predict_batch: (windows (N, px, py, pz, C) float32 tensor, positions (N, 3) float32) -> outputs
-    (N, px, py, pz, K) (numpy or tf); volume: (X, Y, Z, C) float32 numpy; grid: its `WindowGrid`;
-    batch_size: windows per call; num_outputs: K. Memory: this sum plus one batch (windows and
-    outputs). Extraction, weighting and overlap-add run on the host, in place; the windows reach
-    TensorFlow without a copy (DLPack), in one buffer that every batch reuses once the previous
-    batch's outputs are added.
+
+def normalized_profiles(grid: WindowGrid, starts_vox: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """Per axis, the (N, P) float32 importance profiles of windows starting at `starts_vox` (N, 3) divided by
+    the axis coverage under them: their outer product is each window's weight divided by the weight sum at
+    each voxel, so these weights sum to 1 at every voxel (no tiny corner weights, which float16 cannot hold)."""
+    profiles = []
+    for axis, patch in enumerate(grid.patch_size_vox):
+        profile = importance_profile(patch, grid.blending)
+        under = np.stack([grid.coverage[axis][start:start + patch] for start in starts_vox[:, axis]])
+        profiles.append((profile[None] / under).astype(np.float32))
+    return tuple(profiles)
+
+
+def recombined_slabs(predict_batch: Callable[..., Union[np.ndarray, tf.Tensor]], volume: np.ndarray,
+                     grid: WindowGrid, batch_size: int, num_outputs: int, axis: int = 2, dtype=np.float32,
+                     normalized: bool = False, progress: Optional[Callable[[int, int], None]] = None
+                     ) -> Iterator[Tuple[int, np.ndarray, Tuple[np.ndarray, ...]]]:
+    """Importance-weighted sums of the window outputs over `volume`, slab by slab along `axis`.
+
+    Yields (begin_vox, sums, coverages) in increasing begin: sums (original X, Y, Z with `axis` cut to
+    [begin_vox, begin_vox + n), K) of `dtype`, a view that is only valid until the next item; coverages: the
+    three per-axis coverage vectors of that block (the weight sum at a voxel is their product). Windows are
+    visited row by row along `axis` (`window_rows`), and a slab is yielded as soon as its row is done, so the
+    live sums span one window along `axis` (the padded volume elsewhere): memory is that, one batch of windows
+    and outputs, and the volume (padded only when smaller than the window).
+
+    predict_batch: (windows (N, px, py, pz, C) float32 tensor, positions (N, 3) float32) -> outputs (N, px, py,
+    pz, K) (numpy or tf), weighted here by the importance map; or, when `normalized`, (windows, positions,
+    `normalized_profiles` of the batch) -> outputs already multiplied by the outer product of those profiles,
+    so the sums are the weighted averages (the yielded coverages are then ones); volume: (X, Y, Z, C) float32;
+    batch_size: windows per call (a batch stays within a row); dtype: of the sums (outputs are added in it);
+    progress: called with (windows done, windows in total) after each batch.
     """
     padded = pad_volume(volume, grid)
     window_buffer = aligned_empty((batch_size,) + grid.patch_size_vox + (volume.shape[3],), np.float32)
-    accumulator = np.zeros(grid.padded_shape_vox + (num_outputs,), np.float32)
-    weights = None if grid.blending == "constant" else importance_map(grid.patch_size_vox, grid.blending)[..., None]
-    for begin in range(0, grid.num_windows, batch_size):
-        starts_vox = grid.starts_vox[begin:begin + batch_size]
-        cut = extract_windows(padded, starts_vox, grid.patch_size_vox, window_buffer)
-        windows = tf.experimental.dlpack.from_dlpack(cut.__dlpack__())
-        outputs = np.asarray(predict_batch(windows, grid.positions[begin:begin + batch_size]))
-        del windows
-        add_windows(accumulator, outputs, starts_vox, weights)
-        del outputs  # before the next batch is allocated
-    return accumulator
+    live_shape = list(grid.padded_shape_vox) + [num_outputs]
+    live_shape[axis] = grid.patch_size_vox[axis]
+    live = np.zeros(live_shape, dtype)
+    weights = None if normalized or grid.blending == "constant" else importance_map(grid.patch_size_vox,
+                                                                                    grid.blending)[..., None]
+    done = 0
+    for row_start, row_end, indices in window_rows(grid, axis):
+        for begin in range(0, len(indices), batch_size):
+            batch = indices[begin:begin + batch_size]
+            cut = extract_windows(padded, grid.starts_vox[batch], grid.patch_size_vox, window_buffer)
+            windows = tf.experimental.dlpack.from_dlpack(cut.__dlpack__())
+            extra = normalized_profiles(grid, grid.starts_vox[batch]) if normalized else ()
+            outputs = np.asarray(predict_batch(windows, grid.positions[batch], *extra))
+            del windows
+            relative_starts = grid.starts_vox[batch].copy()
+            relative_starts[:, axis] -= row_start
+            add_windows(live, outputs, relative_starts, weights)
+            del outputs  # before the next batch is allocated
+            done += len(batch)
+            if progress is not None:
+                progress(done, grid.num_windows)
+        finished = _finished_block(live, grid, axis, row_start, row_end)
+        if finished is not None:
+            begin, sums, coverages = finished
+            yield begin, sums, tuple(np.ones_like(c) for c in coverages) if normalized else coverages
+        _shift(live, axis, row_end - row_start)
+
+
+def _finished_block(live, grid, axis, row_start, row_end):
+    """(begin_vox, sums view, coverages) of the original voxels in [row_start, row_end) (padded) along `axis`,
+    or None when that range is all padding."""
+    before = int(grid.padding_vox[axis, 0])
+    low, high = max(row_start, before), min(row_end, before + grid.shape_vox[axis])
+    if low >= high:
+        return None
+    region = list(grid.original_region())
+    region[axis] = slice(low - row_start, high - row_start)
+    coverages = list(grid.cropped_coverage())
+    coverages[axis] = grid.coverage[axis][low:high]
+    return low - before, live[tuple(region)], tuple(coverages)
+
+
+def _shift(live, axis, step_vox):
+    """Move the sums along `axis` back by `step_vox` planes (plane by plane, front first, so nothing is
+    overwritten before it is read and no copy of the sums is made) and zero the freed planes at the end."""
+    planes = np.moveaxis(live, axis, 0)
+    for plane in range(len(planes) - step_vox):
+        planes[plane] = planes[plane + step_vox]
+    planes[max(0, len(planes) - step_vox):] = 0
 
 
 def add_windows(accumulator: np.ndarray, outputs: np.ndarray, starts_vox: np.ndarray,
@@ -226,39 +292,36 @@ def add_windows(accumulator: np.ndarray, outputs: np.ndarray, starts_vox: np.nda
     list(_POOL.map(add_slab, range(THREADS)))
 
 
-def make_finisher(transform: Optional[Callable[[tf.Tensor], tf.Tensor]] = None) -> Callable[..., tf.Tensor]:
-    """An XLA-compiled function (sums (n, Y, Z, K), coverage_x (n,), coverage_y (Y,), coverage_z (Z,)) -> result.
+def make_finisher(transform: Optional[Callable[[tf.Tensor], tf.Tensor]] = None, dtype=tf.float32
+                  ) -> Callable[..., tf.Tensor]:
+    """An XLA-compiled function (sums (n, Y, Z, K) of `dtype`, coverage_x (n,), coverage_y (Y,), coverage_z (Z,))
+    -> result.
 
-    The result is `transform(weighted average)` where the weighted average is sums / weight sum
-    (the outer product of the coverages); transform (TF, per voxel over the last axis) defaults to
-    the identity. Elementwise only, so XLA fuses it into one pass (compiled once per slab shape).
+    The result is `transform(weighted average)` where the weighted average is sums / weight sum (the outer
+    product of the coverages), in float32; transform (TF, per voxel over the last axis) defaults to the
+    identity. Elementwise only, so XLA fuses it into one pass (compiled once per block shape).
     """
     @tf.function(jit_compile=True,
-                 input_signature=[tf.TensorSpec([None] * 4, tf.float32)] + [tf.TensorSpec([None], tf.float32)] * 3)
+                 input_signature=[tf.TensorSpec([None] * 4, dtype)] + [tf.TensorSpec([None], tf.float32)] * 3)
     def finish(sums, coverage_x, coverage_y, coverage_z):
         weight_sum = coverage_x[:, None, None] * coverage_y[None, :, None] * coverage_z[None, None, :]
-        average = sums / weight_sum[..., None]
+        average = tf.cast(sums, tf.float32) / weight_sum[..., None]
         return average if transform is None else transform(average)
 
     return finish
 
 
-def finish_slabs(finish: Callable[..., tf.Tensor], accumulator: np.ndarray, grid: WindowGrid,
+def finish_block(finish: Callable[..., tf.Tensor], sums: np.ndarray, coverages: Sequence[np.ndarray],
                  out: np.ndarray) -> np.ndarray:
-    """Write `finish` of the original region of `accumulator` into `out` slab by slab along x (one slab
-    per thread at a time).
+    """Write `finish` of a block of sums (x, y, z, K) with its coverages ((x,), (y,), (z,)) into `out`
+    (whose first three axes are the block's) a few x rows per thread at a time; returns `out`."""
+    cx, cy, cz = coverages
+    rows = max(1, SLAB_VALUES // max(1, sums[0].size))
 
-    accumulator: (padded X, Y, Z, K) from `accumulate`; out: numpy array whose first three axes are
-    the original volume (may be `grid.crop(accumulator)` itself, to finish in place).
-    """
-    region = grid.crop(accumulator)
-    cx, cy, cz = grid.cropped_coverage()
-    rows = max(1, SLAB_VALUES // max(1, region[0].size))
+    def finish_rows(x):
+        out[x:x + rows] = finish(sums[x:x + rows], cx[x:x + rows], cy, cz).numpy()
 
-    def finish_slab(x):
-        out[x:x + rows] = finish(region[x:x + rows], cx[x:x + rows], cy, cz).numpy()
-
-    list(_POOL.map(finish_slab, range(0, region.shape[0], rows)))
+    list(_POOL.map(finish_rows, range(0, sums.shape[0], rows)))
     return out
 
 

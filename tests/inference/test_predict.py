@@ -68,7 +68,7 @@ def test_post_processing_applies_to_the_final_label_map_on_the_original_grid():
     model[4:8, 0:3, 0:3] = 1
     case, predictor = half_resolution_case(model)
     decision = {**postprocess.NOTHING, "foreground_largest_component": True}
-    labels, probabilities = segment_case(predictor, case, decision)
+    labels = segment_case(predictor, case, decision)
     assert labels.dtype == np.uint8 and labels.shape == (4, 8, 8) and probabilities.shape == (4, 8, 8, 3)
     np.testing.assert_array_equal(labels, model[::2])
     assert postprocess.apply(model, decision, (1, 1, 1))[:3].sum() == 0  # what the model grid would give
@@ -83,8 +83,8 @@ def test_post_processing_thresholds_use_the_original_spacing():
     model[0:6, 6, 6] = 2  # original x 0, 1, 2
     model[0:4, 6, 0] = 2  # original x 0, 1
     case, predictor = half_resolution_case(model)
-    labels, _ = segment_case(predictor, case, {**postprocess.NOTHING, "min_island_mm3": {"2": 5.0}})
+    labels = segment_case(predictor, case, {**postprocess.NOTHING, "min_island_mm3": {"2": 5.0}})
     expected = model[::2].copy()
     expected[:, 6, 0] = 0
     np.testing.assert_array_equal(labels, expected)
-    np.testing.assert_array_equal(segment_case(predictor, case, None)[0], model[::2])
+    np.testing.assert_array_equal(segment_case(predictor, case, None), model[::2])

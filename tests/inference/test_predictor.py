@@ -15,6 +15,7 @@ from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.inference import windows
 from medseg_dl.inference.predictor import Predictor
 
+EXACT = {"accumulation": "float32"}  # the tests of the recombination's arithmetic: float32 sums
 BRATS_SUBJECT = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
 
 
@@ -57,7 +58,7 @@ def exact_voxels(grid):
 def test_equivariant_network_matches_a_whole_volume_pass_off_the_window_faces(shape, overlap, blending):
     image = np.random.default_rng(2).normal(size=shape + (2,)).astype(np.float32)
     network = conv_network(random_kernel(3))
-    predictor = Predictor(network, (16, 12, 16), 3, overlap=overlap, blending=blending, batch_size=3)
+    predictor = Predictor(network, (16, 12, 16), 3, overlap=overlap, blending=blending, batch_size=3, **EXACT)
     result = predictor.probabilities(image)
     reference = whole_volume_probabilities(network, image)
     region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, blending))
@@ -73,7 +74,7 @@ def test_labels_are_the_argmax_of_the_probabilities():
     image = np.random.default_rng(4).normal(size=(26, 19, 17, 2)).astype(np.float32)
     predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), 3)
     labels = predictor.labels(image)
-    assert labels.dtype == np.int32 and labels.shape == image.shape[:3]
+    assert labels.dtype == np.uint8 and labels.shape == image.shape[:3]
     np.testing.assert_array_equal(labels, np.argmax(predictor.probabilities(image), axis=-1))
 
 
@@ -84,9 +85,9 @@ def test_a_fortran_ordered_image_is_windowed_from_a_c_ordered_copy_with_the_same
     predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), 3)
     expected = predictor.probabilities(image)
     seen = []
-    accumulate = windows.accumulate
-    monkeypatch.setattr(windows, "accumulate", lambda fn, volume, *rest: seen.append(volume) or
-                        accumulate(fn, volume, *rest))
+    recombined_slabs = windows.recombined_slabs
+    monkeypatch.setattr(windows, "recombined_slabs", lambda fn, volume, *rest: seen.append(volume) or
+                        recombined_slabs(fn, volume, *rest))
     for given in (np.asfortranarray(image), image):
         np.testing.assert_array_equal(predictor.probabilities(given), expected)
     assert all(volume.flags["C_CONTIGUOUS"] for volume in seen) and seen[1] is image
@@ -103,8 +104,8 @@ def symmetric_kernel(seed):
 def test_mirroring_changes_nothing_for_a_mirror_symmetric_network(blending):
     image = np.random.default_rng(6).normal(size=(30, 22, 18, 2)).astype(np.float32)
     network = conv_network(symmetric_kernel(7))
-    plain = Predictor(network, (16, 16, 16), 3, blending=blending).probabilities(image)
-    mirrored = Predictor(network, (16, 16, 16), 3, blending=blending, tta_mirroring=True).probabilities(image)
+    plain = Predictor(network, (16, 16, 16), 3, blending=blending, **EXACT).probabilities(image)
+    mirrored = Predictor(network, (16, 16, 16), 3, blending=blending, tta_mirroring=True, **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, plain, atol=2e-6)
 
 
@@ -114,8 +115,8 @@ def test_mirroring_averages_the_probabilities_of_the_8_flips():
     network = conv_network(random_kernel(9))
     reference = np.mean([np.flip(whole_volume_probabilities(network, np.flip(image, axes).copy()), axes)
                          for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]], axis=0)
-    mirrored = Predictor(network, (16, 16, 16), 3, tta_mirroring=True).probabilities(image)
-    plain = Predictor(network, (16, 16, 16), 3).probabilities(image)
+    mirrored = Predictor(network, (16, 16, 16), 3, tta_mirroring=True, **EXACT).probabilities(image)
+    plain = Predictor(network, (16, 16, 16), 3, **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, reference, atol=2e-6)
     assert np.abs(plain - reference).max() > 1e-2  # the kernel is not symmetric: mirroring matters
 
@@ -125,7 +126,7 @@ def test_network_receives_the_window_positions():
     network = lambda inputs: 10.0 * tf.broadcast_to(inputs["position"][:, None, None, None, :],
                                                     tf.concat([tf.shape(inputs["image"])[:4], [3]], 0))
     image = np.zeros((32, 16, 10, 1), np.float32)
-    result = Predictor(network, (16, 16, 16), 3, overlap=0.0).probabilities(image)
+    result = Predictor(network, (16, 16, 16), 3, overlap=0.0, **EXACT).probabilities(image)
     x = np.arange(32)
     centres = np.stack([(16 * (x // 16) + 7.5) / 31, np.full(32, 7.5 / 15), np.full(32, 0.5)], axis=-1)
     expected = tf.nn.softmax(10.0 * centres, axis=-1).numpy()
@@ -145,8 +146,8 @@ def test_mirroring_gives_each_flipped_window_its_mirrored_position():
     coordinates = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) / extent
     expected = tf.nn.softmax(10.0 * np.abs(coordinates - 0.5), axis=-1).numpy()
     image = np.zeros(shape + (1,), np.float32)
-    np.testing.assert_allclose(Predictor(network, size, 3).probabilities(image), expected, atol=1e-5)
-    mirrored = Predictor(network, size, 3, tta_mirroring=True).probabilities(image)
+    np.testing.assert_allclose(Predictor(network, size, 3, **EXACT).probabilities(image), expected, atol=1e-5)
+    mirrored = Predictor(network, size, 3, tta_mirroring=True, **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, expected, atol=1e-5)
 
 
@@ -165,7 +166,7 @@ class DropoutNetwork(keras.Model):
 def test_keras_models_are_called_with_training_false():
     network = DropoutNetwork()
     image = np.random.default_rng(10).normal(size=(20, 16, 16, 2)).astype(np.float32)
-    result = Predictor(network, (16, 16, 16), 3, overlap=0.25).probabilities(image)
+    result = Predictor(network, (16, 16, 16), 3, overlap=0.25, **EXACT).probabilities(image)
     logits = network.conv(image[None]).numpy()[0]
     np.testing.assert_allclose(result, tf.nn.softmax(logits, axis=-1).numpy(), atol=2e-6)
 
@@ -219,7 +220,7 @@ def test_an_ensemble_of_two_networks_gives_the_mean_of_their_softmaxes():
     for shape, overlap in [((16, 16, 16), 0.5), ((37, 30, 21), 0.5), ((20, 11, 16), 0.0)]:
         image = np.random.default_rng(15).normal(size=shape + (2,)).astype(np.float32)
         reference = (whole_volume_probabilities(first, image) + whole_volume_probabilities(second, image)) / 2
-        result = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3).probabilities(image)
+        result = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3, **EXACT).probabilities(image)
         region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, "gaussian"))
         assert result.shape == shape + (3,) and result.dtype == np.float32
         np.testing.assert_allclose(result[region], reference[region], atol=2e-6)
@@ -232,7 +233,7 @@ def test_an_ensemble_with_mirroring_averages_members_and_flips_alike():
     members = [conv_network(random_kernel(17)), conv_network(random_kernel(18))]
     reference = np.mean([np.flip(whole_volume_probabilities(n, np.flip(image, axes).copy()), axes)
                          for n in members for axes in FLIPS], axis=0)
-    result = Predictor(members, (16, 16, 16), 3, tta_mirroring=True).probabilities(image)
+    result = Predictor(members, (16, 16, 16), 3, tta_mirroring=True, **EXACT).probabilities(image)
     np.testing.assert_allclose(result, reference, atol=2e-6)
 
 
@@ -271,7 +272,7 @@ def test_recombination_on_the_device_equals_the_host_path(shape, tta_mirroring):
     image = np.random.default_rng(8).normal(size=shape + (2,)).astype(np.float32)
     network = conv_network(random_kernel(9))
     host, device = (Predictor(network, (16, 12, 16), 3, overlap=0.4, batch_size=3, tta_mirroring=tta_mirroring,
-                              recombination=where) for where in ("host", "device"))
+                              recombination=where, **EXACT) for where in ("host", "device"))
     assert device.on_device and not host.on_device
     np.testing.assert_allclose(device.probabilities(image), host.probabilities(image), atol=1e-5)
     np.testing.assert_allclose(device.logits(image), host.logits(image), atol=1e-5)

@@ -17,10 +17,35 @@ def identity(windows, positions):
 FINISH_AVERAGE = windows.make_finisher()
 
 
-def recombine(predict_batch, volume, grid, batch_size, num_outputs):
-    """Weighted average (X, Y, Z, K) of the window outputs of `predict_batch` over `volume`."""
-    accumulator = windows.accumulate(predict_batch, volume, grid, batch_size, num_outputs)
-    return windows.finish_slabs(FINISH_AVERAGE, accumulator, grid, grid.crop(accumulator))
+def recombine(predict_batch, volume, grid, batch_size, num_outputs, axis=2, finish=FINISH_AVERAGE, **options):
+    """Weighted average (X, Y, Z, K) of the window outputs of `predict_batch` over `volume`, assembled from
+    the slabs along `axis`, each checked to follow the previous one."""
+    result = np.full(volume.shape[:3] + (num_outputs,), np.nan, np.float32)
+    expected_begin = 0
+    for begin, sums, coverages in windows.recombined_slabs(predict_batch, volume, grid, batch_size, num_outputs,
+                                                           axis, **options):
+        assert begin == expected_begin
+        index = [slice(None)] * 3
+        index[axis] = slice(begin, begin + sums.shape[axis])
+        result[tuple(index)] = windows.finish_block(finish, sums, coverages, np.empty(sums.shape, np.float32))
+        expected_begin += sums.shape[axis]
+    assert expected_begin == volume.shape[axis]
+    return result
+
+
+def reference_average(predict_batch, volume, grid):
+    """The weighted average (X, Y, Z, K) float64 of the window outputs, window by window over a whole padded
+    accumulator: the exact reference of the slab-wise recombination."""
+    padded = windows.pad_volume(volume, grid)
+    weights = windows.importance_map(grid.patch_size_vox, grid.blending)[..., None].astype(np.float64)
+    sums, weight_sum = None, np.zeros(padded.shape[:3] + (1,))
+    for (x, y, z), position in zip(grid.starts_vox, grid.positions):
+        px, py, pz = grid.patch_size_vox
+        output = np.asarray(predict_batch(padded[None, x:x + px, y:y + py, z:z + pz], position[None]))[0]
+        sums = np.zeros(padded.shape[:3] + output.shape[-1:]) if sums is None else sums
+        sums[x:x + px, y:y + py, z:z + pz] += output * weights
+        weight_sum[x:x + px, y:y + py, z:z + pz] += weights
+    return (sums / weight_sum)[grid.original_region()]
 
 
 @pytest.mark.parametrize("size, window, overlap, expected", [
@@ -136,8 +161,11 @@ def test_accumulated_weight_equals_the_separable_coverage():
     """The weights summed window by window equal the outer product of the per-axis coverages."""
     shape = (30, 21, 14)
     grid = windows.window_grid(shape, (12, 10, 8), 0.5, "gaussian")
-    sums = windows.accumulate(lambda windows, positions: np.ones(tuple(windows.shape[:4]) + (1,), np.float32),
-                              np.zeros(shape + (1,), np.float32), grid, 5, 1)[..., 0]
+    sums = np.zeros(shape)
+    for begin, block, _ in windows.recombined_slabs(lambda windows, positions: np.ones(tuple(windows.shape[:4]) + (1,),
+                                                                                      np.float32),
+                                                    np.zeros(shape + (1,), np.float32), grid, 5, 1, axis=0):
+        sums[begin:begin + len(block)] = block[..., 0]
     weights = windows.importance_map(grid.patch_size_vox, "gaussian")
     reference = np.zeros(shape)
     for x, y, z in grid.starts_vox:
@@ -180,3 +208,61 @@ def test_threaded_add_equals_a_sequential_loop_bit_for_bit(monkeypatch, threads)
             reference[x:x + 10, y:y + 7, z:z + 6] += output if weight is None else output * weight
         windows.add_windows(accumulator, outputs, starts_vox, weight)
         np.testing.assert_array_equal(accumulator, reference)
+
+
+def nonlinear_windows(windows, positions):
+    """Window outputs (N, px, py, pz, 3) that differ between overlapping windows: the voxels, their squares and
+    the window position's x (so a slab taken from the wrong window or offset by one shows)."""
+    windows = np.asarray(windows)
+    x = np.broadcast_to(np.asarray(positions)[:, None, None, None, :1], windows.shape[:4] + (1,))
+    return np.concatenate([windows[..., :1], windows[..., :1] ** 2, x], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("shape, overlap", [((37, 29, 23), 0.5), ((9, 31, 26), 0.25), ((40, 24, 20), 0.0)])
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+def test_slabs_along_any_axis_equal_the_whole_volume_reference(axis, shape, overlap, blending):
+    """Slab by slab along each axis (a volume smaller than the window on one axis, batches that do not divide
+    a row) equals the window-by-window average over a whole accumulator."""
+    volume = np.random.default_rng(2).normal(size=shape + (1,)).astype(np.float32)
+    grid = windows.window_grid(shape, (16, 12, 10), overlap, blending)
+    result = recombine(nonlinear_windows, volume, grid, 3, 3, axis=axis)
+    np.testing.assert_allclose(result, reference_average(nonlinear_windows, volume, grid), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_normalized_half_precision_sums_hold_the_average_within_float16_rounding(axis):
+    """With `normalized` the outputs arrive weighted by their share of each voxel's weight, so float16 sums are
+    the average itself (no tiny Gaussian corner weights to underflow), within float16 rounding."""
+    shape = (37, 29, 23)
+    volume = np.random.default_rng(3).normal(size=shape + (1,)).astype(np.float32)
+    grid = windows.window_grid(shape, (16, 12, 10), 0.5, "gaussian")
+
+    def shared(cut, positions, profile_x, profile_y, profile_z):
+        share = profile_x[:, :, None, None] * profile_y[:, None, :, None] * profile_z[:, None, None, :]
+        return (nonlinear_windows(cut, positions) * share[..., None]).astype(np.float16)
+
+    result = recombine(shared, volume, grid, 4, 3, axis=axis, finish=windows.make_finisher(dtype=tf.float16),
+                       dtype=np.float16, normalized=True)
+    reference = reference_average(nonlinear_windows, volume, grid)
+    np.testing.assert_allclose(result, reference, rtol=4e-3, atol=4e-3)
+
+
+def test_a_slab_is_yielded_as_soon_as_its_row_of_windows_is_done():
+    """The live sums span one row of windows: the first slab comes after the first row's batches only, each
+    later slab after one more row, and the live array is one window thick along the slab axis."""
+    shape = (20, 18, 40)
+    grid = windows.window_grid(shape, (8, 8, 10), 0.5, "constant")
+    rows = windows.window_rows(grid, 2)
+    calls, seen = [], []
+
+    def counting(cut, positions):
+        calls.append(len(positions))
+        return np.asarray(cut)
+
+    for begin, sums, _ in windows.recombined_slabs(counting, np.zeros(shape + (1,), np.float32), grid, 4, 1, axis=2):
+        seen.append((begin, sum(calls)))
+        assert sums.base is not None and sums.base.shape[2] == 10  # a view of the one-window-thick live sums
+    row_windows = np.cumsum([len(indices) for _, _, indices in rows])
+    assert [windows_done for _, windows_done in seen] == row_windows.tolist()
+    assert [begin for begin, _ in seen] == [start for start, _, _ in rows]
