@@ -194,8 +194,10 @@ def build_parser():
     _add_model_arguments(predict)
     predict.add_argument("--input", required=True, nargs="+", help="image files, subject folders or folders")
     predict.add_argument("--output", required=True, help="folder for the <subject>.nii.gz label maps")
-    predict.add_argument("--save-probabilities", action="store_true",
-                         help="also write <subject>_probabilities.nii.gz (X, Y, Z, K) float32 on the input's grid")
+    predict.add_argument("--save-probabilities", choices=["uint8", "float16"], metavar="DTYPE",
+                         help="also write the probabilities (X, Y, Z, K) on the input's grid, streamed: uint8 -> "
+                              "<subject>_probabilities.nii.gz (round(255 p), scl_slope 1/255), float16 -> "
+                              "<subject>_probabilities.npy")
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export", help="write a SavedModel that segments preprocessed volumes")

@@ -7,15 +7,19 @@ onto the input's original voxel grid before the arg-max, so the saved label map 
 input's shape, affine and header. The post-processing decision of the experiment
 (`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
 final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
-`--save-probabilities` also writes the mapped-back probabilities (before the arg-max, so before
-post-processing).
+`--save-probabilities uint8|float16` also writes the mapped-back probabilities (before the arg-max, so
+before post-processing), streamed to disk slab by slab (probability_files.py).
+
+Memory: the case on the model grid (its image), its labels on the original grid (uint8), and the slabs
+in flight: the predictor's live sums (one window thick along the slab axis, float16 by default) and, when
+the grids differ, the model planes that the next original slices sample (original_grid.py); never a
+volume of K values per voxel, on either grid. Progress per case and per window (progress.py).
 """
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
@@ -26,7 +30,10 @@ from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
+from medseg_dl.inference.original_grid import model_axis_of, original_slabs, same_grid
 from medseg_dl.inference.predictor import Predictor
+from medseg_dl.inference.probability_files import ProbabilityWriter
+from medseg_dl.inference.progress import Progress
 from medseg_dl.inference.trained import TrainedEnsemble, load_ensemble, resolve_members
 
 
@@ -57,46 +64,46 @@ def _is_dicom_folder(path):
     return any(n.lower().endswith(".dcm") for n in os.listdir(path))
 
 
-def to_original_grid(probabilities: np.ndarray, grid_affine: np.ndarray, original_shape: Sequence[int],
-                     original_affine: np.ndarray) -> np.ndarray:
-    """Probabilities (X, Y, Z, K) float32 on the original grid (shape `original_shape`, affine
-    `original_affine` (4, 4)) from probabilities (x, y, z, K) on the model grid (`grid_affine` (4, 4)):
-    each original voxel's position is mapped into the model grid and the probabilities are interpolated
-    there (order 1, so they still sum to 1). The input itself when both grids are the same."""
-    if tuple(original_shape) == probabilities.shape[:3] and np.allclose(grid_affine, original_affine):
-        return probabilities
-    to_grid = np.linalg.inv(grid_affine) @ original_affine
-    return np.stack([ndimage.affine_transform(probabilities[..., k], to_grid[:3, :3], to_grid[:3, 3],
-                                              output_shape=tuple(original_shape), order=1, mode="nearest")
-                     for k in range(probabilities.shape[-1])], axis=-1).astype(np.float32, copy=False)
-
-
 def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """Labels (X, Y, Z) uint8 of one case on its original grid: the predictor's probabilities on the model
-    grid mapped back (`to_original_grid`; no mapping when both grids are one), their arg-max, then the
-    post-processing `decision` (None: none) applied to those labels with the original spacing. progress:
-    called with (windows done, windows in total) as the case is segmented."""
-    if tuple(case.original_shape) == case.image.shape[:3] and np.allclose(case.affine, case.original_affine):
-        labels = predictor.labels(case.image).astype(np.uint8)
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 probabilities: Optional[ProbabilityWriter] = None) -> np.ndarray:
+    """Labels (X, Y, Z) uint8 of one case on its original grid: the arg-max of the predictor's probabilities,
+    mapped back slab by slab when the model grid differs (original_grid.py), then the post-processing
+    `decision` (None: none) applied to those labels with the original spacing. The one path from a case to
+    its segmentation (predict and evaluation). progress: called with (windows done, windows in total);
+    probabilities: a writer that receives the probabilities on the original grid, slab by slab along z."""
+    original_shape = tuple(case.original_shape)
+    same = same_grid(case.image.shape[:3], case.affine, original_shape, case.original_affine)
+    if same and probabilities is None:
+        labels = predictor.labels(case.image, progress)
     else:
-        probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
-                                         case.original_affine)
-        labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+        axis = 2 if same else model_axis_of(case.affine, case.original_affine)
+        slabs = predictor.slabs(case.image, "probabilities", axis, progress)
+        if not same:
+            slabs = original_slabs(slabs, case.image.shape[:3], case.affine, original_shape, case.original_affine)
+        labels = np.empty(original_shape, np.uint8)
+        for z_begin, block in slabs:
+            labels[:, :, z_begin:z_begin + block.shape[2]] = np.argmax(block, axis=-1)
+            if probabilities is not None:
+                probabilities.write(z_begin, block)
     if decision is not None:
         labels = postprocess.apply(labels, decision, spacing_from_affine(case.original_affine))
     return labels
 
 
-def save_like(path: str, data: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
-    """Save `data` (X, Y, Z) labels or (X, Y, Z, K) probabilities with the reference's affine and, for NIfTI
-    references, its header (with the shape and data type of `data`)."""
-    header = None
-    if reference_path.endswith((".nii", ".nii.gz")):
-        header = nib.load(reference_path).header.copy()
-        header.set_data_shape(data.shape)
+def reference_header(reference_path: str) -> Optional[nib.Nifti1Header]:
+    """The NIfTI header of a NIfTI reference file (its fields are kept in the outputs), else None."""
+    return nib.load(reference_path).header.copy() if reference_path.endswith((".nii", ".nii.gz")) else None
+
+
+def save_like(path: str, labels: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
+    """Save `labels` (X, Y, Z) uint8 with the reference's affine and, for NIfTI references, its header (with the
+    shape and data type of `labels`)."""
+    header = reference_header(reference_path)
+    if header is not None:
+        header.set_data_shape(labels.shape)
         header.set_slope_inter(1, 0)
-    write_nifti(path, data, affine, header)
+    write_nifti(path, labels, affine, header)
 
 
 def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]],
@@ -118,13 +125,13 @@ def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
 
 def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]], inputs: List[str],
                    output_dir: str, overrides: Sequence[str] = (), folds: Union[None, str, Sequence[int]] = None,
-                   save_probabilities: bool = False) -> List[str]:
+                   save_probabilities: Optional[str] = None) -> List[str]:
     """`medseg predict`: segment every input with the network of one model folder, or the ensemble of several
     (`model_dirs`) or of the folds of one experiment root (`folds`: "all" or fold numbers; trained.py
     `resolve_members`), each at `checkpoint` (auto, best, latest, or one of these or a path per folder), and save
     `<output_dir>/<subject>.nii.gz` (uint8 labels) on each input's own grid, post-processed by the
-    decision of the (root) model folder when it has one; with `save_probabilities` also
-    `<subject>_probabilities.nii.gz` (X, Y, Z, K) float32. Returns the written paths. overrides:
+    decision of the (root) model folder when it has one; with `save_probabilities` ("uint8" or "float16") also
+    the probabilities (X, Y, Z, K) of probability_files.py. Returns the written paths. overrides:
     `section.key=value` applied to every folder's params (e.g. evaluation.*); the window and evaluation
     settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
@@ -138,19 +145,28 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
 
 
 def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities):
-    """`run_prediction`'s loop: segment and save each subject; returns the written paths."""
+    """`run_prediction`'s loop: segment and save each subject, one at a time; returns the written paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
+    progress = Progress("predict", len(subjects))
     for subject in subjects:
+        progress.start_case(subject.id)
         case = subject_case(subject, recipe)
-        labels = segment_case(predictor, case, decision)
+        writer = None
+        if save_probabilities:
+            writer = ProbabilityWriter(os.path.join(output_dir, subject.id),
+                                       tuple(case.original_shape) + (predictor.num_classes,), case.original_affine,
+                                       save_probabilities, reference_header(subject.channels[0]))
+        try:
+            labels = segment_case(predictor, case, decision, progress.windows, writer)
+        except BaseException:
+            if writer is not None:
+                writer.abandon()
+            raise
         path = os.path.join(output_dir, f"{subject.id}.nii.gz")
         save_like(path, labels, subject.channels[0], case.original_affine)
-        written.append(path)
-        if save_probabilities:
-            written.append(os.path.join(output_dir, f"{subject.id}_probabilities.nii.gz"))
-            probabilities = to_original_grid(predictor.probabilities(case.image), case.affine, case.original_shape,
-                                             case.original_affine)
-            save_like(written[-1], probabilities, subject.channels[0], case.original_affine)
+        del case, labels  # before the next case is read
+        written += [path] + ([writer.close()] if writer is not None else [])
+        progress.end_case()
         print(f"{subject.id}: {path}", flush=True)
     return written
