@@ -3,6 +3,7 @@ and one case no one can hold twice.
 
     python benchmarks/scale.py [--cases 16 32 64] [--shape 256 256 128] [--quick] [--repo DIR]
     python benchmarks/scale.py --workload W7 [--shape 512 512 1000]
+    python benchmarks/scale.py --workload W8 [--planned] [--repetitions 1] [--quick]
 
 Synthetic CT-like cases (`synthetic_ct`: int16 HU, a body ellipse, K-1 ellipsoid organs, spacing
 0.8 x 0.8 x 2.5 mm, .nii.gz) are written once under --work (seeded; reused when there). For each N the
@@ -28,6 +29,25 @@ evaluate --once` of it (no mirroring); a line per N_val with the slope over N_va
 W7: one case of 512 x 512 x 1000 (262 M voxels): `medseg convert`, `medseg train` for 10 steps of 2 patches
 of 96^3 (20 training patches drawn from it) and `medseg predict` of the case with the trained network; each
 stage passes or fails (its exit code), with its peak RSS and seconds; a failed stage ends the run.
+
+W8: sliding window on one case of 512 x 512 x 600 (14 classes, written under --work), window 128^3, overlap 0.5,
+batch 2, Gaussian blending; each measured process is a child (`run_measured`: its seconds are timed inside it, its
+peak RSS is the process tree's). `zero_cost_labels`: the label map on the model grid (the argmax of the blended
+scores) of medseg_dl's `Predictor.labels`, MONAI's `sliding_window_inference` and nnU-Net v2's
+`nnUNetPredictor.predict_sliding_window_return_logits` (one window per network call, its own batch; no mirroring),
+each with its interpreter (`interpreters.python_for`), on the same normalised image (a .npy under --work), after a
+warm-up on one window. The network costs nothing: the one channel broadcast to the 14 class scores 2 c_k x - c_k^2
+(centres c_k evenly from the image's minimum to its maximum, so the argmax is the centre nearest x; a plain
+repetition would tie every class, every label would be 0 and the libraries' labels could not be compared). The
+scores are affine in x, so their blend is that of x itself whatever the weights: the labels agree up to rounding
+(nnU-Net accumulates in float16) where every voxel is covered by windows in the right place. The medseg_dl line
+has speedup_vs_<peer> (peer s / ours), peak_rss_ratio_vs_<peer> and labels_agree_with_<peer> (the fraction of
+equal voxels). `planned_labels` (--planned; always with --quick): the network `medseg plan` chooses for the case
+(random weights), with the 128^3 window where it is a multiple of the network's total stride; with --quick it also
+estimates the full-size run (`estimated_full_seconds`). `predict_mapped_back` and
+`predict_mapped_back_probabilities_<dtype>`: `medseg predict` (the CLI) of the case with a model folder that
+resamples to 1.5 mm (a small U-Net trained for 2 steps on 3 small synthetic cases), its labels mapped back to the
+case's grid; the target is a peak RSS of 4 GB.
 """
 import argparse
 import json
@@ -45,6 +65,9 @@ from machine_info import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACING_MM = (0.8, 0.8, 2.5)
+W8_SHAPE, W8_CLASSES, W8_WINDOW, W8_BATCH, W8_OVERLAP = [512, 512, 600], 14, 128, 2, 0.5
+W8_MODEL_SPACING_MM, W8_RSS_TARGET_MB = 1.5, 4096
+W8_NETWORK = "zero-cost: the channel broadcast to K class scores 2 c_k x - c_k^2 (argmax: the nearest of K centres)"
 INPUT_EPOCH = """
 import sys, time, yaml
 from medseg_dl.config.params import Params
@@ -325,25 +348,320 @@ def measure_w7(args, env):
     return lines
 
 
+# W8 children: argv image.npy labels.npy window classes batch repetitions overlap [extra]; each prints one JSON line
+W8_PRELUDE = """
+import json, sys, time
+import numpy as np
+image_path, labels_path = sys.argv[1], sys.argv[2]
+window, classes, batch, repetitions = (int(v) for v in sys.argv[3:7])
+overlap = float(sys.argv[7])
+image = np.load(image_path)  # (X, Y, Z) float32, C order
+centres = np.linspace(image.min(), image.max(), classes, dtype=np.float32)
+slopes, offsets = 2 * centres, -centres ** 2  # score_k(x) = 2 c_k x - c_k^2: its argmax is the centre nearest x
+
+
+def measure(predict_labels, **extra):
+    # predict_labels: (X, Y, Z) float32 -> (X, Y, Z) integer labels; a warm-up on one window, then the timed runs
+    predict_labels(np.ascontiguousarray(image[:window, :window, :window]))
+    seconds, labels = [], None
+    for _ in range(repetitions):
+        labels = None  # the last run's labels are freed before the next run
+        started = time.perf_counter()
+        labels = predict_labels(image)
+        seconds.append(time.perf_counter() - started)
+    np.save(labels_path, labels.astype(np.uint8))
+    print(json.dumps({"seconds_runs": seconds, **extra}))
+"""
+W8_MEDSEG = W8_PRELUDE + """
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+from medseg_dl.inference.predictor import Predictor
+slopes_t, offsets_t = tf.constant(slopes), tf.constant(offsets)
+
+
+def network(inputs):  # {"image": (N, w, w, w, 1)} -> (N, w, w, w, K) scores: the channel broadcast to K classes
+    return inputs["image"] * slopes_t + offsets_t
+
+
+predictor = Predictor(network, (window,) * 3, classes, overlap=overlap, blending="gaussian", batch_size=batch)
+measure(lambda volume: predictor.labels(volume[..., None]))
+"""
+W8_MONAI = W8_PRELUDE + """
+import torch
+from monai.inferers import sliding_window_inference
+torch.set_grad_enabled(False)
+slopes_t, offsets_t = (torch.from_numpy(v).view(1, -1, 1, 1, 1) for v in (slopes, offsets))
+
+
+def network(x):  # (N, 1, w, w, w) -> (N, K, w, w, w) scores
+    return x * slopes_t + offsets_t
+
+
+def predict_labels(volume):
+    scores = sliding_window_inference(torch.from_numpy(volume)[None, None], (window,) * 3, batch, network,
+                                      overlap=overlap, mode="gaussian")
+    return scores.argmax(dim=1)[0].numpy()
+
+
+measure(predict_labels)
+"""
+W8_NNUNET = W8_PRELUDE + """
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+
+class ZeroCost(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", torch.from_numpy(slopes).view(1, -1, 1, 1, 1))
+        self.register_buffer("offsets", torch.from_numpy(offsets).view(1, -1, 1, 1, 1))
+
+    def forward(self, x):  # (1, 1, w, w, w) -> (1, K, w, w, w) scores
+        return x * self.slopes + self.offsets
+
+
+# what predict_sliding_window_return_logits reads: the configuration's patch size and the label manager's classes
+plans = PlansManager({"configurations": {"3d_fullres": {"patch_size": [window] * 3, "architecture": {}}}})
+predictor = nnUNetPredictor(tile_step_size=1 - overlap, use_gaussian=True, use_mirroring=False,
+                            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+predictor.manual_initialization(ZeroCost(), plans, plans.get_configuration("3d_fullres"), None,
+                                {"labels": {"background": 0, **{f"class_{k}": k for k in range(1, classes)}}},
+                                "zero_cost", None)
+measure(lambda volume: predictor.predict_sliding_window_return_logits(torch.from_numpy(volume)[None]).argmax(0).numpy())
+"""
+# argv as the prelude's, then the planned params (YAML), the full W8 window and its window count (0: no estimate)
+W8_PLANNED = W8_PRELUDE + """
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+from medseg_dl.config.params import Params
+from medseg_dl.inference.predictor import Predictor
+from medseg_dl.inference.trained import inference_network
+params = Params.load(sys.argv[8])
+full_window, full_windows = int(sys.argv[9]), int(sys.argv[10])
+network = inference_network(params)  # random weights
+planned = list(params.sampling.patch_size)
+shape = [window] * 3  # the W8 window where it is a multiple of the network's total stride, else the planned patch
+shape = shape if not any(w % s for w, s in zip(shape, network.level_strides[-1])) else planned
+predictor = Predictor(network, shape, params.data.num_classes, overlap=overlap, blending="gaussian", batch_size=batch)
+window = min(shape)  # the warm-up crop of `measure`
+extra = {"window": shape, "planned_patch": planned, "precision": keras.mixed_precision.global_policy().name}
+if full_windows:  # seconds of one full-size window (after its tracing) times the full volume's window count
+    probe = np.zeros((full_window,) * 3 + (1,), np.float32)
+    full = Predictor(network, (full_window,) * 3, params.data.num_classes, overlap=overlap, batch_size=batch)
+    full.labels(probe)
+    started = time.perf_counter()
+    full.labels(probe)
+    extra["estimated_full_seconds"] = round((time.perf_counter() - started) * full_windows)
+measure(lambda volume: predictor.labels(volume[..., None]), **extra)
+"""
+W8_PEERS = {"monai": (W8_MONAI, "MONAI"), "nnunetv2": (W8_NNUNET, "nnU-Net v2")}  # library: (child, label)
+
+
+def w8_window_count(shape, window, overlap):
+    """Windows of a sliding window `window` (3,) voxels over `shape` (3,) voxels: per axis ceil((n - w) / step) + 1,
+    step = w (1 - overlap) (MONAI's and nnU-Net's count; at least one)."""
+    return int(np.prod([max(1, int(np.ceil((n - w) / (w * (1 - overlap)))) + 1) for n, w in zip(shape, window)]))
+
+
+def w8_normalised(cases_dir):
+    """<cases_dir>/normalised.npy, written once: the image (X, Y, Z) float32 C-order of case_000, CT normalisation
+    (clipped to the 0.5 / 99.5 percentiles of its foreground, then the foreground's mean and std)."""
+    path = os.path.join(cases_dir, "normalised.npy")
+    if not os.path.exists(path):
+        image = np.asarray(nib.load(os.path.join(cases_dir, "images", "case_000.nii.gz")).dataobj, np.float32)
+        foreground = image[np.asarray(nib.load(os.path.join(cases_dir, "labels", "case_000.nii.gz")).dataobj) > 0]
+        low, high = np.percentile(foreground, [0.5, 99.5])
+        foreground = np.clip(foreground, low, high)
+        normalised = (np.clip(image, low, high) - foreground.mean()) / foreground.std()
+        np.save(path, np.ascontiguousarray(normalised, np.float32))
+    return path
+
+
+def w8_child(code, python, npy, labels_path, args, env, extra=()):
+    """(the child's JSON dict, its peak RSS in MB as a process tree) of a W8 child `code` run by `python`."""
+    arguments = [npy, labels_path, args.patch, args.classes, W8_BATCH, args.repetitions, W8_OVERLAP, *extra]
+    out, _, peak = run_measured([python, "-c", code, *map(str, arguments)], env)
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def w8_line(args, library, label, stage, result, peak, **details):
+    """A W8 JSON line: the median seconds of the runs (`value`, `seconds`), every run and the peak RSS in MB."""
+    runs = [round(s, 3) for s in result["seconds_runs"]]
+    seconds = round(float(np.median(result["seconds_runs"])), 3)
+    return {"workload": "W8", "library": library, "label": label, "cases": 1, "shape": args.shape,
+            "classes": args.classes, "stage": stage, "value": seconds, "unit": "s", "median_of": len(runs),
+            "min": min(runs), "max": max(runs), "value_runs": runs, "seconds": seconds, "peak_rss_mb": peak,
+            "overlap": W8_OVERLAP, "blending": "gaussian", **details}
+
+
+def peer_importable(library):
+    """True when `library`'s interpreter imports it (else a note on stderr: its line is left out)."""
+    python, _ = python_for(library)
+    found = subprocess.run([python, "-c", f"import torch, {library}"], capture_output=True).returncode == 0
+    if not found:
+        print(f"W8: {library} is not importable by {python}: its line is left out (benchmarks/venvs.sh)",
+              file=sys.stderr)
+    return found
+
+
+def w8_zero_cost_line(library, code, label, npy, args, env):
+    """(the zero_cost_labels line of `library`, the path of its labels (X, Y, Z) uint8 .npy)."""
+    python, isolated = python_for(library)
+    labels_path = os.path.join(args.work, f"w8_labels_{library}.npy")
+    result, peak = w8_child(code, python, npy, labels_path, args, env)
+    window = [args.patch] * 3
+    line = w8_line(args, library, label, "zero_cost_labels", result, peak, isolated=isolated, window=window,
+                   windows=w8_window_count(args.shape, window, W8_OVERLAP), network=W8_NETWORK,
+                   batch=1 if library == "nnunetv2" else W8_BATCH)  # nnU-Net: one window per network call
+    return line, labels_path
+
+
+def measure_w8_zero_cost(args, npy, env):
+    """The zero-cost lines of medseg_dl, MONAI and nnU-Net v2 (the peers importable by their interpreters) on the
+    image `npy`; ours with speedup_vs_<peer> (peer s / ours), peak_rss_ratio_vs_<peer> (ours / peer's) and
+    labels_agree_with_<peer> (the fraction of voxels with equal labels)."""
+    ours, ours_path = w8_zero_cost_line("medseg_dl", W8_MEDSEG, args.label, npy, args, env)
+    lines = [ours]
+    for library, (code, label) in W8_PEERS.items():
+        if not peer_importable(library):
+            continue
+        theirs, theirs_path = w8_zero_cost_line(library, code, label, npy, args, env)
+        ours[f"speedup_vs_{library}"] = round(theirs["value"] / ours["value"], 3)
+        ours[f"peak_rss_ratio_vs_{library}"] = round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
+        ours[f"labels_agree_with_{library}"] = round(float(np.mean(np.load(ours_path) == np.load(theirs_path))), 5)
+        lines.append(theirs)
+    return lines
+
+
+def w8_plan(cases_dir, args, env):
+    """The params that `medseg plan` writes for the W8 case folder (a CPU budget), as a YAML path."""
+    output = os.path.join(args.work, "w8-plan.yaml")
+    run_measured([sys.executable, "-m", "medseg_dl.cli", "plan", "--data", cases_dir, "--layout", "images_labels",
+                  "--modality", "CT", "--output", output], env)
+    return output
+
+
+def measure_w8_planned(args, cases_dir, npy, env):
+    """The planned-network line (random weights, labels on the model grid); --quick adds the estimated seconds
+    of the full-size run (`estimated_full_seconds`: one 128^3 window's seconds times its window count)."""
+    plan = w8_plan(cases_dir, args, env)
+    full_windows = w8_window_count(W8_SHAPE, [W8_WINDOW] * 3, W8_OVERLAP) if args.quick else 0
+    python, isolated = python_for("medseg_dl")
+    result, peak = w8_child(W8_PLANNED, python, npy, os.path.join(args.work, "w8_labels_planned.npy"), args, env,
+                            extra=(plan, W8_WINDOW, full_windows))
+    details = {k: result[k] for k in ("window", "planned_patch", "precision", "estimated_full_seconds") if k in result}
+    return w8_line(args, "medseg_dl", args.label, "planned_labels", result, peak, batch=W8_BATCH, isolated=isolated,
+                   network="planned U-Net, random weights", windows=w8_window_count(args.shape, result["window"],
+                                                                                    W8_OVERLAP), **details)
+
+
+def w8_model_folder(args, env):
+    """A model folder resampling to W8_MODEL_SPACING_MM, trained for 2 steps on small synthetic cases (same classes,
+    window args.patch, a small U-Net): what `medseg predict` maps back from."""
+    shape = [48, 48, 24] if args.quick else [128, 128, 64]
+    cases_dir = os.path.join(args.work, "w8_model_cases_" + "x".join(map(str, shape)) + f"_k{args.classes}")
+    write_cases(cases_dir, 3, shape, args.classes, seed=8)
+    model_dir = os.path.join(args.work, "w8-model")
+    subprocess.run(["rm", "-rf", model_dir], check=True)
+    params = experiment(cases_dir, model_dir, args.classes, [args.patch] * 3)
+    with open(params) as f:
+        values = yaml.safe_load(f)
+    values["data"]["split"] = {"val": 0.0, "test": 0.0}
+    values["preprocessing"]["target_spacing_mm"] = [W8_MODEL_SPACING_MM] * 3
+    values["model"].update({"base_filters": 4, "depth": 3})
+    values["training"].update({"steps": 2, "checkpoint_every": 2})
+    values["evaluation"].update({"overlap": W8_OVERLAP, "blending": "gaussian", "batch_size": W8_BATCH,
+                                 "tta_mirroring": False})
+    with open(params, "w") as f:
+        yaml.safe_dump(values, f)
+    for stage in (["convert", "--params", params], ["train", "--params", os.path.join(model_dir, "params.yaml")]):
+        run_measured([sys.executable, "-m", "medseg_dl.cli", *stage], env)
+    return model_dir
+
+
+def probabilities_option(env):
+    """(the `medseg predict` arguments that save probabilities, their dtype): uint8 where --save-probabilities
+    takes a dtype among which it is, else the flag (float32)."""
+    out, _, _ = run_measured([sys.executable, "-m", "medseg_dl.cli", "predict", "--help"], env)
+    usage = " ".join(out.split())
+    taken = usage.split("--save-probabilities", 1)[1].lstrip(" [").split("]", 1)[0].strip()
+    if not taken:
+        return ["--save-probabilities"], "float32"
+    choices = taken.strip("{}").split(",") if taken.startswith("{") else [d for d in ("uint8", "float16") if d in out]
+    choices = choices or [taken]
+    dtype = "uint8" if "uint8" in choices else choices[0]
+    return ["--save-probabilities", dtype], dtype
+
+
+def measure_w8_mapped_back(args, image_path, env):
+    """`medseg predict` of the W8 case with a model folder at 1.5 mm, without and with saved probabilities: the
+    labels mapped back to the case's grid (checked: `labels_on_original_grid`); seconds of the whole command (its
+    imports and model loading too, as a user waits for it) and peak RSS of its process tree, against the 4 GB target."""
+    model_dir = w8_model_folder(args, env)
+    option, dtype = probabilities_option(env)
+    lines = []
+    for stage, extra in (("predict_mapped_back", []), (f"predict_mapped_back_probabilities_{dtype}", option)):
+        output = os.path.join(args.work, "w8-predicted")
+        subprocess.run(["rm", "-rf", output], check=True)
+        _, seconds, peak = run_measured([sys.executable, "-m", "medseg_dl.cli", "predict", "--model-dir", model_dir,
+                                         "--checkpoint", "latest", "--input", image_path, "--output", output,
+                                         *extra], env)
+        written = nib.load(os.path.join(output, "case_000.nii.gz")).shape
+        lines.append(w8_line(args, "medseg_dl", args.label, stage, {"seconds_runs": [seconds]}, peak, batch=W8_BATCH,
+                             window=[args.patch] * 3, model_spacing_mm=[W8_MODEL_SPACING_MM] * 3,
+                             network="small U-Net (base 4, depth 3), 2 training steps",
+                             labels_on_original_grid=list(written) == list(args.shape),
+                             output_mb=round(folder_mb(output), 1), rss_target_mb=W8_RSS_TARGET_MB,
+                             meets_rss_target=peak <= W8_RSS_TARGET_MB))
+    return lines
+
+
+def measure_w8(args, env):
+    """The W8 lines, each as soon as measured: zero-cost windowing of the three libraries, the planned network (with
+    --planned or --quick) and `medseg predict` mapped back to the original grid."""
+    cases_dir = os.path.join(args.work, "w8_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")
+    write_cases(cases_dir, 1, args.shape, args.classes)
+    npy = w8_normalised(cases_dir)
+    yield from measure_w8_zero_cost(args, npy, env)
+    if args.planned or args.quick:
+        yield measure_w8_planned(args, cases_dir, npy, env)
+    yield from measure_w8_mapped_back(args, os.path.join(cases_dir, "images", "case_000.nii.gz"), env)
+
+
+def workload_defaults(args):
+    """`args` with the workload's shape, classes and patch where not given, and the --quick sizes."""
+    w8 = args.workload == "W8"
+    args.shape = args.shape or {"W7": [512, 512, 1000], "W8": W8_SHAPE}.get(args.workload, [256, 256, 128])
+    args.classes = args.classes or (W8_CLASSES if w8 else 5)
+    args.patch = args.patch or (W8_WINDOW if w8 else 96)
+    if args.quick:
+        args.cases, args.shape, args.patch = [5, 6], ([96, 96, 64] if w8 else [48, 48, 24]), (32 if w8 else 16)
+        args.classes, args.work = (4 if w8 else args.classes), os.path.join(args.work, "quick")
+    return args
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["W6", "W6-eval", "W7"], default="W6")
+    parser.add_argument("--workload", choices=["W6", "W6-eval", "W7", "W8"], default="W6")
     parser.add_argument("--cases", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--shape", type=int, nargs=3)
-    parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--classes", type=int, help="default 5; W8: 14")
+    parser.add_argument("--patch", type=int, help="the patch, or W8's window, per axis (default 96; W8: 128)")
     parser.add_argument("--work", default="/tmp/medseg_scale")
     parser.add_argument("--repo", default=REPO, help="the checkout whose medseg_dl runs the stages")
     parser.add_argument("--label", default="main", help="names this checkout in the lines")
-    parser.add_argument("--quick", action="store_true", help="5 and 6 cases of 48 x 48 x 24: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="5 and 6 cases of 48 x 48 x 24 (W8: one case of "
+                                                             "96 x 96 x 64, 4 classes, window 32): a smoke test")
     parser.add_argument("--peer", choices=["nnunetv2", "none"], default="nnunetv2", help="W6's peer")
-    args = parser.parse_args()
-    args.shape = args.shape or ([512, 512, 1000] if args.workload == "W7" else [256, 256, 128])
-    if args.quick:
-        args.cases, args.shape, args.patch, args.work = [5, 6], [48, 48, 24], 16, os.path.join(args.work, "quick")
+    parser.add_argument("--repetitions", type=int, default=1, help="W8: timed runs per library (the median is kept)")
+    parser.add_argument("--planned", action="store_true", help="W8: also the planned network (long on a CPU)")
+    args = workload_defaults(parser.parse_args())
     env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if args.workload == "W7":
-        for line in measure_w7(args, env):
+    if args.workload in ("W7", "W8"):
+        for line in (measure_w7 if args.workload == "W7" else measure_w8)(args, env):
             record("scale", line, keep=not args.quick)
         return
     cases_dir = os.path.join(args.work, "cases_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")

@@ -124,12 +124,27 @@ def brats_cells(r):
             r["val_subjects"], dice, f"{r['val_mean_dice']:.3f}"]
 
 
+def _w8_cell(r):
+    """What a W8 line adds: ours against each peer (speed-up, peak RSS ratio, fraction of equal labels), the window
+    of the planned network, or whether `medseg predict` met its RSS target; '-' on the other lines."""
+    peers = [key[len("speedup_vs_"):] for key in r if key.startswith("speedup_vs_")]
+    if r["workload"] == "W8" and peers:
+        return "; ".join(f"{peer}: {r[f'speedup_vs_{peer}']}x, RSS x{r[f'peak_rss_ratio_vs_{peer}']}, labels agree "
+                         f"{r[f'labels_agree_with_{peer}']:.4f}" for peer in peers)
+    if "planned_patch" in r:
+        return (f"window {'x'.join(map(str, r['window']))} (planned patch {'x'.join(map(str, r['planned_patch']))}), "
+                f"{r['precision']}")
+    if "meets_rss_target" in r:
+        return f"RSS <= {r['rss_target_mb']} MB: {'yes' if r['meets_rss_target'] else 'no'}"
+    return "-"
+
+
 def scale_cells(r):
     disk = f"{r['disk_mb']:.0f} / {r['source_mb']:.0f}" if "disk_mb" in r else "-"
     slope = f"{r['slope_mb_per_case']:+.2f}" if "slope_mb_per_case" in r else "-"
     passed = {True: "passed", False: "failed"}.get(r.get("passed"), "-")
     return [r["workload"], r["library"], r["label"], r["stage"], passed, r["cases"], "x".join(map(str, r["shape"])),
-            r["peak_rss_mb"], slope, r["seconds"], r.get("patches_per_s", "-"), disk]
+            r["peak_rss_mb"], slope, r["seconds"], r.get("patches_per_s", "-"), disk, _w8_cell(r)]
 
 
 def demo_cells(r):
@@ -171,7 +186,9 @@ RENDERERS = {
                           "minutes convert / train / evaluate", "peak RSS MB convert / train / evaluate",
                           "validation subjects", "validation Dice per class", "mean Dice"], brats_cells),
     "scale": (["workload", "library", "code", "stage", "W7 stage", "cases", "voxels per case", "peak RSS MB (process tree)",
-               "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB"], scale_cells),
+               "MB per added case (fit over the cases)", "seconds", "patches/s", "disk / source MB",
+               "W8: ours vs each peer (speed-up, RSS ratio, labels agree), planned window, predict's RSS target"],
+              scale_cells),
     "demo": (["run", "code", "Dice anterior / posterior", "mean Dice", "validation cases"], demo_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),
