@@ -260,9 +260,11 @@ SCHEMA = {
         "metric": Key("mean_dice", (str,), "selection metric of summary.json (higher is better)",
                       choices=["mean_dice"]),
         "tta_mirroring": Key(False, (bool,), "average predictions over all 8 mirrorings"),
-        "accumulation": Key("float16", (str,), "precision of the sliding-window sums behind probabilities and "
-                                               "labels: float16 (window logits shifted per voxel by their "
-                                               "maximum; half the memory) or float32", choices=["float16", "float32"]),
+        "accumulation": Key("float32", (str,), "precision of the sliding-window sums behind probabilities and "
+                                               "labels: float32, or float16 (half the live sums; window logits "
+                                               "shifted per voxel by their maximum; probabilities within 1e-3, "
+                                               "a few labels in a million may differ)",
+                            choices=["float32", "float16"]),
         "save_predictions": Key(False, (bool,), "write NIfTI predictions under eval/<step>/"),
         "save_overlays": Key(True, (bool,), "write overlay PNGs under eval/<step>/"),
         "surface_tolerance_mm": Key(1.0, NUMBER, "tolerance of the surface Dice", minimum=0.0),
