@@ -19,7 +19,7 @@ from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject
 from medseg_dl.experiment.model_dir import open_model_dir
-from medseg_dl.inference import export, postprocess, windows
+from medseg_dl.inference import export, graph_windows, postprocess
 from medseg_dl.inference.predict import load_predictor, run_prediction
 from medseg_dl.inference.windows import window_starts
 from medseg_dl.training.loop import run_training
@@ -75,7 +75,7 @@ def train_folds(tmp_path):
 def test_in_graph_window_starts_are_those_of_windows_py(overlap):
     for window in (5, 12, 16, 40):
         sizes = range(window, window + 90)
-        graph = [windows.window_starts_in_graph(tf.constant(size), window, overlap).numpy() for size in sizes]
+        graph = [graph_windows.window_starts_in_graph(tf.constant(size), window, overlap).numpy() for size in sizes]
         for size, starts in zip(sizes, graph):
             np.testing.assert_array_equal(starts, window_starts(size, window, overlap), err_msg=f"{size} {window}")
 

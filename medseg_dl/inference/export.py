@@ -32,7 +32,7 @@ import tensorflow as tf
 from medseg_dl import atomic
 from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
-from medseg_dl.inference import postprocess, postprocess_graph, windows
+from medseg_dl.inference import postprocess, postprocess_graph
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble
@@ -42,11 +42,10 @@ ASSETS = "assets.extra"
 
 def segment_volume(predictor: Predictor, image: tf.Tensor):
     """(probabilities (X, Y, Z, K) float32, labels (X, Y, Z) int32) of an image (X, Y, Z, C) float32 tensor
-    (C static), with the window grid, weights and window function of `predictor`, all in TensorFlow ops."""
-    average = windows.recombine_in_graph(predictor.window_function(int(image.shape[-1])), image,
-                                         predictor.patch_size_vox, predictor.overlap, predictor.blending,
-                                         predictor.batch_size, predictor.num_classes)
-    return tf.nn.softmax(average, axis=-1), tf.argmax(average, axis=-1, output_type=tf.int32)
+    (C static), in one pass over the windows, with the grid, weights, window function and accumulation of
+    `predictor`, all in TensorFlow ops (`Predictor.in_graph`)."""
+    return predictor.in_graph(image, lambda average: (tf.nn.softmax(average, axis=-1),
+                                                      tf.argmax(average, axis=-1, output_type=tf.int32)))
 
 
 def export_recipe(ensemble: TrainedEnsemble, predictor: Predictor) -> Dict:

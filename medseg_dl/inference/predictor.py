@@ -44,7 +44,7 @@ import tensorflow as tf
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params
 from medseg_dl.errors import DataError, OutOfMemoryError, ParamsError
-from medseg_dl.inference import windows
+from medseg_dl.inference import graph_windows, windows
 from medseg_dl.pipeline.sampling import mirror_positions
 
 # the 8 flips as lists of the batch axes reversed: 1, 2, 3 are spatial x, y, z
@@ -181,16 +181,25 @@ class Predictor:
         return self._window_functions[key]
 
     def _in_graph_function(self, num_channels, output):
-        """The tf.function image (X, Y, Z, C) -> `output` of the whole volume in TensorFlow ops (cached)."""
+        """The tf.function image (X, Y, Z, C) -> `output` of the whole volume in TensorFlow ops, slab by slab
+        (graph_windows.py; cached)."""
         if (num_channels, output) not in self._in_graph_functions:
             def predict(image):
-                average = windows.recombine_in_graph(self.window_function(num_channels), image, self.patch_size_vox,
-                                                     self.overlap, self.blending, self.batch_size, self.num_classes)
-                return TRANSFORMS[output](average)
+                return self.in_graph(image, None if output == "logits" else TRANSFORMS[output])
 
             signature = [tf.TensorSpec([None, None, None, num_channels], tf.float32)]
             self._in_graph_functions[num_channels, output] = tf.function(predict, input_signature=signature)
         return self._in_graph_functions[num_channels, output]
+
+    def in_graph(self, image: tf.Tensor, transform=None):
+        """`transform` (per voxel over the last axis; a tuple or dict of them; None: the blended logits, summed
+        in float32) of the weighted average over an image (X, Y, Z, C) float32 tensor (C static), in
+        TensorFlow ops (graph_windows.py), with this predictor's window settings and accumulation: the device
+        path and the SavedModel export."""
+        return graph_windows.recombine_in_graph(self.window_function(int(image.shape[-1])), image,
+                                                self.patch_size_vox, self.overlap, self.blending, self.batch_size,
+                                                self.num_classes, transform,
+                                                "float32" if transform is None else self.accumulation)
 
     def window_function(self, num_channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
         """The tf.function (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> window logits

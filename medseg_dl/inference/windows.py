@@ -22,9 +22,11 @@ inside a TF while loop, TF broadcast multiplies), and memory stays at the accumu
 batch. The division by the weight sum and an optional per-voxel transform (softmax, argmax) then
 run XLA-fused over slabs of the accumulator, also one thread per core.
 
-On an accelerator, `recombine_in_graph` does the same in TensorFlow ops (tf.slice, the window
-function, tensor_scatter_nd_add into the accumulator, the division), so the volume stays on the
-device and only the result is copied back; the SavedModel export traces the same function.
+Windows are visited row by row along one axis (`recombined_slabs`): a row holds every window of one
+start along that axis, and once it is added the voxels before the next row's start are touched by no
+later window, so that slab is yielded and the live sums move on: they span one window along the axis,
+not the volume. On an accelerator, graph_windows.py does the same in TensorFlow ops, so the volume stays
+on the device and only the result is copied back; the SavedModel export traces the same function.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -323,61 +325,3 @@ def finish_block(finish: Callable[..., tf.Tensor], sums: np.ndarray, coverages: 
 
     list(_POOL.map(finish_rows, range(0, sums.shape[0], rows)))
     return out
-
-
-# --- the same recombination in TensorFlow ops (accelerators, the SavedModel export) -------------
-
-
-def window_starts_in_graph(size: tf.Tensor, window: int, overlap: float) -> tf.Tensor:
-    """In-graph `window_starts`: int32 starts (n,) of windows of `window` voxels covering an axis of
-    `size` (int32 scalar tensor, >= window), with numpy's float64 linspace arithmetic and round half to even."""
-    span = tf.cast(size - window, tf.float64)
-    count = tf.cast(tf.math.ceil(span / (window * (1.0 - overlap)) - 1e-9), tf.int32) + 1
-    values = tf.range(count, dtype=tf.float64) * (span / tf.cast(tf.maximum(count - 1, 1), tf.float64))
-    values = tf.concat([values[:-1], span[None]], 0)  # np.linspace ends exactly at its stop
-    return tf.unique(tf.cast(tf.round(values), tf.int32))[0]
-
-
-def axis_coverage_in_graph(starts: tf.Tensor, length: tf.Tensor, profile: np.ndarray) -> tf.Tensor:
-    """In-graph `WindowGrid.coverage` of one axis: (length,) float32 sum of the 1D `profile` (P,) float32 of
-    the windows starting at `starts` (n,) int32, summed in float64 as `window_grid` does."""
-    index = tf.reshape(starts[:, None] + np.arange(len(profile), dtype=np.int32)[None], [-1, 1])
-    updates = tf.tile(tf.constant(profile.astype(np.float64)), tf.shape(starts))
-    return tf.cast(tf.tensor_scatter_nd_add(tf.zeros([length], tf.float64), index, updates), tf.float32)
-
-
-def recombine_in_graph(window_function: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], image: tf.Tensor,
-                       patch_size_vox: Sequence[int], overlap: float, blending: str, batch_size: int,
-                       num_outputs: int) -> tf.Tensor:
-    """Weighted average (X, Y, Z, K) float32 tensor of the window outputs of `window_function` (windows
-    (N, px, py, pz, C), positions (N, 3)) -> (N, px, py, pz, K) over an image (X, Y, Z, C) float32 tensor
-    (C static): the grid, padding, positions and weights of `window_grid`, in TensorFlow ops."""
-    patch = tuple(int(p) for p in patch_size_vox)
-    num_channels = int(image.shape[-1])
-    shape = tf.shape(image)[:3]
-    missing = tf.maximum(tf.constant(patch) - shape, 0)
-    before = missing // 2
-    padded = tf.pad(image, tf.stack([tf.concat([before, [0]], 0), tf.concat([missing - before, [0]], 0)], axis=1))
-    padded_shape = tf.shape(padded)[:3]
-    axes = [window_starts_in_graph(padded_shape[a], patch[a], overlap) for a in range(3)]
-    starts = tf.reshape(tf.stack(tf.meshgrid(*axes, indexing="ij"), -1), [-1, 3])
-    positions = patch_positions(starts - before, patch, shape)
-    weights = tf.constant(importance_map(patch, blending)[..., None])
-    offsets = tf.constant(np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), -1).reshape(-1, 3),
-                          tf.int32)
-
-    def add_batch(begin, sums):
-        batch_starts = starts[begin:begin + batch_size]
-        cut = tf.map_fn(lambda s: tf.slice(padded, tf.concat([s, [0]], 0), list(patch) + [num_channels]),
-                        batch_starts, fn_output_signature=tf.TensorSpec(list(patch) + [num_channels], tf.float32))
-        outputs = window_function(cut, positions[begin:begin + batch_size])
-        index = tf.reshape(batch_starts[:, None, :] + offsets[None], [-1, 3])
-        weighted = tf.reshape(outputs * weights, [-1, num_outputs])
-        return begin + batch_size, tf.tensor_scatter_nd_add(sums, index, weighted)
-
-    sums = tf.zeros(tf.concat([padded_shape, [num_outputs]], 0))
-    _, sums = tf.while_loop(lambda begin, _: begin < tf.shape(starts)[0], add_batch, [tf.constant(0), sums])
-    coverage = [tf.slice(axis_coverage_in_graph(axes[a], padded_shape[a], importance_profile(patch[a], blending)),
-                         before[a:a + 1], shape[a:a + 1]) for a in range(3)]
-    weight_sum = coverage[0][:, None, None] * coverage[1][None, :, None] * coverage[2][None, None, :]
-    return tf.slice(sums, tf.concat([before, [0]], 0), tf.concat([shape, [-1]], 0)) / weight_sum[..., None]
