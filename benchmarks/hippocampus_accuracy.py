@@ -77,17 +77,17 @@ def planned_experiment(data_dir, work_dir):
 def score_test_split(model_dir_path, overrides):
     """(params, summary of the last checkpoint, [(step, mean Dice)] of every kept checkpoint) on the test cases."""
     from medseg_dl.config.params import Params
-    from medseg_dl.evaluation.runner import converted_cases, split_cases, split_subjects_of
+    from medseg_dl.evaluation.cases import split_cases
     from medseg_dl.evaluation.watcher import score_checkpoint
     from medseg_dl.experiment.checkpoints import checkpoint_step, completed_checkpoints
     from medseg_dl.experiment.model_dir import ModelDir
 
     model_dir = ModelDir(model_dir_path)
     params = Params.load(model_dir.params_path, overrides)
-    cases = converted_cases(params, split_cases(params, model_dir, "test", 1.0))
+    cases = split_cases(params, model_dir, "test", 1.0)
     curve = []
     for prefix in completed_checkpoints(model_dir.checkpoints):
-        summary = score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test", prefix)
+        summary = score_checkpoint(params, model_dir, cases, "test", prefix)
         curve.append([checkpoint_step(prefix), round(summary["mean_dice"], 4)])
     return params, summary, curve
 

@@ -17,6 +17,7 @@ One JSON line is printed and appended to benchmarks/results/hippocampus_cv.jsonl
     python benchmarks/hippocampus_cv.py --folds 3 --steps 1400
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -73,7 +74,7 @@ def export_timing(root, fold_dirs, output_dir):
     import tensorflow as tf
 
     from medseg_dl.config.params import Params
-    from medseg_dl.evaluation.runner import converted_cases, split_cases
+    from medseg_dl.evaluation.cases import split_cases
     from medseg_dl.inference import postprocess
     from medseg_dl.inference.export import run_export
     from medseg_dl.inference.predict import load_predictor
@@ -83,7 +84,7 @@ def export_timing(root, fold_dirs, output_dir):
     export_s = time.time() - started
     predictor, ensemble, decision = load_predictor([root], "latest", "all")
     params = Params.load(fold_dirs[0].params_path)
-    cases = converted_cases(params, split_cases(params, fold_dirs[0], "test", 1.0))[:TIMED_VOLUMES]
+    cases = itertools.islice(split_cases(params, fold_dirs[0], "test", 1.0), TIMED_VOLUMES)
     served = tf.saved_model.load(output_dir)
     exported_s, predictor_s, equal = [], [], 0
     for case in cases:

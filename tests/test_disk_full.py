@@ -171,9 +171,10 @@ def test_predict_on_a_full_disk_names_the_output_folder(trained_folder, monkeypa
 def test_out_of_memory_while_segmenting_is_one_line(trained_folder, monkeypatch):
     params, model_dir, _ = trained_folder
 
-    def exhausted(self, image, output):
+    def exhausted(self, image, output, axis, progress):
         raise TF_OOM
-    monkeypatch.setattr(Predictor, "_predict_checked", exhausted)
+        yield  # a generator, as the method it replaces
+    monkeypatch.setattr(Predictor, "_slabs_checked", exhausted)
     with pytest.raises(OutOfMemoryError, match=r"while segmenting a volume of 20 x 20 x 20 voxels into 3 classes; "
                                                r"lower evaluation.batch_size"):
         watcher.run_evaluation(params, model_dir, once=True)

@@ -1,21 +1,25 @@
-"""The report of one evaluated checkpoint: `<model_dir>/eval/<step>/` (file names: ModelDir).
+"""The report of one evaluation: `<model_dir>/eval/<step>/` (file names: ModelDir), written one case at a time.
 
     metrics.csv     one row per (subject, class): dice, jaccard, assd_mm, hd95_mm, surface_dice,
-                    reference_mm3, predicted_mm3, empty_reference, empty_prediction
+                    reference_mm3, predicted_mm3, empty_reference, empty_prediction, distance_penalised
     summary.json    per class mean/std/median of each metric, `mean_dice` over foreground classes,
-                    counts of empty-mask cases (scoring.summarize), the step and subject count
+                    counts of empty-mask cases (scoring.summarize), the step and subject count, and the
+                    per-case rows (as nnU-Net's summary.json)
     overlays/       <subject>.png: image, reference and prediction contours on three slices
     predictions/    <subject>.nii.gz with the affine of the case's original files (evaluation.save_predictions)
 
-Everything is on the grid of each case's original files: predictions made on the model grid are
-mapped back first (runner.py), and scored against the original label file. The folder is written
-atomically (medseg_dl.atomic): it appears complete or not at all.
+`write_report` consumes its segmentations one at a time: each is scored, its rows appended to metrics.csv,
+its overlay and prediction written, and it is dropped before the next is asked for; the summary is then
+computed from the rows read back from metrics.csv, so memory holds one case whatever their number.
+Everything is on the grid of each case's original files (evaluate.py maps predictions back and reads the
+original label files). The folder is written atomically (medseg_dl.atomic): it appears complete or not at
+all, so a killed evaluation leaves nothing to count twice.
 """
 import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +33,8 @@ from medseg_dl.viz import plotting
 
 COLUMNS = ["subject", "class", "class_name", *scoring.METRICS, "empty_reference", "empty_prediction",
            "distance_penalised"]
+FLAGS = ("empty_reference", "empty_prediction", "distance_penalised")
+
 
 @dataclass(frozen=True, eq=False)
 class Segmentation:
@@ -44,69 +50,103 @@ class Segmentation:
     affine: np.ndarray
 
 
-def score_results(results: Sequence[Segmentation], params: Params) -> List[Dict]:
-    """metrics.csv rows of segmented cases."""
-    rows = []
-    names = params.data.class_names
-    for result in results:
-        for row in scoring.score_case(result.reference, result.prediction, params.data.num_classes,
-                                      result.spacing_mm, params.evaluation.surface_tolerance_mm):
-            rows.append({"subject": result.subject_id, "class_name": names[row["class"]], **row})
-    return rows
-
-
-def write_report(report_dir: str, results: Sequence[Segmentation], params: Params, step: Optional[int],
+def write_report(report_dir: str, segmentations: Iterable[Segmentation], params: Params, step: Optional[int],
                  writer: Optional[tf.summary.SummaryWriter] = None, extra: Optional[Dict] = None) -> Dict:
-    """Write the report folder for `results`; returns the summary dict (with the per-case rows under
-    "per_case", as nnU-Net's summary.json, and the items of `extra`). With a TensorBoard `writer`, also
-    log the summary's scalars and the first case's middle slice at `step`."""
-    rows = score_results(results, params)
-    summary = {"step": step, "subjects": len(results), **scoring.summarize(rows, params.data.class_names),
-               **(extra or {}), "per_case": rows}
+    """Write the report folder of `segmentations` (any iterable, consumed once, one at a time); returns the
+    summary dict (the rows of metrics.csv under "per_case", and the items of `extra`). With a TensorBoard
+    `writer`, also log the summary's scalars and the first case's middle slice at `step`."""
     with atomic.disk_full_reported(report_dir, "this report", "evaluate again (the report is written whole or not at "
                                    "all)"), atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
-        _write_csv(os.path.join(folder, ModelDir.REPORT_METRICS), rows)
+        cases, panels = _write_cases(folder, segmentations, params)
+        rows = read_rows(os.path.join(folder, ModelDir.REPORT_METRICS))
+        summary = {"step": step, "subjects": cases, **scoring.summarize(rows, params.data.class_names),
+                   **(extra or {}), "per_case": rows}
         with open(os.path.join(folder, ModelDir.REPORT_SUMMARY), "w") as f:
             json.dump(summary, f, indent=1, default=float)
-        _write_pictures(folder, results, params)
     if writer is not None:
-        _write_summaries(writer, step, summary, results, params)
+        _write_summaries(writer, step, summary, panels)
     return summary
 
 
-def _write_csv(path, rows):
-    with open(path, "w", newline="") as f:
+def _write_cases(folder: str, segmentations: Iterable[Segmentation],
+                 params: Params) -> Tuple[int, Optional[np.ndarray]]:
+    """Score and write each segmentation (metrics.csv rows, overlay, prediction), holding none once the next is
+    asked for; returns (the number of cases, the TensorBoard panels of the first: `_panels`)."""
+    metrics = os.path.join(folder, ModelDir.REPORT_METRICS)
+    _write_csv(metrics, [])
+    cases, panels = 0, None
+    for segmentation in segmentations:
+        _write_csv(metrics, case_rows(segmentation, params))
+        _write_pictures(folder, segmentation, params)
+        panels = _panels(segmentation, params) if panels is None else panels
+        cases += 1
+        del segmentation  # freed before the next case is made
+    return cases, panels
+
+
+def case_rows(segmentation: Segmentation, params: Params) -> List[Dict]:
+    """The metrics.csv rows of one segmented case (scoring.score_case with its subject and class names)."""
+    names = params.data.class_names
+    return [{"subject": segmentation.subject_id, "class_name": names[row["class"]], **row}
+            for row in scoring.score_case(segmentation.reference, segmentation.prediction, params.data.num_classes,
+                                          segmentation.spacing_mm, params.evaluation.surface_tolerance_mm)]
+
+
+def read_rows(path: str) -> List[Dict]:
+    """The rows of a metrics.csv with their values typed as `case_rows` gives them (class int, metrics float,
+    flags bool), keys in the order of `COLUMNS`; floats come back exactly (the file holds their repr)."""
+    with open(path, newline="") as f:
+        return [{key: _typed(key, row[key]) for key in COLUMNS} for row in csv.DictReader(f)]
+
+
+def _typed(key: str, text: str):
+    if key in FLAGS:
+        return text == "True"
+    if key == "class":
+        return int(text)
+    return text if key in ("subject", "class_name") else float(text)
+
+
+def _write_csv(path: str, rows: List[Dict]) -> None:
+    """Append `rows` to the CSV file `path`; a new file gets the header first."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
         out = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        out.writeheader()
+        if new:
+            out.writeheader()
         out.writerows(rows)
 
 
-def _write_pictures(folder, results, params):
+def _write_pictures(folder: str, segmentation: Segmentation, params: Params) -> None:
     evaluation = params.evaluation
-    for result in results:
-        if evaluation.save_overlays:
-            path = os.path.join(folder, ModelDir.REPORT_OVERLAYS, f"{result.subject_id}.png")
-            plotting.orthogonal_overlay(result.image, path, reference=result.reference, prediction=result.prediction,
-                                        class_names=params.data.class_names, spacing_mm=result.spacing_mm,
-                                        title=result.subject_id)
-        if evaluation.save_predictions:
-            os.makedirs(os.path.join(folder, ModelDir.REPORT_PREDICTIONS), exist_ok=True)
-            write_nifti(os.path.join(folder, ModelDir.REPORT_PREDICTIONS, f"{result.subject_id}.nii.gz"),
-                        result.prediction.astype(np.uint8), result.affine)
+    if evaluation.save_overlays:
+        path = os.path.join(folder, ModelDir.REPORT_OVERLAYS, f"{segmentation.subject_id}.png")
+        plotting.orthogonal_overlay(segmentation.image, path, reference=segmentation.reference,
+                                    prediction=segmentation.prediction, class_names=params.data.class_names,
+                                    spacing_mm=segmentation.spacing_mm, title=segmentation.subject_id)
+    if evaluation.save_predictions:
+        os.makedirs(os.path.join(folder, ModelDir.REPORT_PREDICTIONS), exist_ok=True)
+        write_nifti(os.path.join(folder, ModelDir.REPORT_PREDICTIONS, f"{segmentation.subject_id}.nii.gz"),
+                    segmentation.prediction.astype(np.uint8), segmentation.affine)
 
 
-def _write_summaries(writer, step, summary, results, params):
+def _panels(segmentation: Segmentation, params: Params) -> np.ndarray:
+    """(3, X, Y, 1) float32 in [0, 1]: the middle axial slice of the image (display-scaled), of the reference and
+    of the prediction (class / (K - 1)): all the TensorBoard image keeps of a case."""
+    middle = segmentation.image.shape[2] // 2
+    k = max(params.data.num_classes - 1, 1)
+    panels = np.stack([plotting.display_scaled(segmentation.image[:, :, middle, 0]),
+                       segmentation.reference[:, :, middle] / k, segmentation.prediction[:, :, middle] / k])
+    return panels[..., None].astype(np.float32)
+
+
+def _write_summaries(writer, step, summary, panels):
     with writer.as_default(step=step):
         tf.summary.scalar("mean_dice", summary["mean_dice"])
         for name, stats in summary["classes"].items():
             for metric in ("dice", "assd_mm", "hd95_mm"):
                 tf.summary.scalar(f"{metric}/{name}", stats[metric]["mean"])
-        if results:
-            first = results[0]
-            middle = first.image.shape[2] // 2
-            k = max(params.data.num_classes - 1, 1)
-            panels = np.stack([plotting.display_scaled(first.image[:, :, middle, 0]),
-                               first.reference[:, :, middle] / k, first.prediction[:, :, middle] / k])
-            tf.summary.image("image_reference_prediction", panels[..., None].astype(np.float32), max_outputs=3)
+        if panels is not None:
+            tf.summary.image("image_reference_prediction", panels, max_outputs=3)
     writer.flush()

@@ -9,7 +9,8 @@ and that step is evaluated, or after `--timeout` seconds without news. It may be
 during or after training, and killed and restarted at will: it holds the folder's eval lock,
 removes what a killed evaluator left (staging copies, partial reports), remembers evaluated steps in
 `<model_dir>/eval/history.json` (an unreadable or vanished checkpoint is skipped with a warning and
-remembered as skipped), and writes each `eval/<step>/` report atomically. Pause it with
+remembered as skipped), and writes each `eval/<step>/` report atomically, reading, segmenting, scoring and
+writing one validation case at a time (evaluate.py: memory does not grow with their number). Pause it with
 `kill -STOP <pid>` / `kill -CONT`, or by creating the file `<model_dir>/eval/PAUSE`.
 
 `--once` evaluates one checkpoint of the validation list the same way; `--data DIR` scores one
@@ -22,17 +23,15 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
-from medseg_dl.data.cases import Case, stored_recipe
-from medseg_dl.data.subjects import Subject
 from medseg_dl.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import CheckpointError, MedsegError
-from medseg_dl.evaluation.report import write_report
-from medseg_dl.evaluation.runner import (ChildProcessRunner, InProcessRunner, folder_cases, converted_cases,
-                                         segment_cases, split_cases, split_subjects_of)
+from medseg_dl.evaluation.cases import EvaluationCases, folder_cases, split_cases
+from medseg_dl.evaluation.evaluate import evaluate
+from medseg_dl.evaluation.runner import ChildProcessRunner, InProcessRunner
 from medseg_dl.experiment.checkpoints import (BestCheckpoints, CheckpointGone, checkpoint_step, completed_checkpoints,
                                               remove_checkpoint, stage_checkpoint)
 from medseg_dl.locks import ProcessLock
@@ -127,14 +126,13 @@ def _target_steps(model_dir, previous):
         return previous
 
 
-def score_checkpoint(params: Params, model_dir: ModelDir, cases: Sequence[Case], subjects: Dict[str, Subject],
-                     tag: str, checkpoint: str = "latest") -> Dict:
-    """Score one checkpoint (latest, best or a path) on `cases` (with their `subjects` by id, whose original
-    files the scores are computed on) into eval/<step>-<tag>/; the history and the best checkpoints are
-    not changed. Returns the summary."""
+def score_checkpoint(params: Params, model_dir: ModelDir, cases: EvaluationCases, tag: str,
+                     checkpoint: str = "latest") -> Dict:
+    """Score one checkpoint (latest, best or a path) on `cases` into eval/<step>-<tag>/; the history and the best
+    checkpoints are not changed. Returns the summary."""
     trained = load_trained(model_dir, checkpoint, params)
-    results = segment_cases(Predictor.from_params(trained.network, params), cases, subjects, stored_recipe(params))
-    summary = write_report(model_dir.report_dir(trained.step, tag), results, params, trained.step)
+    summary = evaluate(Predictor.from_params(trained.network, params), cases, model_dir.report_dir(trained.step, tag),
+                       params, trained.step, f"step {trained.step} on {tag}")
     metric = params.evaluation.metric
     print(f"step {trained.step} on {tag}: {metric} {summary.get(metric, math.nan):.4f}", flush=True)
     return summary
@@ -143,9 +141,8 @@ def score_checkpoint(params: Params, model_dir: ModelDir, cases: Sequence[Case],
 def evaluate_folder(params: Params, model_dir: ModelDir, data_dir: str, layout: Optional[str] = None,
                     checkpoint: str = "latest") -> Dict:
     """`score_checkpoint` on another labelled folder, tagged with the folder's name."""
-    cases, subjects = folder_cases(params, data_dir, layout)
-    return score_checkpoint(params, model_dir, cases, subjects, os.path.basename(os.path.normpath(data_dir)),
-                            checkpoint)
+    return score_checkpoint(params, model_dir, folder_cases(params, data_dir, layout),
+                            os.path.basename(os.path.normpath(data_dir)), checkpoint)
 
 
 def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, checkpoint: str = "latest",
@@ -167,19 +164,17 @@ def run_evaluation(params: Params, model_dir: ModelDir, once: bool = False, chec
         if data_dir or split == "test":
             if data_dir:
                 return evaluate_folder(params, model_dir, data_dir, layout, checkpoint)
-            cases = converted_cases(params, split_cases(params, model_dir, "test", params.evaluation.poll_seconds,
-                                                       timeout_s))
-            return score_checkpoint(params, model_dir, cases, split_subjects_of(model_dir, "test"), "test",
-                                    checkpoint)
+            cases = split_cases(params, model_dir, "test", params.evaluation.poll_seconds, timeout_s)
+            return score_checkpoint(params, model_dir, cases, "test", checkpoint)
         return _watch_or_once(params, model_dir, once, checkpoint, timeout_s, in_children)
 
 
 def _watch_or_once(params, model_dir, once, checkpoint, timeout_s, in_children):
     with ProcessLock(model_dir.eval_lock, "evaluator"):
         _remove_leftovers(model_dir)
-        files = split_cases(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)
+        cases = split_cases(params, model_dir, "val", params.evaluation.poll_seconds, timeout_s)
         staging = tempfile.mkdtemp(prefix=ModelDir.STAGING_PREFIX, dir=model_dir.eval_root)
-        runner = _make_runner(params, model_dir, files, staging, in_children)
+        runner = _make_runner(params, model_dir, cases, staging, in_children)
         try:
             evaluator = Evaluator(params, model_dir, runner, staging)
             if once:
@@ -198,12 +193,12 @@ def _in_child_processes(params):
     return mode == "always" or (mode == "auto" and uses_gpu(params.evaluation.device))
 
 
-def _make_runner(params, model_dir, files, staging, in_children):
-    """In this process, or one child process per checkpoint (`_in_child_processes`)."""
+def _make_runner(params, model_dir, cases, staging, in_children):
+    """In this process, or one child process per checkpoint (`_in_child_processes`; it reads the cases itself)."""
     if in_children:
         params.save(os.path.join(staging, "params.yaml"))
         return ChildProcessRunner(os.path.join(staging, "params.yaml"))
-    return InProcessRunner(params, model_dir, converted_cases(params, files), split_subjects_of(model_dir, "val"))
+    return InProcessRunner(params, model_dir, cases)
 
 
 def _remove_leftovers(model_dir):

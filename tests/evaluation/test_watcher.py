@@ -13,6 +13,7 @@ from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import MedsegError
 from medseg_dl.evaluation import runner, watcher as evaluation
+from medseg_dl.evaluation.cases import split_cases
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.training.loop import run_training
 
@@ -29,16 +30,14 @@ def trained(tmp_path, steps=10):
 
 
 def evaluator_for(params, model_dir, staging):
-    files = runner.split_cases(params, model_dir, "val", 0.1)
     staging.mkdir(exist_ok=True)
-    in_process = runner.InProcessRunner(params, model_dir, runner.converted_cases(params, files),
-                                        runner.split_subjects_of(model_dir, "val"))
+    in_process = runner.InProcessRunner(params, model_dir, split_cases(params, model_dir, "val", 0.1))
     return evaluation.Evaluator(params, model_dir, in_process, str(staging))
 
 
 def test_watch_evaluates_each_once_keeps_best_and_restarts_cleanly(tmp_path):
     params, model_dir = trained(tmp_path)
-    cases = runner.converted_cases(params, runner.split_cases(params, model_dir, "val", 0.1))
+    cases = list(split_cases(params, model_dir, "val", 0.1))
     assert len(cases) == 1
     assert evaluation.run_evaluation(params, model_dir, timeout_s=30) is None
     history = json.load(open(model_dir.history))
