@@ -384,8 +384,10 @@ def network(inputs):  # {"image": (N, w, w, w, 1)} -> (N, w, w, w, K) scores: th
     return inputs["image"] * slopes_t + offsets_t
 
 
-predictor = Predictor(network, (window,) * 3, classes, overlap=overlap, blending="gaussian", batch_size=batch)
-measure(lambda volume: predictor.labels(volume[..., None]))
+accumulation = sys.argv[8]
+predictor = Predictor(network, (window,) * 3, classes, overlap=overlap, blending="gaussian", batch_size=batch,
+                      accumulation=accumulation)
+measure(lambda volume: predictor.labels(volume[..., None]), accumulation=accumulation)
 """
 W8_MONAI = W8_PRELUDE + """
 import torch
@@ -508,14 +510,17 @@ def peer_importable(library):
 
 
 def w8_zero_cost_line(library, code, label, npy, args, env):
-    """(the zero_cost_labels line of `library`, the path of its labels (X, Y, Z) uint8 .npy)."""
+    """(the zero_cost_labels line of `library`, the path of its labels (X, Y, Z) uint8 .npy); medseg_dl's child
+    gets --accumulation."""
     python, isolated = python_for(library)
     labels_path = os.path.join(args.work, f"w8_labels_{library}.npy")
-    result, peak = w8_child(code, python, npy, labels_path, args, env)
+    result, peak = w8_child(code, python, npy, labels_path, args, env,
+                            extra=[args.accumulation] if library == "medseg_dl" else [])
     window = [args.patch] * 3
     line = w8_line(args, library, label, "zero_cost_labels", result, peak, isolated=isolated, window=window,
                    windows=w8_window_count(args.shape, window, W8_OVERLAP), network=W8_NETWORK,
                    batch=1 if library == "nnunetv2" else W8_BATCH)  # nnU-Net: one window per network call
+    line.update({"accumulation": result["accumulation"]} if "accumulation" in result else {})
     return line, labels_path
 
 
@@ -526,7 +531,7 @@ def measure_w8_zero_cost(args, npy, env):
     ours, ours_path = w8_zero_cost_line("medseg_dl", W8_MEDSEG, args.label, npy, args, env)
     lines = [ours]
     for library, (code, label) in W8_PEERS.items():
-        if not peer_importable(library):
+        if args.peer == "none" or not peer_importable(library):
             continue
         theirs, theirs_path = w8_zero_cost_line(library, code, label, npy, args, env)
         ours[f"speedup_vs_{library}"] = round(theirs["value"] / ours["value"], 3)
@@ -608,12 +613,13 @@ def measure_w8_mapped_back(args, image_path, env):
         subprocess.run(["rm", "-rf", output], check=True)
         _, seconds, peak = run_measured([sys.executable, "-m", "medseg_dl.cli", "predict", "--model-dir", model_dir,
                                          "--checkpoint", "latest", "--input", image_path, "--output", output,
-                                         *extra], env)
+                                         "--set", f"evaluation.accumulation={args.accumulation}", *extra], env)
         written = nib.load(os.path.join(output, "case_000.nii.gz")).shape
         lines.append(w8_line(args, "medseg_dl", args.label, stage, {"seconds_runs": [seconds]}, peak, batch=W8_BATCH,
                              window=[args.patch] * 3, model_spacing_mm=[W8_MODEL_SPACING_MM] * 3,
                              network="small U-Net (base 4, depth 3), 2 training steps",
                              labels_on_original_grid=list(written) == list(args.shape),
+                             accumulation=args.accumulation,
                              output_mb=round(folder_mb(output), 1), rss_target_mb=W8_RSS_TARGET_MB,
                              meets_rss_target=peak <= W8_RSS_TARGET_MB))
     return lines
@@ -655,7 +661,10 @@ def main():
     parser.add_argument("--label", default="main", help="names this checkout in the lines")
     parser.add_argument("--quick", action="store_true", help="5 and 6 cases of 48 x 48 x 24 (W8: one case of "
                                                              "96 x 96 x 64, 4 classes, window 32): a smoke test")
-    parser.add_argument("--peer", choices=["nnunetv2", "none"], default="nnunetv2", help="W6's peer")
+    parser.add_argument("--peer", choices=["nnunetv2", "none"], default="nnunetv2",
+                        help="W6's peer; W8: none measures medseg_dl alone")
+    parser.add_argument("--accumulation", choices=["float32", "float16"], default="float32",
+                        help="W8: medseg_dl's evaluation.accumulation")
     parser.add_argument("--repetitions", type=int, default=1, help="W8: timed runs per library (the median is kept)")
     parser.add_argument("--planned", action="store_true", help="W8: also the planned network (long on a CPU)")
     args = workload_defaults(parser.parse_args())
