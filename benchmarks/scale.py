@@ -3,7 +3,7 @@ and one case no one can hold twice.
 
     python benchmarks/scale.py [--cases 16 32 64] [--shape 256 256 128] [--quick] [--repo DIR]
     python benchmarks/scale.py --workload W7 [--shape 512 512 1000]
-    python benchmarks/scale.py --workload W8 [--planned] [--repetitions 1] [--quick]
+    python benchmarks/scale.py --workload W8 [--stages zero_cost planned mapped_back] [--repetitions 1] [--quick]
 
 Synthetic CT-like cases (`synthetic_ct`: int16 HU, a body ellipse, K-1 ellipsoid organs, spacing
 0.8 x 0.8 x 2.5 mm, .nii.gz) are written once under --work (seeded; reused when there). For each N the
@@ -42,8 +42,8 @@ repetition would tie every class, every label would be 0 and the libraries' labe
 scores are affine in x, so their blend is that of x itself whatever the weights: the labels agree up to rounding
 (nnU-Net accumulates in float16) where every voxel is covered by windows in the right place. The medseg_dl line
 has speedup_vs_<peer> (peer s / ours), peak_rss_ratio_vs_<peer> and labels_agree_with_<peer> (the fraction of
-equal voxels). `planned_labels` (--planned; always with --quick): the network `medseg plan` chooses for the case
-(random weights), with the 128^3 window where it is a multiple of the network's total stride; with --quick it also
+equal voxels). `planned_labels` (stage planned, not by default; always with --quick): the network `medseg plan`
+chooses for the case (random weights), with the 128^3 window where it is a multiple of the network's total stride; with --quick it also
 estimates the full-size run (`estimated_full_seconds`). `predict_mapped_back` and
 `predict_mapped_back_probabilities_<dtype>`: `medseg predict` (the CLI) of the case with a model folder that
 resamples to 1.5 mm (a small U-Net trained for 2 steps on 3 small synthetic cases), its labels mapped back to the
@@ -626,15 +626,17 @@ def measure_w8_mapped_back(args, image_path, env):
 
 
 def measure_w8(args, env):
-    """The W8 lines, each as soon as measured: zero-cost windowing of the three libraries, the planned network (with
-    --planned or --quick) and `medseg predict` mapped back to the original grid."""
+    """The W8 lines of `args.stages`, each as soon as measured: zero-cost windowing of the three libraries, the
+    planned network (always with --quick) and `medseg predict` mapped back to the original grid."""
     cases_dir = os.path.join(args.work, "w8_" + "x".join(map(str, args.shape)) + f"_k{args.classes}")
     write_cases(cases_dir, 1, args.shape, args.classes)
     npy = w8_normalised(cases_dir)
-    yield from measure_w8_zero_cost(args, npy, env)
-    if args.planned or args.quick:
+    if "zero_cost" in args.stages:
+        yield from measure_w8_zero_cost(args, npy, env)
+    if "planned" in args.stages or args.quick:
         yield measure_w8_planned(args, cases_dir, npy, env)
-    yield from measure_w8_mapped_back(args, os.path.join(cases_dir, "images", "case_000.nii.gz"), env)
+    if "mapped_back" in args.stages:
+        yield from measure_w8_mapped_back(args, os.path.join(cases_dir, "images", "case_000.nii.gz"), env)
 
 
 def workload_defaults(args):
@@ -666,7 +668,8 @@ def main():
     parser.add_argument("--accumulation", choices=["float32", "float16"], default="float32",
                         help="W8: medseg_dl's evaluation.accumulation")
     parser.add_argument("--repetitions", type=int, default=1, help="W8: timed runs per library (the median is kept)")
-    parser.add_argument("--planned", action="store_true", help="W8: also the planned network (long on a CPU)")
+    parser.add_argument("--stages", nargs="+", choices=["zero_cost", "planned", "mapped_back"],
+                        default=["zero_cost", "mapped_back"], help="W8's stages (planned: long on a CPU)")
     args = workload_defaults(parser.parse_args())
     env = {**os.environ, "PYTHONPATH": os.path.abspath(args.repo), "TF_CPP_MIN_LOG_LEVEL": "2"}
     if args.workload in ("W7", "W8"):

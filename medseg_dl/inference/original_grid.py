@@ -57,7 +57,8 @@ def original_slabs(model_slabs: Iterator[Tuple[int, np.ndarray]], model_shape: S
             first, last = int(low[z_begin:z_end].min()), int(high[z_begin:z_end].max())
             planes = _planes(kept, axis, first, last + 1)
             shifted = offset + matrix[:, 2] * z_begin - np.eye(3)[axis] * first
-            yield z_begin, _interpolate(planes, matrix, shifted, (original_shape[0], original_shape[1], z_end - z_begin))
+            output_shape = (original_shape[0], original_shape[1], z_end - z_begin)
+            yield z_begin, _interpolate(planes, matrix, shifted, output_shape)
             pending[z_begin:z_end] = False
         if pending.any():
             needed = int(low[pending].min())

@@ -220,7 +220,8 @@ def test_an_ensemble_of_two_networks_gives_the_mean_of_their_softmaxes():
     for shape, overlap in [((16, 16, 16), 0.5), ((37, 30, 21), 0.5), ((20, 11, 16), 0.0)]:
         image = np.random.default_rng(15).normal(size=shape + (2,)).astype(np.float32)
         reference = (whole_volume_probabilities(first, image) + whole_volume_probabilities(second, image)) / 2
-        result = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3, **EXACT).probabilities(image)
+        predictor = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3, **EXACT)
+        result = predictor.probabilities(image)
         region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, "gaussian"))
         assert result.shape == shape + (3,) and result.dtype == np.float32
         np.testing.assert_allclose(result[region], reference[region], atol=2e-6)
