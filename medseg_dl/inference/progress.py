@@ -49,8 +49,8 @@ class Progress:
     def windows(self, done: int, total: int) -> None:
         """`done` of the case's `total` windows are recombined (a callable for `Predictor`'s progress)."""
         now = time.monotonic()
-        if done < total and not self.is_terminal and now - self.last_line < self.interval_s:
-            return
+        if not self.is_terminal and (done >= total or now - self.last_line < self.interval_s):
+            return  # in a log: a line per interval within a case; `end_case` reports its end
         elapsed = now - self.case_started
         left = elapsed / done * (total - done) if done else float("nan")
         text = f"{self._case_label()}: windows {done}/{total}"
