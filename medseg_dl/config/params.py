@@ -203,6 +203,7 @@ def _resolve(values, base_dir):
     if len(data["class_names"]) != data["num_classes"]:
         raise ParamsError(f"data.class_names has {len(data['class_names'])} names but data.num_classes is "
                           f"{data['num_classes']}; give one name per class")
+    _check_targets(data)
     if data["split"]["val"] + data["split"]["test"] >= 1.0:
         raise ParamsError("data.split: val + test must leave subjects for training (sum < 1)")
     _check_folds(data["split"])
@@ -219,6 +220,43 @@ def _resolve(values, base_dir):
                      "strides of 1 or 2 per axis, e.g. [2, 2, 1]")
     _check_per_level(model, "kernel_sizes", model["depth"], "one per resolution level", lambda v: v % 2 == 1,
                      "odd kernel sizes per axis, e.g. [3, 3, 1]")
+
+
+def _check_targets(data):
+    """data.regions and data.ignore_label: consistent with num_classes and with each other; one-line ParamsError
+    naming the key."""
+    classes, ignore = data["num_classes"], data["ignore_label"]
+    if ignore is not None and ignore < classes:
+        raise ParamsError(f"data.ignore_label = {ignore} is also a class (data.num_classes = {classes} covers "
+                          f"0..{classes - 1}); give it a value >= {classes}, e.g. {classes}")
+    names = set()
+    regions = data["regions"] or []
+    for index, region in enumerate(regions):
+        where = f"data.regions[{index}]"
+        if set(region) != {"name", "labels", "paint"}:
+            raise ParamsError(f"{where} = {region!r}: expected {{name: ..., labels: [label values], paint: value}}")
+        labels, paint, name = region["labels"], region["paint"], region["name"]
+        if not isinstance(name, str) or name in names:
+            raise ParamsError(f"{where}.name = {name!r}: expected a name no other region has")
+        names.add(name)
+        if (not isinstance(labels, list) or not labels
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)):
+            raise ParamsError(f"{where}.labels = {labels!r}: expected a non-empty list of label values")
+        if ignore is not None and ignore in labels:
+            raise ParamsError(f"{where}.labels = {labels}: holds data.ignore_label = {ignore}; an ignored voxel "
+                              f"belongs to no region")
+        missing = [v for v in labels if not 0 < v < classes]
+        if missing:
+            raise ParamsError(f"{where}.labels = {labels}: {missing} is no foreground label of data.num_classes = "
+                              f"{classes} (1..{classes - 1})")
+        if paint not in labels:
+            raise ParamsError(f"{where}.paint = {paint!r}: expected one of the region's labels {labels}")
+    for index, region in enumerate(regions):
+        for later in range(index + 1, len(regions)):
+            if set(region["labels"]) <= set(regions[later]["labels"]):
+                raise ParamsError(f"data.regions[{index}] ({region['name']}) is painted over entirely by "
+                                  f"data.regions[{later}] ({regions[later]['name']}), which holds all its labels and "
+                                  f"is painted later; list the larger region first")
 
 
 def _check_folds(split):

@@ -106,6 +106,14 @@ SCHEMA = {
         "num_classes": Key(2, (int,), "number of label values, background included: labels lie in [0, num_classes)",
                            minimum=2, maximum=256),
         "class_names": Key(None, (list, NONE), "one name per class; null: class_0, class_1, ..."),
+        "regions": Key(None, (list, NONE), "region-based training (BraTS): a list of {name, labels: [label values], "
+                       "paint: one of them}; the network ends in one sigmoid per region (soft Dice + binary "
+                       "cross-entropy), metrics score regions, and predictions paint the regions back into one "
+                       "label map in list order (a later region overwrites an earlier one: list the largest "
+                       "first); null: one softmax over the num_classes labels", items=(dict,)),
+        "ignore_label": Key(None, (int, NONE), "label value of voxels left out (sparse annotations): no loss term, "
+                            "no metric, never a patch centre; not a class, so >= num_classes (nnU-Net: the "
+                            "highest value); null: every voxel counts", minimum=1, maximum=255),
         "split": {
             "val": Key(0.2, NUMBER, "fraction of subjects for validation", minimum=0.0, maximum=1.0),
             "test": Key(0.0, NUMBER, "fraction of subjects for testing", minimum=0.0, maximum=1.0),

@@ -27,6 +27,9 @@ RULES: List[Tuple[str, str, str]] = [
                                  "sizes, checked before anything is written); the file lists then point there"),
     ("data.channels", REFUSED, "it fixes the network's input channels"),
     ("data.num_classes", REFUSED, "it fixes the network's outputs"),
+    ("data.regions", REFUSED, "it fixes the network's outputs"),
+    ("data.ignore_label", REFUSED, "it decides which voxels the converted records' sampling locations and the "
+                                   "trained network's losses counted"),
     ("data.class_names", APPLIED, "names in logs and reports from now on"),
     ("data.workers", APPLIED, "conversion processes from now on"),
     ("preprocessing", REFUSED, "the converted records and the trained network depend on it"),
@@ -47,7 +50,7 @@ RULES: List[Tuple[str, str, str]] = [
 ]
 
 # the keys that decide whether a checkpoint fits a network: checked by the evaluator and predict
-NETWORK_KEYS = ("model", "data.channels", "data.num_classes", "preprocessing")
+NETWORK_KEYS = ("model", "data.channels", "data.num_classes", "data.regions", "preprocessing")
 
 
 @dataclass(frozen=True)

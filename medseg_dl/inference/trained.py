@@ -193,7 +193,8 @@ def _ensemble_signature(params):
     """What the members of an ensemble must share: the window, classes, channels and preprocessing (with the
     stored CT statistics), as {key: value}."""
     signature = {"sampling.patch_size": list(params.sampling.patch_size),
-                 "data.num_classes": params.data.num_classes, "data.channels": list(params.data.channels)}
+                 "data.num_classes": params.data.num_classes, "data.regions": params.data.regions,
+                 "data.channels": list(params.data.channels)}
     signature.update({f"preprocessing.{k}": v for k, v in params.preprocessing.to_dict().items()})
     signature["ct statistics (dataset.json)"] = stored_recipe(params).ct_stats
     return signature
