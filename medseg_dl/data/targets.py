@@ -5,7 +5,8 @@ and the ignore label.
     targets.outputs                         # K: num_classes (labels) or the number of regions
     targets.membership()                    # (256, K) float32: row v = what label value v means per output
     targets.structures                      # [(name, label values)] scored by the evaluator
-    targets.paint(region_logits)            # (X, Y, Z, R) -> (X, Y, Z) uint8 label map
+    targets.labels_of(logits)               # (X, Y, Z, K) -> (X, Y, Z) uint8: arg-max, or regions painted
+    targets.encode_in_graph(labels)         # (target (..., K) float32, valid (...) float32) in TF ops
 
 Labels (`data.regions` null): output k is label k; a voxel's target is the one-hot row of its label.
 Regions (`data.regions`: a list of {name, labels, paint}, BraTS's whole tumour / tumour core /
@@ -21,6 +22,7 @@ import json
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import tensorflow as tf
 
 from medseg_dl.errors import DataError
 
@@ -96,13 +98,35 @@ class Targets:
             table[self.ignore_label] = 0.0
         return table
 
-    def paint(self, region_logits: np.ndarray) -> np.ndarray:
-        """(..., R) region logits (or any scores, positive = inside) -> (...) uint8 label map painted in
-        region order (numpy; the graph form is `paint_in_graph`)."""
-        labels = np.zeros(region_logits.shape[:-1], np.uint8)
+    def labels_of(self, logits: np.ndarray) -> np.ndarray:
+        """(..., K) logits -> (...) uint8 label map (numpy): the arg-max over labels, or the regions painted in
+        order, region r painting its value where its logit is > 0 (sigmoid > 0.5)."""
+        if not self.regions:
+            return np.argmax(logits, axis=-1).astype(np.uint8)
+        labels = np.zeros(logits.shape[:-1], np.uint8)
         for r, region in enumerate(self.regions):
-            labels[region_logits[..., r] > 0] = region.paint
+            labels[logits[..., r] > 0] = region.paint
         return labels
+
+    def labels_in_graph(self, logits: tf.Tensor) -> tf.Tensor:
+        """`labels_of` in TensorFlow ops: (..., K) float logits -> (...) uint8."""
+        if not self.regions:
+            return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+        labels = tf.zeros(tf.shape(logits)[:-1], tf.uint8)
+        for r, region in enumerate(self.regions):
+            labels = tf.where(logits[..., r] > 0, tf.constant(region.paint, tf.uint8), labels)
+        return labels
+
+    def probabilities_in_graph(self, logits: tf.Tensor) -> tf.Tensor:
+        """(..., K) float logits -> (..., K) probabilities: softmax over the labels, or a sigmoid per region."""
+        return tf.sigmoid(logits) if self.regions else tf.nn.softmax(logits, axis=-1)
+
+    def encode_in_graph(self, labels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(...) int label map -> (targets (..., K) float32 (`membership` rows), valid (...) float32 (0 at the
+        ignore label))."""
+        labels = tf.cast(labels, tf.int32)
+        return (tf.gather(tf.constant(self.membership()), labels),
+                tf.gather(tf.constant(self.valid()), labels))
 
     def to_dict(self) -> Dict:
         """JSON form: {num_classes, class_names, regions: [{name, labels, paint}], ignore_label}."""
