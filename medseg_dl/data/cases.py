@@ -28,8 +28,8 @@ class Case:
     """One subject on the model grid, with the geometry of its source files.
 
     image (X, Y, Z, C) float32, normalised and rounded to float16 (the precision of the stored cases, so that
-    training, evaluation and prediction see the same values); label (X, Y, Z) uint8 in [0, num_classes), or None for an
-    unlabelled subject; affine (4, 4) float64 voxel -> RAS mm of the model grid; original_shape (3,)
+    training, evaluation and prediction see the same values); label (X, Y, Z) uint8 in [0, num_classes) (or the ignore label), or None
+    for an unlabelled subject; affine (4, 4) float64 voxel -> RAS mm of the model grid; original_shape (3,)
     and original_affine (4, 4) float64 of the source grid (before reorientation and resampling).
     """
 
@@ -49,18 +49,21 @@ class Case:
 @dataclass(frozen=True)
 class CaseRecipe:
     """How a subject becomes a case: the channel and class counts it must have, the `preprocessing`
-    params section as a plain dict, and for normalization "ct" the dataset statistics (one dict per
-    channel: low, high, mean, std; see preprocess.ct_statistics)."""
+    params section as a plain dict, for normalization "ct" the dataset statistics (one dict per
+    channel: low, high, mean, std; see preprocess.ct_statistics), and the label value a label map may
+    hold beside its classes (data.ignore_label)."""
 
     num_channels: int
     num_classes: int
     preprocessing: dict
     ct_stats: Optional[list] = None
+    ignore_label: Optional[int] = None
 
 
 def recipe_from_params(params: Params, ct_stats: Optional[list] = None) -> CaseRecipe:
     """The `CaseRecipe` of an experiment's params, with the given CT statistics."""
-    return CaseRecipe(len(params.data.channels), params.data.num_classes, params.preprocessing.to_dict(), ct_stats)
+    return CaseRecipe(len(params.data.channels), params.data.num_classes, params.preprocessing.to_dict(), ct_stats,
+                      params.data.ignore_label)
 
 
 def stored_recipe(params: Params) -> CaseRecipe:
@@ -137,7 +140,7 @@ def read_label(subject: Subject, image_shape: Sequence[int], affine: np.ndarray,
     data = label_map(np.asarray(label_volume.data), subject.label)
     preprocess.check_same_grid(image_shape, affine, data.shape, label_volume.affine, subject.label,
                                subject.channels[0], recipe.preprocessing["affine_tolerance"])
-    return preprocess.to_labels(data, recipe.num_classes, subject.label)
+    return preprocess.to_labels(data, recipe.num_classes, subject.label, recipe.ignore_label)
 
 
 def to_model_grid(array: np.ndarray, affine: np.ndarray, preprocessing: dict,

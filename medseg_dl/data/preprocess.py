@@ -33,17 +33,21 @@ def check_same_grid(reference_shape: Sequence[int], reference_affine: np.ndarray
                         f"aligned, register or resample them")
 
 
-def to_labels(label: np.ndarray, num_classes: int, path: str) -> np.ndarray:
-    """(X, Y, Z) label map as uint8, checked to hold integers in [0, num_classes) (num_classes <= 256); a label of
-    an integer type is checked without a copy, a float one slab by slab (`slabs`)."""
+def to_labels(label: np.ndarray, num_classes: int, path: str, ignore_label: Optional[int] = None) -> np.ndarray:
+    """(X, Y, Z) label map as uint8, checked to hold integers in [0, num_classes) or the `ignore_label` (num_classes
+    <= 256); a label of an integer type is checked without a copy, a float one slab by slab (`slabs`)."""
     if not np.issubdtype(label.dtype, np.integer):
         for s in slabs(label.shape):
             if not np.array_equal(np.rint(label[s]), label[s]):
                 raise DataError(f"{path}: label map holds non-integer values; labels must be class indices")
     low, high = float(label.min()), float(label.max())
+    if ignore_label is not None and high == ignore_label:
+        high = max((float(label[s][label[s] != ignore_label].max(initial=0)) for s in slabs(label.shape)),
+                   default=0.0)
     if low < 0 or high >= num_classes:
+        allowed = f"[0, {num_classes - 1}]" + ("" if ignore_label is None else f" and data.ignore_label = {ignore_label}")
         raise DataError(f"{path}: label values span [{low:g}, {high:g}] but data.num_classes = {num_classes} "
-                        f"allows [0, {num_classes - 1}]; fix the labels or data.num_classes")
+                        f"allows {allowed}; fix the labels, data.num_classes or data.ignore_label")
     return label.astype(np.uint8, copy=label.dtype != np.uint8)
 
 

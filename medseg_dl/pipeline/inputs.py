@@ -35,7 +35,7 @@ def prepare_volume(volume, padding):
     (L,) uint8 (the volume with a one-voxel border, see spatial.flatten_padded, zero-padded at the end
     to L = the next of 8 steps per octave, so that the compiled sampler meets few distinct shapes at
     <= 12.5 % extra memory), shape (3,) int32, spacing_mm (3,) float32 (the voxel size in mm, for the
-    augmentation in mm), class_locations, class_location_counts, subject.
+    augmentation in mm), class_locations, class_location_counts, class_voxels, subject.
     Map it before `cache()`: the copy is then made once per volume, not once per draw."""
     flat_image, shape_vox = spatial.flatten_padded(volume["image"], padding)
     flat_label, _ = spatial.flatten_padded(tf.cast(volume["label"], tf.uint8), padding)
@@ -46,7 +46,8 @@ def prepare_volume(volume, padding):
     return {"flat_image": tf.pad(flat_image, [[0, extra], [0, 0]]), "flat_label": tf.pad(flat_label, [[0, extra]]),
             "shape": shape_vox, "spacing_mm": tf.cast(volume["spacing_mm"], tf.float32),
             "class_locations": volume["class_locations"],
-            "class_location_counts": volume["class_location_counts"], "subject": volume["subject"]}
+            "class_location_counts": volume["class_location_counts"], "class_voxels": volume["class_voxels"],
+            "subject": volume["subject"]}
 
 
 _PATCH_FUNCTIONS = {}  # one per configuration: pipelines built again reuse its XLA compilations
@@ -99,8 +100,8 @@ def volume_patches(volume, params, seed):
     subject (S,) string. seed: (2,) int64 stateless seed of this draw."""
     size = list(params.sampling.patch_size)
     count = params.sampling.samples_per_volume
-    centres = sampling.patch_centres(volume, params.sampling, count,
-                                     tf.random.experimental.stateless_fold_in(seed, 0))
+    centres = sampling.patch_centres(volume, params.sampling, count, tf.random.experimental.stateless_fold_in(seed, 0),
+                                     params.data.ignore_label)
     starts = sampling.patch_starts(centres, size)
     middles = sampling.patch_middles(starts, size)
     image, label, flips = patch_function(params)(volume, middles, tf.random.experimental.stateless_fold_in(seed, 1))
@@ -113,7 +114,8 @@ def volume_patches(volume, params, seed):
 
 def patch_dataset(volumes, params, seed, in_flight):
     """Batches of augmented patches from a dataset of decoded volume dicts (at least image (X,Y,Z,C)
-    float32, label (X,Y,Z) of an integer type, spacing_mm (3,), class_locations, class_location_counts, subject)
+    float32, label (X,Y,Z) of an integer type, spacing_mm (3,), class_locations, class_location_counts, class_voxels,
+    subject)
     or of dicts already mapped through `prepare_volume` (do that before a `cache()`, as `train_inputs` does),
     `in_flight` volumes sampled at once (`input_plan`).
 
@@ -173,7 +175,8 @@ def training_volumes(params, entries: tf.data.Dataset, seed, cache: bool, in_fli
 def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
     """The index entries (dataset.json) of the case folders `cases`, in their order, as a dataset of dicts:
     case () string (the path), subject () string, shape (3,) int32, spacing_mm (3,) float32, affine (4, 4)
-    float64, original_shape (3,) int32, original_affine (4, 4) float64, class_location_counts (K,) int32.
+    float64, original_shape (3,) int32, original_affine (4, 4) float64, class_location_counts (K,) int32,
+    class_voxels (K,) int64 (every voxel of each class).
     `DataError` naming `caller` when there are none."""
     cases = [str(c) for c in cases]
     if not cases:
@@ -185,7 +188,7 @@ def case_entries(params, cases: Sequence[str], caller: str) -> tf.data.Dataset:
     columns = {"case": (cases, tf.string), "subject": ([s for s, _ in chosen], tf.string)}
     for key, dtype in (("shape", tf.int32), ("spacing_mm", tf.float32), ("affine", tf.float64),
                        ("original_shape", tf.int32), ("original_affine", tf.float64),
-                       ("class_location_counts", tf.int32)):
+                       ("class_location_counts", tf.int32), ("class_voxels", tf.int64)):
         columns[key] = ([e[key] for _, e in chosen], dtype)
     return tf.data.Dataset.from_tensor_slices({k: tf.constant(v, dtype) for k, (v, dtype) in columns.items()})
 

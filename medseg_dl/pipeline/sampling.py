@@ -27,16 +27,11 @@ def class_weights(class_location_counts, class_probabilities=None):
     return present * tf.constant(class_probabilities, tf.float32)
 
 
-def class_balanced_centres(class_locations, class_location_counts, class_probabilities, shape_vox, count,
-                           seed):
-    """(count, 3) int32 centres: a class drawn with `class_probabilities` renormalised over the classes
-    present in this volume, then one of its stored locations uniformly.
-
-    class_locations (M, 3) int32 sorted by class; class_location_counts (K,) int32 locations per class;
-    class_probabilities: K floats or None (equal over the classes present). If no class with a positive
-    probability is present, the centres are drawn uniformly over the volume instead."""
+def class_balanced_centres(class_locations, class_location_counts, weights, count, seed, fallback):
+    """(count, 3) int32 centres: a class drawn with `weights` (K,) float32 (not normalised; zero where a class has
+    no stored location), then one of its stored locations uniformly; `fallback(seed)` gives the centres when
+    every weight is zero. class_locations (M, 3) int32 sorted by class; class_location_counts (K,) int32."""
     class_seed, member_seed, fallback_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    weights = class_weights(class_location_counts, class_probabilities)
 
     def located():
         classes = tf.random.stateless_categorical(tf.math.log(weights)[None], count, class_seed,
@@ -47,17 +42,31 @@ def class_balanced_centres(class_locations, class_location_counts, class_probabi
         members = tf.minimum(tf.cast(unit * tf.cast(counts, tf.float32), tf.int32), counts - 1)
         return tf.gather(class_locations, starts + members)
 
-    return tf.cond(tf.reduce_sum(weights) > 0, located, lambda: uniform_centres(shape_vox, count, fallback_seed))
+    return tf.cond(tf.reduce_sum(weights) > 0, located, lambda: fallback(fallback_seed))
 
 
-def patch_centres(volume, sampling_params, count, seed):
+def patch_centres(volume, sampling_params, count, seed, ignore_label=None):
     """(count, 3) int32 centres for one volume dict (pipeline/inputs.py `read_case`), following
-    `sampling.class_probabilities`: [] uniform; null equal over present classes; a list per class."""
+    `sampling.class_probabilities`: [] uniform; null equal over present classes; a list per class
+    (classes absent from the volume renormalised away; none present: uniform).
+
+    With an `ignore_label` no centre is an ignored voxel: "uniform" is then uniform over the annotated
+    voxels, a class drawn in proportion to its voxels in the volume (volume["class_voxels"] (K,)) and
+    then one of its stored locations."""
+    def uniform(uniform_seed):
+        if ignore_label is None:
+            return uniform_centres(volume["shape"], count, uniform_seed)
+        counts = volume["class_location_counts"]
+        annotated = tf.cast(counts > 0, tf.float32) * tf.cast(volume["class_voxels"], tf.float32)
+        return class_balanced_centres(volume["class_locations"], counts, annotated, count, uniform_seed,
+                                      lambda s: uniform_centres(volume["shape"], count, s))
+
     probabilities = sampling_params.class_probabilities
     if probabilities is not None and len(probabilities) == 0:
-        return uniform_centres(volume["shape"], count, seed)
-    return class_balanced_centres(volume["class_locations"], volume["class_location_counts"], probabilities,
-                                  volume["shape"], count, seed)
+        return uniform(seed)
+    counts = volume["class_location_counts"]
+    return class_balanced_centres(volume["class_locations"], counts, class_weights(counts, probabilities), count,
+                                  seed, uniform)
 
 
 def patch_starts(centres, patch_size_vox):

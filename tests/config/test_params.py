@@ -106,3 +106,34 @@ def test_one_normalisation_per_channel_or_one_for_all():
         Params.from_dict({**two, "preprocessing": {"normalization": ["zscore", "ct", "none"]}})
     with pytest.raises(ParamsError, match="expected one of"):
         Params.from_dict({**two, "preprocessing": {"normalization": ["zscore", "hu"]}})
+
+
+BRATS_REGIONS = [{"name": "whole_tumour", "labels": [1, 2, 3, 4], "paint": 2},
+                 {"name": "tumour_core", "labels": [1, 3, 4], "paint": 1},
+                 {"name": "enhancing", "labels": [4], "paint": 4}]
+
+
+def test_regions_and_ignore_label_are_accepted():
+    data = Params.from_dict({"data": {"num_classes": 5, "regions": BRATS_REGIONS, "ignore_label": 5}}).data
+    assert data.regions == BRATS_REGIONS and data.ignore_label == 5
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"ignore_label": 2}, r"^data.ignore_label = 2 is also a class \(data.num_classes = 5 covers 0..4\)"),
+    ({"regions": [{"name": "a", "labels": [1, 6], "paint": 1}]},
+     r"^data.regions\[0\].labels = \[1, 6\]: \[6\] is no foreground label"),
+    ({"regions": [{"name": "a", "labels": [0, 1], "paint": 1}]}, r"^data.regions\[0\].labels = \[0, 1\]: \[0\] is no"),
+    ({"regions": [{"name": "a", "labels": [1, 5], "paint": 1}], "ignore_label": 5},
+     r"^data.regions\[0\].labels = \[1, 5\]: holds data.ignore_label = 5"),
+    ({"regions": BRATS_REGIONS[::-1]}, r"^data.regions\[0\] \(enhancing\) is painted over entirely by "
+                                       r"data.regions\[1\] \(tumour_core\)"),
+    ({"regions": [{"name": "a", "labels": [1, 2], "paint": 3}]}, r"^data.regions\[0\].paint = 3: expected one of"),
+    ({"regions": [{"name": "a", "labels": [1]}]}, r"^data.regions\[0\] = .*: expected \{name: "),
+    ({"regions": [{"name": "a", "labels": [1], "paint": 1}, {"name": "a", "labels": [2], "paint": 2}]},
+     r"^data.regions\[1\].name = 'a': expected a name no other region has"),
+    ({"regions": ["whole"]}, r"data.regions = \['whole'\]: expected a list of dict"),
+])
+def test_bad_regions_and_ignore_label_name_the_key(data, message):
+    with pytest.raises(ParamsError, match=message) as err:
+        Params.from_dict({"data": {"num_classes": 5, **data}})
+    assert "\n" not in str(err.value)

@@ -99,6 +99,23 @@ def test_label_out_of_range(tmp_path):
     assert "num_classes = 3" in message and leftovers(params.data.converted_dir) == []
 
 
+def test_ignore_label_is_kept_and_nothing_else_beyond_the_classes(tmp_path):
+    label = np.zeros((8, 9, 10), np.uint8)
+    label[2:4, 3:5, 4:6] = 2
+    label[5:, :, :] = 7  # an unannotated block
+    synthetic_case(tmp_path / "d", label=label)
+    params = Params.from_dict(hippo_params(tmp_path / "d", tmp_path / "run", data={"ignore_label": 7}))
+    entry = convert_dataset(params)["subjects"]["case"]
+    assert entry["class_voxels"] == [720 - 8 - 270, 0, 8]  # ignored voxels count in no class
+    stored = store.read_arrays(os.path.join(params.data.converted_dir, entry["case"]))
+    assert np.array_equal(stored["label"], label)
+    label[0, 0, 0] = 3
+    synthetic_case(tmp_path / "e", label=label)
+    _, message = convert_expecting(tmp_path / "other", tmp_path / "e", r"label values span \[0, 3\]",
+                                   data={"ignore_label": 7})
+    assert "and data.ignore_label = 7" in message
+
+
 def test_nan_in_image(tmp_path):
     image = np.random.rand(8, 9, 10).astype(np.float32)
     image[1, 2, 3] = np.nan

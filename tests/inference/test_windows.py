@@ -134,7 +134,8 @@ def test_a_training_patch_and_a_window_at_the_same_start_get_the_same_position(s
         volume = inputs.prepare_volume({"image": np.zeros(shape + (1,), np.float32), "label": label,
                                         "spacing_mm": np.ones(3, np.float32),
                                         "class_locations": centre[None].astype(np.int32),
-                                        "class_location_counts": np.array([0, 1], np.int32), "subject": "s"},
+                                        "class_location_counts": np.array([0, 1], np.int32),
+                                        "class_voxels": np.array([0, 1], np.int64), "subject": "s"},
                                        "constant")
         patch = inputs.volume_patches(volume, params, tf.constant([0, 1], tf.int64))
         np.testing.assert_array_equal(patch["position"].numpy()[0], window_position)

@@ -21,10 +21,10 @@ def subject(name, shape, channels=1, num_classes=3, seed=0):
     """A volume dict of numpy arrays (as pipeline/inputs.py `read_case` reads a case), random image and labels."""
     rng = np.random.default_rng(seed)
     label = rng.integers(0, num_classes, size=shape).astype(np.int32)
-    locations, counts, _ = class_locations(label, num_classes, 100, rng)
+    locations, counts, voxels = class_locations(label, num_classes, 100, rng)
     return {"subject": name, "image": rng.normal(size=(*shape, channels)).astype(np.float32), "label": label,
             "shape": np.array(shape, np.int32), "spacing_mm": np.array([1.0, 1.0, 1.5], np.float32),
-            "class_locations": locations, "class_location_counts": counts}
+            "class_locations": locations, "class_location_counts": counts, "class_voxels": voxels}
 
 
 def volumes_dataset(subjects):
@@ -33,7 +33,8 @@ def volumes_dataset(subjects):
                  "label": tf.TensorSpec([None] * 3, tf.int32), "shape": tf.TensorSpec([3], tf.int32),
                  "spacing_mm": tf.TensorSpec([3], tf.float32),
                  "class_locations": tf.TensorSpec([None, 3], tf.int32),
-                 "class_location_counts": tf.TensorSpec([None], tf.int32)}
+                 "class_location_counts": tf.TensorSpec([None], tf.int32),
+                 "class_voxels": tf.TensorSpec([None], tf.int64)}
     return tf.data.Dataset.from_generator(lambda: iter(subjects), output_signature=signature)
 
 
@@ -134,7 +135,8 @@ def write_cases(folder, subjects):
                  "channels": s["image"].shape[-1], "spacing_mm": [float(v) for v in s["spacing_mm"]],
                  "affine": np.diag([*s["spacing_mm"], 1.0]).tolist(), "original_shape": [int(n) for n in s["shape"]],
                  "original_affine": np.eye(4).tolist(),
-                 "class_location_counts": [int(c) for c in s["class_location_counts"]]}
+                 "class_location_counts": [int(c) for c in s["class_location_counts"]],
+                 "class_voxels": [int(v) for v in s["class_voxels"]]}
         store.write_case(path, s["image"], s["label"], {"class_locations": s["class_locations"]}, entry)
         entries[s["subject"]], paths = entry, paths + [path]
     write_index(str(folder), {"format_version": FORMAT_VERSION, "subjects": entries})

@@ -85,6 +85,39 @@ def test_same_seed_same_centres_and_different_seed_differs():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
+IGNORE = 3  # not a class of labelled_volume's 3
+
+
+def partly_ignored_volume(ignored_rows, classes=(0, 1, 2)):
+    """labelled_volume with the x-rows `ignored_rows` set to the ignore label (their class locations dropped,
+    as conversion stores them) and its class_voxels."""
+    volume = labelled_volume(classes)
+    label = volume["label"].copy()
+    label[ignored_rows] = IGNORE
+    locations, counts, voxels = class_locations(label, 3, 50, np.random.default_rng(0))
+    return {**volume, "label": label, "class_locations": tf.constant(locations),
+            "class_location_counts": tf.constant(counts), "class_voxels": tf.constant(voxels)}
+
+
+@pytest.mark.parametrize("probabilities", [[], None, [0.0, 0.0, 1.0]])
+def test_no_centre_is_an_ignored_voxel(probabilities):
+    volume = partly_ignored_volume(slice(6, 12), classes=(0, 1, 1))  # class 2 absent: [0, 0, 1] falls back
+    centres = sampling.patch_centres(volume, sampling_params(probabilities), 2000, SEED, IGNORE).numpy()
+    assert np.all(volume["label"][tuple(centres.T)] != IGNORE)
+    if probabilities is not None:  # uniform draws: without the ignore label some land on ignored voxels
+        without = sampling.patch_centres(volume, sampling_params(probabilities), 2000, SEED).numpy()
+        assert np.any(volume["label"][tuple(without.T)] == IGNORE)
+
+
+def test_uniform_centres_with_an_ignore_label_are_uniform_over_the_annotated_voxels():
+    volume = partly_ignored_volume(slice(0, 2))
+    label = volume["label"]
+    drawn = label[tuple(sampling.patch_centres(volume, sampling_params([]), 6000, SEED, IGNORE).numpy().T)]
+    observed = np.bincount(drawn, minlength=3)[:3]
+    annotated = np.bincount(label[label != IGNORE], minlength=3)
+    assert chisquare(observed, annotated / annotated.sum() * observed.sum()).pvalue > 0.001
+
+
 @pytest.mark.parametrize("size", [[4, 5, 1], [40, 56, 40]])
 def test_starts_middles_and_positions(size):
     centres = tf.constant([[3, 3, 0], [0, 9, 0]], tf.int32)

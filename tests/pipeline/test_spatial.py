@@ -56,7 +56,7 @@ def volume_dict(image, label, spacing_mm):
     `spacing_mm` (3 floats), with no class locations."""
     return {"image": image, "label": label, "spacing_mm": np.asarray(spacing_mm, np.float32),
             "class_locations": np.zeros((0, 3), np.int32), "class_location_counts": np.zeros(5, np.int32),
-            "subject": "s"}
+            "class_voxels": np.zeros(5, np.int64), "subject": "s"}
 
 
 @pytest.mark.parametrize("padding,mode", [("constant", "constant"), ("edge", "edge")])
