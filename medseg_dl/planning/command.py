@@ -11,9 +11,10 @@ from medseg_dl.config import schema
 from medseg_dl.config.params import Params, defaults_dict
 from medseg_dl.data.io import read_volume
 from medseg_dl.data.subjects import find_subjects
+from medseg_dl.data.targets import regions_from_dataset_json
 from medseg_dl.errors import ParamsError
 from medseg_dl.planning.fingerprint import dataset_fingerprint
-from medseg_dl.planning.planner import plan
+from medseg_dl.planning.planner import num_classes, plan
 
 
 
@@ -41,7 +42,8 @@ def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] 
     data_as_given = {**data, "source_dir": data_dir}
     written = {k: data_as_given[k] for k in ("source_dir", "layout", "channels", "label_pattern", "mask_pattern",
                                     "subject_glob") if data[k] is not None and _given(k, data, overrides)}
-    written["class_names"] = _class_names(data, fingerprint["num_classes"])
+    written.update(_declared_targets(data))
+    written["class_names"] = _class_names(data, num_classes(fingerprint, written.get("ignore_label")))
     values, why = plan(fingerprint, written, modalities, gpu_memory_gb, name)
     for override in overrides:  # the user's --set wins over the plan
         key, _, raw = override.partition("=")
@@ -116,14 +118,29 @@ def _modalities(data: Dict) -> List[str]:
     return ["CT" if name.upper() == "CT" else "MRI" for name in data["channels"]]
 
 
-def _class_names(data: Dict, num_classes: int) -> List[str]:
-    """Names from an MSD dataset.json's "labels", else class_0, class_1, ..."""
+def _dataset_json(data: Dict) -> Optional[str]:
+    """The msd layout's dataset.json, or None."""
     path = os.path.join(data["source_dir"], "dataset.json")
-    if data["layout"] == "msd" and os.path.isfile(path):
+    return path if data["layout"] == "msd" and os.path.isfile(path) else None
+
+
+def _declared_targets(data: Dict) -> Dict:
+    """{"regions": ..., "ignore_label": ...} as far as the msd layout's dataset.json declares them (nnU-Net v2:
+    labels with lists and regions_class_order; an "ignore" label), else {}."""
+    path = _dataset_json(data)
+    regions, ignore = regions_from_dataset_json(path) if path else (None, None)
+    return {k: v for k, v in (("regions", regions), ("ignore_label", ignore)) if v is not None}
+
+
+def _class_names(data: Dict, num_classes: int) -> List[str]:
+    """Names from an MSD dataset.json's "labels" (a label value's name; regions and "ignore" name none: class_<k>),
+    else class_0, class_1, ..."""
+    path = _dataset_json(data)
+    if path:
         labels = json.load(open(path)).get("labels", {})
-        by_value = {int(v): k for k, v in labels.items()} if labels and not list(labels)[0].isdigit() else \
-            {int(k): v for k, v in labels.items()}
-        if len(by_value) == num_classes:
-            return [str(by_value[k]) for k in range(num_classes)]
+        by_value = {int(v): k for k, v in labels.items() if isinstance(v, int) and k != "ignore"} \
+            if labels and not list(labels)[0].isdigit() else {int(k): v for k, v in labels.items()}
+        if by_value and set(by_value) <= set(range(num_classes)):
+            return [str(by_value.get(k, f"class_{k}")) for k in range(num_classes)]
     return data["class_names"] if data["class_names"] and len(data["class_names"]) == num_classes else \
         [f"class_{k}" for k in range(num_classes)]

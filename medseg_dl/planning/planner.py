@@ -157,10 +157,16 @@ def augmentation(anisotropic_axis: Optional[int]) -> Tuple[Dict, str]:
             "brightness_contrast": {"p": 0.15}, "gamma": {"p": 0.3}}, why
 
 
+def num_classes(fingerprint: Dict, ignore_label: Optional[int]) -> int:
+    """The label values that are classes: those of the fingerprinted cases below the ignore label, if any."""
+    return fingerprint["num_classes"] if ignore_label is None else min(fingerprint["num_classes"], ignore_label)
+
+
 def plan(fingerprint: Dict, data: Dict, modalities: Sequence[str], gpu_memory_gb: Optional[float],
          name: str) -> Tuple[Dict[str, object], Dict[str, str]]:
     """({dotted key: value}, {dotted key: why}) of the experiment for a fingerprinted dataset. data: the
-    data section to write (source_dir, layout, channels, patterns, class_names)."""
+    data section to write (source_dir, layout, channels, patterns, class_names, and regions and ignore_label
+    where the dataset declares them)."""
     spacing, resample, spacing_why = target_spacing(fingerprint)
     source = fingerprint["spacing_mm"]["median"]
     median_shape = [m * s / t for m, s, t in zip(fingerprint["shape_vox"]["median"], source, spacing)]
@@ -173,7 +179,8 @@ def plan(fingerprint: Dict, data: Dict, modalities: Sequence[str], gpu_memory_gb
     aug, aug_why = augmentation(coarse if anisotropic else None)
     per_volume = max(1, min(4, round(math.prod(median_shape) / math.prod(patch))))
     values = {"experiment.name": name, "experiment.model_dir": f"runs/{name}",
-              **{f"data.{k}": v for k, v in data.items()}, "data.num_classes": fingerprint["num_classes"],
+              **{f"data.{k}": v for k, v in data.items()},
+              "data.num_classes": num_classes(fingerprint, data.get("ignore_label")),
               "data.split": {"val": 0.2, "test": 0.0},
               "preprocessing.normalization": methods if len(methods) > 1 else methods[0],
               "preprocessing.target_spacing_mm": spacing if resample else None,
@@ -188,7 +195,11 @@ def plan(fingerprint: Dict, data: Dict, modalities: Sequence[str], gpu_memory_gb
               "evaluation.tta_mirroring": True}
     if values["training.optimizer"] == "sgd":
         values.update({"training.momentum": 0.99, "training.weight_decay": 3e-5})
-    why = {"data.num_classes": f"label values 0..{fingerprint['num_classes'] - 1} in the {fingerprint['cases']} cases",
+    why = {"data.num_classes": f"label values 0..{values['data.num_classes'] - 1} in the {fingerprint['cases']} cases"
+                               + (" (below the ignore label)" if data.get("ignore_label") is not None else ""),
+           "data.regions": "regions declared in dataset.json (labels given as lists), painted in its "
+                           "regions_class_order: one sigmoid per region, scored as regions",
+           "data.ignore_label": "the 'ignore' label of dataset.json: left out of losses, metrics and patch centres",
            "preprocessing.normalization": norm_why, "preprocessing.target_spacing_mm": spacing_why,
            "sampling.patch_size": patch_why, "sampling.batch_size": patch_why.split(", shrunk")[0] if gpu_memory_gb
            else f"a CPU budget ({CPU_BATCH} patches per step)",

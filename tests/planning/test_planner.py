@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import nibabel as nib
 import pytest
 import yaml
 
@@ -136,3 +137,28 @@ def test_planned_files_validate_and_train_two_steps(tmp_path, case, spacing, sha
     assert run_training(params, model_dir) == 2
     assert os.path.isfile(os.path.join(model_dir.checkpoints, "ckpt-2.index"))
     yaml.safe_load(text)
+
+
+def test_plan_proposes_the_regions_and_ignore_label_a_dataset_json_declares(tmp_path):
+    root = synthetic(tmp_path / "regions", [1.0, 1.0, 1.0], (20, 20, 16), 1, hu=False)
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    for i in range(4):  # nnU-Net v2's raw layout, with the top slab unannotated (label 3 = ignore)
+        os.rename(root / "images" / f"c{i}.nii.gz", root / "imagesTr" / f"c{i}_0000.nii.gz")
+        label_image = nib.load(root / "labels" / f"c{i}.nii.gz")
+        label = np.asarray(label_image.dataobj).copy()
+        label[:, :, 12:] = 3
+        write_nifti(root / "labelsTr" / f"c{i}.nii.gz", label, label_image.affine)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz", "numTraining": 4,
+        "labels": {"background": 0, "structure": [1, 2], "core": [2], "ignore": 3}, "regions_class_order": [1, 2]}))
+    output = tmp_path / "planned" / "regions.yaml"
+    run_plan(str(root), "msd", str(output), overrides=[f"experiment.model_dir={tmp_path / 'run'}"])
+    data = Params.load(str(output)).data
+    assert data.regions == [{"name": "structure", "labels": [1, 2], "paint": 1},
+                            {"name": "core", "labels": [2], "paint": 2}]
+    assert data.ignore_label == 3 and data.num_classes == 3 and data.class_names == ["background", "class_1",
+                                                                                      "class_2"]
+    text = output.read_text()
+    assert "regions declared in dataset.json" in next(line for line in text.splitlines() if "regions:" in line)
+    assert "(below the ignore label)" in text and "the 'ignore' label of dataset.json" in text
