@@ -95,7 +95,8 @@ def export_timing(root, fold_dirs, output_dir):
         exported_s.append(time.perf_counter() - begin)
         predictor.labels(image)
         begin = time.perf_counter()
-        labels = postprocess.apply(predictor.labels(image), decision or postprocess.NOTHING, case.spacing_mm)
+        labels = postprocess.apply(predictor.labels(image), decision or postprocess.NOTHING, case.spacing_mm,
+                                   predictor.targets)
         predictor_s.append(time.perf_counter() - begin)
         equal += int(np.array_equal(out["labels"].numpy(), labels))
     return {"export_s": round(export_s, 1), "export_s_per_volume": round(statistics.median(exported_s), 3),

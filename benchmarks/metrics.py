@@ -36,10 +36,12 @@ import numpy as np
 from machine_info import describe_machine, record
 from scipy import ndimage
 
+from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation.scoring import score_case
 
 CLASSES = (1, 2, 3, 4)
 NUM_CLASSES = 5
+TARGETS = Targets(NUM_CLASSES, tuple(f"class_{c}" for c in range(NUM_CLASSES)))  # scores classes 1..4 = CLASSES
 ISOTROPIC_MM = (1.0, 1.0, 1.0)
 ANISOTROPIC_MM = (0.8, 0.8, 2.5)
 METRIC_KEYS = ("dice", "assd_mm", "hd95_mm")
@@ -78,7 +80,7 @@ def medseg_runner():
     """(prepare, run) for medseg_dl: run returns {metric: [class 1..4]}."""
 
     def run(prepared, spacing):
-        rows = score_case(prepared[0], prepared[1], NUM_CLASSES, spacing, classes=CLASSES)
+        rows = score_case(prepared[0], prepared[1], TARGETS, spacing)
         return {key: [row[key] for row in rows] for key in METRIC_KEYS}
 
     return (lambda reference, prediction: (reference, prediction)), run

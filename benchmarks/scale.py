@@ -376,6 +376,7 @@ W8_MEDSEG = W8_PRELUDE + """
 import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
+from medseg_dl.data.targets import Targets
 from medseg_dl.inference.predictor import Predictor
 slopes_t, offsets_t = tf.constant(slopes), tf.constant(offsets)
 
@@ -385,7 +386,8 @@ def network(inputs):  # {"image": (N, w, w, w, 1)} -> (N, w, w, w, K) scores: th
 
 
 accumulation = sys.argv[8]
-predictor = Predictor(network, (window,) * 3, classes, overlap=overlap, blending="gaussian", batch_size=batch,
+targets = Targets(classes, tuple(f"class_{k}" for k in range(classes)))
+predictor = Predictor(network, (window,) * 3, targets, overlap=overlap, blending="gaussian", batch_size=batch,
                       accumulation=accumulation)
 measure(lambda volume: predictor.labels(volume[..., None]), accumulation=accumulation)
 """
@@ -439,6 +441,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 from medseg_dl.config.params import Params
+from medseg_dl.data.targets import Targets
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network
 params = Params.load(sys.argv[8])
@@ -447,12 +450,13 @@ network = inference_network(params)  # random weights
 planned = list(params.sampling.patch_size)
 shape = [window] * 3  # the W8 window where it is a multiple of the network's total stride, else the planned patch
 shape = shape if not any(w % s for w, s in zip(shape, network.level_strides[-1])) else planned
-predictor = Predictor(network, shape, params.data.num_classes, overlap=overlap, blending="gaussian", batch_size=batch)
+predictor = Predictor(network, shape, Targets.from_params(params.data), overlap=overlap, blending="gaussian",
+                      batch_size=batch)
 window = min(shape)  # the warm-up crop of `measure`
 extra = {"window": shape, "planned_patch": planned, "precision": keras.mixed_precision.global_policy().name}
 if full_windows:  # seconds of one full-size window (after its tracing) times the full volume's window count
     probe = np.zeros((full_window,) * 3 + (1,), np.float32)
-    full = Predictor(network, (full_window,) * 3, params.data.num_classes, overlap=overlap, batch_size=batch)
+    full = Predictor(network, (full_window,) * 3, Targets.from_params(params.data), overlap=overlap, batch_size=batch)
     full.labels(probe)
     started = time.perf_counter()
     full.labels(probe)

@@ -68,6 +68,7 @@ def run_medseg_dl(image, window, blending, repetitions, workload):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
+    from medseg_dl.data.targets import Targets
     from medseg_dl.inference.predictor import Predictor
     from medseg_dl.inference.windows import window_grid
 
@@ -77,7 +78,8 @@ def run_medseg_dl(image, window, blending, repetitions, workload):
         network = tf.function(conv)
     else:
         network = tf.function(lambda x: tf.concat([x, x, x[..., :1]], axis=-1))
-    predictor = Predictor(lambda inputs: network(inputs["image"]), (window,) * 3, NUM_CLASSES, overlap=OVERLAP,
+    targets = Targets(NUM_CLASSES, tuple(f"class_{k}" for k in range(NUM_CLASSES)))
+    predictor = Predictor(lambda inputs: network(inputs["image"]), (window,) * 3, targets, overlap=OVERLAP,
                           blending=blending, batch_size=BATCH_SIZE)
     times = timed(lambda: predictor.logits(image), repetitions)
     details = {"probabilities_s": timed(lambda: predictor.probabilities(image), repetitions)}

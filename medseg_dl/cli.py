@@ -111,13 +111,15 @@ def _cmd_plan(args):
 
 def _cmd_show(args):
     from medseg_dl.config.params import Params
+    from medseg_dl.data.targets import Targets
     from medseg_dl.experiment.model_dir import ModelDir
     from medseg_dl.viz import show
 
     if args.curves:
         model_dir = ModelDir(os.path.abspath(args.curves))
         params = Params.load(model_dir.params_path, args.set)
-        path = show.show_curves(model_dir, params.data.class_names, args.out or model_dir.curves_png)
+        scored = [name for name, _ in Targets.from_params(params.data).structures]  # the classes or the regions
+        path = show.show_curves(model_dir, ["background", *scored], args.out or model_dir.curves_png)
     elif args.batch:
         if not args.params:
             raise MedsegError("medseg show --batch needs --params (the experiment, after `medseg convert`)")

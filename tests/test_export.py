@@ -1,12 +1,14 @@
 """`medseg export`: the SavedModel of a 2-fold ensemble with mirroring TTA, loaded where medseg_dl cannot be
 imported, segments preprocessed volumes of any size exactly as the Predictor and `medseg predict` do, with the
-experiment's post-processing decision applied to its labels."""
+experiment's post-processing decision applied to its labels; with regions it returns their sigmoids and the
+regions painted, post-processed per region."""
 import json
 import os
 import subprocess
 import sys
 import time
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,13 +16,17 @@ import tensorflow as tf
 import yaml
 
 from conftest import synthetic_dataset, tiny_params, write_nifti
+from medseg_dl.config.params import Params
 from medseg_dl.data.cases import stored_recipe, subject_case
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject
+from medseg_dl.data.targets import Targets
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.inference import export, graph_windows, postprocess
 from medseg_dl.inference.predict import load_predictor, run_prediction
+from medseg_dl.inference.predictor import Predictor
+from medseg_dl.inference.trained import TrainedEnsemble, TrainedModel
 from medseg_dl.inference.windows import window_starts
 from medseg_dl.training.loop import run_training
 
@@ -130,7 +136,8 @@ def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medse
         assert out["probabilities"].shape == shape + (3,) and out["labels"].shape == shape
         assert out["probabilities"].dtype == np.float32 and out["labels"].dtype == np.int32
         np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-3, rtol=0)  # float16 sums (evaluation.accumulation)
-        np.testing.assert_array_equal(out["labels"], postprocess.apply(labels, DECISION, SPACING_MM))
+        np.testing.assert_array_equal(out["labels"], postprocess.apply(labels, DECISION, SPACING_MM,
+                                                                       predictor.targets))
         saved = tmp_path / "predicted" / f"new_{shape[0]}"
         saved_probabilities = np.load(f"{saved}_probabilities.npy")
         assert saved_probabilities.dtype == np.float16  # float16 sums on the host, float16 on disk
@@ -143,3 +150,46 @@ def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medse
             f"{s}: {e:.3f} vs {p:.3f}" for s, e, p in zip(SHAPES, report["seconds"], predictor_seconds))
             + f"; labels per class {np.bincount(np.concatenate([i[1].ravel() for i in images]), minlength=3)}, "
             f"{changed} voxels changed by the post-processing")
+
+
+class RegionNetwork(keras.Model):
+    """A 1x1x1 convolution of 2 channels to the logits of 3 regions, with weights large enough to paint each."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv3D(3, 1, kernel_initializer=keras.initializers.RandomNormal(0.0, 3.0, seed=5),
+                                        bias_initializer=keras.initializers.Constant([2.0, 0.0, -2.0]))
+
+    def call(self, inputs, training=None):
+        return self.conv(inputs["image"])
+
+
+def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post_processed(tmp_path):
+    """With data.regions the SavedModel returns the Predictor's sigmoid per region and its painted labels,
+    post-processed per region (structure s = the s-th region) as postprocess.apply; its recipe carries the
+    targets (regions, paint order, ignore label)."""
+    regions = [{"name": "whole", "labels": [1, 2, 3], "paint": 1}, {"name": "core", "labels": [2, 3], "paint": 2},
+               {"name": "enhancing", "labels": [3], "paint": 3}]
+    params = Params.from_dict({"data": {"num_classes": 4, "regions": regions, "ignore_label": 5,
+                                        "channels": ["a", "b"]}, "sampling": {"patch_size": [8, 8, 8]},
+                               "evaluation": {"tta_mirroring": True, "accumulation": "float32"}})
+    network = RegionNetwork()
+    network({"image": tf.zeros([1, 8, 8, 8, 2]), "position": tf.zeros([1, 3])})
+    predictor = Predictor.from_params(network, params)
+    assert predictor.targets.uses_regions
+    decision = {"foreground_largest_component": False, "largest_component_classes": [3],
+                "min_island_mm3": {"2": 3.0}}
+    ensemble = TrainedEnsemble((TrainedModel(params, network, "ckpt-1", 1),))
+    export.export_savedmodel(predictor, 2, str(tmp_path / "exported"), export.export_recipe(ensemble, predictor),
+                             decision)
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    recipe = json.loads((tmp_path / "exported" / export.ASSETS / "recipe.json").read_text())
+    assert recipe["targets"] == Targets.from_params(params.data).to_dict() and recipe["targets"]["ignore_label"] == 5
+    assert "sigmoid per region" in recipe["outputs"]["probabilities"]
+    image = np.random.default_rng(6).normal(size=(13, 9, 11, 2)).astype(np.float32)
+    out = served.serve(tf.constant(image), tf.constant([1.0, 1.0, 1.0]))
+    labels = predictor.labels(image)
+    np.testing.assert_allclose(out["probabilities"].numpy(), predictor.probabilities(image), atol=1e-5)
+    expected = postprocess.apply(labels, decision, (1.0, 1.0, 1.0), predictor.targets)
+    np.testing.assert_array_equal(out["labels"].numpy(), expected)
+    assert set(np.unique(labels)) == {0, 1, 2, 3} and (expected != labels).any()

@@ -59,6 +59,12 @@ class Targets:
                         for r in (data.regions or []))
         return cls(int(data.num_classes), tuple(data.class_names), regions, data.ignore_label)
 
+    @classmethod
+    def from_dict(cls, values: Dict) -> "Targets":
+        """The Targets of `to_dict`'s JSON form."""
+        regions = tuple(Region(r["name"], tuple(r["labels"]), r["paint"]) for r in values["regions"])
+        return cls(values["num_classes"], tuple(values["class_names"]), regions, values["ignore_label"])
+
     @property
     def uses_regions(self) -> bool:
         return bool(self.regions)

@@ -24,6 +24,7 @@ from typing import Dict, Iterator
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
+from medseg_dl.data.targets import Targets
 from medseg_dl.devices import configure_devices
 from medseg_dl.evaluation import postprocessing
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
@@ -87,8 +88,9 @@ def run_cross_validation(params: Params, checkpoint: str = "latest") -> Dict:
     os.makedirs(root.cv, exist_ok=True)
     raw = write_report(root.cv_report("raw"), itertools.chain.from_iterable(
         fold_segmentations(fold, k) for k, fold in enumerate(folds)), saving_predictions(params), None, extra=extra)
-    saved = SavedPredictions([fold.cases for fold in folds], predictions_of(root.cv_report("raw")))
-    decision = postprocessing.decide(saved, params.data.num_classes)
+    targets = Targets.from_params(params.data)
+    saved = SavedPredictions([fold.cases for fold in folds], predictions_of(root.cv_report("raw")), targets)
+    decision = postprocessing.decide(saved, targets)
     atomic.write_json(root.postprocessing_json, decision)
     after = write_report(root.cv_report("postprocessed"), saved.segmentations(
         decision, Progress("cv post-processed", len(saved))), params, None, extra={**extra, "postprocessing": decision})
@@ -112,7 +114,7 @@ def run_ensemble_test(params: Params, checkpoint: str = "auto") -> Dict:
     raw = evaluate(Predictor.from_params(ensemble.networks, first), cases, os.path.join(report, "raw"),
                    saving_predictions(first), None, "test ensemble", extra={"checkpoints": steps})
     decision = postprocess.read_decision(root.root)
-    saved = SavedPredictions([cases], predictions_of(os.path.join(report, "raw")))
+    saved = SavedPredictions([cases], predictions_of(os.path.join(report, "raw")), Targets.from_params(first.data))
     after = write_report(os.path.join(report, "postprocessed"), saved.segmentations(
         decision, Progress("test ensemble post-processed", len(saved))), first, None,
         extra={"checkpoints": steps, "postprocessing": decision})

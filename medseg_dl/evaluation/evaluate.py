@@ -2,7 +2,7 @@
 
     evaluate(predictor, cases, report_dir, params, step, what)    the report of a trained predictor
     segmentations(predictor, cases, progress)                     its segmentations as the report consumes them
-    SavedPredictions(parts, predictions_dir)                      the predictions a report saved: iterated, the
+    SavedPredictions(parts, predictions_dir, targets)             the predictions a report saved: iterated, the
                                                                   (reference, prediction, spacing_mm) of each case
                                                                   (postprocessing.decide); `.segmentations(decision)`
                                                                   post-processed, for their report
@@ -24,6 +24,7 @@ import tensorflow as tf
 from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case
 from medseg_dl.data.io import read_volume, spacing_from_affine
+from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError
 from medseg_dl.evaluation.cases import EvaluationCases
 from medseg_dl.evaluation.report import Segmentation, write_report
@@ -54,11 +55,12 @@ def segmentations(predictor: Predictor, cases: EvaluationCases, progress: Progre
         progress.end_case()
 
 
-def saved_segmentations(cases: EvaluationCases, predictions_dir: str, decision: Optional[Dict] = None,
+def saved_segmentations(cases: EvaluationCases, predictions_dir: str, targets: Targets, decision: Optional[Dict] = None,
                         progress: Optional[Progress] = None) -> Iterator[Segmentation]:
     """Each case with the prediction a report saved (`predictions_dir`/<subject>.nii.gz, (X, Y, Z) uint8 on its
     original grid), post-processed by `decision` (None: as saved; inference.postprocess.apply with that grid's
-    spacing), read when asked for and held no longer than `segmentations` holds its own."""
+    spacing and the structures of `targets`), read when asked for and held no longer than `segmentations` holds
+    its own."""
     for case in cases:
         if progress is not None:
             progress.start_case(case.subject_id)
@@ -66,7 +68,7 @@ def saved_segmentations(cases: EvaluationCases, predictions_dir: str, decision: 
         del case  # as in `segmentations`
         if decision is not None:
             segmentation = dataclasses.replace(segmentation, prediction=postprocess.apply(
-                segmentation.prediction, decision, segmentation.spacing_mm))
+                segmentation.prediction, decision, segmentation.spacing_mm, targets))
         yield segmentation
         del segmentation  # freed before the next case is read
         if progress is not None:
@@ -91,10 +93,12 @@ def saved_prediction(predictions_dir: str, case: Case) -> np.ndarray:
 class SavedPredictions:
     """The predictions a report saved in `predictions_dir` of the cases of `parts`, read again, one case at a time,
     every time they are asked for. Iterating gives (reference (X, Y, Z) uint8, prediction (X, Y, Z) uint8,
-    spacing_mm (3,) float64) per case: the re-iterable cases of postprocessing.decide."""
+    spacing_mm (3,) float64) per case: the re-iterable cases of postprocessing.decide. targets: the experiment's
+    (Targets.from_params(params.data)), whose structures a post-processing decision numbers."""
 
     parts: Sequence[EvaluationCases]
     predictions_dir: str
+    targets: Targets
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
@@ -106,7 +110,7 @@ class SavedPredictions:
                       ) -> Iterator[Segmentation]:
         """`saved_segmentations` of every part, in order."""
         for part in self.parts:
-            yield from saved_segmentations(part, self.predictions_dir, decision, progress)
+            yield from saved_segmentations(part, self.predictions_dir, self.targets, decision, progress)
 
 
 def _scored_pair(segmentation: Segmentation) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

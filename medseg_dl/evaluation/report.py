@@ -1,11 +1,13 @@
 """The report of one evaluation: `<model_dir>/eval/<step>/` (file names: ModelDir), written one case at a time.
 
-    metrics.csv     one row per (subject, class): dice, jaccard, assd_mm, hd95_mm, surface_dice,
-                    reference_mm3, predicted_mm3, empty_reference, empty_prediction, distance_penalised
-    summary.json    per class mean/std/median of each metric, `mean_dice` over foreground classes,
-                    counts of empty-mask cases (scoring.summarize), the step and subject count, and the
-                    per-case rows (as nnU-Net's summary.json)
-    overlays/       <subject>.png: image, reference and prediction contours on three slices
+    metrics.csv     one row per (subject, structure: a foreground class, or a region): class (its number
+                    from 1), class_name, dice, jaccard, assd_mm, hd95_mm, surface_dice, reference_mm3,
+                    predicted_mm3, empty_reference, empty_prediction, distance_penalised
+    summary.json    per structure mean/std/median of each metric, `mean_dice` over the structures, counts
+                    of empty-mask cases (scoring.summarize), the step and subject count, and the per-case
+                    rows (as nnU-Net's summary.json)
+    overlays/       <subject>.png: image, reference and prediction contours on three slices (the voxels of
+                    the ignore label shown as background)
     predictions/    <subject>.nii.gz with the affine of the case's original files (evaluation.save_predictions)
 
 `write_report` consumes its segmentations one at a time: each is scored, its rows appended to metrics.csv,
@@ -27,6 +29,7 @@ import tensorflow as tf
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.io import write_nifti
+from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation import scoring
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.viz import plotting
@@ -39,7 +42,8 @@ FLAGS = ("empty_reference", "empty_prediction", "distance_penalised")
 @dataclass(frozen=True, eq=False)
 class Segmentation:
     """One segmented case on the grid it is scored on (its original files' grid): subject_id; image
-    (X, Y, Z, C) float32 for the pictures; reference and prediction (X, Y, Z) int label maps;
+    (X, Y, Z, C) float32 for the pictures; reference and prediction (X, Y, Z) int label maps (the prediction
+    painted with regions; only the reference may hold the ignore label);
     spacing_mm (3,) float64; affine (4, 4) float64 voxel -> RAS mm (saved with the prediction)."""
 
     subject_id: str
@@ -54,13 +58,14 @@ def write_report(report_dir: str, segmentations: Iterable[Segmentation], params:
                  writer: Optional[tf.summary.SummaryWriter] = None, extra: Optional[Dict] = None) -> Dict:
     """Write the report folder of `segmentations` (any iterable, consumed once, one at a time); returns the
     summary dict (the rows of metrics.csv under "per_case", and the items of `extra`). With a TensorBoard
-    `writer`, also log the summary's scalars and the first case's middle slice at `step`."""
+    `writer`, also log the summary's scalars and the first case's middle slice at `step`. The structures scored
+    and the ignore label are those of `Targets.from_params(params.data)`."""
     with atomic.disk_full_reported(report_dir, "this report", "evaluate again (the report is written whole or not at "
                                    "all)"), atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
-        cases, panels = _write_cases(folder, segmentations, params)
+        cases, panels = _write_cases(folder, segmentations, params, Targets.from_params(params.data))
         rows = read_rows(os.path.join(folder, ModelDir.REPORT_METRICS))
-        summary = {"step": step, "subjects": cases, **scoring.summarize(rows, params.data.class_names),
+        summary = {"step": step, "subjects": cases, **scoring.summarize(rows),
                    **(extra or {}), "per_case": rows}
         with open(os.path.join(folder, ModelDir.REPORT_SUMMARY), "w") as f:
             json.dump(summary, f, indent=1, default=float)
@@ -69,28 +74,28 @@ def write_report(report_dir: str, segmentations: Iterable[Segmentation], params:
     return summary
 
 
-def _write_cases(folder: str, segmentations: Iterable[Segmentation],
-                 params: Params) -> Tuple[int, Optional[np.ndarray]]:
+def _write_cases(folder: str, segmentations: Iterable[Segmentation], params: Params,
+                 targets: Targets) -> Tuple[int, Optional[np.ndarray]]:
     """Score and write each segmentation (metrics.csv rows, overlay, prediction), holding none once the next is
     asked for; returns (the number of cases, the TensorBoard panels of the first: `_panels`)."""
     metrics = os.path.join(folder, ModelDir.REPORT_METRICS)
     _write_csv(metrics, [])
     cases, panels = 0, None
     for segmentation in segmentations:
-        _write_csv(metrics, case_rows(segmentation, params))
-        _write_pictures(folder, segmentation, params)
-        panels = _panels(segmentation, params) if panels is None else panels
+        _write_csv(metrics, case_rows(segmentation, targets, params.evaluation.surface_tolerance_mm))
+        _write_pictures(folder, segmentation, params, targets)
+        panels = _panels(segmentation, targets) if panels is None else panels
         cases += 1
         del segmentation  # freed before the next case is made
     return cases, panels
 
 
-def case_rows(segmentation: Segmentation, params: Params) -> List[Dict]:
-    """The metrics.csv rows of one segmented case (scoring.score_case with its subject and class names)."""
-    names = params.data.class_names
-    return [{"subject": segmentation.subject_id, "class_name": names[row["class"]], **row}
-            for row in scoring.score_case(segmentation.reference, segmentation.prediction, params.data.num_classes,
-                                          segmentation.spacing_mm, params.evaluation.surface_tolerance_mm)]
+def case_rows(segmentation: Segmentation, targets: Targets, tolerance_mm: float) -> List[Dict]:
+    """The metrics.csv rows of one segmented case: scoring.score_case of each structure of `targets` (surface Dice
+    at `tolerance_mm`), with the subject."""
+    return [{"subject": segmentation.subject_id, **row}
+            for row in scoring.score_case(segmentation.reference, segmentation.prediction, targets,
+                                          segmentation.spacing_mm, tolerance_mm)]
 
 
 def read_rows(path: str) -> List[Dict]:
@@ -118,12 +123,12 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
         out.writerows(rows)
 
 
-def _write_pictures(folder: str, segmentation: Segmentation, params: Params) -> None:
+def _write_pictures(folder: str, segmentation: Segmentation, params: Params, targets: Targets) -> None:
     evaluation = params.evaluation
     if evaluation.save_overlays:
         path = os.path.join(folder, ModelDir.REPORT_OVERLAYS, f"{segmentation.subject_id}.png")
-        plotting.orthogonal_overlay(segmentation.image, path, reference=segmentation.reference,
-                                    prediction=segmentation.prediction, class_names=params.data.class_names,
+        plotting.orthogonal_overlay(segmentation.image, path, reference=_shown(segmentation.reference, targets),
+                                    prediction=segmentation.prediction, class_names=targets.class_names,
                                     spacing_mm=segmentation.spacing_mm, title=segmentation.subject_id)
     if evaluation.save_predictions:
         os.makedirs(os.path.join(folder, ModelDir.REPORT_PREDICTIONS), exist_ok=True)
@@ -131,14 +136,24 @@ def _write_pictures(folder: str, segmentation: Segmentation, params: Params) -> 
                     segmentation.prediction.astype(np.uint8), segmentation.affine)
 
 
-def _panels(segmentation: Segmentation, params: Params) -> np.ndarray:
+def _panels(segmentation: Segmentation, targets: Targets) -> np.ndarray:
     """(3, X, Y, 1) float32 in [0, 1]: the middle axial slice of the image (display-scaled), of the reference and
-    of the prediction (class / (K - 1)): all the TensorBoard image keeps of a case."""
+    of the prediction (label / (num_classes - 1), the ignore label as 0): all the TensorBoard image keeps of a
+    case."""
     middle = segmentation.image.shape[2] // 2
-    k = max(params.data.num_classes - 1, 1)
+    k = max(targets.num_classes - 1, 1)
+    reference = _shown(segmentation.reference[:, :, middle], targets)
     panels = np.stack([plotting.display_scaled(segmentation.image[:, :, middle, 0]),
-                       segmentation.reference[:, :, middle] / k, segmentation.prediction[:, :, middle] / k])
+                       reference / k, segmentation.prediction[:, :, middle] / k])
     return panels[..., None].astype(np.float32)
+
+
+def _shown(reference: np.ndarray, targets: Targets) -> np.ndarray:
+    """The reference (any shape, int) as the pictures show it: its voxels of the ignore label as background (a
+    copy where there is an ignore label)."""
+    if targets.ignore_label is None:
+        return reference
+    return np.where(reference == targets.ignore_label, 0, reference)
 
 
 def _write_summaries(writer, step, summary, panels):

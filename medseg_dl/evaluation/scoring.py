@@ -1,15 +1,22 @@
-"""Per-class segmentation metrics of integer label maps, with voxel spacing in mm (numpy/scipy).
+"""Per-structure segmentation metrics of integer label maps, with voxel spacing in mm (numpy/scipy).
 
-`score_case(reference, prediction, num_classes, spacing_mm, tolerance_mm)` scores every
-foreground class of one case from two integer label maps (X, Y, Z) (2D maps (X, Y) work
-the same way); `summarize(rows, class_names)` pools the rows of many cases.
+`score_case(reference, prediction, targets, spacing_mm, tolerance_mm)` scores every structure of
+`targets.structures` (data/targets.py: each foreground class, or each region such as BraTS's whole
+tumour) of one case from two integer label maps (X, Y, Z) (2D maps (X, Y) work the same way);
+`summarize(rows)` pools the rows of many cases.
 
 Conventions (those of MONAI >= 1.3 `compute_dice`, `compute_average_surface_distance`,
 `compute_hausdorff_distance` and `compute_surface_dice`, checked against MONAI 1.6.1 and
 medpy 0.5.2 by `benchmarks/metrics.py --peers`; MONAI keeps distances in float32, so its
 values agree with these float64 ones to about 2e-7 relative, medpy's to 1e-15):
 
-- Masks: class c of a label map is the boolean mask `labels == c`.
+- Masks: a structure of label values V (one class c: V = (c,); a region: its labels) is the
+  boolean mask `np.isin(labels, V)` of a label map; with labels it is `labels == c`.
+- Ignore label (nnU-Net's convention): the voxels whose reference label is `targets.ignore_label`
+  are left out of every metric: the prediction is set to background there before anything is
+  counted, so they add to none of the true positives, false positives and false negatives, nor to
+  the prediction's surface or volume (the reference masks never hold them: the ignore label is in
+  no structure). Only the reference may hold the ignore label.
 - Dice = 2|R & P| / (|R| + |P|); Jaccard = |R & P| / |R | P|. Volumes are voxel counts
   times the voxel volume prod(spacing_mm), in mm3.
 - Surface voxels of a mask M = M XOR binary_erosion(M) with the 6-connected (face
@@ -42,22 +49,26 @@ values agree with these float64 ones to about 2e-7 relative, medpy's to 1e-15):
   the largest distance two of its voxels can have (so a miss costs at least as much as the worst
   segmentation; BraTS scores a miss the same way), flagged `distance_penalised`. Each row carries
   `empty_reference` and `empty_prediction`; empty masks never raise.
-- Aggregates (`summarize`): a class absent from both maps of a case has nothing to score: such
-  rows leave every statistic of the class (so they cannot inflate `mean_dice`, the selection
-  metric) and are counted as `both_empty`; misses and inventions stay in, with their penalty.
-  `mean_dice` is the mean over classes of the per-class mean Dice (NaN when no class has a case).
+- Aggregates (`summarize`): a structure absent from both maps of a case has nothing to score:
+  such rows leave every statistic of the structure (so they cannot inflate `mean_dice`, the
+  selection metric) and are counted as `both_empty`; misses and inventions stay in, with their
+  penalty. `mean_dice` is the mean over structures of the per-structure mean Dice (NaN when no
+  structure has a case).
 
 Speed: one pass over each full label map finds its non-zero bounding box and checks the
-label range; `scipy.ndimage.find_objects` inside that box gives one box per class. All
-per-class work (masks, erosion, distances) stays inside the joint class box padded by one
+label range; `scipy.ndimage.find_objects` inside that box gives one box per label value, and
+a structure's box is the union of the boxes of its label values. All per-structure work
+(masks, erosion, distances) stays inside the joint structure box of both maps padded by one
 background voxel, which makes the erosion there identical to the full-array erosion.
 """
+from functools import reduce
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError
 
 METRICS = ("dice", "jaccard", "assd_mm", "hd95_mm", "surface_dice", "reference_mm3", "predicted_mm3")
@@ -90,72 +101,75 @@ def surface_distances(
     if not (a.any() and b.any()):
         raise ScoringInputError("surface_distances needs two non-empty masks; check empty masks first")
     box = _nonzero_box(a | b)
-    surface_a = _surface_of_padded(_padded_mask(a, box, True))
-    surface_b = _surface_of_padded(_padded_mask(b, box, True))
+    surface_a = _surface_of_padded(_padded_mask(a, box, (True,)))
+    surface_b = _surface_of_padded(_padded_mask(b, box, (True,)))
     return _directed(surface_a, surface_b, spacing), _directed(surface_b, surface_a, spacing)
 
 
 def score_case(
     reference: np.ndarray,
     prediction: np.ndarray,
-    num_classes: int,
+    targets: Targets,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     tolerance_mm: float = 1.0,
-    classes: Optional[Sequence[int]] = None,
 ) -> List[Dict]:
-    """Scores each foreground class of one case.
+    """Scores each structure of `targets.structures` (each foreground class, or each region) of one case.
 
     reference, prediction: integer (or bool) label maps (X, Y, Z) of one shape, values in
-    [0, num_classes). spacing_mm: voxel size per axis in mm. tolerance_mm: surface Dice
-    tolerance in mm. classes: class ids to score, default 1 .. num_classes - 1.
-    Returns one dict per class with keys class, dice, jaccard, assd_mm, hd95_mm,
+    [0, targets.num_classes); the reference may also hold targets.ignore_label, whose voxels are left
+    out of every metric (module docstring; the prediction's values there are not looked at).
+    targets: data/targets.py Targets (num_classes, structures, ignore_label). spacing_mm: voxel size
+    per axis in mm. tolerance_mm: surface Dice tolerance in mm. Returns one dict per structure, in
+    order, with keys class (its number counted from 1: the class id with labels, the region's place
+    in data.regions + 1 with regions), class_name (its name), dice, jaccard, assd_mm, hd95_mm,
     surface_dice, reference_mm3, predicted_mm3, empty_reference, empty_prediction, distance_penalised
     (conventions in the module docstring). Raises ScoringInputError on bad input.
     """
-    reference, prediction = _check_label_maps(reference, prediction, num_classes)
+    reference, prediction = _check_label_maps(reference, prediction)
+    _check_targets(targets)
     spacing = _check_spacing(spacing_mm, reference.ndim)
     tolerance_mm = _check_tolerance(tolerance_mm)
-    classes = _check_classes(classes, num_classes)
-    ref_boxes = _class_boxes(reference, num_classes, "reference")
-    pred_boxes = _class_boxes(prediction, num_classes, "prediction")
-    return [
-        _class_row(reference, prediction, c, ref_boxes[c], pred_boxes[c], spacing, tolerance_mm) for c in classes
-    ]
+    prediction = _without_ignored(reference, prediction, targets.ignore_label)
+    ref_boxes = _label_boxes(reference, targets.num_classes, targets.ignore_label, "reference")
+    pred_boxes = _label_boxes(prediction, targets.num_classes, None, "prediction")
+    rows = []
+    for number, (name, values) in enumerate(targets.structures, start=1):
+        ref_box = reduce(_union_box, (ref_boxes[v] for v in values), None)
+        pred_box = reduce(_union_box, (pred_boxes[v] for v in values), None)
+        row = {"class": number, "class_name": name}
+        row.update(_structure_metrics(reference, prediction, values, ref_box, pred_box, spacing, tolerance_mm))
+        rows.append(row)
+    return rows
 
 
-def summarize(rows: Sequence[Dict], class_names: Sequence[str]) -> Dict:
-    """Pools `score_case` rows of many cases.
+def summarize(rows: Sequence[Dict]) -> Dict:
+    """Pools `score_case` rows of many cases, per structure (its "class" number and "class_name").
 
-    class_names: names indexed by class id (class_names[0] is the background).
     Returns {"classes": {name: {"cases", "both_empty", "empty_reference", "empty_prediction",
-    "distance_penalised", metric: {"mean", "std", "median", "count", "nan_count"}}}, "mean_dice"}:
-    statistics leave out the rows where the class is absent from both maps (module docstring) and
-    ignore NaN (count = finite values, nan_count = NaN values; all NaN gives NaN statistics); std
-    is the population std; mean_dice is the mean over the scored classes of their mean Dice (NaN
-    when there are none).
+    "distance_penalised", metric: {"mean", "std", "median", "count", "nan_count"}}}, "mean_dice"},
+    the structures in the order of their numbers: statistics leave out the rows where the structure is
+    absent from both maps (module docstring) and ignore NaN (count = finite values, nan_count = NaN
+    values; all NaN gives NaN statistics); std is the population std; mean_dice is the mean over the
+    scored structures of their mean Dice (NaN when there are none).
     """
-    by_class: Dict[int, List[Dict]] = {}
+    by_structure: Dict[Tuple[int, str], List[Dict]] = {}
     for row in rows:
-        by_class.setdefault(int(row["class"]), []).append(row)
-    summary = {}
-    for c in sorted(by_class):
-        if not 0 < c < len(class_names):
-            raise ScoringInputError(f"row of class {c} has no name in class_names {list(class_names)}")
-        summary[class_names[c]] = _class_summary(by_class[c])
-    class_dice = [s["dice"]["mean"] for s in summary.values()]
-    return {"classes": summary, "mean_dice": _stats(class_dice)["mean"]}
+        by_structure.setdefault((int(row["class"]), row["class_name"]), []).append(row)
+    summary = {name: _structure_summary(by_structure[(number, name)]) for number, name in sorted(by_structure)}
+    structure_dice = [s["dice"]["mean"] for s in summary.values()]
+    return {"classes": summary, "mean_dice": _stats(structure_dice)["mean"]}
 
 
-def _class_row(reference, prediction, c, ref_box, pred_box, spacing, tolerance_mm) -> Dict:
-    """The metrics of class c, computed inside the joint box of its two masks."""
-    row = {"class": int(c), "distance_penalised": False}
+def _structure_metrics(reference, prediction, values, ref_box, pred_box, spacing, tolerance_mm) -> Dict:
+    """The metrics of the structure of label `values`, computed inside the joint box of its two masks."""
+    row = {"distance_penalised": False}
     if ref_box is None and pred_box is None:
         row.update(dice=1.0, jaccard=1.0, assd_mm=0.0, hd95_mm=0.0, surface_dice=1.0)
         row.update(reference_mm3=0.0, predicted_mm3=0.0, empty_reference=True, empty_prediction=True)
         return row
     box = _union_box(ref_box, pred_box)
-    ref_padded = _padded_mask(reference, box, c)
-    pred_padded = _padded_mask(prediction, box, c)
+    ref_padded = _padded_mask(reference, box, values)
+    pred_padded = _padded_mask(prediction, box, values)
     inner = (slice(1, -1),) * reference.ndim
     n_ref, n_pred = np.count_nonzero(ref_padded), np.count_nonzero(pred_padded)
     overlap = np.count_nonzero(ref_padded[inner] & pred_padded[inner])
@@ -172,6 +186,19 @@ def _class_row(reference, prediction, c, ref_box, pred_box, spacing, tolerance_m
         penalty = float(np.sqrt(np.sum((np.array(reference.shape) * spacing) ** 2)))
         row.update(assd_mm=penalty, hd95_mm=penalty, surface_dice=0.0, distance_penalised=True)
     return row
+
+
+def _without_ignored(reference: np.ndarray, prediction: np.ndarray, ignore_label: Optional[int]) -> np.ndarray:
+    """`prediction` set to background (0) where `reference` holds `ignore_label` (a copy of the same dtype), or
+    `prediction` itself where it holds none (or ignore_label is None)."""
+    if ignore_label is None:
+        return prediction
+    ignored = reference == ignore_label
+    if not ignored.any():
+        return prediction
+    kept = prediction.copy()
+    kept[ignored] = 0
+    return kept
 
 
 def _overlap(intersection: int, n_a: int, n_b: int) -> Tuple[float, float]:
@@ -222,26 +249,26 @@ def _surface_of_padded(padded: np.ndarray) -> np.ndarray:
     return core & ~eroded
 
 
-def _padded_mask(labels: np.ndarray, box: Box, value) -> np.ndarray:
-    """labels[box] == value, padded by one False voxel on every side (bool, box shape + 2)."""
+def _padded_mask(labels: np.ndarray, box: Box, values: Sequence) -> np.ndarray:
+    """isin(labels[box], values), padded by one False voxel on every side (bool, box shape + 2)."""
     padded = np.zeros(tuple(s.stop - s.start + 2 for s in box), bool)
-    np.equal(labels[box], value, out=padded[(slice(1, -1),) * len(box)])
+    inner, window = padded[(slice(1, -1),) * len(box)], labels[box]
+    np.equal(window, values[0], out=inner)
+    for value in values[1:]:
+        inner |= window == value
     return padded
 
 
-def _class_boxes(labels: np.ndarray, num_classes: int, name: str) -> List[Optional[Box]]:
-    """Bounding box of each class id 0 .. num_classes-1 (None where absent; index 0 unused)."""
+def _label_boxes(labels: np.ndarray, num_classes: int, ignore_label: Optional[int], name: str
+                 ) -> List[Optional[Box]]:
+    """Bounding box of each label value 0 .. num_classes-1 (None where absent; index 0 unused); the map may hold
+    `ignore_label` too (not None: the reference), which gets no box."""
     box = _nonzero_box(labels)
     if box is None:
         return [None] * num_classes
     inside = labels[box]
-    low, high = inside.min(), inside.max()
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise ScoringInputError(
-            f"{name} holds label {bad}, outside 0 .. {num_classes - 1}; set num_classes "
-            f"(data.num_classes) to cover every label or fix the label map"
-        )
+    if inside.min() < 0 or inside.max() >= num_classes:
+        _check_label_range(inside, num_classes, ignore_label, name)
     if inside.dtype == bool:
         inside = inside.view(np.uint8)
     local = ndimage.find_objects(inside, max_label=num_classes - 1)
@@ -270,7 +297,7 @@ def _union_box(a: Optional[Box], b: Optional[Box]) -> Box:
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
 
 
-def _class_summary(rows: List[Dict]) -> Dict:
+def _structure_summary(rows: List[Dict]) -> Dict:
     both_empty = [bool(r["empty_reference"]) and bool(r["empty_prediction"]) for r in rows]
     scored = [r for r, skip in zip(rows, both_empty) if not skip]
     summary = {
@@ -296,7 +323,7 @@ def _stats(values: Sequence[float]) -> Dict:
             "nan_count": int(values.size - finite.size)}
 
 
-def _check_label_maps(reference, prediction, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+def _check_label_maps(reference, prediction) -> Tuple[np.ndarray, np.ndarray]:
     reference, prediction = np.asarray(reference), np.asarray(prediction)
     _check_same_shape(reference, prediction)
     if reference.ndim not in (2, 3):
@@ -307,9 +334,26 @@ def _check_label_maps(reference, prediction, num_classes: int) -> Tuple[np.ndarr
                 f"{name} has dtype {labels.dtype}; label maps must be integer "
                 f"(round and cast float labels: np.rint(labels).astype(np.int32))"
             )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ScoringInputError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}")
     return reference, prediction
+
+
+def _check_targets(targets) -> None:
+    if not isinstance(targets, Targets):
+        raise ScoringInputError(f"targets must be a medseg_dl.data.targets.Targets (Targets.from_params(params.data)), "
+                                f"got {targets!r}")
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, ignore_label: Optional[int], name: str) -> None:
+    """ScoringInputError naming a value of `labels` outside 0 .. num_classes - 1 that is not `ignore_label`."""
+    outside = (labels < 0) | (labels >= num_classes)
+    if ignore_label is not None:
+        outside &= labels != ignore_label
+    if outside.any():
+        ignored = "" if ignore_label is None else f" and is not data.ignore_label {ignore_label}"
+        raise ScoringInputError(
+            f"{name} holds label {labels[outside][0]}, outside 0 .. {num_classes - 1}{ignored}; set "
+            f"data.num_classes to cover every label or fix the label map"
+        )
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
@@ -332,13 +376,3 @@ def _check_tolerance(tolerance_mm) -> float:
     if not np.isfinite(tolerance) or tolerance < 0:
         raise ScoringInputError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
     return tolerance
-
-
-def _check_classes(classes, num_classes: int) -> List[int]:
-    if classes is None:
-        return list(range(1, num_classes))
-    checked = [int(c) for c in classes]
-    if any(not 0 < c < num_classes for c in checked):
-        raise ScoringInputError(f"classes {list(classes)} must lie in 1 .. {num_classes - 1} "
-                                f"(num_classes {num_classes})")
-    return checked

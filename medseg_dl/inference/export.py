@@ -3,23 +3,25 @@
     served = tf.saved_model.load(DIR)
     out = served.serve(image, spacing_mm)  # image (X, Y, Z, C) float32 on the model grid, any size;
                                            # spacing_mm (3,) float32: its voxel size in mm
-    out["probabilities"]                   # (X, Y, Z, K) float32
-    out["labels"]                          # (X, Y, Z) int32: the arg-max, post-processed
+    out["probabilities"]                   # (X, Y, Z, K) float32: softmax per class, or sigmoid per region
+    out["labels"]                          # (X, Y, Z) int32: the arg-max or the regions painted, post-processed
 
 Inside the graph: the sliding-window grid of windows.py (padding of small volumes, evenly spread
 starts in the same float64 arithmetic, the patch positions of `pipeline.sampling.patch_positions`),
 Gaussian or constant blending with the per-axis coverages, and the window function of the `Predictor`
-(`Predictor.window_function`: one network, or the mean softmax of an ensemble, over the 8 flips with
-mirroring TTA), traced from the same code, so the result equals `Predictor.probabilities` (medseg
-predict on the model grid) to float32 rounding. The labels are the arg-max after the experiment's
-post-processing decision (inference/postprocess.py), traced into the graph by postprocess_graph.py with
-the thresholds in mm^3 of `spacing_mm`, so they equal `medseg predict`'s where the model grid is the
-original grid (predict post-processes on the original grid); without a decision, the plain arg-max.
+(`Predictor.window_function`: one network, or the mean probabilities of an ensemble, over the 8 flips
+with mirroring TTA), traced from the same code, so the result equals `Predictor.probabilities` (medseg
+predict on the model grid) to float32 rounding. The labels are the arg-max (or, with data.regions, the
+regions painted: `Targets.labels_in_graph`) after the experiment's post-processing decision
+(inference/postprocess.py), traced into the graph by postprocess_graph.py with the thresholds in mm^3 of
+`spacing_mm`, so they equal `medseg predict`'s where the model grid is the original grid (predict
+post-processes on the original grid); without a decision, the plain arg-max or painting.
 The serving signature `serving_default` is the same function. `assets.extra/recipe.json` holds what
 makes the input and reads the output: the preprocessing (`CaseRecipe`: normalisation per channel with
-its stored CT statistics, target spacing in mm, reorientation to RAS), the channel and class names,
-the window settings and the members' checkpoints; `assets.extra/postprocessing.json` the decision
-applied to the labels (informative; `{}` when the experiment has none).
+its stored CT statistics, target spacing in mm, reorientation to RAS), the channel and class names, the
+targets (`Targets.to_dict`: classes, regions and their paint order, ignore label), the window settings
+and the members' checkpoints; `assets.extra/postprocessing.json` the decision applied to the labels
+(informative; `{}` when the experiment has none).
 """
 import dataclasses
 import json
@@ -42,15 +44,18 @@ ASSETS = "assets.extra"
 
 def segment_volume(predictor: Predictor, image: tf.Tensor):
     """(probabilities (X, Y, Z, K) float32, labels (X, Y, Z) int32) of an image (X, Y, Z, C) float32 tensor
-    (C static), in one pass over the windows, with the grid, weights, window function and accumulation of
-    `predictor`, all in TensorFlow ops (`Predictor.in_graph`)."""
-    return predictor.in_graph(image, lambda average: (tf.nn.softmax(average, axis=-1),
-                                                      tf.argmax(average, axis=-1, output_type=tf.int32)))
+    (C static), in one pass over the windows, with the grid, weights, window function, targets (softmax and
+    arg-max, or sigmoid and painted regions) and accumulation of `predictor`, all in TensorFlow ops
+    (`Predictor.in_graph`)."""
+    targets = predictor.targets
+    return predictor.in_graph(image, lambda average: (targets.probabilities_in_graph(average),
+                                                      tf.cast(targets.labels_in_graph(average), tf.int32)))
 
 
 def export_recipe(ensemble: TrainedEnsemble, predictor: Predictor) -> Dict:
     """The content of assets.extra/recipe.json: the `CaseRecipe` of the ensemble's params (normalisation
-    one per channel, with the stored CT statistics), channel and class names, window settings, members."""
+    one per channel, with the stored CT statistics), channel and class names, targets, window settings,
+    members."""
     params = ensemble.params
     recipe = dataclasses.asdict(stored_recipe(params))
     channels = list(params.data.channels)
@@ -58,19 +63,20 @@ def export_recipe(ensemble: TrainedEnsemble, predictor: Predictor) -> Dict:
     normalization = [
         {"channel": name, "method": method, "ct_stats": recipe["ct_stats"][c] if method == "ct" else None}
         for c, (name, method) in enumerate(zip(channels, methods))]
-    class_names = params.data.class_names or [f"class_{k}" for k in range(params.data.num_classes)]
     windows_settings = {"patch_size_vox": list(predictor.patch_size_vox), "overlap": predictor.overlap,
                         "blending": predictor.blending, "batch_size": predictor.batch_size,
                         "tta_mirroring": predictor.tta_mirroring}
+    probabilities, labels = (("a sigmoid per region of targets.regions", "the regions painted in order")
+                             if predictor.targets.uses_regions else ("the softmax over the classes", "the arg-max"))
     members = [{"model_dir": m.params.experiment.model_dir, "checkpoint": m.checkpoint,
                 "step": m.step, "architecture": m.params.model.architecture} for m in ensemble.members]
     return {"recipe": recipe, "normalization_per_channel": normalization, "channels": channels,
-            "class_names": list(class_names), "windows": windows_settings,
-            "members": members,
+            "class_names": list(predictor.targets.class_names), "targets": predictor.targets.to_dict(),
+            "windows": windows_settings, "members": members,
             "inputs": {"image": "(X, Y, Z, C) float32 on the model grid, preprocessed by the recipe",
                        "spacing_mm": "(3,) float32, the voxel size in mm of the image (for the mm^3 thresholds)"},
-            "outputs": {"probabilities": "(X, Y, Z, K) float32",
-                        "labels": "(X, Y, Z) int32, the arg-max after the post-processing of postprocessing.json"}}
+            "outputs": {"probabilities": f"(X, Y, Z, K) float32, {probabilities}",
+                        "labels": f"(X, Y, Z) int32, {labels} after the post-processing of postprocessing.json"}}
 
 
 def export_savedmodel(predictor: Predictor, num_channels: int, output_dir: str, recipe: Dict,
@@ -86,7 +92,8 @@ def export_savedmodel(predictor: Predictor, num_channels: int, output_dir: str, 
     def serve(image, spacing_mm):
         probabilities, labels = segment_volume(predictor, image)
         return {"probabilities": probabilities,
-                "labels": postprocess_graph.apply(labels, postprocessing or postprocess.NOTHING, spacing_mm)}
+                "labels": postprocess_graph.apply(labels, postprocessing or postprocess.NOTHING, spacing_mm,
+                                                  predictor.targets)}
 
     archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None, None, None, num_channels], tf.float32),
                                                           tf.TensorSpec([3], tf.float32)])

@@ -6,18 +6,21 @@ windows start at `window_starts` along each axis and are visited x-major. Here t
 at a time, a row being all the windows that share one x start, in batches of `batch_size` windows that
 stay within the row. Once a row is added, no later window reaches below the next row's x start, so
 that part of the accumulator is finished: it is cropped to the original region, turned into the
-weighted average and passed through the per-voxel `transform` (softmax, argmax), then the accumulator
-moves on by the step. The live accumulator is (px, padded Y, padded Z, K), one row of windows, not the
-volume: for a 512 x 512 x 600 CT, 14 classes and windows of 128 voxels along x, 1.9 GB of float32
-(0.9 GB of float16) instead of 8.8 GB; the only volume-sized tensors are the image and the result.
+weighted average and passed through the per-voxel `transform` (softmax or sigmoid, arg-max or painting
+of regions), then the accumulator moves on by the step. The live accumulator is (px, padded Y, padded
+Z, K), one row of windows, not the volume: for a 512 x 512 x 600 CT, 14 classes and windows of 128
+voxels along x, 1.9 GB of float32 (0.9 GB of float16) instead of 8.8 GB; the only volume-sized tensors
+are the image and the result.
 
 Accumulation "float32" adds the weighted window logits (weights of `importance_map`) and divides each
 finished slab by the weight sum, the product of the three per-axis coverages: the values of the host
-path of windows.py to float32 rounding. Accumulation "float16" halves the accumulator, for shift-invariant
-transforms only (softmax, argmax; not the blended logits). Two changes keep it close:
-- each window's logits are shifted per voxel by their maximum over the classes, which changes neither
-  the softmax nor the argmax of the weighted average (the same amount is subtracted from every class
-  at a voxel) and keeps the values that decide them near 0, where float16 is finest;
+path of windows.py to float32 rounding. Accumulation "float16" halves the accumulator, for the
+probabilities and labels (not the blended logits). Two changes keep it close:
+- with `max_shift` (labels: softmax and arg-max), each window's logits are shifted per voxel by their
+  maximum over the classes, which changes neither the softmax nor the arg-max of the weighted average
+  (the same amount is subtracted from every class at a voxel) and keeps the values that decide them
+  near 0, where float16 is finest; a sigmoid per region is not shift-invariant, so region logits are
+  accumulated as they are (within 1e-3 of the float32 probabilities all the same);
 - each window's weights are divided by the weight sum at each voxel in float32 before the cast (the
   coverages are known before the first window), so the accumulator holds the weighted average itself
   and every term lies between the window's shifted logits and 0. Accumulating the raw weights instead
@@ -94,7 +97,7 @@ def graph_grid(image: tf.Tensor, patch_size_vox: Sequence[int], overlap: float, 
 def recombine_in_graph(window_function: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], image: tf.Tensor,
                        patch_size_vox: Sequence[int], overlap: float, blending: str, batch_size: int,
                        num_outputs: int, transform: Optional[Transform] = None,
-                       accumulation: str = "float32") -> Any:
+                       accumulation: str = "float32", max_shift: bool = True) -> Any:
     """`transform` of the weighted average of the window outputs over an image, slab by slab along x.
 
     window_function: (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> logits
@@ -103,9 +106,10 @@ def recombine_in_graph(window_function: Callable[[tf.Tensor, tf.Tensor], tf.Tens
     spans two rows of windows); num_outputs: K; transform: per voxel over the last axis, (..., K) float32
     -> (..., [K']) any dtype (e.g. softmax -> float32 (..., K), argmax -> int32 (...)), or a tuple or dict
     of such (probabilities and labels from one pass over the windows); None returns the blended logits.
-    accumulation: "float32" (sums of weighted logits) or "float16" (max-shifted logits times normalised
-    weights: the transform sees the average less a per-voxel constant, so it must ignore one, as softmax
-    and argmax do; ValueError with transform None).
+    accumulation: "float32" (sums of weighted logits) or "float16" (logits times normalised weights;
+    ValueError with transform None); max_shift: with "float16", shift each window's logits by their maximum
+    over K at each voxel first (the transform then sees the average less a per-voxel constant, so it must
+    ignore one, as softmax and arg-max do; False for a sigmoid per region).
     Returns (X, Y, Z[, K']) with the transform's dtype and trailing axes (float32 (X, Y, Z, K) with None), or
     the transform's tuple or dict of such.
     Memory: one row of windows (px, PY, PZ, K) in the accumulation dtype, one batch, the result.
@@ -113,12 +117,12 @@ def recombine_in_graph(window_function: Callable[[tf.Tensor, tf.Tensor], tf.Tens
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation = {accumulation!r}; expected one of {', '.join(ACCUMULATIONS)}")
     if accumulation == "float16" and transform is None:
-        raise ValueError("accumulation = 'float16' shifts each window's logits, which keeps their softmax and "
-                         "argmax but not the blended logits (transform None): use accumulation = 'float32'")
+        raise ValueError("accumulation = 'float16' keeps the probabilities and labels to 1e-3 but not the "
+                         "blended logits (transform None): use accumulation = 'float32'")
     patch = tuple(int(p) for p in patch_size_vox)
     grid = graph_grid(image, patch, overlap, blending)
     finish = _slab_finisher(grid, transform, accumulation == "float16")
-    add_row = _row_adder(window_function, grid, patch, blending, batch_size, num_outputs, accumulation)
+    add_row = _row_adder(window_function, grid, patch, blending, batch_size, num_outputs, accumulation, max_shift)
     starts_x = grid.starts_vox[0]
     num_rows = tf.size(starts_x)
     empty = tf.zeros([0, 0, 0, num_outputs], tf.float32)
@@ -164,7 +168,7 @@ def _slab_finisher(grid: GraphGrid, transform: Optional[Transform], normalised: 
 
 
 def _row_adder(window_function, grid: GraphGrid, patch: tuple, blending: str, batch_size: int, num_outputs: int,
-               accumulation: str):
+               accumulation: str, max_shift: bool):
     """add_row(x_vox, accumulator (px, PY, PZ, K)) -> the accumulator plus the weighted outputs of the
     windows starting at x_vox (all y, z starts, y-major, in batches of `batch_size`), local x 0 = x_vox."""
     num_channels = int(grid.padded.shape[-1])
@@ -172,7 +176,7 @@ def _row_adder(window_function, grid: GraphGrid, patch: tuple, blending: str, ba
     num_windows = tf.shape(yz_starts)[0]
     offsets = tf.constant(np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), -1).reshape(-1, 3),
                           tf.int32)
-    weigh = _normalised_weigher(grid, patch) if accumulation == "float16" else _weigher(patch, blending)
+    weigh = _normalised_weigher(grid, patch, max_shift) if accumulation == "float16" else _weigher(patch, blending)
     window_spec = tf.TensorSpec(list(patch) + [num_channels], tf.float32)
 
     def add_row(x_vox, accumulator):
@@ -202,18 +206,20 @@ def _weigher(patch: tuple, blending: str):
     return lambda logits, x_vox, yz: logits * weights
 
 
-def _normalised_weigher(grid: GraphGrid, patch: tuple):
-    """weigh(logits (N, px, py, pz, K) float32, x_vox, yz (N, 2) int32) -> (logits - their max over K) times
-    the window's weights divided by the weight sum at each voxel, float32 (N, px, py, pz, K)."""
+def _normalised_weigher(grid: GraphGrid, patch: tuple, max_shift: bool):
+    """weigh(logits (N, px, py, pz, K) float32, x_vox, yz (N, 2) int32) -> the logits (less their max over K
+    with `max_shift`) times the window's weights divided by the weight sum at each voxel, float32
+    (N, px, py, pz, K)."""
     profiles = [tf.constant(p) for p in grid.profiles]
     ranges = [np.arange(p, dtype=np.int32) for p in patch]
 
     def weigh(logits, x_vox, yz):
-        shifted = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
+        if max_shift:
+            logits = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
         wx = profiles[0] / tf.gather(grid.coverage[0], x_vox + ranges[0])  # (px,)
         wy = profiles[1] / tf.gather(grid.coverage[1], yz[:, :1] + ranges[1])  # (N, py)
         wz = profiles[2] / tf.gather(grid.coverage[2], yz[:, 1:] + ranges[2])  # (N, pz)
         weights = wx[None, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]
-        return shifted * weights[..., None]
+        return logits * weights[..., None]
 
     return weigh

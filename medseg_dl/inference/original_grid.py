@@ -2,14 +2,15 @@
 
 A case predicted on a resampled or reoriented grid (the model grid) is returned on the grid of its
 source files: each original voxel's position is mapped into the model grid (the affine `inverse(model
-affine) @ original affine`) and the probabilities are interpolated there (order 1, so they still sum to
-1; outside the model volume the nearest edge value). Both grids share their world space, so reorientation
-is a permutation and flip of the axes and resampling a scale, and the original grid's third axis runs
-along one model axis (`model_axis_of`). The model grid's probabilities arrive as slabs along that axis
-(`Predictor.slabs`); an original slice along its third axis is interpolated as soon as every model
-plane it samples has arrived, and model planes are dropped once no pending original slice samples them.
-So no volume-sized array of all classes exists on either grid: memory is the few model slabs in flight
-and a group of original slices (`GROUP_VALUES`).
+affine) @ original affine`) and the probabilities are interpolated there, each channel alone (order 1,
+so class probabilities still sum to 1 and region probabilities stay in [0, 1]; outside the model volume
+the nearest edge value); the caller takes the arg-max or paints the regions afterwards. Both grids share
+their world space, so reorientation is a permutation and flip of the axes and resampling a scale, and
+the original grid's third axis runs along one model axis (`model_axis_of`). The model grid's
+probabilities arrive as slabs along that axis (`Predictor.slabs`); an original slice along its third
+axis is interpolated as soon as every model plane it samples has arrived, and model planes are dropped
+once no pending original slice samples them. So no volume-sized array of all classes exists on either
+grid: memory is the few model slabs in flight and a group of original slices (`GROUP_VALUES`).
 """
 from typing import Iterator, List, Sequence, Tuple
 
@@ -98,7 +99,7 @@ def _planes(kept, axis, first, stop) -> np.ndarray:
 
 
 def _interpolate(planes, matrix, offset, output_shape) -> np.ndarray:
-    """(X, Y, n, K) float32: each class of `planes` (.., K) sampled at `matrix` @ index + `offset`."""
+    """(X, Y, n, K) float32: each channel of `planes` (.., K) sampled at `matrix` @ index + `offset`."""
     out = np.empty(tuple(output_shape) + (planes.shape[-1],), np.float32)
     for k in range(planes.shape[-1]):
         out[..., k] = ndimage.affine_transform(planes[..., k], matrix, offset, output_shape=tuple(output_shape),

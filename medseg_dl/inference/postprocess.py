@@ -4,19 +4,29 @@ The decision is chosen on cross-validation predictions by `evaluation.postproces
 this module: inference does not import evaluation) and stored as `<experiment root>/postprocessing.json`:
 
     {"foreground_largest_component": bool,       # keep only the largest component of all foreground
-     "largest_component_classes": [c, ...],      # per class c >= 1: keep only its largest component
-     "min_island_mm3": {"c": mm3, ...}}          # per class c >= 1: drop its components smaller than mm3
+     "largest_component_classes": [s, ...],      # per structure s >= 1: keep only its largest component
+     "min_island_mm3": {"s": mm3, ...}}          # per structure s >= 1: drop its components smaller than mm3
 
-(and informative keys such as the Dice before and after, ignored here). The steps run in this order.
-Connectivity is 26 (faces, edges and corners); a removed voxel becomes background (0).
+(and informative keys such as the Dice before and after, ignored here). A structure s is the s-th of
+`Targets.structures` (data/targets.py), counted from 1: class s with labels, the s-th region of
+data.regions with regions. The steps run in this order, each on the label map the previous ones left.
+A structure's mask is the voxels whose label is one of its label values (class s: the label s; a region:
+its `labels`), as the evaluator scores it. Connectivity is 26 (faces, edges and corners). A voxel removed
+from the foreground becomes background (0). A voxel removed from a structure is painted again by the
+regions, in order, that hold its label and paint a value outside the structure (so it leaves the
+structure and stays in every region it can), 0 when none: always 0 with labels; with BraTS's nested
+regions (whole tumour [1, 2, 3] paints 1, tumour core [2, 3] paints 2, enhancing [3] paints 3) an
+enhancing voxel removed from the enhancing tumour becomes 2 (tumour core), one removed from the tumour
+core becomes 1 (whole tumour only).
 """
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
+from medseg_dl.data.targets import LABEL_VALUES, Targets
 from medseg_dl.errors import DataError
 
 STRUCTURE = np.ones((3, 3, 3), bool)  # 26-connectivity
@@ -44,19 +54,47 @@ def remove_islands(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     return keep[components]
 
 
-def apply(labels: np.ndarray, decision: Dict, spacing_mm: Sequence[float]) -> np.ndarray:
-    """`labels` (X, Y, Z) int after the accepted steps of `decision` (a copy of the same dtype; the input is
-    unchanged). spacing_mm: (3,) voxel size of the grid of `labels`, for the island thresholds in mm^3."""
+def apply(labels: np.ndarray, decision: Dict, spacing_mm: Sequence[float], targets: Targets) -> np.ndarray:
+    """`labels` (X, Y, Z) int in 0..255 after the accepted steps of `decision` (a copy of the same dtype; the input is
+    unchanged). spacing_mm: (3,) voxel size of the grid of `labels`, for the island thresholds in mm^3;
+    targets: the classes or regions that the decision's structure numbers name."""
     out = np.array(labels, copy=True)
     if decision.get("foreground_largest_component"):
         out[~largest_component(out > 0)] = 0
-    for c in decision.get("largest_component_classes", []):
-        out[(out == int(c)) & ~largest_component(out == int(c))] = 0
+    for s in decision.get("largest_component_classes", []):
+        _filter_structure(out, targets, int(s), largest_component)
     voxel_mm3 = float(np.prod(spacing_mm))
-    for c, threshold_mm3 in decision.get("min_island_mm3", {}).items():
-        mask = out == int(c)
-        out[mask & ~remove_islands(mask, float(threshold_mm3) / voxel_mm3)] = 0
+    for s, threshold_mm3 in decision.get("min_island_mm3", {}).items():
+        _filter_structure(out, targets, int(s), lambda mask: remove_islands(mask, float(threshold_mm3) / voxel_mm3))
     return out
+
+
+def structure_tables(targets: Targets, structure: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(inside (256,) bool, leaving (256,) int32) indexed by label value, for structure number `structure`
+    (1-based in `targets.structures`): whether a label value belongs to the structure, and the value a voxel
+    of that label takes when it leaves the structure (the paint of the last region that holds the label and
+    paints a value outside the structure, 0 when none: always 0 with labels). The one rule of the numpy and
+    the graph paths. ValueError naming the structure when the targets have no such structure."""
+    if not 1 <= structure <= len(targets.structures):
+        raise ValueError(f"structure = {structure}: the decision names a structure these targets do not have "
+                         f"(1..{len(targets.structures)}: {[name for name, _ in targets.structures]})")
+    inside = np.zeros(LABEL_VALUES, bool)
+    inside[list(targets.structures[structure - 1][1])] = True
+    leaving = np.zeros(LABEL_VALUES, np.int32)
+    for region in targets.regions:
+        if not inside[region.paint]:
+            leaving[list(region.labels)] = region.paint
+    return inside, leaving
+
+
+def _filter_structure(out: np.ndarray, targets: Targets, structure: int,
+                      keep: Callable[[np.ndarray], np.ndarray]) -> None:
+    """In place on `out` (X, Y, Z) int in 0..255: the voxels of structure number `structure` outside keep(its
+    mask (X, Y, Z) bool) leave it, taking their `structure_tables` leaving value."""
+    inside, leaving = structure_tables(targets, structure)
+    mask = inside[out]
+    removed = mask & ~keep(mask)
+    out[removed] = leaving[out[removed]]
 
 
 def read_decision(folder: Optional[str]) -> Optional[Dict]:
@@ -76,10 +114,10 @@ def read_decision(folder: Optional[str]) -> Optional[Dict]:
 
 
 def _check(decision):
-    """ValueError/TypeError unless `decision` has the three steps with class numbers and mm^3 thresholds."""
+    """ValueError/TypeError unless `decision` has the three steps with structure numbers and mm^3 thresholds."""
     if not isinstance(decision, dict) or not set(NOTHING) <= set(decision):
         raise ValueError(f"it needs the keys {sorted(NOTHING)}")
     classes = [int(c) for c in decision["largest_component_classes"]]
     thresholds = {int(c): float(v) for c, v in decision["min_island_mm3"].items()}
     if min(classes + list(thresholds), default=1) < 1:
-        raise ValueError("post-processing applies to foreground classes >= 1")
+        raise ValueError("post-processing applies to structures numbered from 1 (foreground classes >= 1)")

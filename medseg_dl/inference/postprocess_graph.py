@@ -2,9 +2,10 @@
 
 It must equal inference/postprocess.py, the numpy reference (scipy.ndimage.label), voxel for voxel: the
 same steps in the same order (largest component of the foreground, largest component of each listed
-class, removal of each class's islands under its mm^3 threshold), 26-connectivity, removed voxels set
-to 0, and among equally large components the first (scipy numbers components in raster (C) order of
-their first voxel; numpy's argmax takes the first).
+structure, removal of each structure's islands under its mm^3 threshold), 26-connectivity, the same
+value for a removed voxel (0, or with regions the paint of `postprocess.structure_tables`), and among equally
+large components the first (scipy numbers components in raster (C) order of their first voxel; numpy's
+argmax takes the first).
 
 Connected components: each foreground voxel starts with the id (its linear C index + 1); a 3x3x3
 minimum over the ids of the mask (separable along x, y, z; background holds `NO_ID`) alternates with
@@ -12,9 +13,12 @@ pointer jumping (id <- id of the voxel that id names) until nothing changes. Ids
 component and only decrease, so every voxel ends with the id of its component's first voxel in
 raster order: the order of scipy's numbering. Ids are int32: volumes of fewer than 2^31 - 1 voxels.
 """
-from typing import Dict
+from typing import Callable, Dict
 
 import tensorflow as tf
+
+from medseg_dl.data.targets import Targets
+from medseg_dl.inference.postprocess import structure_tables
 
 NO_ID = tf.int32.max  # the id of background voxels: never the minimum of a neighbourhood with a foreground voxel
 
@@ -70,19 +74,28 @@ def remove_islands(mask: tf.Tensor, min_voxels: tf.Tensor) -> tf.Tensor:
     return mask & (tf.cast(voxel_sizes, tf.float64) >= min_voxels)
 
 
-def apply(labels: tf.Tensor, decision: Dict, spacing_mm: tf.Tensor) -> tf.Tensor:
-    """`labels` (X, Y, Z) int32 after the steps of `decision` (postprocess.py format, read when tracing: a
+def apply(labels: tf.Tensor, decision: Dict, spacing_mm: tf.Tensor, targets: Targets) -> tf.Tensor:
+    """`labels` (X, Y, Z) int32 in 0..255 after the steps of `decision` (postprocess.py format, read when tracing: a
     decision without steps adds no op), as postprocess.apply. spacing_mm: (3,) float32 voxel size in mm of
-    the grid of `labels`, for the island thresholds in mm^3 (`voxel_mm3`)."""
+    the grid of `labels`, for the island thresholds in mm^3 (`voxel_mm3`); targets: the classes or regions
+    that the decision's structure numbers name."""
     if decision.get("foreground_largest_component"):
         labels = tf.where(largest_component(labels > 0), labels, 0)
-    for c in decision.get("largest_component_classes", []):
-        mask = labels == int(c)
-        labels = tf.where(mask & ~largest_component(mask), 0, labels)
-    for c, threshold_mm3 in decision.get("min_island_mm3", {}).items():
-        mask = labels == int(c)
-        labels = tf.where(mask & ~remove_islands(mask, float(threshold_mm3) / voxel_mm3(spacing_mm)), 0, labels)
+    for s in decision.get("largest_component_classes", []):
+        labels = _filter_structure(labels, targets, int(s), largest_component)
+    for s, threshold_mm3 in decision.get("min_island_mm3", {}).items():
+        min_voxels = float(threshold_mm3) / voxel_mm3(spacing_mm)
+        labels = _filter_structure(labels, targets, int(s), lambda mask: remove_islands(mask, min_voxels))
     return labels
+
+
+def _filter_structure(labels: tf.Tensor, targets: Targets, structure: int,
+                      keep: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """`labels` (X, Y, Z) int32 in 0..255 whose voxels of structure number `structure` outside keep(its mask
+    (X, Y, Z) bool) leave it, taking their leaving value (`postprocess.structure_tables`)."""
+    inside, leaving = structure_tables(targets, structure)
+    mask = tf.gather(tf.constant(inside), labels)
+    return tf.where(mask & ~keep(mask), tf.gather(tf.constant(leaving), labels), labels)
 
 
 def voxel_mm3(spacing_mm: tf.Tensor) -> tf.Tensor:

@@ -2,13 +2,15 @@
 
 Each input goes through the model's own preprocessing (reorientation, resampling, normalisation
 with the statistics stored in `dataset.json`), is segmented by sliding window (one network, or the
-mean softmax of the ensemble's members), and the class probabilities are mapped back (trilinearly)
-onto the input's original voxel grid before the arg-max, so the saved label map has exactly the
-input's shape, affine and header. The post-processing decision of the experiment
+mean probabilities of the ensemble's members), and the probabilities (per class, or per region with
+data.regions) are mapped back (trilinearly) onto the input's original voxel grid before the arg-max or
+the painting of the regions (`labels_of_probabilities`), so the saved label map has exactly the input's
+shape, affine and header. The post-processing decision of the experiment
 (`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
 final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
-`--save-probabilities uint8|float16` also writes the mapped-back probabilities (before the arg-max, so
-before post-processing), streamed to disk slab by slab (probability_files.py).
+`--save-probabilities uint8|float16` also writes the mapped-back probabilities (K = the classes, or the
+regions; before the arg-max or painting, so before post-processing), streamed to disk slab by slab
+(probability_files.py).
 
 Memory: the case on the model grid (its image), its labels on the original grid (uint8), and the slabs
 in flight: the predictor's live sums (one window thick along the slab axis, float16 by default) and, when
@@ -26,6 +28,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import spacing_from_affine, write_nifti
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
+from medseg_dl.data.targets import Targets
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
 from medseg_dl.experiment.model_dir import ModelDir
@@ -64,14 +67,21 @@ def _is_dicom_folder(path):
     return any(n.lower().endswith(".dcm") for n in os.listdir(path))
 
 
+def labels_of_probabilities(targets: Targets, probabilities: np.ndarray) -> np.ndarray:
+    """(..., K) float32 probabilities -> (...) uint8 label map (`Targets.labels_of`): the arg-max over the
+    classes, or the regions painted where their probability exceeds 0.5 (p - 0.5 has the sign of the logit)."""
+    return targets.labels_of(probabilities - np.float32(0.5) if targets.uses_regions else probabilities)
+
+
 def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  probabilities: Optional[ProbabilityWriter] = None) -> np.ndarray:
-    """Labels (X, Y, Z) uint8 of one case on its original grid: the arg-max of the predictor's probabilities,
-    mapped back slab by slab when the model grid differs (original_grid.py), then the post-processing
-    `decision` (None: none) applied to those labels with the original spacing. The one path from a case to
-    its segmentation (predict and evaluation). progress: called with (windows done, windows in total);
-    probabilities: a writer that receives the probabilities on the original grid, slab by slab along z."""
+    """Labels (X, Y, Z) uint8 of one case on its original grid: the predictor's labels (arg-max, or regions
+    painted), from its probabilities mapped back slab by slab when the model grid differs (original_grid.py,
+    `labels_of_probabilities`), then the post-processing `decision` (None: none) applied to those labels with
+    the original spacing. The one path from a case to its segmentation (predict and evaluation). progress:
+    called with (windows done, windows in total); probabilities: a writer that receives the probabilities
+    (X, Y, n, K) float32 on the original grid, slab by slab along z."""
     original_shape = tuple(case.original_shape)
     same = same_grid(case.image.shape[:3], case.affine, original_shape, case.original_affine)
     if same and probabilities is None:
@@ -83,11 +93,11 @@ def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = No
             slabs = original_slabs(slabs, case.image.shape[:3], case.affine, original_shape, case.original_affine)
         labels = np.empty(original_shape, np.uint8)
         for z_begin, block in slabs:
-            labels[:, :, z_begin:z_begin + block.shape[2]] = np.argmax(block, axis=-1)
+            labels[:, :, z_begin:z_begin + block.shape[2]] = labels_of_probabilities(predictor.targets, block)
             if probabilities is not None:
                 probabilities.write(z_begin, block)
     if decision is not None:
-        labels = postprocess.apply(labels, decision, spacing_from_affine(case.original_affine))
+        labels = postprocess.apply(labels, decision, spacing_from_affine(case.original_affine), predictor.targets)
     return labels
 
 
@@ -131,7 +141,7 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
     `resolve_members`), each at `checkpoint` (auto, best, latest, or one of these or a path per folder), and save
     `<output_dir>/<subject>.nii.gz` (uint8 labels) on each input's own grid, post-processed by the
     decision of the (root) model folder when it has one; with `save_probabilities` ("uint8" or "float16") also
-    the probabilities (X, Y, Z, K) of probability_files.py. Returns the written paths. overrides:
+    the probabilities (X, Y, Z, K: classes or regions) of probability_files.py. Returns the written paths. overrides:
     `section.key=value` applied to every folder's params (e.g. evaluation.*); the window and evaluation
     settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
@@ -155,7 +165,7 @@ def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_pr
         writer = None
         if save_probabilities:
             writer = ProbabilityWriter(os.path.join(output_dir, subject.id),
-                                       tuple(case.original_shape) + (predictor.num_classes,), case.original_affine,
+                                       tuple(case.original_shape) + (predictor.targets.outputs,), case.original_affine,
                                        save_probabilities, reference_header(subject.channels[0]))
         try:
             labels = segment_case(predictor, case, decision, progress.windows, writer)

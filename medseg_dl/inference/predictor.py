@@ -3,21 +3,25 @@
     predictor = Predictor.from_params(network, params)          # or a sequence of networks (an ensemble)
     probabilities = predictor.probabilities(image)   # (X, Y, Z, K) float32
     labels = predictor.labels(image)                 # (X, Y, Z) uint8
-    logits = predictor.logits(image)                 # (X, Y, Z, K) float32: blended, no softmax
+    logits = predictor.logits(image)                 # (X, Y, Z, K) float32: blended, before softmax or sigmoid
     for begin_vox, block in predictor.slabs(image, "probabilities", axis=2):   # the same, slab by slab
         ...
 
 A network is any callable taking {"image": (N, px, py, pz, C) float32, "position": (N, 3) float32}
 (the window positions of `pipeline.sampling.patch_positions`) and returning logits (N, px, py, pz, K); it
-is called with training=False when it accepts that argument. Windows are batched through the window
-function (`Predictor.window_function`), one tf.function per channel count, traced once whatever the
-volume shape; the SavedModel export (export.py) traces the same function. The window logits are
-blended with Gaussian or constant weights (windows.py) and the softmax of the
-weighted average is the probability, as in nnU-Net (the softmax runs once per voxel, not once per
-window). The window logits are the network's logits for one network without mirroring; otherwise
-log(mean of the softmax probabilities) over the members of the ensemble and, with mirroring
-test-time augmentation, over the 8 flips of each window (every (member, flip) weighs the same), so a
-window predicted alone gets exactly the averaged probabilities. A flipped window is given its
+is called with training=False when it accepts that argument. What the K outputs stand for is the
+predictor's `Targets` (data/targets.py): one softmax over the labels, or one sigmoid per region. Windows
+are batched through the window function (`Predictor.window_function`), one tf.function per channel
+count, traced once whatever the volume shape; the SavedModel export (export.py) traces the same
+function. The window logits are blended with Gaussian or constant weights (windows.py) and the
+probabilities are the softmax (labels) or the sigmoid per region (regions) of the weighted average, as
+in nnU-Net (once per voxel, not once per window); the labels are its arg-max, or the regions painted
+(`Targets.labels_in_graph`). The window logits are the network's logits for one network without
+mirroring; otherwise they are averaged as probabilities over the members of the ensemble and, with
+mirroring test-time augmentation, over the 8 flips of each window (every (member, flip) weighs the
+same): log(mean softmax) for labels; for regions the log-odds of the mean sigmoid, log(mean sigmoid(x))
+- log(mean sigmoid(-x)) (the complement averaged as such, so that it keeps its precision near 1). Either
+way a window predicted alone gets exactly the averaged probabilities. A flipped window is given its
 position mirrored on the flipped axes, as in training.
 
 Recombination (windows.py) runs on the host with a CPU, and in TensorFlow ops on the accelerator when
@@ -26,14 +30,16 @@ same result to float32 rounding. On the host, windows are visited row by row alo
 slab is finished as soon as no later window touches it (`windows.recombined_slabs`), so the live sums
 span one window along that axis: `slabs` yields the finished slabs, and `labels` or a caller that
 streams (predict.py) never holds K values per voxel of the volume. With `accumulation="float16"`
-(probabilities and labels), each window's logits are shifted per voxel by their maximum over the
-classes (the same amount for every class at a voxel, so the softmax and arg-max of the average are
-unchanged) and weighted by each window's share of the weight at each voxel (so the sums are the
-averages: no tiny Gaussian corner weights to underflow), then summed in float16: half the memory of
-float32, probabilities within 1e-3 and, measured on the hippocampus demo's validation cases, 3 labels
-of 2.6 M different (benchmarks/accumulation.py); the default is float32, exact. The logits output is
-always summed in float32, unshifted.
+(probabilities and labels), each window's logits are weighted by each window's share of the weight at
+each voxel (so the sums are the averages: no tiny Gaussian corner weights to underflow) and, for labels,
+first shifted per voxel by their maximum over the classes (the same amount for every class at a voxel, so
+the softmax and arg-max of the average are unchanged; a sigmoid is not shift-invariant, so region logits
+are not shifted), then summed in float16: half the memory of float32, probabilities within 1e-3 and,
+measured on the hippocampus demo's validation cases, 3 labels of 2.6 M different
+(benchmarks/accumulation.py); the default is float32, exact. The logits output is always summed in
+float32, unshifted.
 """
+import functools
 import inspect
 import itertools
 from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
@@ -43,6 +49,7 @@ import tensorflow as tf
 
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params
+from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError, OutOfMemoryError, ParamsError
 from medseg_dl.inference import graph_windows, windows
 from medseg_dl.pipeline.sampling import mirror_positions
@@ -50,14 +57,26 @@ from medseg_dl.pipeline.sampling import mirror_positions
 # the 8 flips as lists of the batch axes reversed: 1, 2, 3 are spatial x, y, z
 MIRROR_AXES = [list(axes) for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]
 TINY_PROBABILITY = 1e-30  # floor before the log of flip-averaged probabilities
-TRANSFORMS = {"probabilities": lambda average: tf.nn.softmax(average, axis=-1),  # per voxel, of the average
-              "labels": lambda average: tf.cast(tf.argmax(average, axis=-1), tf.uint8),  # num_classes <= 256
-              "logits": lambda average: average}
 OUTPUT_DTYPES = {"probabilities": np.float32, "labels": np.uint8, "logits": np.float32}
 ACCUMULATIONS = {"float16": tf.float16, "float32": tf.float32}
-FINISHERS = {(output, name): windows.make_finisher(transform, dtype)
-             for output, transform in TRANSFORMS.items() for name, dtype in ACCUMULATIONS.items()}
 RECOMBINATIONS = ("auto", "host", "device")
+
+
+def output_transform(targets: Targets, output: str) -> Optional[graph_windows.Transform]:
+    """The per-voxel transform of the blended logits (..., K) float32 that gives `output`: "probabilities"
+    (..., K) float32 (`Targets.probabilities_in_graph`: softmax, or sigmoid per region), "labels" (...) uint8
+    (`Targets.labels_in_graph`: arg-max, or the regions painted), or None for "logits" (the average itself)."""
+    transforms = {"probabilities": targets.probabilities_in_graph, "labels": targets.labels_in_graph, "logits": None}
+    if output not in transforms:
+        raise ValueError(f"output = {output!r}; expected one of {', '.join(transforms)}")
+    return transforms[output]
+
+
+@functools.lru_cache(maxsize=None)
+def finisher(targets: Targets, output: str, accumulation: str) -> Callable[..., tf.Tensor]:
+    """`windows.make_finisher` of `output_transform(targets, output)` for sums in `accumulation` ("float32" or
+    "float16"); one per (targets, output, accumulation) in the process, so each block shape compiles once."""
+    return windows.make_finisher(output_transform(targets, output), ACCUMULATIONS[accumulation])
 
 
 def accepts_training(network: Callable) -> bool:
@@ -74,19 +93,22 @@ class Predictor:
     function (a tf.function) per channel count.
 
     network_or_networks: one network, or a non-empty sequence of networks (an ensemble: the mean of
-    their softmax probabilities; M members cost M x the network calls); patch_size_vox: window (3,) in
-    voxels; num_classes: K; overlap: fraction in [0, 1); blending: "gaussian" or "constant"; batch_size:
-    windows per network call; tta_mirroring: average the probabilities over all 8 flips of each window
-    (8x the network calls); recombination: "host" (numpy, threads), "device" (TensorFlow ops, on the
-    accelerator) or "auto" (device when a GPU is visible, else host).
+    their probabilities; M members cost M x the network calls); patch_size_vox: window (3,) in voxels;
+    targets: what the network's K = `targets.outputs` logits stand for (labels or regions, data/targets.py);
+    overlap: fraction in [0, 1); blending: "gaussian" or "constant"; batch_size: windows per network call;
+    tta_mirroring: average the probabilities over all 8 flips of each window (8x the network calls);
+    recombination: "host" (numpy, threads), "device" (TensorFlow ops, on the accelerator) or "auto" (device
+    when a GPU is visible, else host).
     """
 
     def __init__(self, network_or_networks: Union[Callable, Sequence[Callable]], patch_size_vox: Sequence[int],
-                 num_classes: int, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
+                 targets: Targets, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
                  tta_mirroring: bool = False, recombination: str = "auto", accumulation: str = "float32"):
         self.networks = _as_networks(network_or_networks)
         self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
-        self.num_classes = schema.check("data.num_classes", int(num_classes))
+        if not isinstance(targets, Targets):
+            raise ValueError(f"targets = {targets!r}; expected a Targets (data/targets.py Targets.from_params)")
+        self.targets = targets
         self.overlap = schema.check("evaluation.overlap", float(overlap))
         self.blending = schema.check("evaluation.blending", blending)
         self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
@@ -102,24 +124,26 @@ class Predictor:
 
     @classmethod
     def from_params(cls, network_or_networks: Union[Callable, Sequence[Callable]], params: Params) -> "Predictor":
-        """Window from sampling.patch_size, K from data.num_classes, the rest from the evaluation section."""
+        """Window from sampling.patch_size, the targets from the data section (labels or regions), the rest from
+        the evaluation section."""
         evaluation = params.evaluation
-        return cls(network_or_networks, params.sampling.patch_size, params.data.num_classes,
+        return cls(network_or_networks, params.sampling.patch_size, Targets.from_params(params.data),
                    overlap=evaluation.overlap, blending=evaluation.blending, batch_size=evaluation.batch_size,
                    tta_mirroring=evaluation.tta_mirroring, accumulation=evaluation.accumulation)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32."""
+        """Probabilities (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C) float32: per class (softmax) or per
+        region (sigmoid)."""
         return self._whole_volume(image, "probabilities")
 
     def labels(self, image: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """Most probable class (X, Y, Z) uint8 numpy of an image (X, Y, Z, C) float32; progress: called with
-        (windows done, windows in total)."""
+        """Label map (X, Y, Z) uint8 numpy of an image (X, Y, Z, C) float32: the most probable class, or the
+        regions painted (`Targets.labels_of`); progress: called with (windows done, windows in total)."""
         return self._whole_volume(image, "labels", progress)
 
     def logits(self, image: np.ndarray) -> np.ndarray:
         """The weighted average of the window logits (X, Y, Z, K) float32 numpy of an image (X, Y, Z, C)
-        float32, before the softmax (what MONAI's and TorchIO's aggregators return)."""
+        float32, before the softmax or sigmoid (what MONAI's and TorchIO's aggregators return)."""
         return self._whole_volume(image, "logits")
 
     def slabs(self, image: np.ndarray, output: str, axis: int = 2,
@@ -133,13 +157,15 @@ class Predictor:
         try:
             yield from self._slabs_checked(image, output, axis, progress)
         except (tf.errors.ResourceExhaustedError, MemoryError):  # predicting writes no file: memory, not disk
+            kind = "regions" if self.targets.uses_regions else "classes"
             raise OutOfMemoryError(f"out of memory (GPU or host) while segmenting a volume of "
-                                   f"{' x '.join(map(str, image.shape[:3]))} voxels into {self.num_classes} classes; "
-                                   f"lower evaluation.batch_size, or set evaluation.device: cpu") from None
+                                   f"{' x '.join(map(str, image.shape[:3]))} voxels into {self.targets.outputs} "
+                                   f"{kind}; lower evaluation.batch_size, or set evaluation.device: cpu") from None
 
     def _whole_volume(self, image, output, progress=None):
         image = _check_image(image)
-        out = np.empty(image.shape[:3] + (() if output == "labels" else (self.num_classes,)), OUTPUT_DTYPES[output])
+        out = np.empty(image.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
+                       OUTPUT_DTYPES[output])
         for begin, block in self.slabs(image, output, 2, progress):
             out[:, :, begin:begin + block.shape[2]] = block
         return out
@@ -152,27 +178,29 @@ class Predictor:
         accumulation = "float32" if output == "logits" else self.accumulation
         half = accumulation == "float16"
         function = self._weighted_window_function(image.shape[3]) if half else self.window_function(image.shape[3])
-        finish = FINISHERS[output, accumulation]
-        for begin, sums, coverages in windows.recombined_slabs(function, image, grid, self.batch_size, self.num_classes,
-                                                               axis, np.float16 if half else np.float32, half,
-                                                               progress):
-            out = np.empty(sums.shape[:3] + (() if output == "labels" else (self.num_classes,)),
+        finish = finisher(self.targets, output, accumulation)
+        for begin, sums, coverages in windows.recombined_slabs(function, image, grid, self.batch_size,
+                                                               self.targets.outputs, axis,
+                                                               np.float16 if half else np.float32, half, progress):
+            out = np.empty(sums.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
                            OUTPUT_DTYPES[output])
             yield begin, windows.finish_block(finish, sums, coverages, out)
 
     def _weighted_window_function(self, num_channels):
         """The tf.function (windows, positions, normalized profiles (N, px), (N, py), (N, pz)) -> (N, px, py, pz,
-        K) float16 window logits minus their maximum over the classes at each voxel, times the window's share
-        of the weight at each voxel (`windows.normalized_profiles`; cached per channel count)."""
+        K) float16 window logits (for labels minus their maximum over the classes at each voxel; region logits
+        as they are) times the window's share of the weight at each voxel (`windows.normalized_profiles`;
+        cached per channel count)."""
         key = ("weighted", num_channels)
         if key not in self._window_functions:
             window_function = self.window_function(num_channels)
 
             def weighted(cut, positions, profile_x, profile_y, profile_z):
                 logits = window_function(cut, positions)
-                shifted = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
+                if self.max_shift:
+                    logits = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
                 share = profile_x[:, :, None, None] * profile_y[:, None, :, None] * profile_z[:, None, None, :]
-                return tf.cast(shifted * share[..., None], tf.float16)
+                return tf.cast(logits * share[..., None], tf.float16)
 
             signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
                          tf.TensorSpec((None, 3), tf.float32)]
@@ -185,7 +213,7 @@ class Predictor:
         (graph_windows.py; cached)."""
         if (num_channels, output) not in self._in_graph_functions:
             def predict(image):
-                return self.in_graph(image, None if output == "logits" else TRANSFORMS[output])
+                return self.in_graph(image, output_transform(self.targets, output))
 
             signature = [tf.TensorSpec([None, None, None, num_channels], tf.float32)]
             self._in_graph_functions[num_channels, output] = tf.function(predict, input_signature=signature)
@@ -195,16 +223,24 @@ class Predictor:
         """`transform` (per voxel over the last axis; a tuple or dict of them; None: the blended logits, summed
         in float32) of the weighted average over an image (X, Y, Z, C) float32 tensor (C static), in
         TensorFlow ops (graph_windows.py), with this predictor's window settings and accumulation: the device
-        path and the SavedModel export."""
+        path and the SavedModel export. With float16 accumulation and labels the transform sees the average
+        less a per-voxel constant (`max_shift`): give transforms of the targets (`output_transform`)."""
         return graph_windows.recombine_in_graph(self.window_function(int(image.shape[-1])), image,
                                                 self.patch_size_vox, self.overlap, self.blending, self.batch_size,
-                                                self.num_classes, transform,
-                                                "float32" if transform is None else self.accumulation)
+                                                self.targets.outputs, transform,
+                                                "float32" if transform is None else self.accumulation, self.max_shift)
+
+    @property
+    def max_shift(self) -> bool:
+        """Whether float16 accumulation shifts each window's logits by their maximum over K at each voxel: for
+        labels (softmax and arg-max ignore it), not for regions (a sigmoid does not)."""
+        return not self.targets.uses_regions
 
     def window_function(self, num_channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
         """The tf.function (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> window logits
         (N, px, py, pz, K) float32, for C = `num_channels` (traced once, cached): the network's logits for
-        one network without mirroring, else log(mean softmax) over the members (and the 8 flips)."""
+        one network without mirroring, else, over the members (and the 8 flips), log(mean softmax) for labels
+        or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region."""
         if num_channels not in self._window_functions:
             signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
                          tf.TensorSpec((None, 3), tf.float32)]
@@ -219,22 +255,27 @@ class Predictor:
         for member in range(len(self.networks)):
             for axes in flips:
                 total += self._flipped_probabilities(member, axes, windows, positions)
-        return tf.math.log(tf.maximum(total / (len(self.networks) * len(flips)), TINY_PROBABILITY))
+        log_mean = tf.math.log(tf.maximum(total / (len(self.networks) * len(flips)), TINY_PROBABILITY))
+        return log_mean[..., 0] - log_mean[..., 1] if self.targets.uses_regions else log_mean
 
     def _flipped_probabilities(self, member, axes, windows, positions):
-        """Softmax (N, px, py, pz, K) of member `member` on `windows` (N, px, py, pz, C) flipped on the batch
-        `axes` (a subset of 1, 2, 3) with `positions` (N, 3) mirrored there, flipped back."""
+        """The probabilities of member `member` on `windows` (N, px, py, pz, C) flipped on the batch `axes` (a
+        subset of 1, 2, 3) with `positions` (N, 3) mirrored there, flipped back: the softmax (N, px, py, pz, K)
+        float32, or per region (N, px, py, pz, K, 2) float32 the sigmoid of its logit and of its negation."""
         flips = tf.constant([axis in axes for axis in (1, 2, 3)])
-        flipped_logits = self._logits(member, tf.reverse(windows, axes), mirror_positions(positions, flips))
-        return tf.reverse(tf.nn.softmax(flipped_logits, axis=-1), axes)
+        logits = tf.reverse(self._logits(member, tf.reverse(windows, axes), mirror_positions(positions, flips)), axes)
+        if self.targets.uses_regions:
+            return tf.stack([tf.sigmoid(logits), tf.sigmoid(-logits)], axis=-1)
+        return tf.nn.softmax(logits, axis=-1)
 
     def _logits(self, member, windows, positions):
         logits = self.networks[member]({"image": windows, "position": positions}, **self._training_kwargs[member])
-        expected = tuple(windows.shape[1:4]) + (self.num_classes,)
+        expected = tuple(windows.shape[1:4]) + (self.targets.outputs,)
         if not logits.shape[1:].is_compatible_with(expected):
+            source = "data.regions" if self.targets.uses_regions else "data.num_classes"
             raise ParamsError(f"the network returns logits of shape {tuple(logits.shape[1:])} per window, expected "
-                              f"{expected} (sampling.patch_size + data.num_classes); use a window the network "
-                              f"accepts and the num_classes it was built with")
+                              f"{expected} (sampling.patch_size + one output per {source}); use a window the "
+                              f"network accepts and the classes or regions it was built with")
         return tf.cast(logits, tf.float32)
 
 

@@ -1,4 +1,5 @@
-"""`medseg predict --save-probabilities DTYPE`: class probabilities streamed to disk, slab by slab.
+"""`medseg predict --save-probabilities DTYPE`: probabilities (per class, or per region) streamed to disk, slab
+by slab.
 
     writer = ProbabilityWriter(os.path.join(output_dir, subject_id), (X, Y, Z, K), affine, "uint8")
     writer.write(z_begin, probabilities)    # (X, Y, n, K) float32 of the slices [z_begin, z_begin + n)

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from medseg_dl.config import schema
+from medseg_dl.data.targets import Targets
 from medseg_dl.devices import resolve_precision
 from medseg_dl.errors import ParamsError
 from medseg_dl.model.architectures import build_network, create_variables
@@ -32,14 +33,17 @@ POLY_EXPONENT = 0.9  # nnU-Net's polynomial decay
 class ModelSpec:
     """What training and evaluation need from the model.
 
-    network: keras.Model on {"image", "position"} -> float32 logits (a list with deep supervision
-    in training mode); loss_fn(labels, logits) -> float32 scalar; metrics: {"dice": StreamingDice};
+    network: keras.Model on {"image", "position"} -> float32 logits (N, X, Y, Z, K) (a list with deep
+    supervision in training mode); targets: what the K outputs stand for (data/targets.py: classes or
+    regions, the ignore label); loss_fn(labels (N, X, Y, Z) int, logits) -> float32 scalar on those
+    targets; metrics: {"dice": StreamingDice of the targets};
     optimizer: a keras optimizer (a LossScaleOptimizer under mixed precision);
     learning_rate: the schedule the optimizer follows, step -> float32; precision: the keras dtype
     policy in force (training.precision with "auto" resolved for training.device).
     """
 
     network: keras.Model
+    targets: Targets
     loss_fn: Callable
     metrics: dict
     optimizer: keras.optimizers.Optimizer
@@ -144,14 +148,16 @@ def set_precision_policy(precision, device):
 
 
 def model_fn(params):
-    """A `ModelSpec` for the params (sections model, loss, training, data); creates no variables
+    """A `ModelSpec` for the params (sections model, loss, training, data: the `Targets` of data.num_classes,
+    regions and ignore_label fix the network's outputs, the loss and the metrics); creates no variables
     of the network (see ModelSpec.build). Sets the global dtype policy from training.precision ("auto"
-    resolved for training.device), and seeds Python, numpy, TensorFlow and Keras with params.seed, so that the initial weights and the
-    dropout masks of a run repeat (the input pipeline has its own stateless seeds)."""
+    resolved for training.device), and seeds Python, numpy, TensorFlow and Keras with params.seed, so that
+    the initial weights and the dropout masks of a run repeat (the input pipeline has its own stateless
+    seeds)."""
     keras.utils.set_random_seed(params.seed)
     precision = set_precision_policy(params.training.precision, params.training.device)
     schedule = make_schedule(params.training)
-    return ModelSpec(network=build_network(params), loss_fn=make_loss(params),
-                     metrics={"dice": StreamingDice(params.data.num_classes, params.data.class_names)},
-                     optimizer=make_optimizer(params.training, schedule), learning_rate=schedule,
-                     precision=precision)
+    targets = Targets.from_params(params.data)
+    return ModelSpec(network=build_network(params), targets=targets, loss_fn=make_loss(params),
+                     metrics={"dice": StreamingDice(targets)}, optimizer=make_optimizer(params.training, schedule),
+                     learning_rate=schedule, precision=precision)

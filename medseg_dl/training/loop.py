@@ -308,7 +308,7 @@ class _Loop:
         if current % training.log_every == 0 or current == training.steps:
             self._log_scalars(current)
         if current % training.image_summary_every == 0:
-            reporting.write_images(self.writer, current, _local(batch), logits.numpy())
+            reporting.write_images(self.writer, current, _local(batch), logits.numpy(), self.spec.targets)
 
     def _log_scalars(self, current):
         timing, dice_metric = self.timing, self.spec.metrics["dice"]
@@ -320,7 +320,7 @@ class _Loop:
                    "step_time_s": total_s / timing["steps"],
                    "data_wait_fraction": timing["data_s"] / max(total_s, 1e-9),
                    "dice_mean_foreground": float(dice_metric.mean_foreground())}
-        scalars.update({f"dice_{name}": float(d) for name, d in zip(dice_metric.class_names, dice)})
+        scalars.update({f"dice_{name}": float(d) for name, d in zip(dice_metric.output_names, dice)})
         reporting.write_scalars(self.writer, current, scalars)
         if self.csv is not None:
             self.csv.append({"step": current, **scalars})

@@ -86,18 +86,20 @@ def write_scalars(writer, step, scalars):
             tf.summary.scalar(name, value)
 
 
-def mid_slice_images(batch, logits):
-    """(3, py, pz, 1) float32 images in [0, 1]: the middle x-slice of the first patch's channel 0,
-    its label and the predicted label (labels scaled by the class count)."""
-    num_classes = logits.shape[-1]
+def mid_slice_images(batch, logits, targets):
+    """(3, py, pz, 1) float32 images in [0, 1]: the middle x-slice of the first patch's channel 0, its label
+    and the predicted label (`targets.labels_of`: the arg-max, or the regions painted), the labels scaled by
+    the largest class value (targets.num_classes - 1; the ignore label shows as 1). batch: numpy
+    {"image": (N, X, Y, Z, C) float32, "label": (N, X, Y, Z) int}; logits: (N, X, Y, Z, K) float32."""
+    top_label = targets.num_classes - 1
     middle = batch["image"].shape[1] // 2
     image = display_scaled(batch["image"][0, middle, :, :, 0])
-    label = batch["label"][0, middle] / (num_classes - 1)
-    prediction = np.argmax(logits[0, middle], axis=-1) / (num_classes - 1)
+    label = np.minimum(batch["label"][0, middle] / top_label, 1.0)
+    prediction = targets.labels_of(logits[0, middle]) / top_label
     return np.stack([image, label, prediction]).astype(np.float32)[..., None]
 
 
-def write_images(writer, step, batch, logits):
+def write_images(writer, step, batch, logits, targets):
     """Log `mid_slice_images` of a batch (numpy dict) and its logits (N, X, Y, Z, K) at `step`."""
     with writer.as_default(step=step):
-        tf.summary.image("input_label_prediction", mid_slice_images(batch, logits), max_outputs=3)
+        tf.summary.image("input_label_prediction", mid_slice_images(batch, logits, targets), max_outputs=3)

@@ -45,6 +45,7 @@ def evaluation_rows(model_dir: ModelDir) -> List[Dict]:
 
 
 def show_curves(model_dir: ModelDir, class_names, out: str) -> str:
-    """Training loss and validation Dice per checkpoint of a model folder, as a PNG."""
+    """Training loss and validation Dice per checkpoint of a model folder, as a PNG; class_names: the name of
+    each scored structure by its number (index 0, the background, is not drawn)."""
     train_rows = plotting.read_csv_rows(model_dir.scalars_csv)
     return plotting.learning_curves(train_rows, evaluation_rows(model_dir), out, class_names)

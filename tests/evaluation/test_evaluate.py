@@ -17,10 +17,12 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import CaseRecipe, subject_case
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.subjects import Subject
+from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation import cases as cases_module, evaluate as evaluate_module, postprocessing, scoring
+from medseg_dl.evaluation import report as report_module
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate
-from medseg_dl.evaluation.report import write_report
+from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.evaluation.watcher import Evaluator
 from medseg_dl.experiment.model_dir import ModelDir, open_model_dir
 from medseg_dl.inference import postprocess
@@ -37,15 +39,29 @@ def threshold_network(inputs):
     return tf.concat([tf.fill(tf.shape(windows), 0.7), windows, -windows], axis=-1)
 
 
-def setup(tmp_path, target_spacing_mm=None, cases=4, **evaluation):
-    """(subjects, recipe, params, predictor) of a synthetic labelled folder, read without normalisation."""
+def region_network(inputs):
+    """Logits (N, x, y, z, 2) of the regions of `CASE_REGIONS`: |intensity| - 0.7 for the sphere and the cube,
+    -intensity - 0.7 for the cube: painted, the label map of `threshold_network`."""
+    windows = inputs["image"]
+    return tf.concat([tf.abs(windows) - 0.7, -windows - 0.7], axis=-1)
+
+
+CASE_REGIONS = [{"name": "sphere_or_cube", "labels": [1, 2], "paint": 1}, {"name": "cube", "labels": [2], "paint": 2}]
+
+
+def setup(tmp_path, target_spacing_mm=None, cases=4, regions=None, **evaluation):
+    """(subjects, recipe, params, predictor) of a synthetic labelled folder, read without normalisation; with
+    `regions` (data.regions), the network of those regions."""
     root = synthetic_dataset(tmp_path / "data", cases=cases, shape=(16, 18, 14))
     subjects = [Subject(f"case_{i:02d}", [str(root / "images" / f"case_{i:02d}.nii.gz")],
                         str(root / "labels" / f"case_{i:02d}.nii.gz")) for i in range(cases)]
     recipe = CaseRecipe(1, 3, {"reorient_ras": False, "target_spacing_mm": target_spacing_mm,
                                "normalization": "none", "affine_tolerance": 1e-3})
-    params = Params.from_dict({"data": {"num_classes": 3}, "evaluation": {"save_overlays": False, **evaluation}})
-    return subjects, recipe, params, Predictor(threshold_network, (8, 8, 8), 3, recombination="host")
+    params = Params.from_dict({"data": {"num_classes": 3, "regions": regions},
+                               "evaluation": {"save_overlays": False, **evaluation}})
+    network = threshold_network if regions is None else region_network
+    return subjects, recipe, params, Predictor(network, (8, 8, 8), Targets.from_params(params.data),
+                                               recombination="host")
 
 
 def case_source(subjects, recipe, read=None):
@@ -83,8 +99,9 @@ def test_at_most_one_case_is_alive_at_a_time(tmp_path, monkeypatch, grid):
                        tf.summary.create_file_writer(str(tmp_path / "logs")))
     assert reader.reads == summary["subjects"] == 4 and len(summary["per_case"]) == 8
     assert sorted(os.listdir(tmp_path / "report" / "predictions")) == [f"{s.id}.nii.gz" for s in subjects]
-    saved = SavedPredictions([case_source(subjects, recipe, reader)], str(tmp_path / "report" / "predictions"))
-    decision = postprocessing.decide(saved, 3)  # every pass over the saved predictions holds one case too
+    targets = Targets.from_params(params.data)
+    saved = SavedPredictions([case_source(subjects, recipe, reader)], str(tmp_path / "report" / "predictions"), targets)
+    decision = postprocessing.decide(saved, targets)  # every pass over the saved predictions holds one case too
     assert reader.reads > 8 and decision["cases"] == 4
     assert write_report(str(tmp_path / "after"), saved.segmentations(decision), params, 3)["subjects"] == 4
 
@@ -119,10 +136,11 @@ def test_the_summary_is_the_one_of_all_rows_in_memory(tmp_path, capsys, grid):
     for case in cases:  # the reference: every case segmented and scored in memory
         _, reference, affine = cases.original_grid(case)
         spacing_mm = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        for row in scoring.score_case(reference, segment_case(predictor, case), 3, spacing_mm,
-                                      params.evaluation.surface_tolerance_mm):
-            rows.append({"subject": case.subject_id, "class_name": f"class_{row['class']}", **row})
-    expected = {"step": 7, "subjects": 4, **scoring.summarize(rows, params.data.class_names), "per_case": rows}
+        for row in scoring.score_case(reference, segment_case(predictor, case), Targets.from_params(params.data),
+                                      spacing_mm, params.evaluation.surface_tolerance_mm):
+            rows.append({"subject": case.subject_id, **row})
+    assert {row["class_name"] for row in rows} == {"class_1", "class_2"}
+    expected = {"step": 7, "subjects": 4, **scoring.summarize(rows), "per_case": rows}
     assert canonical(summary) == canonical(expected)
     assert canonical(json.load(open(tmp_path / "report" / "summary.json"))) == canonical(expected)
     with open(tmp_path / "report" / "metrics.csv") as f:
@@ -136,6 +154,40 @@ def canonical(summary):
     """`summary` as JSON with sorted keys, numpy scalars as their Python values (NaN as NaN): equal values,
     whatever the order of the keys."""
     return json.dumps(summary, sort_keys=True, default=lambda value: value.item())
+
+
+HEADER = ("subject,class,class_name,dice,jaccard,assd_mm,hd95_mm,surface_dice,reference_mm3,predicted_mm3,"
+          "empty_reference,empty_prediction,distance_penalised")  # metrics.csv: the same with labels and regions
+REGIONS = [{"name": "whole_tumour", "labels": [1, 2, 3], "paint": 2},
+           {"name": "tumour_core", "labels": [1, 3], "paint": 1}]
+
+
+@pytest.mark.parametrize("regions", [None, REGIONS], ids=["labels", "regions"])
+def test_a_report_scores_the_structures_and_leaves_out_the_ignore_label(tmp_path, monkeypatch, regions):
+    """Rows and summary per structure (class or region); foreground predicted where the reference is the ignore
+    label (9) costs nothing; the overlays draw the ignored voxels as background."""
+    drawn = []
+    monkeypatch.setattr(report_module.plotting, "orthogonal_overlay",
+                        lambda image, path, reference, **kwargs: drawn.append(reference))
+    params = Params.from_dict({"data": {"num_classes": 4, "class_names": ["background", "necrosis", "edema", "enh"],
+                                        "regions": regions, "ignore_label": 9}, "evaluation": {"save_overlays": True}})
+    reference = np.zeros((10, 8, 6), np.uint8)
+    reference[2:6, 2:6, 1:5], reference[3:5, 3:5, 2:4], reference[6:9] = 2, 1, 9
+    prediction = reference.copy()
+    prediction[6:9] = 0
+    prediction[6:9, 2:6, 1:5] = 2  # edema grown into the ignored slab
+    prediction[3:5, 3:5, 2:3] = 3  # half the necrosis predicted enhancing: core 8 of 8, necrosis 4 of 8
+    image = np.random.default_rng(0).normal(size=(10, 8, 6, 1)).astype(np.float32)
+    case = Segmentation("case_a", image, reference, prediction, np.ones(3), np.eye(4))
+    summary = write_report(str(tmp_path / "report"), [case], params, 3, tf.summary.create_file_writer(str(tmp_path)))
+    dice = ({"necrosis": 2 * 4 / 12, "edema": 1.0, "enh": 0.0} if regions is None
+            else {"whole_tumour": 1.0, "tumour_core": 1.0})
+    assert {name: stats["dice"]["mean"] for name, stats in summary["classes"].items()} == dice
+    assert summary["mean_dice"] == pytest.approx(np.mean(list(dice.values())), rel=1e-15)
+    assert [(row["class"], row["class_name"]) for row in summary["per_case"]] == list(enumerate(dice, start=1))
+    with open(tmp_path / "report" / "metrics.csv") as f:
+        assert f.readline().strip() == HEADER
+    np.testing.assert_array_equal(drawn[0], np.where(reference == 9, 0, reference))
 
 
 class Killed(Exception):
@@ -173,9 +225,10 @@ def test_a_killed_evaluation_leaves_no_report_and_no_history_entry_and_is_redone
     assert summary["subjects"] == 4 and json.load(open(model_dir.history))["5"]["mean_dice"] == summary["mean_dice"]
 
 
+@pytest.mark.parametrize("regions", [None, CASE_REGIONS], ids=["labels", "regions"])
 @pytest.mark.parametrize("grid", GRIDS)
-def test_the_cv_decision_from_saved_predictions_is_the_one_from_predictions_in_memory(tmp_path, grid):
-    subjects, recipe, params, predictor = setup(tmp_path, GRIDS[grid], cases=6, save_predictions=True)
+def test_the_cv_decision_from_saved_predictions_is_the_one_from_predictions_in_memory(tmp_path, grid, regions):
+    subjects, recipe, params, predictor = setup(tmp_path, GRIDS[grid], cases=6, regions=regions, save_predictions=True)
     parts = [case_source(subjects[:3], recipe), case_source(subjects[3:], recipe)]  # two folds' validation cases
     for k, part in enumerate(parts):
         evaluate(predictor, part, str(tmp_path / f"fold_{k}"), params, None, f"cv fold {k}")
@@ -186,13 +239,15 @@ def test_the_cv_decision_from_saved_predictions_is_the_one_from_predictions_in_m
         for case in part:
             _, reference, affine = part.original_grid(case)
             in_memory.append((reference, segment_case(predictor, case), np.sqrt((affine[:3, :3] ** 2).sum(0))))
-    saved = SavedPredictions(parts, str(tmp_path / "predictions"))
-    decision = postprocessing.decide(saved, 3)
-    assert decision == postprocessing.decide(in_memory, 3) and decision["cases"] == 6
+    targets = Targets.from_params(params.data)
+    saved = SavedPredictions(parts, str(tmp_path / "predictions"), targets)
+    decision = postprocessing.decide(saved, targets)
+    assert decision == postprocessing.decide(in_memory, targets) and decision["cases"] == 6
     assert decision["dice_after"] != decision["dice_before"]  # some post-processing was accepted
     after = write_report(str(tmp_path / "after"), saved.segmentations(decision), params, None)
     expected = [row for reference, prediction, spacing_mm in in_memory for row in scoring.score_case(
-        reference, postprocess.apply(prediction, decision, spacing_mm), 3, spacing_mm,
+        reference, postprocess.apply(prediction, decision, spacing_mm, targets), targets, spacing_mm,
         params.evaluation.surface_tolerance_mm)]
-    assert [(r["class"], r["dice"], r["hd95_mm"]) for r in after["per_case"]] == \
-           [(r["class"], r["dice"], r["hd95_mm"]) for r in expected]
+    assert [(r["class"], r["class_name"], r["dice"], r["hd95_mm"]) for r in after["per_case"]] == \
+           [(r["class"], r["class_name"], r["dice"], r["hd95_mm"]) for r in expected]
+    assert list(after["classes"]) == [name for name, _ in targets.structures]

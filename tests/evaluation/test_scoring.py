@@ -1,4 +1,6 @@
-"""medseg_dl.scoring against analytic shapes and a brute-force full-volume reference."""
+"""medseg_dl.scoring against analytic shapes and a brute-force full-volume reference; regions and the ignore label
+against hand-computed masks."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
 from conftest import REPO
+from medseg_dl.data.targets import Region, Targets
 from medseg_dl.errors import DataError
 from medseg_dl.evaluation.scoring import ScoringInputError, dice, score_case, summarize, surface_distances
 
@@ -29,6 +32,11 @@ def box_mask(shape, lower, upper):
     return mask
 
 
+def classes(num_classes, ignore_label=None):
+    """The Targets of labels 0 .. num_classes - 1 named class_<k> (scored: each foreground class alone)."""
+    return Targets(num_classes, tuple(f"class_{k}" for k in range(num_classes)), ignore_label=ignore_label)
+
+
 def labels_of(*masks, shape=None):
     """An int32 label map with masks[i] painted as class i + 1 (later masks win)."""
     labels = np.zeros(shape if shape is not None else masks[0].shape, np.int32)
@@ -39,7 +47,7 @@ def labels_of(*masks, shape=None):
 
 def one(reference, prediction, spacing=(1.0, 1.0, 1.0), tolerance=1.0):
     """The row of class 1 for two boolean masks."""
-    return score_case(labels_of(reference), labels_of(prediction), 2, spacing, tolerance)[0]
+    return score_case(labels_of(reference), labels_of(prediction), classes(2), spacing, tolerance)[0]
 
 
 def brute_force(reference, prediction, spacing, tolerance):
@@ -127,7 +135,7 @@ def test_empty_masks_are_counted_and_a_miss_gets_the_penalty_distance():
     corner = box_mask(shape, (10, 10, 10), (12, 12, 12))
     reference = labels_of(blob, nothing, nothing, corner)
     prediction = labels_of(nothing, blob, nothing, corner)
-    rows = score_case(reference, prediction, 5)
+    rows = score_case(reference, prediction, classes(5))
     missed, invented, absent, hit = rows
     assert missed["empty_prediction"] and not missed["empty_reference"]
     assert invented["empty_reference"] and not invented["empty_prediction"]
@@ -136,7 +144,7 @@ def test_empty_masks_are_counted_and_a_miss_gets_the_penalty_distance():
         assert row["dice"] == row["jaccard"] == row["surface_dice"] == 0.0
         assert row["assd_mm"] == row["hd95_mm"] == pytest.approx(diagonal_mm) and row["distance_penalised"]
     assert not hit["distance_penalised"] and not absent["distance_penalised"]
-    spaced = score_case(reference, prediction, 5, spacing_mm=(1.0, 2.0, 0.5))[0]
+    spaced = score_case(reference, prediction, classes(5), spacing_mm=(1.0, 2.0, 0.5))[0]
     assert spaced["assd_mm"] == pytest.approx(np.sqrt(16.0 ** 2 + 32.0 ** 2 + 8.0 ** 2))
     assert missed["reference_mm3"] == 125.0 and missed["predicted_mm3"] == 0.0
     assert absent["empty_reference"] and absent["empty_prediction"]
@@ -144,7 +152,7 @@ def test_empty_masks_are_counted_and_a_miss_gets_the_penalty_distance():
     assert absent["assd_mm"] == absent["hd95_mm"] == 0.0
     assert hit["dice"] == 1.0 and not hit["empty_reference"]
     empty = np.zeros(shape, np.int32)
-    assert all(row["dice"] == 1.0 and row["empty_reference"] for row in score_case(empty, empty, 3))
+    assert all(row["dice"] == 1.0 and row["empty_reference"] for row in score_case(empty, empty, classes(3)))
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), ANISOTROPIC])
@@ -153,7 +161,7 @@ def test_cropped_computation_equals_full_volume_brute_force(spacing):
     for _ in range(3):
         shape = tuple(rng.integers(18, 30, size=3))
         reference, prediction = random_labels(rng, shape, 4), random_labels(rng, shape, 4)
-        for row in score_case(reference, prediction, 4, spacing, tolerance_mm=1.5):
+        for row in score_case(reference, prediction, classes(4), spacing, tolerance_mm=1.5):
             a, b = reference == row["class"], prediction == row["class"]
             if not (a.any() and b.any()):
                 continue
@@ -177,7 +185,7 @@ def test_two_dimensional_label_maps():
     reference = np.zeros((12, 12), np.int32)
     reference[2:6, 2:6] = 1
     prediction = np.roll(reference, 1, axis=1)
-    row = score_case(reference, prediction, 2, (0.5, 2.0))[0]
+    row = score_case(reference, prediction, classes(2), (0.5, 2.0))[0]
     assert row["dice"] == pytest.approx(0.75) and row["hd95_mm"] == pytest.approx(2.0)
 
 
@@ -208,7 +216,9 @@ def test_summarize_penalises_misses_and_leaves_out_classes_absent_from_both():
         {"class": 2, "dice": 0.9, "jaccard": 0.9 / 1.1, "assd_mm": 1.0, "hd95_mm": 1.0, "surface_dice": 1.0,
          "reference_mm3": 5.0, "predicted_mm3": 5.0, "empty_reference": False, "empty_prediction": False},
     ]
-    summary = summarize(rows, ["background", "a", "b"])
+    rows = [{**row, "class_name": "ab"[row["class"] - 1]} for row in rows]
+    summary = summarize(rows[::-1])  # in the order of the structures' numbers, whatever the rows' order
+    assert list(summary["classes"]) == ["a", "b"]
     a = summary["classes"]["a"]
     assert a["cases"] == 3 and a["both_empty"] == 1 and a["empty_prediction"] == 2 and a["empty_reference"] == 1
     assert a["distance_penalised"] == 1
@@ -218,25 +228,109 @@ def test_summarize_penalises_misses_and_leaves_out_classes_absent_from_both():
     b = summary["classes"]["b"]
     assert b["dice"]["mean"] == 0.9 and b["dice"]["nan_count"] == 1
     assert summary["mean_dice"] == pytest.approx((0.25 + 0.9) / 2)
-    only_absent = summarize(rows[2:3], ["background", "a"])
+    only_absent = summarize(rows[2:3])
     assert only_absent["classes"]["a"]["both_empty"] == 1 and np.isnan(only_absent["mean_dice"])
-    assert np.isnan(summarize([], ["background"])["mean_dice"])
+    assert np.isnan(summarize([])["mean_dice"])
+
+
+BRATS_REGIONS = Targets(5, ("background", "necrosis", "edema", "non_enhancing", "enhancing"), (
+    Region("whole_tumour", (1, 2, 3, 4), 2), Region("tumour_core", (1, 3, 4), 1), Region("enhancing", (4,), 4)))
+
+
+def line(*values):
+    """A label map (N, 1, 1) int32 along x."""
+    return np.array(values, np.int32).reshape(-1, 1, 1)
+
+
+def test_regions_score_the_dice_of_their_label_sets():
+    reference = line(0, 2, 2, 1, 1, 4, 4, 0)
+    prediction = line(2, 2, 2, 1, 4, 4, 0, 0)
+    rows = score_case(reference, prediction, BRATS_REGIONS)
+    assert [(r["class"], r["class_name"]) for r in rows] == [(1, "whole_tumour"), (2, "tumour_core"), (3, "enhancing")]
+    # whole tumour: 6 and 6 voxels, 5 shared; core: 4 and 3, 3 shared; enhancing: 2 and 2, 1 shared
+    assert [r["dice"] for r in rows] == [10 / 12, 6 / 7, 2 / 4]
+    assert [r["jaccard"] for r in rows] == [5 / 7, 3 / 4, 1 / 3]
+    assert [(r["reference_mm3"], r["predicted_mm3"]) for r in rows] == [(6, 6), (4, 3), (2, 2)]
+    summary = summarize(rows)
+    assert list(summary["classes"]) == ["whole_tumour", "tumour_core", "enhancing"]
+    assert summary["mean_dice"] == pytest.approx((10 / 12 + 6 / 7 + 2 / 4) / 3, rel=1e-15)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), ANISOTROPIC])
+def test_region_metrics_equal_full_volume_brute_force_of_their_masks(spacing):
+    """Each region's box is the union of its labels' boxes: every metric equals the full-volume one of isin masks."""
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        shape = tuple(rng.integers(18, 30, size=3))
+        reference, prediction = random_labels(rng, shape, 5), random_labels(rng, shape, 5)
+        for row, (_, values) in zip(score_case(reference, prediction, BRATS_REGIONS, spacing, 1.5),
+                                    BRATS_REGIONS.structures):
+            a, b = np.isin(reference, values), np.isin(prediction, values)
+            assert a.any() and b.any()
+            for key, value in brute_force(a, b, spacing, 1.5).items():
+                assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_the_ignore_label_counts_in_no_true_false_positive_or_negative():
+    """nnU-Net's rule: a voxel whose reference is the ignore label (9) is dropped from the prediction."""
+    reference = line(0, 1, 1, 1, 9, 9, 9, 0)
+    rows = score_case(reference, line(0, 1, 1, 1, 1, 1, 0, 0), classes(2, ignore_label=9))
+    row = rows[0]  # right, and foreground in the ignored area: a perfect score
+    assert row["dice"] == row["jaccard"] == row["surface_dice"] == 1.0 and row["predicted_mm3"] == 3.0
+    assert row["assd_mm"] == row["hd95_mm"] == 0.0
+    row = score_case(reference, line(0, 0, 1, 1, 1, 0, 1, 1), classes(2, ignore_label=9))[0]
+    assert row["dice"] == 2 * 2 / (2 * 2 + 1 + 1)  # TP 2 (x = 2, 3), FP 1 (x = 7), FN 1 (x = 1); x = 4, 6 left out
+    assert row["jaccard"] == 2 / 4 and row["predicted_mm3"] == 3.0
+    nothing_else = score_case(line(0, 9, 9, 0), line(0, 1, 1, 0), classes(2, ignore_label=9))[0]
+    assert nothing_else["dice"] == 1.0 and nothing_else["empty_prediction"] and not nothing_else["distance_penalised"]
+
+
+def test_the_ignore_label_leaves_the_surface_metrics_as_nnunet_leaves_the_overlap():
+    """A cube next to an ignored slab, predicted as the cube grown into the slab: only the part outside counts,
+    for the surfaces too; the Dice of random maps is nnU-Net's (TP, FP, FN counted where the reference is not
+    ignored), with regions as with labels."""
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[3:7, 3:9, 3:9] = 1
+    reference[7:10] = 255
+    prediction = reference.copy()
+    prediction[7:10, 3:9, 3:9] = 1
+    row = score_case(reference, np.where(prediction == 255, 0, prediction), classes(2, ignore_label=255),
+                     ANISOTROPIC, 0.0)[0]
+    assert (row["dice"], row["assd_mm"], row["hd95_mm"], row["surface_dice"]) == (1.0, 0.0, 0.0, 1.0)
+    rng = np.random.default_rng(5)
+    for targets in (classes(5, ignore_label=7), dataclasses.replace(BRATS_REGIONS, ignore_label=7)):
+        reference, prediction = random_labels(rng, (20, 22, 18), 5), random_labels(rng, (20, 22, 18), 5)
+        reference[random_labels(rng, (20, 22, 18), 2) == 1] = 7
+        kept = reference != 7
+        for row, (_, values) in zip(score_case(reference, prediction, targets), targets.structures):
+            a, b = np.isin(reference, values), np.isin(prediction, values)
+            tp, fp, fn = np.sum(a & b & kept), np.sum(~a & b & kept), np.sum(a & ~b & kept)
+            assert row["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-15)
+            for key, value in brute_force(a, b & kept, (1.0, 1.0, 1.0), 1.0).items():
+                assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
 def test_bad_inputs_raise_with_the_facts():
     good = np.zeros((4, 5, 6), np.int32)
     with pytest.raises(ValueError, match=r"\(4, 5, 6\).*\(4, 5, 7\)"):
-        score_case(good, np.zeros((4, 5, 7), np.int32), 2)
+        score_case(good, np.zeros((4, 5, 7), np.int32), classes(2))
     with pytest.raises(ScoringInputError, match="float32.*np.rint"):
-        score_case(good, good.astype(np.float32), 2)
+        score_case(good, good.astype(np.float32), classes(2))
     out_of_range = good.copy()
     out_of_range[1, 1, 1] = 5
-    with pytest.raises(DataError, match="label 5, outside 0 .. 2"):
-        score_case(good, out_of_range, 3)
+    with pytest.raises(DataError, match="prediction holds label 5, outside 0 .. 2; set data.num_classes"):
+        score_case(good, out_of_range, classes(3))
+    with pytest.raises(DataError, match="reference holds label 5, outside 0 .. 2 and is not data.ignore_label 4"):
+        score_case(out_of_range, good, classes(3, ignore_label=4))
+    ignored = good.copy()
+    ignored[2, 2, 2] = 4
+    score_case(ignored, good, classes(3, ignore_label=4))  # the reference may hold the ignore label ...
+    with pytest.raises(DataError, match="prediction holds label 4, outside 0 .. 2; set"):
+        score_case(good, ignored, classes(3, ignore_label=4))  # ... the prediction may not
     with pytest.raises(ScoringInputError, match="spacing_mm"):
-        score_case(good, good, 2, spacing_mm=(1.0, 0.0, 1.0))
-    with pytest.raises(ScoringInputError, match="classes"):
-        score_case(good, good, 2, classes=[2])
+        score_case(good, good, classes(2), spacing_mm=(1.0, 0.0, 1.0))
+    with pytest.raises(ScoringInputError, match="targets must be a medseg_dl.data.targets.Targets.*got 2$"):
+        score_case(good, good, 2)
     with pytest.raises(ScoringInputError, match="non-empty"):
         surface_distances(good == 1, good == 0)
 

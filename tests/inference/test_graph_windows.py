@@ -11,6 +11,7 @@ PATCH = (16, 12, 16)
 NUM_CHANNELS, NUM_CLASSES = 2, 4
 SOFTMAX = lambda average: tf.nn.softmax(average, axis=-1)  # noqa: E731
 ARGMAX = lambda average: tf.argmax(average, axis=-1, output_type=tf.int32)  # noqa: E731
+SIGMOID = tf.sigmoid  # one per region (data.regions): not shift-invariant
 # (shape, overlap, blending, batch_size): windows per row (y starts x z starts) 4x2 = 8 at overlap 0.5,
 # 3x2 = 6 at 0.25, 2x2 = 4 at 0 (the 11 and 9 voxel axes are padded to one window)
 CASES = [((37, 29, 23), 0.5, "gaussian", 3),   # 3 does not divide a row of 8
@@ -75,11 +76,12 @@ def softmax64(average):
     return exponentials / exponentials.sum(-1, keepdims=True)
 
 
-def in_graph(network, overlap, blending, batch_size, transform, accumulation, spec_shape=(None, None, None)):
+def in_graph(network, overlap, blending, batch_size, transform, accumulation, spec_shape=(None, None, None),
+             max_shift=True):
     """The traced tf.function image (X, Y, Z, C) -> recombine_in_graph(...)."""
     def recombine(image):
         return graph_windows.recombine_in_graph(network, image, PATCH, overlap, blending, batch_size, NUM_CLASSES,
-                                                transform, accumulation)
+                                                transform, accumulation, max_shift)
 
     return tf.function(recombine, input_signature=[tf.TensorSpec(tuple(spec_shape) + (NUM_CHANNELS,), tf.float32)])
 
@@ -116,6 +118,18 @@ def test_float16_accumulation_keeps_probabilities_to_1e_3_and_the_labels_but_at_
     assert decided.mean() > 0.999
     np.testing.assert_array_equal(labels.numpy()[decided], float32_labels[decided])
     assert (labels.numpy() != float32_labels).sum() <= 1
+
+
+@pytest.mark.parametrize("shape, overlap, blending, batch_size", CASES[:3])
+def test_float16_accumulation_of_unshifted_logits_keeps_sigmoids_to_1e_3(shape, overlap, blending, batch_size):
+    """A sigmoid per output (regions) is not shift-invariant: without the max shift float16 sums keep it
+    within 1e-3 of the exact one; with the shift it would be the sigmoid of another value altogether."""
+    network, image = realistic_network(seed=2), image_of(shape, seed=3)
+    exact = 1 / (1 + np.exp(-reference_average(network, image, overlap, blending)))
+    unshifted = in_graph(network, overlap, blending, batch_size, SIGMOID, "float16", max_shift=False)(image)
+    np.testing.assert_allclose(unshifted.numpy(), exact, rtol=0, atol=1e-3)
+    shifted = in_graph(network, overlap, blending, batch_size, SIGMOID, "float16")(image)
+    assert np.abs(shifted.numpy() - exact).max() > 0.1
 
 
 @pytest.mark.parametrize("accumulation", ["float32", "float16"])

@@ -1,21 +1,30 @@
 """Geometry of `medseg predict`: a subject through `subject_case` onto the model grid and its
 probabilities back onto the original grid, slab by slab, land on the original voxels exactly; the
 post-processing decision is applied to the final label map on the original grid, with the original
-spacing; probabilities are streamed to disk in uint8 or float16."""
+spacing; probabilities are streamed to disk in uint8 or float16; with regions, the region probabilities
+are mapped back and saved, and the regions painted from them on the original grid."""
 import weakref
 
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy import ndimage
 
 from conftest import write_nifti
 from medseg_dl.data.cases import Case, CaseRecipe, subject_case
 from medseg_dl.data.subjects import Subject
+from medseg_dl.data.targets import Region, Targets
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.original_grid import model_axis_of, original_slabs
-from medseg_dl.inference.predict import segment_case
+from medseg_dl.inference.predict import _predict_subjects, segment_case
+from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.probability_files import ProbabilityWriter
+
+CLASSES = Targets(3, ("background", "one", "two"))
+# BraTS's nested regions over labels 1 (edema), 2 (necrosis), 3 (enhancing), painted in this order
+REGIONS = Targets(4, ("background", "edema", "necrosis", "enhancing"),
+                  (Region("whole", (1, 2, 3), 1), Region("core", (2, 3), 2), Region("enhancing", (3,), 3)))
 
 
 def slabs_of(volume, axis, thickness):
@@ -121,7 +130,7 @@ def test_original_slices_are_interpolated_as_their_model_planes_arrive():
 class OneHotPredictor:
     """A stub `Predictor` whose probabilities are the one-hot of fixed model labels (X, Y, Z), in slabs of 3."""
 
-    num_classes = 3
+    targets = CLASSES
 
     def __init__(self, model_labels):
         self.probabilities = np.eye(3, dtype=np.float32)[model_labels]
@@ -153,7 +162,7 @@ def test_post_processing_applies_to_the_final_label_map_on_the_original_grid(tmp
     probabilities = np.load(writer.close())
     assert labels.dtype == np.uint8 and labels.shape == (4, 8, 8) and probabilities.shape == (4, 8, 8, 3)
     np.testing.assert_array_equal(labels, model[::2])
-    assert postprocess.apply(model, decision, (1, 1, 1))[:3].sum() == 0  # what the model grid would give
+    assert postprocess.apply(model, decision, (1, 1, 1), CLASSES)[:3].sum() == 0  # what the model grid would give
     np.testing.assert_array_equal(np.argmax(probabilities, axis=-1), model[::2])  # saved before post-processing
 
 
@@ -200,3 +209,30 @@ def test_an_abandoned_probability_file_leaves_nothing(tmp_path):
     writer.write(0, np.full((4, 4, 2, 2), 0.5, np.float32))
     writer.abandon()
     assert not list(tmp_path.iterdir())
+
+
+def test_predict_saves_the_region_probabilities_mapped_back_and_paints_the_regions_from_them(tmp_path):
+    """With regions, `medseg predict --save-probabilities` writes one channel per region on the original grid
+    (the model grid's sigmoids interpolated back), and the label map paints the regions from those mapped-back
+    probabilities (p > 0.5, in order), not from the model grid's labels."""
+    shape = (7, 9, 6)
+    write_nifti(tmp_path / "image.nii.gz", np.random.default_rng(4).normal(size=shape).astype(np.float32), OBLIQUE)
+    recipe_values = recipe(True, [0.9, 1.3, 0.7])
+    case = subject_case(Subject("s", [str(tmp_path / "image.nii.gz")]), recipe_values)
+    offsets = tf.constant([3.0, 0.0, -6.0])  # whole, core, enhancing where the image is over -0.5, 0, 1
+    predictor = Predictor(lambda inputs: 6.0 * inputs["image"] + offsets, (8, 8, 8), REGIONS, recombination="host")
+    written = _predict_subjects(predictor, None, recipe_values, [Subject("s", [str(tmp_path / "image.nii.gz")])],
+                                str(tmp_path / "out"), "float16")
+    assert [p.rsplit("/", 1)[1] for p in written] == ["s.nii.gz", "s_probabilities.npy"]
+    saved = np.load(written[1]).astype(np.float32)
+    expected = whole_volume_reference(predictor.probabilities(case.image), case.affine, shape, case.original_affine)
+    assert saved.shape == shape + (3,)
+    np.testing.assert_allclose(saved, expected, atol=1e-3)
+    labels = np.asanyarray(nib.load(written[0]).dataobj)
+    decided = np.abs(expected - 0.5).min(axis=-1) > 1e-3
+    assert decided.mean() > 0.95 and set(np.unique(labels)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(labels[decided], REGIONS.labels_of(expected - 0.5)[decided])
+    to_model = np.linalg.inv(case.affine) @ case.original_affine
+    painted_first = ndimage.affine_transform(predictor.labels(case.image), to_model[:3, :3], to_model[:3, 3],
+                                             output_shape=shape, order=0, mode="nearest")
+    assert (painted_first != labels).sum() > 10  # painting on the model grid, then mapping back, differs

@@ -11,11 +11,15 @@ import tensorflow as tf
 
 from conftest import REPO
 from medseg_dl.config.params import Params
+from medseg_dl.data.targets import Region, Targets
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.inference import windows
 from medseg_dl.inference.predictor import Predictor
 
 EXACT = {"accumulation": "float32"}  # the tests of the recombination's arithmetic: float32 sums
+# BraTS's nested regions over labels 1 (edema), 2 (necrosis), 3 (enhancing), painted in this order
+REGIONS = Targets(4, ("background", "edema", "necrosis", "enhancing"),
+                  (Region("whole", (1, 2, 3), 1), Region("core", (2, 3), 2), Region("enhancing", (3,), 3)))
 BRATS_SUBJECT = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
 
 
@@ -25,8 +29,13 @@ def conv_network(kernel):
     return lambda inputs: tf.nn.conv3d(inputs["image"], kernel, [1] * 5, "SAME")
 
 
-def random_kernel(seed, channels=2, classes=3):
-    return np.random.default_rng(seed).normal(size=(3, 3, 3, channels, classes)).astype(np.float32)
+def random_kernel(seed, channels=2, outputs=3):
+    return np.random.default_rng(seed).normal(size=(3, 3, 3, channels, outputs)).astype(np.float32)
+
+
+def classes(k):
+    """The targets of k exclusive classes (one softmax)."""
+    return Targets(k, tuple(f"class_{c}" for c in range(k)))
 
 
 def whole_volume_probabilities(network, image):
@@ -58,7 +67,8 @@ def exact_voxels(grid):
 def test_equivariant_network_matches_a_whole_volume_pass_off_the_window_faces(shape, overlap, blending):
     image = np.random.default_rng(2).normal(size=shape + (2,)).astype(np.float32)
     network = conv_network(random_kernel(3))
-    predictor = Predictor(network, (16, 12, 16), 3, overlap=overlap, blending=blending, batch_size=3, **EXACT)
+    predictor = Predictor(network, (16, 12, 16), classes(3), overlap=overlap, blending=blending, batch_size=3,
+                          **EXACT)
     result = predictor.probabilities(image)
     reference = whole_volume_probabilities(network, image)
     region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, blending))
@@ -72,7 +82,7 @@ def test_equivariant_network_matches_a_whole_volume_pass_off_the_window_faces(sh
 
 def test_labels_are_the_argmax_of_the_probabilities():
     image = np.random.default_rng(4).normal(size=(26, 19, 17, 2)).astype(np.float32)
-    predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), 3)
+    predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), classes(3))
     labels = predictor.labels(image)
     assert labels.dtype == np.uint8 and labels.shape == image.shape[:3]
     np.testing.assert_array_equal(labels, np.argmax(predictor.probabilities(image), axis=-1))
@@ -82,7 +92,7 @@ def test_a_fortran_ordered_image_is_windowed_from_a_c_ordered_copy_with_the_same
     """nibabel reads volumes in Fortran order; windows cut from one would be transposing copies (7x slower on
     a BraTS volume), so the Predictor hands the windowing a C-ordered copy, and only then."""
     image = np.random.default_rng(4).normal(size=(26, 19, 17, 2)).astype(np.float32)
-    predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), 3)
+    predictor = Predictor(conv_network(random_kernel(5)), (16, 16, 16), classes(3))
     expected = predictor.probabilities(image)
     seen = []
     recombined_slabs = windows.recombined_slabs
@@ -104,8 +114,9 @@ def symmetric_kernel(seed):
 def test_mirroring_changes_nothing_for_a_mirror_symmetric_network(blending):
     image = np.random.default_rng(6).normal(size=(30, 22, 18, 2)).astype(np.float32)
     network = conv_network(symmetric_kernel(7))
-    plain = Predictor(network, (16, 16, 16), 3, blending=blending, **EXACT).probabilities(image)
-    mirrored = Predictor(network, (16, 16, 16), 3, blending=blending, tta_mirroring=True, **EXACT).probabilities(image)
+    plain = Predictor(network, (16, 16, 16), classes(3), blending=blending, **EXACT).probabilities(image)
+    mirrored = Predictor(network, (16, 16, 16), classes(3), blending=blending, tta_mirroring=True,
+                         **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, plain, atol=2e-6)
 
 
@@ -115,8 +126,8 @@ def test_mirroring_averages_the_probabilities_of_the_8_flips():
     network = conv_network(random_kernel(9))
     reference = np.mean([np.flip(whole_volume_probabilities(network, np.flip(image, axes).copy()), axes)
                          for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]], axis=0)
-    mirrored = Predictor(network, (16, 16, 16), 3, tta_mirroring=True, **EXACT).probabilities(image)
-    plain = Predictor(network, (16, 16, 16), 3, **EXACT).probabilities(image)
+    mirrored = Predictor(network, (16, 16, 16), classes(3), tta_mirroring=True, **EXACT).probabilities(image)
+    plain = Predictor(network, (16, 16, 16), classes(3), **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, reference, atol=2e-6)
     assert np.abs(plain - reference).max() > 1e-2  # the kernel is not symmetric: mirroring matters
 
@@ -126,7 +137,7 @@ def test_network_receives_the_window_positions():
     network = lambda inputs: 10.0 * tf.broadcast_to(inputs["position"][:, None, None, None, :],
                                                     tf.concat([tf.shape(inputs["image"])[:4], [3]], 0))
     image = np.zeros((32, 16, 10, 1), np.float32)
-    result = Predictor(network, (16, 16, 16), 3, overlap=0.0, **EXACT).probabilities(image)
+    result = Predictor(network, (16, 16, 16), classes(3), overlap=0.0, **EXACT).probabilities(image)
     x = np.arange(32)
     centres = np.stack([(16 * (x // 16) + 7.5) / 31, np.full(32, 7.5 / 15), np.full(32, 0.5)], axis=-1)
     expected = tf.nn.softmax(10.0 * centres, axis=-1).numpy()
@@ -146,8 +157,8 @@ def test_mirroring_gives_each_flipped_window_its_mirrored_position():
     coordinates = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) / extent
     expected = tf.nn.softmax(10.0 * np.abs(coordinates - 0.5), axis=-1).numpy()
     image = np.zeros(shape + (1,), np.float32)
-    np.testing.assert_allclose(Predictor(network, size, 3, **EXACT).probabilities(image), expected, atol=1e-5)
-    mirrored = Predictor(network, size, 3, tta_mirroring=True, **EXACT).probabilities(image)
+    np.testing.assert_allclose(Predictor(network, size, classes(3), **EXACT).probabilities(image), expected, atol=1e-5)
+    mirrored = Predictor(network, size, classes(3), tta_mirroring=True, **EXACT).probabilities(image)
     np.testing.assert_allclose(mirrored, expected, atol=1e-5)
 
 
@@ -166,7 +177,7 @@ class DropoutNetwork(keras.Model):
 def test_keras_models_are_called_with_training_false():
     network = DropoutNetwork()
     image = np.random.default_rng(10).normal(size=(20, 16, 16, 2)).astype(np.float32)
-    result = Predictor(network, (16, 16, 16), 3, overlap=0.25, **EXACT).probabilities(image)
+    result = Predictor(network, (16, 16, 16), classes(3), overlap=0.25, **EXACT).probabilities(image)
     logits = network.conv(image[None]).numpy()[0]
     np.testing.assert_allclose(result, tf.nn.softmax(logits, axis=-1).numpy(), atol=2e-6)
 
@@ -175,20 +186,31 @@ def test_predictor_from_params_takes_window_classes_and_evaluation_settings():
     params = Params.from_dict({"data": {"num_classes": 4}, "sampling": {"patch_size": [8, 12, 16]},
                                "evaluation": {"overlap": 0.25, "blending": "constant", "batch_size": 2,
                                               "tta_mirroring": True}})
-    predictor = Predictor.from_params(conv_network(random_kernel(11, classes=4)), params)
-    assert (predictor.patch_size_vox, predictor.num_classes, predictor.overlap, predictor.blending,
-            predictor.batch_size, predictor.tta_mirroring) == ((8, 12, 16), 4, 0.25, "constant", 2, True)
+    predictor = Predictor.from_params(conv_network(random_kernel(11, outputs=4)), params)
+    assert (predictor.patch_size_vox, predictor.targets, predictor.overlap, predictor.blending,
+            predictor.batch_size, predictor.tta_mirroring) == ((8, 12, 16), classes(4), 0.25, "constant", 2, True)
     assert predictor.probabilities(np.zeros((9, 12, 20, 2), np.float32)).shape == (9, 12, 20, 4)
+    regions = [{"name": r.name, "labels": list(r.labels), "paint": r.paint} for r in REGIONS.regions]
+    params = Params.from_dict({"data": {"num_classes": 4, "class_names": list(REGIONS.class_names),
+                                        "regions": regions}, "sampling": {"patch_size": [8, 12, 16]}})
+    predictor = Predictor.from_params(conv_network(random_kernel(11)), params)
+    assert predictor.targets == REGIONS
+    assert predictor.probabilities(np.zeros((9, 12, 20, 2), np.float32)).shape == (9, 12, 20, 3)
 
 
 def test_user_errors_name_the_fix():
     network = conv_network(random_kernel(12))
     with pytest.raises(ParamsError, match="data.num_classes"):
-        Predictor(network, (8, 8, 8), 5).probabilities(np.zeros((8, 8, 8, 2), np.float32))
+        Predictor(network, (8, 8, 8), classes(5)).probabilities(np.zeros((8, 8, 8, 2), np.float32))
+    with pytest.raises(ParamsError, match="data.regions"):
+        Predictor(conv_network(random_kernel(12, outputs=4)), (8, 8, 8), REGIONS).labels(np.zeros((8, 8, 8, 2),
+                                                                                                 np.float32))
+    with pytest.raises(ValueError, match="targets = 3; expected a Targets"):
+        Predictor(network, (8, 8, 8), 3)
     with pytest.raises(DataError, match=r"\(X, Y, Z, C\)"):
-        Predictor(network, (8, 8, 8), 3).probabilities(np.zeros((8, 8, 8), np.float32))
+        Predictor(network, (8, 8, 8), classes(3)).probabilities(np.zeros((8, 8, 8), np.float32))
     with pytest.raises(ParamsError, match="evaluation.blending"):
-        Predictor(network, (8, 8, 8), 3, blending="hann")
+        Predictor(network, (8, 8, 8), classes(3), blending="hann")
 
 
 @pytest.mark.skipif(not os.path.isdir(BRATS_SUBJECT), reason="BraTS data not available")
@@ -220,7 +242,7 @@ def test_an_ensemble_of_two_networks_gives_the_mean_of_their_softmaxes():
     for shape, overlap in [((16, 16, 16), 0.5), ((37, 30, 21), 0.5), ((20, 11, 16), 0.0)]:
         image = np.random.default_rng(15).normal(size=shape + (2,)).astype(np.float32)
         reference = (whole_volume_probabilities(first, image) + whole_volume_probabilities(second, image)) / 2
-        predictor = Predictor([first, second], (16, 12, 16), 3, overlap=overlap, batch_size=3, **EXACT)
+        predictor = Predictor([first, second], (16, 12, 16), classes(3), overlap=overlap, batch_size=3, **EXACT)
         result = predictor.probabilities(image)
         region = exact_voxels(windows.window_grid(shape, (16, 12, 16), overlap, "gaussian"))
         assert result.shape == shape + (3,) and result.dtype == np.float32
@@ -234,7 +256,7 @@ def test_an_ensemble_with_mirroring_averages_members_and_flips_alike():
     members = [conv_network(random_kernel(17)), conv_network(random_kernel(18))]
     reference = np.mean([np.flip(whole_volume_probabilities(n, np.flip(image, axes).copy()), axes)
                          for n in members for axes in FLIPS], axis=0)
-    result = Predictor(members, (16, 16, 16), 3, tta_mirroring=True, **EXACT).probabilities(image)
+    result = Predictor(members, (16, 16, 16), classes(3), tta_mirroring=True, **EXACT).probabilities(image)
     np.testing.assert_allclose(result, reference, atol=2e-6)
 
 
@@ -244,8 +266,8 @@ def test_one_member_is_the_single_network_predictor_exactly(tta_mirroring):
     network's own logits (not a log-softmax), with it the log of the flip-averaged softmax."""
     network = conv_network(random_kernel(19))
     image = np.random.default_rng(20).normal(size=(26, 19, 17, 2)).astype(np.float32)
-    single = Predictor(network, (16, 12, 16), 3, tta_mirroring=tta_mirroring)
-    np.testing.assert_array_equal(Predictor([network], (16, 12, 16), 3, tta_mirroring=tta_mirroring)
+    single = Predictor(network, (16, 12, 16), classes(3), tta_mirroring=tta_mirroring)
+    np.testing.assert_array_equal(Predictor([network], (16, 12, 16), classes(3), tta_mirroring=tta_mirroring)
                                   .probabilities(image), single.probabilities(image))
     windows_batch = tf.constant(image[None, :16, :12, :16])
     positions = tf.constant([[0.2, 0.6, 0.9]], tf.float32)
@@ -261,9 +283,9 @@ def test_one_member_is_the_single_network_predictor_exactly(tta_mirroring):
 
 def test_an_ensemble_needs_callables():
     with pytest.raises(ParamsError, match="sequence of networks"):
-        Predictor([], (8, 8, 8), 3)
+        Predictor([], (8, 8, 8), classes(3))
     with pytest.raises(ParamsError, match="sequence of networks"):
-        Predictor([conv_network(random_kernel(21)), "not a network"], (8, 8, 8), 3)
+        Predictor([conv_network(random_kernel(21)), "not a network"], (8, 8, 8), classes(3))
 
 
 @pytest.mark.parametrize("shape, tta_mirroring", [((37, 21, 30), False), ((12, 40, 9), True)])
@@ -272,12 +294,87 @@ def test_recombination_on_the_device_equals_the_host_path(shape, tta_mirroring):
     labels and blended logits; a volume smaller than the window along two axes is padded alike."""
     image = np.random.default_rng(8).normal(size=shape + (2,)).astype(np.float32)
     network = conv_network(random_kernel(9))
-    host, device = (Predictor(network, (16, 12, 16), 3, overlap=0.4, batch_size=3, tta_mirroring=tta_mirroring,
-                              recombination=where, **EXACT) for where in ("host", "device"))
+    host, device = (Predictor(network, (16, 12, 16), classes(3), overlap=0.4, batch_size=3,
+                              tta_mirroring=tta_mirroring, recombination=where, **EXACT)
+                    for where in ("host", "device"))
     assert device.on_device and not host.on_device
     np.testing.assert_allclose(device.probabilities(image), host.probabilities(image), atol=1e-5)
     np.testing.assert_allclose(device.logits(image), host.logits(image), atol=1e-5)
     np.testing.assert_array_equal(device.labels(image), host.labels(image))
     np.testing.assert_allclose(tf.nn.softmax(host.logits(image), axis=-1), host.probabilities(image), atol=1e-6)
     with pytest.raises(ParamsError, match="recombination = 'gpu'; expected one of auto, host, device"):
-        Predictor(network, (16, 12, 16), 3, recombination="gpu")
+        Predictor(network, (16, 12, 16), classes(3), recombination="gpu")
+
+
+def whole_volume_logits(network, image):
+    return network({"image": image[None], "position": np.full((1, 3), 0.5, np.float32)}).numpy()[0]
+
+
+def sigmoid(logits):
+    return 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+
+def test_region_probabilities_are_the_sigmoid_of_the_blended_logits_and_the_labels_the_regions_painted():
+    """With regions each output is a sigmoid of its own: the probabilities are the sigmoid of the blended
+    logits (the whole-volume sigmoid off the window faces, not a softmax), the labels the regions painted in
+    order where their logit is > 0 (every paint value shows up)."""
+    shape = (37, 30, 21)
+    image = np.random.default_rng(22).normal(size=shape + (2,)).astype(np.float32)
+    network = conv_network(random_kernel(23))
+    predictor = Predictor(network, (16, 12, 16), REGIONS, batch_size=3, recombination="host", **EXACT)
+    probabilities, logits, labels = (predictor.probabilities(image), predictor.logits(image), predictor.labels(image))
+    assert probabilities.shape == shape + (3,) and labels.dtype == np.uint8 and labels.shape == shape
+    np.testing.assert_allclose(probabilities, sigmoid(logits), atol=1e-6)
+    region = exact_voxels(windows.window_grid(shape, (16, 12, 16), 0.5, "gaussian"))
+    np.testing.assert_allclose(probabilities[region], sigmoid(whole_volume_logits(network, image))[region], atol=2e-6)
+    np.testing.assert_array_equal(labels, REGIONS.labels_of(logits))
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+
+
+def test_regions_on_the_device_equal_the_host_path():
+    """The in-graph recombination with regions (sigmoid, painting; two members and 8 flips averaging their
+    sigmoids) against the numpy one, on this CPU; float16 sums (unshifted for a sigmoid) within 1e-3 of the
+    float32 ones on both paths, with the same painted labels wherever every region's blended logit is 1e-2 or
+    more from 0 (confident members that disagree average to p = 0.5, a logit of 0: a tie that float16 may
+    break; the members here mostly agree, their flips less)."""
+    shape = (37, 21, 30)
+    image = 2 * np.random.default_rng(24).normal(size=shape + (2,)).astype(np.float32)
+    members = [conv_network(random_kernel(25)), conv_network(random_kernel(25) + 0.3 * random_kernel(26))]
+    results = {}
+    for where in ("host", "device"):
+        for accumulation in ("float32", "float16"):
+            predictor = Predictor(members, (16, 12, 16), REGIONS, overlap=0.4, batch_size=3, recombination=where,
+                                  tta_mirroring=True, accumulation=accumulation)
+            results[where, accumulation] = predictor.probabilities(image), predictor.labels(image)
+    exact, exact_labels = results["host", "float32"]
+    logits = predictor.logits(image)
+    assert np.abs(logits).max() > 20  # confident outputs: float16's coarse values are used
+    np.testing.assert_allclose(results["device", "float32"][0], exact, atol=1e-5)
+    np.testing.assert_array_equal(results["device", "float32"][1], exact_labels)
+    decided = np.abs(logits).min(axis=-1) >= 1e-2
+    assert decided.mean() > 0.9
+    for where in ("host", "device"):
+        probabilities, labels = results[where, "float16"]
+        np.testing.assert_allclose(probabilities, exact, atol=1e-3)
+        np.testing.assert_array_equal(labels[decided], exact_labels[decided])
+    assert set(np.unique(exact_labels)) == {0, 1, 2, 3}
+
+
+def test_an_ensemble_with_mirroring_averages_the_region_sigmoids():
+    """One window covering the volume: the region probabilities are exactly the mean of the sigmoids over the
+    members and the 8 flips (not the sigmoid of the mean logit), and the window logits their log-odds, finite
+    and exact for confident outputs: two copies of a network give back its logits up to +-40."""
+    image = np.random.default_rng(27).normal(size=(16, 16, 16, 2)).astype(np.float32)
+    members = [conv_network(random_kernel(28)), conv_network(random_kernel(29))]
+    logits = [np.flip(whole_volume_logits(n, np.flip(image, axes).copy()), axes) for n in members for axes in FLIPS]
+    reference = np.mean([sigmoid(x) for x in logits], axis=0)
+    predictor = Predictor(members, (16, 16, 16), REGIONS, tta_mirroring=True, **EXACT)
+    np.testing.assert_allclose(predictor.probabilities(image), reference, atol=2e-6)
+    assert np.abs(sigmoid(np.mean(logits, axis=0)) - reference).max() > 1e-2  # averaging probabilities matters
+    np.testing.assert_array_equal(predictor.labels(image), REGIONS.labels_of(reference - 0.5))
+    network = conv_network(random_kernel(30))
+    window = tf.constant(image[None])
+    logits = network({"image": window}).numpy()
+    assert 30 < np.abs(logits).max() < 40
+    twice = Predictor([network, network], (16, 16, 16), REGIONS).window_function(2)(window, tf.constant([[0.5] * 3]))
+    np.testing.assert_allclose(twice.numpy(), logits, rtol=1e-5, atol=1e-5)

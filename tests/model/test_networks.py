@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
+from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.model.architectures import build_network, registered
 from medseg_dl.model.architectures.medpatchnet import MedPatchNet
@@ -56,6 +57,14 @@ def test_any_patch_size_gives_float32_logits_of_the_input_size(architecture):
     net = build_network(_params(architecture, num_classes=4, channels=("t1", "flair")))
     logits = net(_batch(2, (13, 10, 7), channels=2))
     assert logits.shape == (2, 13, 10, 7, 4) and logits.dtype == tf.float32
+
+
+@pytest.mark.parametrize("architecture", ["unet", "medpatchnet"])
+def test_a_region_network_has_one_output_per_region(architecture):
+    regions = [{"name": "any", "labels": [1, 2, 3], "paint": 1}, {"name": "core", "labels": [3], "paint": 3}]
+    model = {"architecture": architecture, "base_filters": 4, "depth": 2, "esp_branches": 2}
+    params = Params.from_dict({"model": model, "data": {"num_classes": 4, "regions": regions}})
+    assert build_network(params)(_batch(1, (8, 8, 8))).shape == (1, 8, 8, 8, 2)
 
 
 @pytest.mark.parametrize("architecture", ["unet", "medpatchnet"])
@@ -141,7 +150,7 @@ def _train_and_score(use_position, steps=30, learning_rate=0.1):
     net(_position_task(rng)[0])  # variables exist before tracing: one trace, not two
     for _ in range(steps):
         step(*_position_task(rng))
-    metric = StreamingDice(2)
+    metric = StreamingDice(Targets.from_params(params.data))
     for _ in range(4):
         batch, labels = _position_task(rng)
         metric.update_state(labels, net(batch))

@@ -59,6 +59,16 @@ def test_loss_falls_checkpoints_rotate_done_marker(tmp_path):
     assert any(f.startswith("events.out") for f in os.listdir(model_dir.train_logs))
 
 
+def test_a_region_run_logs_a_dice_per_region(tmp_path):
+    regions = [{"name": "any", "labels": [1, 2], "paint": 1}, {"name": "cube", "labels": [2], "paint": 2}]
+    params, model_dir = prepare(write_params(tmp_path, data={"regions": regions},
+                                             training={"steps": 10, "image_summary_every": 5}))  # images painted
+    assert training.run_training(params, model_dir) == 10
+    rows = read_scalars(model_dir)
+    assert [int(r["step"]) for r in rows] == [5, 10]
+    assert [c for c in rows[0] if c.startswith("dice_")] == ["dice_mean_foreground", "dice_any", "dice_cube"]
+
+
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
     params, model_dir = prepare(write_params(tmp_path))
     real_model_fn = training.model_fn

@@ -1,8 +1,9 @@
 """Networks by name: `build_network(params)` builds the one named by `model.architecture`.
 
 Every network is a `keras.Model` called on {"image": (N, X, Y, Z, C) float32,
-"position": (N, 3) float32} and returning float32 logits (N, X, Y, Z, num_classes) for any
-patch size (see each module for deep supervision). Register a new one with
+"position": (N, 3) float32} and returning float32 logits (N, X, Y, Z, K) for any patch size (see
+each module for deep supervision); K is the outputs of the params' `Targets` (data/targets.py: the
+classes, or the regions), and no activation is applied. Register a new one with
 
     @register("name")
     def build_name(params) -> keras.Model: ...

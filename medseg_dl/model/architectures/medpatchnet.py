@@ -13,11 +13,13 @@ so the same network (same variables) runs with fixed kernels, for ablations.
 
 Shape contract: input {"image": (N, X, Y, Z, C) float32, "position": (N, 3) float32 in [0, 1]},
 any X, Y, Z (zero-padded at the ends to multiples of 2**(depth-1) inside, cropped back);
-output float32 logits (N, X, Y, Z, num_classes).
+output float32 logits (N, X, Y, Z, num_outputs), K = num_outputs: the classes or the regions of the
+params' `Targets`.
 """
 import keras
 from keras import ops
 
+from medseg_dl.data.targets import Targets
 from medseg_dl.errors import ParamsError
 from medseg_dl.model.architectures import register
 from medseg_dl.model.architectures.unet import stage_filters
@@ -29,11 +31,11 @@ from medseg_dl.model.layers import (BuildOnCall, ConvNormAct, ESPBlock, Position
 class MedPatchNet(BuildOnCall, keras.Model):
     """Position-conditioned ESP encoder-decoder; see the module docstring."""
 
-    def __init__(self, num_classes, input_channels=1, base_filters=16, depth=4, esp_branches=4, norm="instance",
+    def __init__(self, num_outputs, input_channels=1, base_filters=16, depth=4, esp_branches=4, norm="instance",
                  activation="leaky_relu", norm_groups=8, use_position=True, fourier_features=4, dynamic_experts=4,
                  bottleneck_kernel=1, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.arguments = dict(num_classes=num_classes, input_channels=input_channels, base_filters=base_filters,
+        self.arguments = dict(num_outputs=num_outputs, input_channels=input_channels, base_filters=base_filters,
                               depth=depth, esp_branches=esp_branches, norm=norm, activation=activation,
                               norm_groups=norm_groups, use_position=use_position, fourier_features=fourier_features,
                               dynamic_experts=dynamic_experts, bottleneck_kernel=bottleneck_kernel,
@@ -56,10 +58,10 @@ class MedPatchNet(BuildOnCall, keras.Model):
         self.refine = PositionalConv(filters[0], kernel_size=1, name="refine", **dynamic)
         self.refine_act = make_activation(activation, name="refine_act")
         self.dropout = keras.layers.Dropout(dropout)
-        self.classifier = keras.layers.Conv3D(num_classes, 1, name="classifier")
+        self.classifier = keras.layers.Conv3D(num_outputs, 1, name="classifier")
 
     def call(self, inputs, training=None):
-        """{"image": (N, X, Y, Z, C), "position": (N, 3)} -> float32 logits (N, X, Y, Z, num_classes)."""
+        """{"image": (N, X, Y, Z, C), "position": (N, 3)} -> float32 logits (N, X, Y, Z, num_outputs)."""
         image, position = inputs["image"], inputs["position"]
         check_channels(image, self.input_channels)
         if not self.use_position:
@@ -87,12 +89,13 @@ class MedPatchNet(BuildOnCall, keras.Model):
 def build_medpatchnet(params):
     """MedPatchNet from params.model (base_filters, depth, esp_branches, norm, activation, norm_groups,
     use_position, fourier_features, dynamic_experts, bottleneck_kernel, dropout) and params.data
-    (channels, num_classes)."""
+    (channels; the outputs of its `Targets`)."""
     model = params.model
     if model.esp_branches > model.base_filters:
         raise ParamsError(f"model.esp_branches = {model.esp_branches} exceeds model.base_filters = "
                           f"{model.base_filters}: every ESP branch needs a channel; lower esp_branches")
-    return MedPatchNet(num_classes=params.data.num_classes, input_channels=len(params.data.channels),
+    return MedPatchNet(num_outputs=Targets.from_params(params.data).outputs,
+                       input_channels=len(params.data.channels),
                        base_filters=model.base_filters, depth=model.depth, esp_branches=model.esp_branches,
                        norm=model.norm, activation=model.activation, norm_groups=model.norm_groups,
                        use_position=model.use_position, fourier_features=model.fourier_features,

@@ -15,15 +15,16 @@ None gives exactly the isotropic network (same variables, same outputs) as expli
 Shape contract. Input {"image": (N, X, Y, Z, C) float32, "position": ignored}; any X, Y, Z:
 the image is zero-padded at the ends to multiples of S_{depth-1} per axis (2**(depth-1) on
 every axis by default) and the logits cropped back. Output: float32 logits (N, X, Y, Z,
-num_classes). With deep supervision and training=True the output is a list [level 0, level 1,
-..., level depth-2] where level l has shape (N, ceil(X/Sx), ceil(Y/Sy), ceil(Z/Sz), num_classes)
-for S_l = (Sx, Sy, Sz), aligned with labels[:, ::Sx, ::Sy, ::Sz] (see
-losses.deep_supervision_loss, given the same level strides); in inference it is the level-0
-tensor only.
+num_outputs), one per class or region of the params' `Targets`. With deep supervision and
+training=True the output is a list [level 0, level 1, ..., level depth-2] where level l has
+shape (N, ceil(X/Sx), ceil(Y/Sy), ceil(Z/Sz), num_outputs) for S_l = (Sx, Sy, Sz), aligned with
+labels[:, ::Sx, ::Sy, ::Sz] (see losses.deep_supervision_loss, given the same level strides); in
+inference it is the level-0 tensor only.
 """
 import keras
 from keras import ops
 
+from medseg_dl.data.targets import Targets
 from medseg_dl.model.architectures import register
 from medseg_dl.model.layers import (BuildOnCall, ConvPair, ResidualBlock, UpBlock, check_channels, crop_spatial,
                                     cumulative_strides, pad_to_multiple, triple)
@@ -57,13 +58,13 @@ class UNet(BuildOnCall, keras.Model):
     `level_strides`: the cumulative stride (sx, sy, sz) of each of the depth levels.
     """
 
-    def __init__(self, num_classes, input_channels=1, base_filters=16, depth=4, norm="instance",
+    def __init__(self, num_outputs, input_channels=1, base_filters=16, depth=4, norm="instance",
                  activation="leaky_relu", norm_groups=8, residual=False, deep_supervision=False, dropout=0.0,
                  strides=None, kernel_sizes=None, **kwargs):
         super().__init__(**kwargs)
         strides = _per_level(strides, depth - 1, "strides")
         kernel_sizes = _per_level(kernel_sizes, depth, "kernel_sizes")
-        self.arguments = dict(num_classes=num_classes, input_channels=input_channels, base_filters=base_filters,
+        self.arguments = dict(num_outputs=num_outputs, input_channels=input_channels, base_filters=base_filters,
                               depth=depth, norm=norm, activation=activation, norm_groups=norm_groups,
                               residual=residual, deep_supervision=deep_supervision, dropout=dropout,
                               strides=strides, kernel_sizes=kernel_sizes)
@@ -86,7 +87,7 @@ class UNet(BuildOnCall, keras.Model):
         self.dropout = keras.layers.Dropout(dropout)
         self.head_levels = max(depth - 1, 1) if deep_supervision else 1
         for level in range(self.head_levels):
-            setattr(self, f"head_{level}", keras.layers.Conv3D(num_classes, 1, name=f"head_{level}"))
+            setattr(self, f"head_{level}", keras.layers.Conv3D(num_outputs, 1, name=f"head_{level}"))
 
     def call(self, inputs, training=None):
         """{"image": (N, X, Y, Z, C)} -> float32 logits; a list of levels with deep supervision in training."""
@@ -139,9 +140,9 @@ class UNet(BuildOnCall, keras.Model):
 @register("unet")
 def build_unet(params):
     """UNet from params.model (base_filters, depth, strides, kernel_sizes, norm, activation, norm_groups,
-    residual, deep_supervision, dropout) and params.data (channels, num_classes)."""
+    residual, deep_supervision, dropout) and params.data (channels; the outputs of its `Targets`)."""
     model = params.model
-    return UNet(num_classes=params.data.num_classes, input_channels=len(params.data.channels),
+    return UNet(num_outputs=Targets.from_params(params.data).outputs, input_channels=len(params.data.channels),
                 base_filters=model.base_filters, depth=model.depth, norm=model.norm, activation=model.activation,
                 norm_groups=model.norm_groups, residual=model.residual, deep_supervision=model.deep_supervision,
                 dropout=model.dropout, strides=model.strides, kernel_sizes=model.kernel_sizes, name="unet")
