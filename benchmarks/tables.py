@@ -157,6 +157,18 @@ def storage_cells(r):
             r["read_case_s"], r["read_box_s"]]
 
 
+def regions_cells(r):
+    """A BraTS run scored as regions (Dice / HD95 per region), or a hippocampus run on dense or sparse labels."""
+    if r["workload"] == "brats":
+        scores = "; ".join(f"{name} {s['dice']:.3f} / {s['hd95_mm']:.1f}" for name, s in r["scored_as_regions"].items())
+        return ["BraTS", f"trained on {r['trained_on']}", r["steps"], r["train_minutes"], r["step_time_s"],
+                f"{len(r['held_out'])} held-out subjects", scores]
+    dice = ", ".join(f"{name} {value:.4f}" for name, value in r["dice"].items())
+    return ["hippocampus", f"{r['annotation']} labels ({r['labelled_voxel_fraction']:.0%} of the voxels)", r["steps"],
+            r["train_minutes"], r["step_time_s"], f"{r['test_cases']} test cases",
+            f"mean Dice {r['mean_dice']:.4f} ({dice})"]
+
+
 # results name -> (column titles before "machine, date", the cells of one line in that order)
 RENDERERS = {
     "hippocampus_accuracy": (["network", "settings", "steps", "minutes", "s/step", "test cases",
@@ -190,6 +202,7 @@ RENDERERS = {
                "W8: ours vs each peer (speed-up, RSS ratio, labels agree), planned window, predict's RSS target"],
               scale_cells),
     "demo": (["run", "code", "Dice anterior / posterior", "mean Dice", "validation cases"], demo_cells),
+    "regions": (["data", "run", "steps", "train minutes", "s/step", "scored on", "Dice / HD95 mm"], regions_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),
 }
