@@ -114,6 +114,12 @@ class Targets:
             labels[logits[..., r] > 0] = region.paint
         return labels
 
+    def labels_of_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """(..., K) float32 probabilities -> (...) uint8 label map (numpy), as `labels_of` the logits would give:
+        the arg-max over the classes, or the regions painted where their probability exceeds 0.5 (p - 0.5 has the
+        sign of the logit)."""
+        return self.labels_of(probabilities - np.float32(0.5) if self.regions else probabilities)
+
     def labels_in_graph(self, logits: tf.Tensor) -> tf.Tensor:
         """`labels_of` in TensorFlow ops: (..., K) float logits -> (...) uint8."""
         if not self.regions:

@@ -45,9 +45,7 @@ def _case_dice(case: Case, decision: Dict, targets: Targets) -> List[Optional[fl
     """Dice per structure of one case after `decision`, the voxels whose reference is the ignore label left out
     of the prediction (scoring.py); None where the structure is in neither map."""
     reference, prediction, spacing = case
-    processed = apply(prediction, decision, spacing, targets)
-    if targets.ignore_label is not None:
-        processed[reference == targets.ignore_label] = 0
+    processed = scoring.without_ignored(reference, apply(prediction, decision, spacing, targets), targets.ignore_label)
     dice = []
     for _, values in targets.structures:
         a, b = np.isin(reference, values), np.isin(processed, values)

@@ -129,7 +129,7 @@ def score_case(
     _check_targets(targets)
     spacing = _check_spacing(spacing_mm, reference.ndim)
     tolerance_mm = _check_tolerance(tolerance_mm)
-    prediction = _without_ignored(reference, prediction, targets.ignore_label)
+    prediction = without_ignored(reference, prediction, targets.ignore_label)
     ref_boxes = _label_boxes(reference, targets.num_classes, targets.ignore_label, "reference")
     pred_boxes = _label_boxes(prediction, targets.num_classes, None, "prediction")
     rows = []
@@ -188,7 +188,7 @@ def _structure_metrics(reference, prediction, values, ref_box, pred_box, spacing
     return row
 
 
-def _without_ignored(reference: np.ndarray, prediction: np.ndarray, ignore_label: Optional[int]) -> np.ndarray:
+def without_ignored(reference: np.ndarray, prediction: np.ndarray, ignore_label: Optional[int]) -> np.ndarray:
     """`prediction` set to background (0) where `reference` holds `ignore_label` (a copy of the same dtype), or
     `prediction` itself where it holds none (or ignore_label is None)."""
     if ignore_label is None:

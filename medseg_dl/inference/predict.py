@@ -4,7 +4,7 @@ Each input goes through the model's own preprocessing (reorientation, resampling
 with the statistics stored in `dataset.json`), is segmented by sliding window (one network, or the
 mean probabilities of the ensemble's members), and the probabilities (per class, or per region with
 data.regions) are mapped back (trilinearly) onto the input's original voxel grid before the arg-max or
-the painting of the regions (`labels_of_probabilities`), so the saved label map has exactly the input's
+the painting of the regions (`Targets.labels_of_probabilities`), so the saved label map has exactly the input's
 shape, affine and header. The post-processing decision of the experiment
 (`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
 final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
@@ -28,7 +28,6 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import spacing_from_affine, write_nifti
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
-from medseg_dl.data.targets import Targets
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
 from medseg_dl.experiment.model_dir import ModelDir
@@ -67,18 +66,12 @@ def _is_dicom_folder(path):
     return any(n.lower().endswith(".dcm") for n in os.listdir(path))
 
 
-def labels_of_probabilities(targets: Targets, probabilities: np.ndarray) -> np.ndarray:
-    """(..., K) float32 probabilities -> (...) uint8 label map (`Targets.labels_of`): the arg-max over the
-    classes, or the regions painted where their probability exceeds 0.5 (p - 0.5 has the sign of the logit)."""
-    return targets.labels_of(probabilities - np.float32(0.5) if targets.uses_regions else probabilities)
-
-
 def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
                  probabilities: Optional[ProbabilityWriter] = None) -> np.ndarray:
     """Labels (X, Y, Z) uint8 of one case on its original grid: the predictor's labels (arg-max, or regions
     painted), from its probabilities mapped back slab by slab when the model grid differs (original_grid.py,
-    `labels_of_probabilities`), then the post-processing `decision` (None: none) applied to those labels with
+    `Targets.labels_of_probabilities`), then the post-processing `decision` (None: none) applied to those labels with
     the original spacing. The one path from a case to its segmentation (predict and evaluation). progress:
     called with (windows done, windows in total); probabilities: a writer that receives the probabilities
     (X, Y, n, K) float32 on the original grid, slab by slab along z."""
@@ -93,7 +86,7 @@ def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = No
             slabs = original_slabs(slabs, case.image.shape[:3], case.affine, original_shape, case.original_affine)
         labels = np.empty(original_shape, np.uint8)
         for z_begin, block in slabs:
-            labels[:, :, z_begin:z_begin + block.shape[2]] = labels_of_probabilities(predictor.targets, block)
+            labels[:, :, z_begin:z_begin + block.shape[2]] = predictor.targets.labels_of_probabilities(block)
             if probabilities is not None:
                 probabilities.write(z_begin, block)
     if decision is not None:
