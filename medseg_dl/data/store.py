@@ -88,20 +88,35 @@ def read_small(path: str, name: str, dtype, width: int) -> np.ndarray:
 
 def _read_chunk(path: tf.Tensor, stored: tf.DType, chunk_shape: tf.Tensor) -> tf.Tensor:
     """One chunk file of `stored` values (uint8, or byte-shuffled float16) -> `chunk_shape` (cx, cy, cz[, C])
-    float16: labels up to 255 are exact in it, and oneDNN reports transposes of 8- and 16-bit integers as
-    unsupported, with an error line in the user's log (`_read_array` casts labels back to uint8)."""
+    float32. No TensorFlow tensor here is float16 or a small integer type that is transposed: on a CPU
+    without AVX-512, oneDNN logs an error line for either ("oneDNN supports DT_HALF only on platforms with
+    AVX-512"), so the float16 bits are decoded with integer arithmetic and labels travel as float32."""
     raw = tf.io.decode_raw(tf.io.decode_compressed(tf.io.read_file(path), "ZLIB"), tf.uint8)
     if stored == tf.uint8:
-        return tf.reshape(tf.cast(raw, tf.float16), chunk_shape)
-    low, high = tf.split(tf.cast(raw, tf.uint16), 2)  # the shuffled planes: all first bytes, then all second
-    return tf.reshape(tf.bitcast(low + high * 256, tf.float16), chunk_shape)
+        return tf.reshape(tf.cast(raw, tf.float32), chunk_shape)
+    low, high = tf.split(tf.cast(raw, tf.int32), 2)  # the shuffled planes: all first bytes, then all second
+    return tf.reshape(float16_bits_to_float32(low + high * 256), chunk_shape)
+
+
+def float16_bits_to_float32(bits: tf.Tensor) -> tf.Tensor:
+    """IEEE half-precision bit patterns (any shape, int32 in [0, 65535]) -> their values, same shape, float32,
+    exactly for every finite pattern (inf and NaN never reach the store: data/preprocess.py). The exponent is
+    rebiased (+112) with the mantissa shifted into place; a zero or subnormal pattern (exponent field 0) is
+    read as 2^-14 + its value (rebiased +113) and 2^-14 is taken off, exactly (Sterbenz); the sign bit is put
+    back last, so -0 stays -0."""
+    magnitude = tf.bitwise.bitwise_and(bits, 0x7FFF)
+    subnormal = tf.cast(magnitude < 0x400, tf.int32)
+    rebiased = tf.bitcast(tf.bitwise.left_shift(magnitude, 13) + (112 + subnormal) * 2 ** 23, tf.float32)
+    unsigned = rebiased - tf.cast(subnormal, tf.float32) * 2.0 ** -14
+    sign = tf.bitwise.left_shift(tf.bitwise.right_shift(bits, 15), 31)
+    return tf.bitcast(tf.bitwise.bitwise_or(tf.bitcast(unsigned, tf.int32), sign), tf.float32)
 
 
 def _read_array(case: tf.Tensor, name: str, start: tf.Tensor, size: tf.Tensor, channels: int,
                 stored: tf.DType, chunk_vox: Sequence[int]) -> tf.Tensor:
     """The box [start, start + size) (3,) int32, inside the case, of its array `name` (image or label, `stored`
-    as float16 or uint8), as (size..., channels) float16 (channels 0: (size...) uint8 labels): only the chunks the
-    box touches are read, and the box is assembled in float16 (2 bytes per voxel and channel per copy)."""
+    as float16 or uint8), as (size..., channels) float32 (channels 0: (size...) uint8 labels): only the chunks the
+    box touches are read, and the box is assembled in float32 (`_read_chunk` says why not in 2 bytes)."""
     chunk = tf.constant(chunk_vox, tf.int32)
     first, last = start // chunk, (start + size - 1) // chunk
     counts = last - first + 1
@@ -110,7 +125,7 @@ def _read_array(case: tf.Tensor, name: str, start: tf.Tensor, size: tf.Tensor, c
     folder = tf.strings.join([case, "/", name, "/"])
     shape = tf.concat([chunk, [channels]], 0) if channels else chunk
     chunks = tf.map_fn(lambda n: _read_chunk(folder + n, stored, shape), names,
-                       fn_output_signature=tf.TensorSpec(None, tf.float16))
+                       fn_output_signature=tf.TensorSpec(None, tf.float32))
     tiles = tf.reshape(chunks, tf.concat([counts, shape], 0))  # (nx, ny, nz, cx, cy, cz[, C])
     order = [0, 3, 1, 4, 2, 5] + ([6] if channels else [])
     joined = tf.reshape(tf.transpose(tiles, order), tf.concat([counts * chunk, shape[3:]], 0))
@@ -124,7 +139,7 @@ def read_box(case: tf.Tensor, start: tf.Tensor, size: tf.Tensor, channels: int,
              chunk_vox: Sequence[int] = CHUNK_VOX) -> Tuple[tf.Tensor, tf.Tensor]:
     """(image (size..., channels) float32, label size (3,) uint8) of the box [start, start + size) (3,) int32
     of the case folder `case` () string; the box lies inside the case (shape: its index entry)."""
-    return (tf.cast(_read_array(case, "image", start, size, channels, tf.float16, chunk_vox), tf.float32),
+    return (_read_array(case, "image", start, size, channels, tf.float16, chunk_vox),
             _read_array(case, "label", start, size, 0, tf.uint8, chunk_vox))
 
 
