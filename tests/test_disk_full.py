@@ -51,28 +51,34 @@ def _can_mount_tmpfs():
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not shutil.which("unshare") or not _can_mount_tmpfs(),
-                    reason="needs `unshare -rm` and tmpfs mounts (a user and mount namespace)")
-@pytest.mark.parametrize("size", [pytest.param("30k", id="summary-writer-meets-it"),
-                                  pytest.param("1200k", id="checkpoint-save-meets-it")])
-def test_a_full_disk_during_training_is_reported_and_training_resumes_once_space_is_freed(tmp_path, size):
-    """Real processes on a small tmpfs (in a private mount namespace): the summary writer or the checkpoint
-    save meets the full disk (TensorFlow's ResourceExhaustedError, the class of an out-of-memory error). The
-    trainer stops with the disk-full line and leaves no unlisted checkpoint file; with the tmpfs enlarged,
-    the same command resumes and finishes."""
+NEEDS_TMPFS = pytest.mark.skipif(not shutil.which("unshare") or not _can_mount_tmpfs(),
+                                 reason="needs `unshare -rm` and tmpfs mounts (a user and mount namespace)")
+
+
+def _train_on_a_small_tmpfs(tmp_path, prepare, resume=None, **training_keys):
+    """Real processes on a tmpfs at tmp_path/mnt in a private mount namespace: `prepare` (shell, with $MNT and
+    $TRAIN, the train command of a new 20-step experiment) mounts it small; then `resume` (default $TRAIN) runs
+    until the disk is full (first.*: stderr, rc, checkpoint listing and state), the tmpfs is enlarged to 20 MB
+    and `resume` runs again (second.*). Returns the mount folder and the last line of the first run's stderr."""
     mount = tmp_path / "mnt"
     mount.mkdir()
-    path = experiment(tmp_path, mount / "run", checkpoint_every=5, keep_last=2)
+    path = experiment(tmp_path, mount / "run", checkpoint_every=5, keep_last=2, **training_keys)
     convert_dataset(open_model_dir(path, [f"experiment.model_dir={tmp_path / 'converted'}"])[0])
     train = f"{sys.executable} {os.path.join(REPO, 'train.py')} --params {path}"
-    script = (f"mount -t tmpfs -o size={size} tmpfs {mount} && {{ {train} 2> {tmp_path}/first.err; "
+    resume = resume or train
+    script = (f"MNT={mount}; TRAIN='{train}'; {prepare} && {{ {resume} 2> {tmp_path}/first.err; "
               f"echo $? > {tmp_path}/first.rc; ls {mount}/run/checkpoints > {tmp_path}/first.ls; "
               f"cat {mount}/run/checkpoints/checkpoint > {tmp_path}/first.state; "
-              f"mount -o remount,size=20m {mount} && {train} > {tmp_path}/second.out 2>&1; echo $? > "
+              f"mount -o remount,size=20m {mount} && {resume} > {tmp_path}/second.out 2>&1; echo $? > "
               f"{tmp_path}/second.rc; ls {mount}/run/checkpoints > {tmp_path}/second.ls; }}")
     subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
                    timeout=400, check=True)
-    first_error = (tmp_path / "first.err").read_text().strip().splitlines()[-1]
+    return mount, (tmp_path / "first.err").read_text().strip().splitlines()[-1]
+
+
+def _check_stopped_then_resumed(tmp_path, mount, first_error):
+    """The first run stopped with the disk-full line and left no unlisted checkpoint file; the second finished.
+    Returns the checkpoints the first run listed."""
     assert (tmp_path / "first.rc").read_text().strip() == "2", first_error
     assert re.fullmatch(rf"medseg train: error: {mount}/run: {DISK_FULL} checkpoints or logs; free disk space, "
                         rf"then resume with --params {mount}/run/params.yaml", first_error), first_error
@@ -82,6 +88,29 @@ def test_a_full_disk_during_training_is_reported_and_training_resumes_once_space
     assert {n.split(".")[0] for n in left if n.startswith("ckpt-")} == listed  # no partial checkpoint left
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.out").read_text()
     assert "ckpt-20.index" in (tmp_path / "second.ls").read_text().split()
+    return listed
+
+
+@NEEDS_TMPFS
+def test_a_full_disk_met_by_the_summary_writer_is_reported_and_training_resumes_once_space_is_freed(tmp_path):
+    """30 KB: the first event file (the traced graph) does not fit. TensorFlow raises ResourceExhaustedError,
+    the class of an out-of-memory error; the trainer tells it apart."""
+    mount, first_error = _train_on_a_small_tmpfs(tmp_path, "mount -t tmpfs -o size=30k tmpfs $MNT")
+    assert _check_stopped_then_resumed(tmp_path, mount, first_error) == set()
+
+
+@NEEDS_TMPFS
+def test_a_full_disk_met_by_a_checkpoint_save_is_reported_and_training_resumes_once_space_is_freed(tmp_path):
+    """The tmpfs is sized from what this machine writes: 5 steps are trained on a roomy one, which is then
+    shrunk to its use plus half a checkpoint, so the run resumed to 20 steps meets the full disk at its step-10
+    save (nothing else is written between steps 5 and 10); the partial files are removed, ckpt-5 stays listed."""
+    prepare = ("mount -t tmpfs -o size=20m tmpfs $MNT && $TRAIN --set training.steps=5 > /dev/null 2>&1 && "
+               "used=$(df -B1 --output=used $MNT | tail -1) && ckpt=$(cat $MNT/run/checkpoints/ckpt-5.* | wc -c) && "
+               "mount -o remount,size=$((used + ckpt / 2)) $MNT")
+    resume = f"{sys.executable} {os.path.join(REPO, 'train.py')} --params {tmp_path}/mnt/run/params.yaml " \
+             f"--set training.steps=20"
+    mount, first_error = _train_on_a_small_tmpfs(tmp_path, prepare, resume, log_every=20, image_summary_every=20)
+    assert _check_stopped_then_resumed(tmp_path, mount, first_error) == {"ckpt-5"}
 
 
 def test_a_failed_checkpoint_save_on_a_full_disk_removes_its_partial_files(tmp_path, monkeypatch):
