@@ -147,15 +147,18 @@ class Predictor:
         return self._whole_volume(image, "logits")
 
     def slabs(self, image: np.ndarray, output: str, axis: int = 2,
-              progress: Optional[Callable[[int, int], None]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+              progress: Optional[Callable[[int, int], None]] = None,
+              out: Optional[np.ndarray] = None) -> Iterator[Tuple[int, np.ndarray]]:
         """The `output` ("probabilities", "labels" or "logits") of an image (X, Y, Z, C) float32, slab by slab
         along `axis`: yields (begin_vox, block) in increasing begin, block = the output of the voxels
         [begin_vox, begin_vox + n) along `axis` (all of the other axes; labels uint8, else (.., K) float32).
         On the host the blocks are finished as the windows advance; on the device the volume is one block.
-        progress: called with (windows done, windows in total)."""
+        progress: called with (windows done, windows in total); out: the whole output (X, Y, Z[, K]) of the
+        output's dtype, or None: each block is finished into its part of `out` (and yielded as that view), else
+        into a new array."""
         image = _check_image(image)
         try:
-            yield from self._slabs_checked(image, output, axis, progress)
+            yield from self._slabs_checked(image, output, axis, progress, out)
         except (tf.errors.ResourceExhaustedError, MemoryError):  # predicting writes no file: memory, not disk
             kind = "regions" if self.targets.uses_regions else "classes"
             raise OutOfMemoryError(f"out of memory (GPU or host) while segmenting a volume of "
@@ -163,16 +166,21 @@ class Predictor:
                                    f"{kind}; lower evaluation.batch_size, or set evaluation.device: cpu") from None
 
     def _whole_volume(self, image, output, progress=None):
+        """The whole `output` of `image`, its slabs along x (contiguous in C order: the live sums, their shift
+        and the finished blocks are whole memory ranges) finished straight into the result."""
         image = _check_image(image)
         out = np.empty(image.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
                        OUTPUT_DTYPES[output])
-        for begin, block in self.slabs(image, output, 2, progress):
-            out[:, :, begin:begin + block.shape[2]] = block
+        for _ in self.slabs(image, output, 0, progress, out):
+            pass
         return out
 
-    def _slabs_checked(self, image, output, axis, progress):
+    def _slabs_checked(self, image, output, axis, progress, out):
         if self.on_device:
-            yield 0, self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
+            volume = self._in_graph_function(image.shape[3], output)(tf.constant(image)).numpy()
+            if out is not None:
+                out[...] = volume
+            yield 0, volume if out is None else out
             return
         grid = windows.window_grid(image.shape[:3], self.patch_size_vox, self.overlap, self.blending)
         accumulation = "float32" if output == "logits" else self.accumulation
@@ -182,9 +190,12 @@ class Predictor:
         for begin, sums, coverages in windows.recombined_slabs(function, image, grid, self.batch_size,
                                                                self.targets.outputs, axis,
                                                                np.float16 if half else np.float32, half, progress):
-            out = np.empty(sums.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
-                           OUTPUT_DTYPES[output])
-            yield begin, windows.finish_block(finish, sums, coverages, out)
+            if out is None:
+                block = np.empty(sums.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
+                                 OUTPUT_DTYPES[output])
+            else:
+                block = out[(slice(None),) * axis + (slice(begin, begin + sums.shape[axis]),)]
+            yield begin, windows.finish_block(finish, sums, coverages, block)
 
     def _weighted_window_function(self, num_channels):
         """The tf.function (windows, positions, normalized profiles (N, px), (N, py), (N, pz)) -> (N, px, py, pz,
