@@ -2,8 +2,10 @@
 validation cases with float16 against float32 accumulation, and against the labels of a reference checkout.
 
     python benchmarks/accumulation.py --model-dir runs/hippocampus-demo [--reference /tmp/wt_main] [--label L]
+                                      [--split val|test]
 
-Each case of the model folder's validation list (its converted case folders) is segmented by the model's
+Each case of the model folder's validation list (or --split test: its test list; their converted case folders)
+is segmented by the model's
 checkpoint (latest) with `evaluation.accumulation` float16 and float32 (the rest of its evaluation section
 as set); with --reference (a checkout of another commit, e.g. main before the change) the same cases are
 segmented there too, in a child process with that checkout on PYTHONPATH. One JSON line: the cases and
@@ -23,8 +25,8 @@ from machine_info import record
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def validation_cases(model_dir, quick, overrides=()):
-    """(params, the validation `Case`s of a model folder, its trained network), with the code on sys.path."""
+def validation_cases(model_dir, quick, overrides=(), split="val"):
+    """(params, the `Case`s of a model folder's `split`, its trained network), with the code on sys.path."""
     from medseg_dl.config.params import Params
     from medseg_dl.data.cases import case_from_volume
     from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
@@ -32,16 +34,16 @@ def validation_cases(model_dir, quick, overrides=()):
     from medseg_dl.pipeline.inputs import volume_inputs
     folder = ModelDir(model_dir)
     params = Params.load(folder.params_path, overrides)
-    paths = split_case_paths(params, folder, "val")[:2 if quick else None]
+    paths = split_case_paths(params, folder, split)[:2 if quick else None]
     cases = [case_from_volume(volume) for volume in volume_inputs(params, paths)]
     return params, cases, load_trained(folder, "latest", params).network
 
 
-def segment(model_dir, quick, accumulation=None):
-    """{subject: labels} (and {subject: probabilities} when `accumulation` is given) of the validation cases."""
+def segment(model_dir, quick, accumulation=None, split="val"):
+    """{subject: labels} (and {subject: probabilities} when `accumulation` is given) of the cases of `split`."""
     from medseg_dl.inference.predictor import Predictor
     overrides = [f"evaluation.accumulation={accumulation}"] if accumulation else []
-    params, cases, network = validation_cases(model_dir, quick, overrides)
+    params, cases, network = validation_cases(model_dir, quick, overrides, split)
     predictor = Predictor.from_params(network, params)
     labels = {c.subject_id: np.asarray(predictor.labels(c.image)) for c in cases}
     probabilities = {c.subject_id: predictor.probabilities(c.image) for c in cases} if accumulation else None
@@ -59,13 +61,13 @@ def mean_dice(predictions, references, num_classes):
     return float(np.mean(values))
 
 
-def reference_labels(reference, model_dir, quick):
-    """The labels of the validation cases segmented by the checkout at `reference` (a child process)."""
+def reference_labels(reference, model_dir, quick, split):
+    """The labels of the cases of `split` segmented by the checkout at `reference` (a child process)."""
     out = os.path.join("/tmp", f"accumulation_reference_{os.getpid()}.npz")
     code = (f"import sys; sys.path[:0] = [{reference!r}, {os.path.join(REPO, 'benchmarks')!r}]\n"
             f"import numpy as np, accumulation, medseg_dl\n"
             f"assert medseg_dl.__file__.startswith({reference!r}), medseg_dl.__file__\n"
-            f"labels = accumulation.segment({model_dir!r}, {quick!r})[0]\n"
+            f"labels = accumulation.segment({model_dir!r}, {quick!r}, None, {split!r})[0]\n"
             f"np.savez({out!r}, **labels)")
     env = {**os.environ, "PYTHONPATH": reference}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=reference)
@@ -77,9 +79,10 @@ def reference_labels(reference, model_dir, quick):
 
 def measure(args):
     args.model_dir = os.path.abspath(args.model_dir)
-    half, half_probabilities, references, num_classes = segment(args.model_dir, args.quick, "float16")
-    full, full_probabilities, _, _ = segment(args.model_dir, args.quick, "float32")
+    half, half_probabilities, references, num_classes = segment(args.model_dir, args.quick, "float16", args.split)
+    full, full_probabilities, _, _ = segment(args.model_dir, args.quick, "float32", args.split)
     line = {"workload": "accumulation", "library": "medseg_dl", "label": args.label, "model_dir": args.model_dir,
+            "split": args.split,
             "cases": len(half), "voxels": int(sum(v.size for v in half.values())),
             "labels_differ_float16_vs_float32": int(sum((half[s] != full[s]).sum() for s in half)),
             "max_probability_difference": float(max(np.abs(half_probabilities[s] - full_probabilities[s]).max()
@@ -87,7 +90,7 @@ def measure(args):
             "mean_dice_float16": mean_dice(half, references, num_classes),
             "mean_dice_float32": mean_dice(full, references, num_classes)}
     if args.reference:
-        main = reference_labels(args.reference, args.model_dir, args.quick)
+        main = reference_labels(args.reference, args.model_dir, args.quick, args.split)
         line.update({"labels_differ_float16_vs_reference": int(sum((half[s] != main[s]).sum() for s in half)),
                      "labels_differ_float32_vs_reference": int(sum((full[s] != main[s]).sum() for s in half)),
                      "mean_dice_reference": mean_dice(main, references, num_classes)})
@@ -101,6 +104,7 @@ def main():
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--reference", help="a checkout of the commit to compare with (e.g. a git worktree)")
     parser.add_argument("--label", default="", help="a free-text label kept on the line")
+    parser.add_argument("--split", choices=["val", "test"], default="val", help="the cases segmented")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, REPO)

@@ -200,7 +200,7 @@ def test_predict_on_a_full_disk_names_the_output_folder(trained_folder, monkeypa
 def test_out_of_memory_while_segmenting_is_one_line(trained_folder, monkeypatch):
     params, model_dir, _ = trained_folder
 
-    def exhausted(self, image, output, axis, progress):
+    def exhausted(self, *args):
         raise TF_OOM
         yield  # a generator, as the method it replaces
     monkeypatch.setattr(Predictor, "_slabs_checked", exhausted)
