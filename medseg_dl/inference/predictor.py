@@ -169,8 +169,7 @@ class Predictor:
         """The whole `output` of `image`, its slabs along x (contiguous in C order: the live sums, their shift
         and the finished blocks are whole memory ranges) finished straight into the result."""
         image = _check_image(image)
-        out = np.empty(image.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
-                       OUTPUT_DTYPES[output])
+        out = self._empty_output(image.shape[:3], output)
         for _ in self.slabs(image, output, 0, progress, out):
             pass
         return out
@@ -191,11 +190,15 @@ class Predictor:
                                                                self.targets.outputs, axis,
                                                                np.float16 if half else np.float32, half, progress):
             if out is None:
-                block = np.empty(sums.shape[:3] + (() if output == "labels" else (self.targets.outputs,)),
-                                 OUTPUT_DTYPES[output])
+                block = self._empty_output(sums.shape[:3], output)
             else:
                 block = out[(slice(None),) * axis + (slice(begin, begin + sums.shape[axis]),)]
             yield begin, windows.finish_block(finish, sums, coverages, block)
+
+    def _empty_output(self, shape_vox, output):
+        """An uninitialised `output` array for voxels of `shape_vox` (3,): (.., K) float32, or labels (..) uint8."""
+        return np.empty(tuple(shape_vox) + (() if output == "labels" else (self.targets.outputs,)),
+                        OUTPUT_DTYPES[output])
 
     def _weighted_window_function(self, num_channels):
         """The tf.function (windows, positions, normalized profiles (N, px), (N, py), (N, pz)) -> (N, px, py, pz,
