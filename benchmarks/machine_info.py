@@ -21,7 +21,8 @@ PACKAGES_OF = {"medseg_dl": ("tensorflow", "keras", "numpy", "scipy"), "monai": 
                "torchio": ("torchio", "torch", "numpy"), "torchio_per_patch": ("torchio", "torch", "numpy"),
                "elasticdeform": ("elasticdeform", "numpy", "scipy"), "medpy": ("medpy", "numpy", "scipy"),
                "surface_distance": ("surface-distance", "numpy", "scipy"),
-               "nnunetv2": ("nnunetv2", "torch", "blosc2", "numpy")}
+               "nnunetv2": ("nnunetv2", "torch", "blosc2", "numpy"),
+               "savedmodel": ("tensorflow", "keras", "numpy"), "onnxruntime": ("onnxruntime", "numpy")}
 # run by the interpreter in question: {"python": its version, package: version} of the installed packages among argv
 VERSIONS_SCRIPT = """
 import importlib.metadata, json, platform, sys

@@ -169,6 +169,17 @@ def regions_cells(r):
             f"mean Dice {r['mean_dice']:.4f} ({dice})"]
 
 
+def deploy_cells(r):
+    """One runner (Predictor, SavedModel, ONNX runner, or the whole `medseg predict` command) on one workload."""
+    shapes = r["shapes"]
+    volumes = f"{r['cases']} {r['split']} cases, {'x'.join(map(str, shapes[0][:3]))}" + (" ..." if len(shapes) > 1 else "")
+    if r["runner"] == "predict_cli":
+        return [r["workload"], "medseg predict (whole command)", volumes, f"{r['value']} (total {r['total_s']} s)",
+                "", r["peak_rss_mb"], "", ""]
+    return [r["workload"], r["runner"], volumes, r["value"], r["first_s"], r["peak_rss_mb"],
+            r.get("export_s", ""), r["labels_differ_from_predictor"]]
+
+
 # results name -> (column titles before "machine, date", the cells of one line in that order)
 RENDERERS = {
     "hippocampus_accuracy": (["network", "settings", "steps", "minutes", "s/step", "test cases",
@@ -203,6 +214,8 @@ RENDERERS = {
               scale_cells),
     "demo": (["run", "code", "Dice anterior / posterior", "mean Dice", "validation cases"], demo_cells),
     "regions": (["data", "run", "steps", "train minutes", "s/step", "scored on", "Dice / HD95 mm"], regions_cells),
+    "deploy": (["workload", "runner", "volumes", "s/volume (median)", "first volume s", "peak RSS MB", "export s",
+                "labels differing from the Predictor"], deploy_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),
 }

@@ -67,15 +67,19 @@ def _cmd_predict(args):
     from medseg_dl.inference.predict import run_prediction
 
     written = run_prediction(args.model_dir, args.checkpoint, args.input, args.output, args.set,
-                             folds=_folds(args.folds), save_probabilities=args.save_probabilities)
+                             folds=_folds(args.folds), save_probabilities=args.save_probabilities,
+                             dicom_seg=args.dicom_seg)
     print(f"wrote {len(written)} files to {args.output}")
 
 
 def _cmd_export(args):
     from medseg_dl.inference.export import run_export
 
-    path = run_export(args.model_dir, args.checkpoint, args.output, folds=_folds(args.folds), overrides=args.set)
-    print(f"wrote the SavedModel {path} (tf.saved_model.load; assets.extra/recipe.json, postprocessing.json)")
+    path = run_export(args.model_dir, args.checkpoint, args.output, folds=_folds(args.folds), overrides=args.set,
+                      export_format=args.format)
+    how = ("network.onnx, finish.onnx; python segment.py, numpy and onnxruntime only" if args.format == "onnx"
+           else "tf.saved_model.load")
+    print(f"wrote the {args.format} export {path} ({how}; metadata.json)")
 
 
 def _folds(values):
@@ -195,16 +199,22 @@ def build_parser():
     predict = commands.add_parser("predict", help="segment new images with a trained model or an ensemble")
     _add_model_arguments(predict)
     predict.add_argument("--input", required=True, nargs="+", help="image files, subject folders or folders")
-    predict.add_argument("--output", required=True, help="folder for the <subject>.nii.gz label maps")
+    predict.add_argument("--output", required=True, help="folder for the label maps, <subject> + the input's suffix "
+                         "(.nii.gz, .nrrd, .mha; .mha for .mhd, .nii.gz for a DICOM folder)")
     predict.add_argument("--save-probabilities", choices=["uint8", "float16"], metavar="DTYPE",
                          help="also write the probabilities (X, Y, Z, K) on the input's grid, streamed: uint8 -> "
                               "<subject>_probabilities.nii.gz (round(255 p), scl_slope 1/255), float16 -> "
                               "<subject>_probabilities.npy")
+    predict.add_argument("--dicom-seg", action="store_true",
+                         help="for each DICOM series input also write <subject>_seg.dcm, a DICOM SEG of its labels")
     predict.set_defaults(handler=_cmd_predict)
 
-    export = commands.add_parser("export", help="write a SavedModel that segments preprocessed volumes")
+    export = commands.add_parser("export", help="write a SavedModel or ONNX files that segment preprocessed volumes")
     _add_model_arguments(export)
-    export.add_argument("--output", required=True, metavar="DIR", help="the SavedModel folder (replaced whole)")
+    export.add_argument("--format", choices=["savedmodel", "onnx"], default="savedmodel",
+                        help="savedmodel (TensorFlow), or onnx (network.onnx, finish.onnx and segment.py: numpy and "
+                             "onnxruntime, no TensorFlow)")
+    export.add_argument("--output", required=True, metavar="DIR", help="the export folder (replaced whole)")
     export.set_defaults(handler=_cmd_export)
 
     planner = commands.add_parser("plan", help="configure an experiment from a dataset folder (nnU-Net's rules)")

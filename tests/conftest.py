@@ -60,6 +60,73 @@ def write_nifti(path, data, affine=None):
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
 
 
+def tilted_affine(degrees=20.0, spacing_mm=(0.7, 0.9, 2.5), origin_mm=(60.5, 80.25, -40.75)):
+    """voxel -> RAS mm of an axial DICOM series as a scanner writes it (columns toward the patient's left, rows
+    toward posterior, slices toward superior: LPS axis codes), tilted by `degrees` about the left-right axis,
+    with anisotropic `spacing_mm` (columns, rows, slices)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[-1.0, 0.0, 0.0], [0.0, -c, -s], [0.0, -s, c]]) @ np.diag(spacing_mm)
+    affine[:3, 3] = origin_mm
+    return affine
+
+
+def write_itk_twin(nifti_path, path):
+    """Convert a NIfTI file to `path` (.nrrd, .mha or .mhd with its .raw: the format of the suffix) with SimpleITK's
+    own reader and writer; only the voxels and the geometry are carried over."""
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(nifti_path))
+    twin = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image))
+    twin.CopyInformation(image)
+    sitk.WriteImage(twin, str(path))
+
+
+DICOM_STORAGE = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+
+
+def write_dicom_series(folder, data, affine, modality="CT", series_uid=None, description="", prefix="IM",
+                       intercept=-1024.0):
+    """Write `data` (X, Y, Z) integers as a DICOM series with pydicom, one file per slice (`<prefix><k>.dcm`, k from
+    1) in `folder`: slice k is data[:, :, k].T (Rows = Y, Columns = X), int16 stored as data - `intercept`
+    (RescaleSlope 1), placed by `affine` (4, 4) voxel -> RAS mm (its third column along the slice normal), tags
+    as a scanner writes them (decimal strings of at most 16 characters). Returns the file paths, slice order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import format_number_as_ds
+
+    decimal = lambda values: [format_number_as_ds(float(v)) for v in values]
+    os.makedirs(folder, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, np.float64)[:3]
+    spacing_mm = np.linalg.norm(lps[:, :3], axis=0)
+    orientation = np.concatenate([lps[:, 0] / spacing_mm[0], lps[:, 1] / spacing_mm[1]])
+    shared = {"PatientID": "MEDSEG-0001", "PatientName": "Test^Formats", "PatientBirthDate": "19700101",
+              "PatientSex": "O", "StudyID": "1", "AccessionNumber": "A1", "ReferringPhysicianName": "",
+              "StudyTime": "120000", "StudyInstanceUID": generate_uid(),
+              "SeriesInstanceUID": series_uid or generate_uid(), "FrameOfReferenceUID": generate_uid(),
+              "Modality": modality, "SeriesDescription": description, "SeriesNumber": 3, "StudyDate": "20240102",
+              "ImageOrientationPatient": decimal(orientation), "PixelSpacing": decimal(spacing_mm[[1, 0]]),
+              "SliceThickness": decimal(spacing_mm[2:])[0], "Rows": data.shape[1], "Columns": data.shape[0],
+              "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16,
+              "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1, "RescaleSlope": "1",
+              "RescaleIntercept": format_number_as_ds(intercept), "SOPClassUID": DICOM_STORAGE[modality]}
+    paths = []
+    for k in range(data.shape[2]):
+        dataset = Dataset()
+        for keyword, value in shared.items():
+            setattr(dataset, keyword, value)
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.InstanceNumber = k + 1
+        dataset.ImagePositionPatient = decimal(lps @ [0.0, 0.0, k, 1.0])
+        dataset.PixelData = np.ascontiguousarray(data[:, :, k].T - intercept).astype("<i2").tobytes()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        paths.append(os.path.join(folder, f"{prefix}{k + 1:04d}.dcm"))
+        dataset.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
 def synthetic_dataset(root, cases=4, shape=(20, 20, 20), seed=0):
     """images/ + labels/ of `cases` noisy volumes with a bright sphere (label 1) and a dark cube (label 2)."""
     rng = np.random.default_rng(seed)

@@ -82,10 +82,10 @@ def test_params_nifti_record_png_and_report_writers_fail_cleanly(tmp_path, monke
     monkeypatch.undo()
     assert (tmp_path / "params.yaml").read_text() == before
 
-    io.write_nifti(str(tmp_path / "label.nii.gz"), np.ones((3, 3, 3), np.uint8), np.eye(4))
+    io.write_volume(str(tmp_path / "label.nii.gz"), np.ones((3, 3, 3), np.uint8), np.eye(4))
     monkeypatch.setattr(nib, "save", _fails_after(lambda image, path: open(path, "wb").write(b"\x1f\x8b partial")))
     with pytest.raises(Fault):
-        io.write_nifti(str(tmp_path / "label.nii.gz"), np.zeros((3, 3, 3), np.uint8), np.eye(4))
+        io.write_volume(str(tmp_path / "label.nii.gz"), np.zeros((3, 3, 3), np.uint8), np.eye(4))
     monkeypatch.undo()
     assert np.asanyarray(nib.load(str(tmp_path / "label.nii.gz")).dataobj).min() == 1
 

@@ -191,7 +191,7 @@ def test_predict_on_a_full_disk_names_the_output_folder(trained_folder, monkeypa
 
     def full(path, data, affine, header=None):
         raise ENOSPC
-    monkeypatch.setattr(predict, "write_nifti", full)
+    monkeypatch.setattr(predict, "write_volume", full)
     output = tmp_path / "out"
     with pytest.raises(DiskFullError, match=rf"^{re.escape(str(output))}: {DISK_FULL} the label maps"):
         predict.run_prediction(model_dir.root, "latest", [str(data_root / "data" / "images")], str(output))

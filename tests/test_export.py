@@ -23,11 +23,12 @@ from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject
 from medseg_dl.data.targets import Targets
 from medseg_dl.experiment.model_dir import open_model_dir
-from medseg_dl.inference import export, graph_windows, postprocess
+from medseg_dl.inference import export, graph_windows, onnx_runner, postprocess
+from medseg_dl.inference.onnx_export import export_onnx
 from medseg_dl.inference.predict import load_predictor, run_prediction
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble, TrainedModel
-from medseg_dl.inference.windows import window_starts
+from medseg_dl.inference.windows import window_grid, window_starts
 from medseg_dl.training.loop import run_training
 
 # outside medseg_dl: the package must not be importable, and the SavedModel alone segments each volume
@@ -54,16 +55,34 @@ for name in names:
     out = served.serve(image, spacing_mm)
     seconds.append(time.perf_counter() - begin)
     np.savez(name + ".npz", probabilities=out["probabilities"].numpy(), labels=out["labels"].numpy())
-print(json.dumps({"seconds": seconds, "recipe": json.load(open(folder + "/assets.extra/recipe.json")),
-                  "postprocessing": json.load(open(folder + "/assets.extra/postprocessing.json"))}))
+print(json.dumps({"seconds": seconds, "metadata": json.load(open(folder + "/metadata.json"))}))
+"""
+# the ONNX export's runner where neither TensorFlow nor medseg_dl can be imported
+SEGMENT = r"""
+import sys
+sys.modules["tensorflow"] = sys.modules["medseg_dl"] = None
+folder, names = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, folder)
+import json
+import numpy as np
+import segment
+
+segmenter = segment.OnnxSegmenter(folder)
+for name in names:
+    probabilities, labels = segmenter.segment(np.load(name + ".npy"), np.load(name + "_spacing_mm.npy"))
+    np.savez(name + "_onnx.npz", probabilities=probabilities, labels=labels)
+print(json.dumps(segmenter.metadata))
 """
 SHAPES = [(9, 14, 11), (23, 17, 20), (12, 12, 12)]  # smaller than the 12^3 patch on x and z, not a multiple, one
 SPACING_MM = (0.5, 1.0, 1.5)  # of the new images: islands of class 1 under 4 mm^3 are those under 5.33 voxels
 DECISION = {"foreground_largest_component": True, "largest_component_classes": [2], "min_island_mm3": {"1": 4.0}}
 
 
-def train_folds(tmp_path):
-    """<root>/fold_0 and fold_1: the tiny experiment trained 5 steps with two seeds, mirroring TTA on."""
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """<root>/fold_0 and fold_1: the tiny experiment trained 5 steps with two seeds, mirroring TTA on, and the
+    post-processing DECISION at the root."""
+    tmp_path = tmp_path_factory.mktemp("folds")
     data = synthetic_dataset(tmp_path / "data")
     root = tmp_path / "experiment"
     for fold, seed in enumerate((3, 4)):
@@ -77,6 +96,45 @@ def train_folds(tmp_path):
     return root
 
 
+def new_images(tmp_path, recipe):
+    """(input paths, preprocessed images) of three new volumes of SHAPES with SPACING_MM; each image also saved
+    as <tmp_path>/image_<x>.npy with its spacing_mm beside it."""
+    rng = np.random.default_rng(0)
+    inputs, images = [], []
+    for shape in SHAPES:
+        path = tmp_path / f"new_{shape[0]}.nii.gz"
+        write_nifti(path, (rng.normal(0, 1, shape) + 2.0 * (rng.uniform(size=shape) > 0.7)).astype(np.float32),
+                    np.diag(SPACING_MM + (1.0,)))
+        case = subject_case(Subject(path.name[:-7], [str(path)]), recipe)
+        np.save(tmp_path / f"image_{shape[0]}.npy", case.image)
+        np.save(tmp_path / f"image_{shape[0]}_spacing_mm.npy", spacing_from_affine(case.affine).astype(np.float32))
+        inputs.append(str(path))
+        images.append(case.image)
+    return inputs, images
+
+
+def outside(script, folder, tmp_path):
+    """Run `script` on the export `folder` and the saved images in a fresh process; returns its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, str(folder)] + [str(tmp_path / f"image_{s[0]}")
+                                                                        for s in SHAPES],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_metadata(metadata, export_format):
+    assert metadata["format"] == export_format and metadata["postprocessing"] == {**DECISION, "dice_before": [0.5, 0.5]}
+    assert metadata["channels"] == ["img"] and metadata["class_names"] == ["class_0", "class_1", "class_2"]
+    assert metadata["recipe"]["preprocessing"]["normalization"] == "zscore"
+    assert metadata["normalization_per_channel"] == [{"channel": "img", "method": "zscore", "ct_stats": None}]
+    assert metadata["windows"]["tta_mirroring"] and len(metadata["members"]) == 2
+    data_format = metadata["network_data_format"]
+    assert data_format["inputs"]["image"]["num_channels"] == 1 and data_format["outputs"]["probabilities"][
+        "channel_def"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
+    assert "after the post-processing" in data_format["outputs"]["labels"]["description"]
+
+
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.33])
 def test_in_graph_window_starts_are_those_of_windows_py(overlap):
     for window in (5, 12, 16, 40):
@@ -86,8 +144,8 @@ def test_in_graph_window_starts_are_those_of_windows_py(overlap):
             np.testing.assert_array_equal(starts, window_starts(size, window, overlap), err_msg=f"{size} {window}")
 
 
-def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medseg_dl(tmp_path, capsys):
-    root = train_folds(tmp_path)
+def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medseg_dl(folds, tmp_path, capsys):
+    root = folds
     output = tmp_path / "exported"
     (output / "stale").mkdir(parents=True)  # replaced whole
     assert export.run_export([str(root)], "latest", str(output), folds="all") == str(output)
@@ -96,36 +154,16 @@ def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medse
 
     predictor, ensemble, decision = load_predictor([str(root)], ["latest"], "all")
     assert len(predictor.networks) == 2 and predictor.tta_mirroring and decision["min_island_mm3"] == {"1": 4.0}
-    recipe = stored_recipe(ensemble.params)
-    rng = np.random.default_rng(0)
-    inputs, images, predictor_seconds = [], [], []
-    for shape in SHAPES:
-        path = tmp_path / f"new_{shape[0]}.nii.gz"
-        write_nifti(path, (rng.normal(0, 1, shape) + 2.0 * (rng.uniform(size=shape) > 0.7)).astype(np.float32),
-                    np.diag(SPACING_MM + (1.0,)))
-        case = subject_case(Subject(path.name[:-7], [str(path)]), recipe)
-        image = case.image
-        np.save(tmp_path / f"image_{shape[0]}.npy", image)
-        np.save(tmp_path / f"image_{shape[0]}_spacing_mm.npy", spacing_from_affine(case.affine).astype(np.float32))
+    inputs, preprocessed = new_images(tmp_path, stored_recipe(ensemble.params))
+    images, predictor_seconds = [], []
+    for image in preprocessed:
         predictor.probabilities(image)
         begin = time.perf_counter()
         images.append((predictor.probabilities(image), predictor.labels(image)))
         predictor_seconds.append((time.perf_counter() - begin) / 2)
-        inputs.append(str(path))
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    served = subprocess.run([sys.executable, "-c", SERVE, str(output)] + [str(tmp_path / f"image_{s[0]}")
-                                                                         for s in SHAPES],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
-    assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
-    report = json.loads(served.stdout.strip().splitlines()[-1])
-    assert report["postprocessing"] == {**DECISION, "dice_before": [0.5, 0.5]}
-    assert report["recipe"]["channels"] == ["img"] and report["recipe"]["class_names"] == ["class_0", "class_1",
-                                                                                           "class_2"]
-    assert report["recipe"]["recipe"]["preprocessing"]["normalization"] == "zscore"
-    assert report["recipe"]["normalization_per_channel"] == [{"channel": "img", "method": "zscore", "ct_stats": None}]
-    assert report["recipe"]["windows"]["tta_mirroring"] and len(report["recipe"]["members"]) == 2
-    assert "after the post-processing" in report["recipe"]["outputs"]["labels"]
+    report = outside(SERVE, output, tmp_path)
+    check_metadata(report["metadata"], "savedmodel")
 
     predicted = run_prediction([str(root)], "latest", inputs, str(tmp_path / "predicted"), folds="all",
                                save_probabilities="float16")
@@ -164,10 +202,20 @@ class RegionNetwork(keras.Model):
         return self.conv(inputs["image"])
 
 
-def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post_processed(tmp_path):
-    """With data.regions the SavedModel returns the Predictor's sigmoid per region and its painted labels,
-    post-processed per region (structure s = the s-th region) as postprocess.apply; its recipe carries the
-    targets (regions, paint order, ignore label)."""
+def served_outputs(folder, export_format, image, spacing_mm):
+    """(probabilities, labels) numpy of an export of `export_format` in `folder` for `image`."""
+    if export_format == "onnx":
+        return onnx_runner.OnnxSegmenter(str(folder)).segment(image, spacing_mm)
+    served = tf.saved_model.load(str(folder))  # held: its functions read its variables
+    out = served.serve(tf.constant(image), tf.constant(spacing_mm, tf.float32))
+    return out["probabilities"].numpy(), out["labels"].numpy()
+
+
+@pytest.mark.parametrize("export_format", ["savedmodel", "onnx"])
+def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post_processed(tmp_path, export_format):
+    """With data.regions the SavedModel and the ONNX runner return the Predictor's sigmoid per region and its
+    painted labels, post-processed per region (structure s = the s-th region) as postprocess.apply; the
+    metadata carries the targets (regions, paint order, ignore label)."""
     regions = [{"name": "whole", "labels": [1, 2, 3], "paint": 1}, {"name": "core", "labels": [2, 3], "paint": 2},
                {"name": "enhancing", "labels": [3], "paint": 3}]
     params = Params.from_dict({"data": {"num_classes": 4, "regions": regions, "ignore_label": 5,
@@ -180,16 +228,60 @@ def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post
     decision = {"foreground_largest_component": False, "largest_component_classes": [3],
                 "min_island_mm3": {"2": 3.0}}
     ensemble = TrainedEnsemble((TrainedModel(params, network, "ckpt-1", 1),))
-    export.export_savedmodel(predictor, 2, str(tmp_path / "exported"), export.export_recipe(ensemble, predictor),
-                             decision)
-    served = tf.saved_model.load(str(tmp_path / "exported"))
-    recipe = json.loads((tmp_path / "exported" / export.ASSETS / "recipe.json").read_text())
-    assert recipe["targets"] == Targets.from_params(params.data).to_dict() and recipe["targets"]["ignore_label"] == 5
-    assert "sigmoid per region" in recipe["outputs"]["probabilities"]
+    write = export_onnx if export_format == "onnx" else export.export_savedmodel
+    write(predictor, 2, str(tmp_path / "exported"), export.export_metadata(ensemble, predictor, decision, export_format),
+          decision)
+    metadata = json.loads((tmp_path / "exported" / export.METADATA).read_text())
+    assert metadata["targets"] == Targets.from_params(params.data).to_dict() and metadata["targets"]["ignore_label"] == 5
+    assert "sigmoid per region" in metadata["network_data_format"]["outputs"]["probabilities"]["description"]
+    assert metadata["network_data_format"]["outputs"]["probabilities"]["channel_def"] == {
+        "0": "whole", "1": "core", "2": "enhancing"}
     image = np.random.default_rng(6).normal(size=(13, 9, 11, 2)).astype(np.float32)
-    out = served.serve(tf.constant(image), tf.constant([1.0, 1.0, 1.0]))
+    probabilities, served_labels = served_outputs(tmp_path / "exported", export_format, image, [1.0, 1.0, 1.0])
     labels = predictor.labels(image)
-    np.testing.assert_allclose(out["probabilities"].numpy(), predictor.probabilities(image), atol=1e-5)
+    np.testing.assert_allclose(probabilities, predictor.probabilities(image), atol=1e-5)
     expected = postprocess.apply(labels, decision, (1.0, 1.0, 1.0), predictor.targets)
-    np.testing.assert_array_equal(out["labels"].numpy(), expected)
+    np.testing.assert_array_equal(served_labels, expected)
     assert set(np.unique(labels)) == {0, 1, 2, 3} and (expected != labels).any()
+
+
+def test_onnx_export_segments_like_the_predictor_where_tensorflow_cannot_be_imported(folds, tmp_path, capsys):
+    """`medseg export --format onnx` of the 2-fold ensemble with mirroring TTA and a decision: its runner, in a
+    process where neither TensorFlow nor medseg_dl can be imported, gives the Predictor's labels (float32
+    sums) post-processed by the decision, and its probabilities within 1e-4."""
+    output = tmp_path / "onnx"
+    (output / "stale").mkdir(parents=True)  # replaced whole
+    assert export.run_export([str(folds)], "latest", str(output), folds="all", export_format="onnx") == str(output)
+    assert sorted(os.listdir(output)) == ["finish.onnx", "metadata.json", "network.onnx", "segment.py"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    predictor, ensemble, _ = load_predictor([str(folds)], ["latest"], "all", ["evaluation.accumulation=float32"])
+    _, images = new_images(tmp_path, stored_recipe(ensemble.params))
+    check_metadata(outside(SEGMENT, output, tmp_path), "onnx")
+    changed, largest = 0, 0.0
+    for shape, image in zip(SHAPES, images):
+        out = np.load(tmp_path / f"image_{shape[0]}_onnx.npz")
+        assert out["probabilities"].shape == shape + (3,) and out["labels"].dtype == np.int32
+        probabilities, labels = predictor.probabilities(image), predictor.labels(image)
+        largest = max(largest, float(np.abs(out["probabilities"] - probabilities).max()))
+        np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(out["labels"], postprocess.apply(labels, DECISION, SPACING_MM,
+                                                                       predictor.targets))
+        changed += int((labels != out["labels"]).sum())
+    assert changed > 0  # the decision is applied by finish.onnx
+    with capsys.disabled():
+        print(f"\nONNX runner vs Predictor: largest probability difference {largest:.2e}, "
+              f"{changed} voxels changed by the post-processing")
+
+
+def test_the_onnx_runners_window_grid_is_that_of_windows_py():
+    """segment.py cannot import windows.py: its grid (padding, starts, positions, coverages) must equal it."""
+    for shape in [(9, 14, 11), (40, 33, 17), (12, 12, 12), (97, 5, 64)]:
+        for patch in [(12, 12, 12), (16, 8, 24), (5, 5, 5)]:
+            for overlap, blending in [(0.5, "gaussian"), (0.0, "constant"), (0.33, "gaussian"), (0.25, "constant")]:
+                expected = window_grid(shape, patch, overlap, blending)
+                padding, starts, positions, coverages = onnx_runner.grid(shape, patch, overlap, blending)
+                np.testing.assert_array_equal(padding, expected.padding_vox)
+                np.testing.assert_array_equal(starts, expected.starts_vox)
+                np.testing.assert_array_equal(positions, expected.positions)
+                for got, want in zip(coverages, expected.coverage):
+                    np.testing.assert_array_equal(got, want)

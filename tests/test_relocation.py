@@ -74,7 +74,7 @@ def test_a_moved_or_copied_model_folder_trains_evaluates_predicts_and_exports_in
     code, output = medseg("export", "--model-dir", str(new), "--checkpoint", "latest", "--output",
                           str(tmp_path / "savedmodel"))
     assert code == 0, output
-    assert json.load(open(tmp_path / "savedmodel" / "assets.extra" / "recipe.json"))["members"][0]["model_dir"] == \
+    assert json.load(open(tmp_path / "savedmodel" / "metadata.json"))["members"][0]["model_dir"] == \
         str(new)
     if how == "mv":
         assert not old.exists()  # nothing recreated the old folder

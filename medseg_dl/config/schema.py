@@ -270,7 +270,8 @@ SCHEMA = {
         "tta_mirroring": Key(False, (bool,), "average predictions over all 8 mirrorings"),
         "accumulation": Key("float32", (str,), "precision of the sliding-window sums behind probabilities and "
                                                "labels: float32, or float16 (half the live sums; window logits "
-                                               "shifted per voxel by their maximum; probabilities within 1e-3, "
+                                               "shifted per voxel by their maximum; probabilities within about "
+                                               "1e-3, "
                                                "a few labels in a million may differ)",
                             choices=["float32", "float16"]),
         "save_predictions": Key(False, (bool,), "write NIfTI predictions under eval/<step>/"),

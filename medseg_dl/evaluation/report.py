@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
-from medseg_dl.data.io import write_nifti
+from medseg_dl.data.io import write_volume
 from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation import scoring
 from medseg_dl.experiment.model_dir import ModelDir
@@ -132,8 +132,8 @@ def _write_pictures(folder: str, segmentation: Segmentation, params: Params, tar
                                     spacing_mm=segmentation.spacing_mm, title=segmentation.subject_id)
     if evaluation.save_predictions:
         os.makedirs(os.path.join(folder, ModelDir.REPORT_PREDICTIONS), exist_ok=True)
-        write_nifti(os.path.join(folder, ModelDir.REPORT_PREDICTIONS, f"{segmentation.subject_id}.nii.gz"),
-                    segmentation.prediction.astype(np.uint8), segmentation.affine)
+        write_volume(os.path.join(folder, ModelDir.REPORT_PREDICTIONS, f"{segmentation.subject_id}.nii.gz"),
+                     segmentation.prediction.astype(np.uint8), segmentation.affine)
 
 
 def _panels(segmentation: Segmentation, targets: Targets) -> np.ndarray:

@@ -5,15 +5,17 @@ with the statistics stored in `dataset.json`), is segmented by sliding window (o
 mean probabilities of the ensemble's members), and the probabilities (per class, or per region with
 data.regions) are mapped back (trilinearly) onto the input's original voxel grid before the arg-max or
 the painting of the regions (`Targets.labels_of_probabilities`), so the saved label map has exactly the input's
-shape, affine and header. The post-processing decision of the experiment
+shape and affine (and a NIfTI input's header), in the input's format: NRRD for NRRD, MHA for MHA and MHD, NIfTI
+for NIfTI and DICOM series (data.io `output_suffix`). The post-processing decision of the experiment
 (`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
 final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
 `--save-probabilities uint8|float16` also writes the mapped-back probabilities (K = the classes, or the
 regions; before the arg-max or painting, so before post-processing), streamed to disk slab by slab
-(probability_files.py).
+(probability_files.py). `--dicom-seg` also writes a DICOM SEG for each DICOM series input (dicom_seg.py).
 
 Memory: the case on the model grid (its image), its labels on the original grid (uint8), and the slabs
-in flight: the predictor's live sums (one window thick along the slab axis, float16 by default) and, when
+in flight: the predictor's live sums (one window thick along the slab axis; float32, or float16 with
+evaluation.accumulation) and, when
 the grids differ, the model planes that the next original slices sample (original_grid.py); never a
 volume of K values per voxel, on either grid. Progress per case and per window (progress.py).
 """
@@ -26,7 +28,7 @@ import numpy as np
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
-from medseg_dl.data.io import spacing_from_affine, write_nifti
+from medseg_dl.data.io import output_suffix, spacing_from_affine, write_volume
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
 from medseg_dl.devices import configure_devices
 from medseg_dl.errors import DataError
@@ -100,13 +102,13 @@ def reference_header(reference_path: str) -> Optional[nib.Nifti1Header]:
 
 
 def save_like(path: str, labels: np.ndarray, reference_path: str, affine: np.ndarray) -> None:
-    """Save `labels` (X, Y, Z) uint8 with the reference's affine and, for NIfTI references, its header (with the
-    shape and data type of `labels`)."""
+    """Save `labels` (X, Y, Z) uint8 at `path` (its suffix: `output_suffix` of the reference) with the reference's
+    affine and, for NIfTI references, its header (with the shape and data type of `labels`)."""
     header = reference_header(reference_path)
     if header is not None:
         header.set_data_shape(labels.shape)
         header.set_slope_inter(1, 0)
-    write_nifti(path, labels, affine, header)
+    write_volume(path, labels, affine, header)
 
 
 def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]],
@@ -128,13 +130,15 @@ def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
 
 def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Sequence[str]], inputs: List[str],
                    output_dir: str, overrides: Sequence[str] = (), folds: Union[None, str, Sequence[int]] = None,
-                   save_probabilities: Optional[str] = None) -> List[str]:
+                   save_probabilities: Optional[str] = None, dicom_seg: bool = False) -> List[str]:
     """`medseg predict`: segment every input with the network of one model folder, or the ensemble of several
     (`model_dirs`) or of the folds of one experiment root (`folds`: "all" or fold numbers; trained.py
     `resolve_members`), each at `checkpoint` (auto, best, latest, or one of these or a path per folder), and save
-    `<output_dir>/<subject>.nii.gz` (uint8 labels) on each input's own grid, post-processed by the
-    decision of the (root) model folder when it has one; with `save_probabilities` ("uint8" or "float16") also
-    the probabilities (X, Y, Z, K: classes or regions) of probability_files.py. Returns the written paths. overrides:
+    `<output_dir>/<subject>.nii.gz|.nrrd|.mha` (uint8 labels, in the input's format: data.io `output_suffix`) on
+    each input's own grid, post-processed by the decision of the (root) model folder when it has one; with
+    `save_probabilities` ("uint8" or "float16") also the probabilities (X, Y, Z, K: classes or regions) of
+    probability_files.py (NIfTI or .npy, whatever the input's format); with `dicom_seg`, for each DICOM series input
+    also `<subject>_seg.dcm`, a DICOM SEG of its labels (dicom_seg.py). Returns the written paths. overrides:
     `section.key=value` applied to every folder's params (e.g. evaluation.*); the window and evaluation
     settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
@@ -144,10 +148,10 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
     with atomic.disk_full_reported(output_dir, "the label maps", "predict again (each file is written whole or "
                                    "not at all)"):
         return _predict_subjects(predictor, decision, recipe, input_subjects(inputs, ensemble.params.data),
-                                 output_dir, save_probabilities)
+                                 output_dir, save_probabilities, dicom_seg)
 
 
-def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities):
+def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities, dicom_seg=False):
     """`run_prediction`'s loop: segment and save each subject, one at a time; returns the written paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
@@ -166,10 +170,14 @@ def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_pr
             if writer is not None:
                 writer.abandon()
             raise
-        path = os.path.join(output_dir, f"{subject.id}.nii.gz")
-        save_like(path, labels, subject.channels[0], case.original_affine)
+        paths = [os.path.join(output_dir, subject.id + output_suffix(subject.channels[0]))]
+        save_like(paths[0], labels, subject.channels[0], case.original_affine)
+        if dicom_seg and os.path.isdir(subject.channels[0]):
+            from medseg_dl.inference.dicom_seg import write_dicom_seg  # highdicom: the `dicom` extra, only here
+            paths.append(os.path.join(output_dir, f"{subject.id}_seg.dcm"))
+            write_dicom_seg(paths[-1], labels, case.original_affine, subject.channels[0], predictor.targets.class_names)
         del case, labels  # before the next case is read
-        written += [path] + ([writer.close()] if writer is not None else [])
+        written += paths + ([writer.close()] if writer is not None else [])
         progress.end_case()
-        print(f"{subject.id}: {path}", flush=True)
+        print(f"{subject.id}: {', '.join(paths)}", flush=True)
     return written

@@ -34,9 +34,10 @@ streams (predict.py) never holds K values per voxel of the volume. With `accumul
 each voxel (so the sums are the averages: no tiny Gaussian corner weights to underflow) and, for labels,
 first shifted per voxel by their maximum over the classes (the same amount for every class at a voxel, so
 the softmax and arg-max of the average are unchanged; a sigmoid is not shift-invariant, so region logits
-are not shifted), then summed in float16: half the memory of float32, probabilities within 1e-3 and,
-measured on the hippocampus demo's validation cases, 3 labels of 2.6 M different
-(benchmarks/accumulation.py); the default is float32, exact. The logits output is always summed in
+are not shifted), then summed in float16: half the memory of float32, probabilities within about 1e-3
+(9e-4 with regions, 1.2e-3 with labels on two BraTS test subjects) and a few labels in a million different
+(3 of 2.6 M on the hippocampus demo's validation cases; 35 and 27 of 17.9 M on the BraTS subjects;
+benchmarks/accumulation.py); the default is float32, exact. The logits output is always summed in
 float32, unshifted.
 """
 import functools
@@ -251,17 +252,18 @@ class Predictor:
         return not self.targets.uses_regions
 
     def window_function(self, num_channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-        """The tf.function (windows (N, px, py, pz, C) float32, positions (N, 3) float32) -> window logits
-        (N, px, py, pz, K) float32, for C = `num_channels` (traced once, cached): the network's logits for
-        one network without mirroring, else, over the members (and the 8 flips), log(mean softmax) for labels
-        or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region."""
+        """`window_logits` as a tf.function of windows of the patch size and C = `num_channels` channels
+        (traced once, cached)."""
         if num_channels not in self._window_functions:
             signature = [tf.TensorSpec((None,) + self.patch_size_vox + (num_channels,), tf.float32),
                          tf.TensorSpec((None, 3), tf.float32)]
-            self._window_functions[num_channels] = tf.function(self._window_logits, input_signature=signature)
+            self._window_functions[num_channels] = tf.function(self.window_logits, input_signature=signature)
         return self._window_functions[num_channels]
 
-    def _window_logits(self, windows, positions):
+    def window_logits(self, windows: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+        """Window logits (N, px, py, pz, K) float32 of windows (N, px, py, pz, C) float32 at positions (N, 3)
+        float32: the network's logits for one network without mirroring, else, over the members (and the 8
+        flips), log(mean softmax) for labels or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region."""
         if len(self.networks) == 1 and not self.tta_mirroring:
             return self._logits(0, windows, positions)
         flips = MIRROR_AXES if self.tta_mirroring else [[]]

@@ -1,0 +1,50 @@
+"""A DICOM SEG of a label map predicted for a DICOM series (`medseg predict --dicom-seg`), written with highdicom.
+
+One BINARY segment per foreground label value (segment n = label n, named by the class names of the model), one
+frame per source slice and segment where the segment is present (highdicom omits empty frames), each frame
+referencing its source instance. A source slice is matched to a plane of the label map by its position: its
+ImagePositionPatient mapped through the inverse of the affine that `read_volume` gave the series. The segments'
+category and type are the generic SNOMED CT "Tissue" (the model does not know what its classes are); the
+algorithm is medseg_dl, of the family "Artificial Intelligence".
+"""
+import os
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+import medseg_dl
+from medseg_dl import atomic
+from medseg_dl.data import dicom
+
+
+def write_dicom_seg(path: str, labels: np.ndarray, affine: np.ndarray, series_folder: str,
+                    class_names: Sequence[str]) -> None:
+    """Write `labels` (X, Y, Z) uint8, the label map on the grid of the DICOM series in `series_folder` (voxel ->
+    RAS mm `affine` (4, 4) as `read_volume` gives it), as a DICOM SEG at `path`, atomically; `class_names` names
+    label value 0 (background, no segment) and each foreground label value."""
+    sources = [pydicom.dcmread(os.path.join(series_folder, h.name), stop_before_pixels=True)
+               for h in dicom.read_headers(series_folder)]
+    frames = np.stack([labels[:, :, _plane_of(source, affine)].T for source in sources])  # (N, Rows, Columns)
+    algorithm = hd.AlgorithmIdentificationSequence(name="medseg_dl", family=codes.cid7162.ArtificialIntelligence,
+                                                   version=medseg_dl.__version__)
+    segments = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=name, segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for n, name in enumerate(class_names) if n > 0]
+    segmentation = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="medseg_dl", manufacturer_model_name="medseg_dl predict",
+        software_versions=medseg_dl.__version__, device_serial_number="none")
+    with atomic.replacing(path) as temporary:
+        segmentation.save_as(temporary)
+
+
+def _plane_of(source: pydicom.Dataset, affine: np.ndarray) -> int:
+    """The z index of the label map plane of one source slice: its ImagePositionPatient (LPS) in voxels."""
+    lps = np.asarray(source.ImagePositionPatient, np.float64)
+    voxel = np.linalg.inv(affine) @ np.array([-lps[0], -lps[1], lps[2], 1.0])
+    return int(round(voxel[2]))
