@@ -78,11 +78,6 @@ class Params(dict):
                     values[section][key] = os.path.relpath(path_value, relative_to)
         atomic.write_text(path, header + yaml.safe_dump(values, sort_keys=False))
 
-    def model_structure(self):
-        """The keys that fix the network's variables; a resume must not change them."""
-        return {"model": self.model.to_dict(), "num_classes": self.data.num_classes,
-                "channels": len(self.data.channels)}
-
 
 def read_yaml_mapping(path):
     """Load a YAML file that must hold a mapping; `ParamsError` names the file otherwise."""

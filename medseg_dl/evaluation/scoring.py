@@ -87,25 +87,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return _overlap(np.count_nonzero(a & b), np.count_nonzero(a), np.count_nonzero(b))[0]
 
 
-def surface_distances(
-    a: np.ndarray, b: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Surface distances in mm between two non-empty boolean masks of one shape.
-
-    Returns (a_to_b, b_to_a): float64 arrays, one distance per surface voxel of a (of b),
-    in C order of the voxels, i.e. `distance_transform_edt(~surface(b), sampling)[surface(a)]`.
-    """
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    _check_same_shape(a, b)
-    spacing = _check_spacing(spacing_mm, a.ndim)
-    if not (a.any() and b.any()):
-        raise ScoringInputError("surface_distances needs two non-empty masks; check empty masks first")
-    box = _nonzero_box(a | b)
-    surface_a = _surface_of_padded(_padded_mask(a, box, (True,)))
-    surface_b = _surface_of_padded(_padded_mask(b, box, (True,)))
-    return _directed(surface_a, surface_b, spacing), _directed(surface_b, surface_a, spacing)
-
-
 def score_case(
     reference: np.ndarray,
     prediction: np.ndarray,

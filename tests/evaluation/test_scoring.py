@@ -16,7 +16,7 @@ from scipy import ndimage
 from conftest import REPO
 from medseg_dl.data.targets import Region, Targets
 from medseg_dl.errors import DataError
-from medseg_dl.evaluation.scoring import ScoringInputError, dice, score_case, summarize, surface_distances
+from medseg_dl.evaluation.scoring import ScoringInputError, dice, score_case, summarize
 
 ANISOTROPIC = (0.8, 0.8, 2.5)
 
@@ -170,15 +170,27 @@ def test_cropped_computation_equals_full_volume_brute_force(spacing):
                 assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
-def test_surface_distances_match_scipy():
-    """One distance per surface voxel (mask XOR its erosion), in C order, equal to scipy's EDT."""
+def test_surface_distance_metrics_are_those_of_scipys_distances_between_the_surfaces():
+    """ASSD, HD95 and surface Dice from one distance per surface voxel (mask XOR its erosion) to the other
+    surface, scipy's EDT with the anisotropic spacing (the conventions of the module docstring): random maps,
+    and a shifted box with a far island, where the pooled 95th percentile would hide the one-sided miss."""
     rng = np.random.default_rng(3)
-    a = random_labels(rng, (20, 17, 15), 2) == 1
-    b = random_labels(rng, (20, 17, 15), 2) == 1
-    a_to_b, b_to_a = surface_distances(a, b, ANISOTROPIC)
-    sa, sb = a ^ ndimage.binary_erosion(a), b ^ ndimage.binary_erosion(b)
-    np.testing.assert_allclose(a_to_b, ndimage.distance_transform_edt(~sb, sampling=ANISOTROPIC)[sa], rtol=1e-12)
-    np.testing.assert_allclose(b_to_a, ndimage.distance_transform_edt(~sa, sampling=ANISOTROPIC)[sb], rtol=1e-12)
+    box = np.zeros((20, 17, 15), np.int32)
+    box[3:12, 3:12, 2:8] = 1
+    island = np.roll(box, 1, axis=0)
+    island[15:19, 13:16, 10:14] = 1
+    for reference, prediction in [(random_labels(rng, box.shape, 2), random_labels(rng, box.shape, 2)), (box, island)]:
+        a, b = prediction == 1, reference == 1
+        sa, sb = a ^ ndimage.binary_erosion(a), b ^ ndimage.binary_erosion(b)
+        a_to_b = ndimage.distance_transform_edt(~sb, sampling=ANISOTROPIC)[sa]
+        b_to_a = ndimage.distance_transform_edt(~sa, sampling=ANISOTROPIC)[sb]
+        pooled = np.concatenate([a_to_b, b_to_a])
+        row = score_case(reference, prediction, classes(2), ANISOTROPIC, tolerance_mm=1.5)[0]
+        assert row["assd_mm"] == pytest.approx(pooled.mean(), rel=1e-12)
+        hd95 = max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95))
+        assert row["hd95_mm"] == pytest.approx(hd95, rel=1e-12)
+        assert row["surface_dice"] == pytest.approx(np.mean(pooled <= 1.5), rel=1e-12)
+    assert hd95 > np.percentile(pooled, 95) + 1.0  # the island case tells the two conventions apart
 
 
 def test_two_dimensional_label_maps():
@@ -331,8 +343,6 @@ def test_bad_inputs_raise_with_the_facts():
         score_case(good, good, classes(2), spacing_mm=(1.0, 0.0, 1.0))
     with pytest.raises(ScoringInputError, match="targets must be a medseg_dl.data.targets.Targets.*got 2$"):
         score_case(good, good, 2)
-    with pytest.raises(ScoringInputError, match="non-empty"):
-        surface_distances(good == 1, good == 0)
 
 
 def test_benchmark_quick_prints_json_lines():
