@@ -4,9 +4,9 @@ preprocessed volumes, seconds per volume and peak RSS, each in its own process.
     python benchmarks/deploy.py --model-dir /tmp/deploy/hippo --workload hippocampus --split val [--cases 20]
     python benchmarks/deploy.py --model-dir /tmp/medseg_regions_brats/brats/labels --workload brats --cases 1
 
-The model folder's test (or --split val) cases (its filelists; --cases: the first N) are preprocessed once here (the model's
-recipe: reorientation, resampling, normalisation) and saved as .npy with their spacing; the model is exported
-as a SavedModel and as ONNX (`medseg export`). Then, each in a fresh process, one volume after another,
+The model folder's test (or --split val) cases (its filelists; --cases: the first N) are preprocessed once
+here (the model's recipe: reorientation, resampling, normalisation) and saved as .npy with their spacing;
+the model is exported as a SavedModel and as ONNX (`medseg export`). Then, each in a fresh process, one volume after another,
 both outputs (probabilities and labels) of every volume, in float32 (evaluation.accumulation float32, the
 precision of both exports):
 - `predictor`: `Predictor.probabilities` and the labels of those probabilities (`Targets.labels_of_probabilities`),

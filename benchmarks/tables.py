@@ -172,7 +172,8 @@ def regions_cells(r):
 def deploy_cells(r):
     """One runner (Predictor, SavedModel, ONNX runner, or the whole `medseg predict` command) on one workload."""
     shapes = r["shapes"]
-    volumes = f"{r['cases']} {r['split']} cases, {'x'.join(map(str, shapes[0][:3]))}" + (" ..." if len(shapes) > 1 else "")
+    volumes = f"{r['cases']} {r['split']} cases, {'x'.join(map(str, shapes[0][:3]))}"
+    volumes += " ..." if len(shapes) > 1 else ""
     if r["runner"] == "predict_cli":
         return [r["workload"], "medseg predict (whole command)", volumes, f"{r['value']} (total {r['total_s']} s)",
                 "", r["peak_rss_mb"], "", ""]

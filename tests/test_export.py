@@ -229,10 +229,11 @@ def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post
                 "min_island_mm3": {"2": 3.0}}
     ensemble = TrainedEnsemble((TrainedModel(params, network, "ckpt-1", 1),))
     write = export_onnx if export_format == "onnx" else export.export_savedmodel
-    write(predictor, 2, str(tmp_path / "exported"), export.export_metadata(ensemble, predictor, decision, export_format),
-          decision)
+    metadata = export.export_metadata(ensemble, predictor, decision, export_format)
+    write(predictor, 2, str(tmp_path / "exported"), metadata, decision)
     metadata = json.loads((tmp_path / "exported" / export.METADATA).read_text())
-    assert metadata["targets"] == Targets.from_params(params.data).to_dict() and metadata["targets"]["ignore_label"] == 5
+    assert metadata["targets"] == Targets.from_params(params.data).to_dict()
+    assert metadata["targets"]["ignore_label"] == 5
     assert "sigmoid per region" in metadata["network_data_format"]["outputs"]["probabilities"]["description"]
     assert metadata["network_data_format"]["outputs"]["probabilities"]["channel_def"] == {
         "0": "whole", "1": "core", "2": "enhancing"}

@@ -27,7 +27,8 @@ probabilities and labels (not the blended logits). Two changes keep it close:
   loses the borders: the Gaussian weight of a window corner is min_weight^3 = 1e-9, below float16's
   smallest value (6e-8), so a volume corner covered by one window would sum to 0.
 The finished slab is cast back to float32 before the transform. Probabilities stay within about 1e-3
-(6e-4 measured on logits up to +-20; 1.2e-3 on two BraTS subjects, benchmarks/accumulation.py); labels are those of float32 accumulation except at near ties: float16
+(6e-4 measured on logits up to +-20; 1.2e-3 on two BraTS subjects, benchmarks/accumulation.py); labels
+are those of float32 accumulation except at near ties: float16
 resolves a logit of 1 to 5e-4, so classes whose averages differ by less (1 voxel in 10^5 in the tests,
 gaps under 4e-4) may swap.
 """
