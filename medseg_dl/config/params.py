@@ -79,6 +79,12 @@ class Params(dict):
         atomic.write_text(path, header + yaml.safe_dump(values, sort_keys=False))
 
 
+def default_class_name(label: int) -> str:
+    """The name of label value `label` where nothing names it (data.class_names unset, a dataset.json's label
+    without a name): class_<label>. (viz/plotting.py, which may not import config, spells it for a plot.)"""
+    return f"class_{label}"
+
+
 def read_yaml_mapping(path):
     """Load a YAML file that must hold a mapping; `ParamsError` names the file otherwise."""
     if not os.path.isfile(path):
@@ -194,7 +200,7 @@ def _resolve(values, base_dir):
     if data["converted_dir"] is None:
         data["converted_dir"] = os.path.join(values["experiment"]["model_dir"], "converted")
     if data["class_names"] is None:
-        data["class_names"] = [f"class_{i}" for i in range(data["num_classes"])]
+        data["class_names"] = [default_class_name(i) for i in range(data["num_classes"])]
     if len(data["class_names"]) != data["num_classes"]:
         raise ParamsError(f"data.class_names has {len(data['class_names'])} names but data.num_classes is "
                           f"{data['num_classes']}; give one name per class")

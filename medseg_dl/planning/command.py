@@ -8,7 +8,7 @@ import yaml
 
 from medseg_dl import atomic
 from medseg_dl.config import schema
-from medseg_dl.config.params import Params, defaults_dict
+from medseg_dl.config.params import Params, default_class_name, defaults_dict
 from medseg_dl.data.io import read_volume
 from medseg_dl.data.subjects import find_subjects
 from medseg_dl.data.targets import regions_from_dataset_json
@@ -141,6 +141,6 @@ def _class_names(data: Dict, num_classes: int) -> List[str]:
         by_value = {int(v): k for k, v in labels.items() if isinstance(v, int) and k != "ignore"} \
             if labels and not list(labels)[0].isdigit() else {int(k): v for k, v in labels.items()}
         if by_value and set(by_value) <= set(range(num_classes)):
-            return [str(by_value.get(k, f"class_{k}")) for k in range(num_classes)]
+            return [str(by_value.get(k, default_class_name(k))) for k in range(num_classes)]
     return data["class_names"] if data["class_names"] and len(data["class_names"]) == num_classes else \
-        [f"class_{k}" for k in range(num_classes)]
+        [default_class_name(k) for k in range(num_classes)]
