@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pydicom
+import pydicom.misc
 from pydicom.errors import InvalidDicomError
 
 from medseg_dl.errors import DataError
@@ -58,6 +59,13 @@ def check_series(folder: str) -> None:
         raise DataError(f"{folder}: {len(series)} DICOM series ({names}); put each series in its own folder")
     if len(headers) > 1:
         _check_steps(folder, headers)
+
+
+def is_series_folder(folder: str, files_looked_at: int = 8) -> bool:
+    """Whether `folder` holds DICOM files (whatever their names: scanners often write IM0001 or no suffix): one
+    of its first `files_looked_at` regular files, in name order, starts with the DICOM preamble."""
+    names = [n for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))]
+    return any(pydicom.misc.is_dicom(os.path.join(folder, n)) for n in names[:files_looked_at])
 
 
 def read_headers(folder: str) -> List[SliceHeader]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from medseg_dl import atomic
 from medseg_dl.config.params import Params
+from medseg_dl.data import dicom
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import output_suffix, spacing_from_affine, write_volume
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
@@ -43,7 +44,8 @@ from medseg_dl.inference.trained import TrainedEnsemble, load_ensemble, resolve_
 
 def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:
     """Subjects to predict: volume files (one channel each, or one 4D file with all channels), or
-    folders: a subject folder (layout subject_folders) or a folder of volume files."""
+    folders: a subject folder (layout subject_folders), a DICOM series (dicom.is_series_folder: whatever its
+    files are named) or a folder of volume files."""
     subjects = []
     for path in map(os.path.abspath, paths):
         if not os.path.exists(path):
@@ -54,7 +56,7 @@ def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:
                 raise DataError(f"{path}: no file for each channel pattern {list(data_params['channels'])}")
             mask = match_one(path, data_params["mask_pattern"], "mask") if data_params["mask_pattern"] else None
             subjects.append(Subject(os.path.basename(path), channels, mask=mask))
-        elif os.path.isdir(path) and not _is_dicom_folder(path):
+        elif os.path.isdir(path) and not dicom.is_series_folder(path):
             subjects.extend(Subject(strip_suffix(n), [os.path.join(path, n)])
                             for n in sorted(os.listdir(path)) if is_volume_path(os.path.join(path, n)))
         else:
@@ -62,10 +64,6 @@ def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:
     if not subjects:
         raise DataError(f"{paths}: no images found to predict")
     return subjects
-
-
-def _is_dicom_folder(path):
-    return any(n.lower().endswith(".dcm") for n in os.listdir(path))
 
 
 def segment_case(predictor: Predictor, case: Case, decision: Optional[Dict] = None,

@@ -3,6 +3,7 @@ probabilities back onto the original grid, slab by slab, land on the original vo
 post-processing decision is applied to the final label map on the original grid, with the original
 spacing; probabilities are streamed to disk in uint8 or float16; with regions, the region probabilities
 are mapped back and saved, and the regions painted from them on the original grid."""
+import os
 import weakref
 
 import nibabel as nib
@@ -11,13 +12,14 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from conftest import write_nifti
+from conftest import write_dicom_series, write_nifti
 from medseg_dl.data.cases import Case, CaseRecipe, subject_case
+from medseg_dl.data.io import read_volume
 from medseg_dl.data.subjects import Subject
 from medseg_dl.data.targets import Region, Targets
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.original_grid import model_axis_of, original_slabs
-from medseg_dl.inference.predict import _predict_subjects, segment_case
+from medseg_dl.inference.predict import _predict_subjects, input_subjects, segment_case
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.probability_files import ProbabilityWriter
 
@@ -236,3 +238,20 @@ def test_predict_saves_the_region_probabilities_mapped_back_and_paints_the_regio
     painted_first = ndimage.affine_transform(predictor.labels(case.image), to_model[:3, :3], to_model[:3, 3],
                                              output_shape=shape, order=0, mode="nearest")
     assert (painted_first != labels).sum() > 10  # painting on the model grid, then mapping back, differs
+
+
+def test_a_dicom_series_is_one_input_whatever_its_files_are_named(tmp_path):
+    """Scanners write IM0001 or names without a suffix: the folder is still one DICOM series to predict (read
+    with its NIfTI-equal voxels), and a folder of NIfTI files is still one input per file."""
+    series = tmp_path / "series"
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    for path in write_dicom_series(str(series), data, np.diag([0.7, 0.9, 2.5, 1.0])):
+        os.rename(path, path[:-len(".dcm")])
+    assert not [n for n in os.listdir(series) if n.endswith(".dcm")]
+    subjects = input_subjects([str(series)], {"layout": "images_labels"})
+    assert [(s.id, s.channels) for s in subjects] == [("series", [str(series)])]
+    np.testing.assert_array_equal(read_volume(str(series)).data, data)
+    (tmp_path / "volumes").mkdir()
+    for name in ("a", "b"):
+        write_nifti(tmp_path / "volumes" / f"{name}.nii.gz", np.zeros((3, 3, 3), np.float32))
+    assert [s.id for s in input_subjects([str(tmp_path / "volumes")], {"layout": "images_labels"})] == ["a", "b"]
