@@ -14,6 +14,7 @@ import copy
 import difflib
 import os
 import re
+from typing import Any, Tuple
 
 import yaml
 
@@ -125,7 +126,9 @@ def all_keys(schema=SCHEMA, prefix=""):
             yield dotted, entry
 
 
-def _apply_override(user, override):
+def parse_override(override: str) -> Tuple[str, Any]:
+    """(dotted key, value) of one `--set section.key=value`: the value read as YAML (a string where it is not
+    YAML); `ParamsError` without an "=". The one grammar of --set (train, evaluate, predict, plan, ...)."""
     if "=" not in override:
         raise ParamsError(f"--set {override!r}: expected section.key=value, e.g. training.steps=100")
     dotted, raw = override.split("=", 1)
@@ -133,8 +136,13 @@ def _apply_override(user, override):
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    return dotted.strip(), value
+
+
+def _apply_override(user, override):
+    dotted, value = parse_override(override)
     node = user
-    parts = dotted.strip().split(".")
+    parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):

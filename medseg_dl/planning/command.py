@@ -8,7 +8,7 @@ import yaml
 
 from medseg_dl import atomic
 from medseg_dl.config import schema
-from medseg_dl.config.params import Params, default_class_name, defaults_dict
+from medseg_dl.config.params import Params, default_class_name, defaults_dict, parse_override
 from medseg_dl.data.io import read_volume
 from medseg_dl.data.subjects import find_subjects
 from medseg_dl.data.targets import regions_from_dataset_json
@@ -46,8 +46,8 @@ def run_plan(data_dir: str, layout: str, output: str, modalities: Sequence[str] 
     written["class_names"] = _class_names(data, num_classes(fingerprint, written.get("ignore_label")))
     values, why = plan(fingerprint, written, modalities, gpu_memory_gb, name)
     for override in overrides:  # the user's --set wins over the plan
-        key, _, raw = override.partition("=")
-        values[key.strip()], why[key.strip()] = yaml.safe_load(raw), "given with --set"
+        key, value = parse_override(override)
+        values[key], why[key] = value, "given with --set"
     params = Params.from_dict(_nest(values), source=output)  # the planned file must validate
     header = (f"# Planned by `medseg plan` from the {fingerprint['cases']} cases of {fingerprint['source_dir']}\n"
               f"# ({'GPU budget ' + str(gpu_memory_gb) + ' GB' if gpu_memory_gb else 'no GPU: a CPU budget'}; "
@@ -80,9 +80,9 @@ def _data_overrides(overrides: Sequence[str]) -> Dict:
     """The data.* keys of `--set` overrides, each checked against the schema."""
     found = {}
     for override in overrides:
-        key, _, raw = override.partition("=")
-        if key.strip().startswith("data."):
-            found[key.strip()[len("data."):]] = schema.check(key.strip(), yaml.safe_load(raw))
+        key, value = parse_override(override)
+        if key.startswith("data."):
+            found[key[len("data."):]] = schema.check(key, value)
     return found
 
 
@@ -98,12 +98,12 @@ def _nest(values: Dict[str, object]) -> Dict:
 
 
 def _given(key, data, overrides):
-    return key in ("source_dir", "layout", "channels") or any(o.startswith(f"data.{key}=") for o in overrides)
+    return key in ("source_dir", "layout", "channels") or key in _data_overrides(overrides)
 
 
 def _channels(data: Dict, overrides: Sequence[str]) -> List[str]:
     """The channel names (msd: from dataset.json; images_labels: 'image', or image_0..C-1 for 4D files)."""
-    if any(o.startswith("data.channels=") for o in overrides) or data["layout"] == "subject_folders":
+    if "channels" in _data_overrides(overrides) or data["layout"] == "subject_folders":
         return list(data["channels"])
     if data["layout"] == "msd":
         index = json.load(open(os.path.join(data["source_dir"], "dataset.json")))

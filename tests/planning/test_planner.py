@@ -11,6 +11,7 @@ import yaml
 
 from conftest import REPO, write_nifti
 from medseg_dl.config.params import Params
+from medseg_dl.errors import ParamsError
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.planning import planner
 from medseg_dl.planning.command import run_plan
@@ -162,3 +163,16 @@ def test_plan_proposes_the_regions_and_ignore_label_a_dataset_json_declares(tmp_
     text = output.read_text()
     assert "regions declared in dataset.json" in next(line for line in text.splitlines() if "regions:" in line)
     assert "(below the ignore label)" in text and "the 'ignore' label of dataset.json" in text
+
+
+def test_plan_reads_set_with_the_grammar_of_every_command(tmp_path):
+    """`medseg plan --set` is parsed as the other commands' (`parse_override`): spaces around the key, a
+    value that is not YAML kept as a string, and a missing "=" a one-line error naming the fix."""
+    root = synthetic(tmp_path / "data", [1.0, 1.0, 1.0], (24, 28, 20), 1)
+    output = tmp_path / "planned.yaml"
+    run_plan(str(root), "images_labels", str(output),
+             overrides=[f"experiment.model_dir={tmp_path / 'run'}", " data.channels = [t1]", "experiment.name=[x"])
+    params = Params.load(str(output))
+    assert params.data.channels == ["t1"] and params.experiment.name == "[x"
+    with pytest.raises(ParamsError, match=r"^--set 'data\.workers': expected section\.key=value"):
+        run_plan(str(root), "images_labels", str(output), overrides=["data.workers"])
