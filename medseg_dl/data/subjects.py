@@ -86,13 +86,20 @@ def _images_labels(source_dir, data_params):
     return subjects
 
 
+def msd_channel_names(index: Dict) -> List[str]:
+    """The channel names of an MSD or nnU-Net dataset.json (`index`, loaded): its "channel_names" (nnU-Net v2)
+    or "modality" (MSD), in channel order; ["image"] when it names none."""
+    names = index.get("channel_names") or index.get("modality") or {"0": "image"}
+    return [names[k] for k in sorted(names, key=int)]
+
+
 def _msd(source_dir, data_params):
     index_path = os.path.join(source_dir, "dataset.json")
     if not os.path.isfile(index_path):
         raise DataError(f"{index_path}: not found; layout 'msd' expects dataset.json, imagesTr/ and labelsTr/")
     with open(index_path) as f:
         index = json.load(f)
-    names = index.get("channel_names") or index.get("modality") or {"0": "image"}
+    names = msd_channel_names(index)
     ending = index.get("file_ending", ".nii.gz")
     labels_dir, images_dir = os.path.join(source_dir, "labelsTr"), os.path.join(source_dir, "imagesTr")
     subjects = []

@@ -10,7 +10,7 @@ from medseg_dl import atomic
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params, default_class_name, defaults_dict, parse_override
 from medseg_dl.data.io import read_volume
-from medseg_dl.data.subjects import find_subjects
+from medseg_dl.data.subjects import find_subjects, msd_channel_names
 from medseg_dl.data.targets import regions_from_dataset_json
 from medseg_dl.errors import ParamsError
 from medseg_dl.planning.fingerprint import dataset_fingerprint
@@ -106,9 +106,8 @@ def _channels(data: Dict, overrides: Sequence[str]) -> List[str]:
     if "channels" in _data_overrides(overrides) or data["layout"] == "subject_folders":
         return list(data["channels"])
     if data["layout"] == "msd":
-        index = json.load(open(os.path.join(data["source_dir"], "dataset.json")))
-        names = index.get("channel_names") or index.get("modality") or {"0": "image"}
-        return [names[k] for k in sorted(names, key=int)]
+        with open(os.path.join(data["source_dir"], "dataset.json")) as f:
+            return msd_channel_names(json.load(f))
     first = read_volume(find_subjects({**data, "channels": ["image"]})[0].channels[0]).data
     return ["image"] if first.ndim == 3 else [f"image_{c}" for c in range(first.shape[3])]
 
