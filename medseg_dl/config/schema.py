@@ -302,3 +302,14 @@ def check(dotted, value):
     """Check one value against the schema's rule for `dotted`; returns it, or raises `ParamsError`."""
     key(dotted).check(value, dotted)
     return value
+
+
+def check_argument(argument, value, dotted):
+    """Check the value of a library function's `argument` against the rule of the params key `dotted` (the one
+    place of that rule); returns it, or raises `ValueError` naming the argument, not a key of a params file
+    (the config layer checks the params and names their keys)."""
+    try:
+        key(dotted).check(value, argument)
+    except ParamsError as err:
+        raise ValueError(str(err)) from None
+    return value

@@ -106,17 +106,18 @@ class Predictor:
                  targets: Targets, overlap: float = 0.5, blending: str = "gaussian", batch_size: int = 4,
                  tta_mirroring: bool = False, recombination: str = "auto", accumulation: str = "float32"):
         self.networks = _as_networks(network_or_networks)
-        self.patch_size_vox = tuple(schema.check("sampling.patch_size", [int(p) for p in patch_size_vox]))
+        self.patch_size_vox = tuple(schema.check_argument("patch_size_vox", [int(p) for p in patch_size_vox],
+                                                          "sampling.patch_size"))
         if not isinstance(targets, Targets):
             raise ValueError(f"targets = {targets!r}; expected a Targets (data/targets.py Targets.from_params)")
         self.targets = targets
-        self.overlap = schema.check("evaluation.overlap", float(overlap))
-        self.blending = schema.check("evaluation.blending", blending)
-        self.batch_size = schema.check("evaluation.batch_size", int(batch_size))
+        self.overlap = schema.check_argument("overlap", float(overlap), "evaluation.overlap")
+        self.blending = schema.check_argument("blending", blending, "evaluation.blending")
+        self.batch_size = schema.check_argument("batch_size", int(batch_size), "evaluation.batch_size")
         self.tta_mirroring = bool(tta_mirroring)
-        self.accumulation = schema.check("evaluation.accumulation", accumulation)
+        self.accumulation = schema.check_argument("accumulation", accumulation, "evaluation.accumulation")
         if recombination not in RECOMBINATIONS:
-            raise ParamsError(f"recombination = {recombination!r}; expected one of {', '.join(RECOMBINATIONS)}")
+            raise ValueError(f"recombination = {recombination!r}; expected one of {', '.join(RECOMBINATIONS)}")
         self.on_device = recombination == "device" or (recombination == "auto" and
                                                        bool(tf.config.list_logical_devices("GPU")))
         self._in_graph_functions = {}

@@ -53,7 +53,7 @@ def window_starts(size_vox: int, window_vox: int, overlap: float) -> np.ndarray:
     """
     if size_vox < window_vox:
         raise ValueError(f"axis of {size_vox} voxels is smaller than the window ({window_vox}); pad it first")
-    schema.check("evaluation.overlap", overlap)
+    schema.check_argument("overlap", overlap, "evaluation.overlap")
     step_vox = window_vox * (1.0 - overlap)
     num = int(np.ceil((size_vox - window_vox) / step_vox - 1e-9)) + 1
     return np.unique(np.round(np.linspace(0, size_vox - window_vox, num)).astype(np.int64))
@@ -67,7 +67,7 @@ def padding_to_window(shape_vox: Sequence[int], patch_size_vox: Sequence[int]) -
 
 def importance_profile(length_vox: int, blending: str, min_weight: float = 1e-3) -> np.ndarray:
     """1D window weights (length,) float32: Gaussian (sigma = length / 8) or constant, max 1, >= min_weight."""
-    schema.check("evaluation.blending", blending)
+    schema.check_argument("blending", blending, "evaluation.blending")
     if blending == "constant":
         return np.ones(length_vox, np.float32)
     offset_vox = np.arange(length_vox) - (length_vox - 1) / 2.0

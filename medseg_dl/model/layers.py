@@ -63,7 +63,7 @@ def make_norm(kind, channels, groups=8, name=None):
     over X, Y, Z); group: gcd(groups, channels) groups per sample. Statistics are float32 under mixed
     precision.
     """
-    schema.check("model.norm", kind)
+    schema.check_argument("kind", kind, "model.norm")
     if kind == "batch":
         return keras.layers.BatchNormalization(name=name)
     if kind == "instance":
@@ -108,7 +108,7 @@ class InstanceNormalization(keras.layers.Layer):
 
 def make_activation(kind, name=None):
     """relu, leaky_relu (slope 0.01) or prelu (one learned slope per channel)."""
-    schema.check("model.activation", kind)
+    schema.check_argument("kind", kind, "model.activation")
     if kind == "relu":
         return keras.layers.ReLU(name=name)
     if kind == "leaky_relu":

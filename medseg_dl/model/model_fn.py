@@ -75,7 +75,7 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     DECAYS = ("constant", "poly", "cosine")
 
     def __init__(self, peak, total_steps, warmup_steps=0, decay="poly"):
-        schema.check("training.schedule", decay)
+        schema.check_argument("decay", decay, "training.schedule")
         self.peak, self.total_steps, self.warmup_steps, self.decay = peak, total_steps, warmup_steps, decay
         self.segment = tf.Variable(self.segment_values(0, peak, total_steps, peak, decay), trainable=False,
                                    dtype=tf.float64, name="schedule_segment")

@@ -13,7 +13,7 @@ from medseg_dl.config import schema
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """A `tf.distribute.Strategy` for `training.strategy` = name (one of the schema's choices)."""
-    schema.check("training.strategy", name)
+    schema.check_argument("name", name, "training.strategy")
     if name == "multi_worker":
         cluster.tf_config()  # a clear error when it is missing or malformed
         return tf.distribute.MultiWorkerMirroredStrategy()

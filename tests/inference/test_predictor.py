@@ -209,7 +209,7 @@ def test_user_errors_name_the_fix():
         Predictor(network, (8, 8, 8), 3)
     with pytest.raises(DataError, match=r"\(X, Y, Z, C\)"):
         Predictor(network, (8, 8, 8), classes(3)).probabilities(np.zeros((8, 8, 8), np.float32))
-    with pytest.raises(ParamsError, match="evaluation.blending"):
+    with pytest.raises(ValueError, match="^blending = 'hann': expected one of"):
         Predictor(network, (8, 8, 8), classes(3), blending="hann")
 
 
@@ -302,7 +302,7 @@ def test_recombination_on_the_device_equals_the_host_path(shape, tta_mirroring):
     np.testing.assert_allclose(device.logits(image), host.logits(image), atol=1e-5)
     np.testing.assert_array_equal(device.labels(image), host.labels(image))
     np.testing.assert_allclose(tf.nn.softmax(host.logits(image), axis=-1), host.probabilities(image), atol=1e-6)
-    with pytest.raises(ParamsError, match="recombination = 'gpu'; expected one of auto, host, device"):
+    with pytest.raises(ValueError, match="^recombination = 'gpu'; expected one of auto, host, device"):
         Predictor(network, (16, 12, 16), classes(3), recombination="gpu")
 
 

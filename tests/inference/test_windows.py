@@ -5,7 +5,6 @@ import pytest
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.errors import ParamsError
 from medseg_dl.inference import windows
 from medseg_dl.pipeline import inputs
 
@@ -76,10 +75,11 @@ def test_window_starts_cover_the_axis_with_the_fewest_windows(window, overlap):
             assert (size - window) / (len(starts) - 2) > step
 
 
-def test_bad_windowing_raises_params_error():
-    with pytest.raises(ParamsError, match="evaluation.overlap"):
+def test_bad_windowing_arguments_are_value_errors_naming_the_argument():
+    """Library code names its argument and the rule (the params key's, schema.check_argument), not a key."""
+    with pytest.raises(ValueError, match=r"^overlap = 1\.0: must be <= 0\.95$"):
         windows.window_starts(50, 20, 1.0)
-    with pytest.raises(ParamsError, match="evaluation.blending"):
+    with pytest.raises(ValueError, match=r"^blending = 'hann': expected one of \['gaussian', 'constant'\]"):
         windows.importance_map((8, 8, 8), "hann")
 
 
