@@ -1,4 +1,5 @@
 """Errors a user can cause. Each message names the file (or key) and the fix."""
+import importlib
 
 
 class MedsegError(Exception):
@@ -31,3 +32,13 @@ class OutOfMemoryError(MedsegError):
 
 class DiskFullError(MedsegError):
     """A write failed because the disk (or the user's quota) is full: not a memory problem."""
+
+
+def import_extra(module: str, extra: str, feature: str):
+    """The module named `module`, which needs the packages of the optional extra `extra` (pyproject.toml); a
+    `MedsegError` naming `feature`, the missing package and the pip command when one is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MedsegError(f"{feature} needs {err.name}, which is not installed; pip install 'medseg_dl[{extra}]'"
+                          ) from None

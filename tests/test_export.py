@@ -22,6 +22,7 @@ from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject
 from medseg_dl.data.targets import Targets
+from medseg_dl.errors import MedsegError
 from medseg_dl.experiment.model_dir import open_model_dir
 from medseg_dl.inference import export, graph_windows, onnx_runner, postprocess
 from medseg_dl.inference.onnx_export import export_onnx
@@ -286,3 +287,23 @@ def test_the_onnx_runners_window_grid_is_that_of_windows_py():
                 np.testing.assert_array_equal(positions, expected.positions)
                 for got, want in zip(coverages, expected.coverage):
                     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("missing, command", [("tf2onnx", "export"), ("highdicom", "predict")])
+def test_a_missing_optional_package_is_one_line_naming_the_extra_before_any_work(tmp_path, monkeypatch, missing,
+                                                                               command):
+    """Without tf2onnx (the onnx extra) `export --format onnx`, and without highdicom (the dicom extra)
+    `predict --dicom-seg`, stop before loading a model with the pip command to run."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import <missing>` raises ImportError
+    for module in ("medseg_dl.inference.onnx_export", "medseg_dl.inference.dicom_seg"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    nowhere = str(tmp_path / "no-model")  # loading it would be a different error
+    with pytest.raises(MedsegError) as err:
+        if command == "export":
+            export.run_export(nowhere, "latest", str(tmp_path / "out"), export_format="onnx")
+        else:
+            run_prediction(nowhere, "latest", [nowhere], str(tmp_path / "out"), dicom_seg=True)
+    extra = "onnx" if missing == "tf2onnx" else "dicom"
+    assert str(err.value) == (f"medseg {command} {'--format onnx' if command == 'export' else '--dicom-seg'} needs "
+                              f"{missing}, which is not installed; pip install 'medseg_dl[{extra}]'")
+    assert not (tmp_path / "out").exists()

@@ -38,6 +38,7 @@ from medseg_dl import atomic
 from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
 from medseg_dl.data.targets import Targets
+from medseg_dl.errors import import_extra
 from medseg_dl.inference import postprocess, postprocess_graph
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
@@ -156,10 +157,8 @@ def run_export(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Seq
     (its recipe and post-processing decision); returns `output_dir`."""
     if export_format not in FORMATS:
         raise ValueError(f"export_format = {export_format!r}; expected one of {', '.join(FORMATS)}")
+    write = (import_extra("medseg_dl.inference.onnx_export", "onnx", "medseg export --format onnx").export_onnx
+             if export_format == "onnx" else export_savedmodel)  # tf2onnx: imported only to export ONNX
     predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)
     metadata = export_metadata(ensemble, predictor, decision, export_format)
-    num_channels = len(ensemble.params.data.channels)
-    if export_format == "onnx":
-        from medseg_dl.inference.onnx_export import export_onnx  # tf2onnx: imported only to export ONNX
-        return export_onnx(predictor, num_channels, output_dir, metadata, decision)
-    return export_savedmodel(predictor, num_channels, output_dir, metadata, decision)
+    return write(predictor, len(ensemble.params.data.channels), output_dir, metadata, decision)

@@ -32,7 +32,7 @@ from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import output_suffix, spacing_from_affine, write_volume
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
 from medseg_dl.devices import configure_devices
-from medseg_dl.errors import DataError
+from medseg_dl.errors import DataError, import_extra
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.original_grid import model_axis_of, original_slabs, same_grid
@@ -141,16 +141,19 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
     settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
         raise DataError(f"{output_dir}: the output is a file; give a folder for the label maps")
+    seg_writer = import_extra("medseg_dl.inference.dicom_seg", "dicom", "medseg predict --dicom-seg"
+                              ).write_dicom_seg if dicom_seg else None  # highdicom: imported only here
     predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)
     recipe = stored_recipe(ensemble.params)
     with atomic.disk_full_reported(output_dir, "the label maps", "predict again (each file is written whole or "
                                    "not at all)"):
         return _predict_subjects(predictor, decision, recipe, input_subjects(inputs, ensemble.params.data),
-                                 output_dir, save_probabilities, dicom_seg)
+                                 output_dir, save_probabilities, seg_writer)
 
 
-def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities, dicom_seg=False):
-    """`run_prediction`'s loop: segment and save each subject, one at a time; returns the written paths."""
+def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities, seg_writer=None):
+    """`run_prediction`'s loop: segment and save each subject, one at a time (and with `seg_writer`,
+    dicom_seg.write_dicom_seg, a DICOM SEG of each DICOM series); returns the written paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
     progress = Progress("predict", len(subjects))
@@ -170,10 +173,9 @@ def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_pr
             raise
         paths = [os.path.join(output_dir, subject.id + output_suffix(subject.channels[0]))]
         save_like(paths[0], labels, subject.channels[0], case.original_affine)
-        if dicom_seg and os.path.isdir(subject.channels[0]):
-            from medseg_dl.inference.dicom_seg import write_dicom_seg  # highdicom: the `dicom` extra, only here
+        if seg_writer is not None and os.path.isdir(subject.channels[0]):
             paths.append(os.path.join(output_dir, f"{subject.id}_seg.dcm"))
-            write_dicom_seg(paths[-1], labels, case.original_affine, subject.channels[0], predictor.targets.class_names)
+            seg_writer(paths[-1], labels, case.original_affine, subject.channels[0], predictor.targets.class_names)
         del case, labels  # before the next case is read
         written += paths + ([writer.close()] if writer is not None else [])
         progress.end_case()
