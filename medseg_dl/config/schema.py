@@ -288,11 +288,18 @@ SCHEMA = {
 }
 
 
+def lookup(tree, dotted):
+    """The entry at a dotted name such as "evaluation.overlap" in a nested mapping (the schema, a params dict,
+    a `Params`: anything indexed by section, then key); `KeyError` for an unknown one. The one walk over dotted
+    names."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def key(dotted, schema=SCHEMA):
     """The `Key` of a dotted name such as "evaluation.overlap"; `KeyError` for an unknown one."""
-    entry = schema
-    for part in dotted.split("."):
-        entry = entry[part]
+    entry = lookup(schema, dotted)
     if not isinstance(entry, Key):
         raise KeyError(f"{dotted} is a section, not a key")
     return entry

@@ -13,6 +13,7 @@ generated from `RULES` (`medseg params-doc --resume`).
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from medseg_dl.config import schema
 from medseg_dl.config.params import Params, all_keys
 from medseg_dl.errors import ModelDirError
 
@@ -108,9 +109,7 @@ def resume_table() -> str:
 
 
 def _value(params: Dict, dotted: str):
-    node = params
-    for part in dotted.split("."):
-        node = node[part]
+    node = schema.lookup(params, dotted)
     return node.to_dict() if isinstance(node, Params) else node
 
 
