@@ -62,7 +62,7 @@ def main():
     args = parser.parse_args()
     steps, log_every = (6, 2) if args.quick else (args.steps, max(args.steps // 4, 1))
     sys.path.insert(0, REPO)
-    from medseg_dl.devices import resolve_precision
+    from medseg_dl.runtime.devices import resolve_precision
     with tempfile.TemporaryDirectory() as work_dir:
         converted_dir = os.path.join(work_dir, "converted")
         for architecture in args.architectures:

@@ -79,7 +79,7 @@ def timed_steps(step, quick):
 def medseg_spec(precision, quick, jit_compile=False, norm="instance"):
     """(params, built ModelSpec) of the workload's U-Net; sets the global keras dtype policy."""
     from medseg_dl.config.params import Params
-    from medseg_dl.devices import configure_devices
+    from medseg_dl.runtime.devices import configure_devices
     from medseg_dl.model.model_fn import model_fn
     batch_size, patch, base_filters = sizes(quick)
     params = Params.from_dict({

@@ -13,7 +13,7 @@ import tensorflow as tf
 import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import DiskFullError, OutOfMemoryError
 from medseg_dl.evaluation import report, watcher

@@ -6,7 +6,7 @@ import os
 from conftest import REPO
 
 # rank of each room (viz.plotting is a leaf of numpy/matplotlib; viz.show sits beside the CLI)
-RANKS = {"errors": 0, "atomic": 1, "devices": 1, "cluster": 1, "locks": 2, "config": 2, "viz.plotting": 2, "data": 3, "planning": 4,
+RANKS = {"errors": 0, "runtime": 1, "config": 2, "viz.plotting": 2, "data": 3, "planning": 4,
          "experiment": 4, "pipeline": 5, "model": 6, "training": 7, "inference": 7, "evaluation": 8,
          "viz.show": 9, "cli": 10}
 

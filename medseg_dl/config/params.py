@@ -18,7 +18,7 @@ from typing import Any, Tuple
 
 import yaml
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.config.schema import SCHEMA
 from medseg_dl.errors import ParamsError
 

@@ -6,7 +6,7 @@ import json
 import os
 from typing import List, Sequence
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.errors import DataError
 
 INDEX_NAME = "dataset.json"

@@ -30,7 +30,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 
 CASE_SUFFIX = ".case"
 CHUNK_VOX = (64, 64, 64)  # voxels per chunk: a 96^3 patch or a 128^3 window touches 2-3 chunks per axis

@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.targets import Targets
-from medseg_dl.devices import configure_devices
+from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.evaluation import postprocessing
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate, segmentations

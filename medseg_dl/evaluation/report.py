@@ -14,7 +14,7 @@
 its overlay and prediction written, and it is dropped before the next is asked for; the summary is then
 computed from the rows read back from metrics.csv, so memory holds one case whatever their number.
 Everything is on the grid of each case's original files (evaluate.py maps predictions back and reads the
-original label files). The folder is written atomically (medseg_dl.atomic): it appears complete or not at
+original label files). The folder is written atomically (medseg_dl.runtime.atomic): it appears complete or not at
 all, so a killed evaluation leaves nothing to count twice.
 """
 import csv
@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.io import write_volume
 from medseg_dl.data.targets import Targets

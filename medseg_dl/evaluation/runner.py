@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.devices import configure_devices
+from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.errors import CheckpointError, MedsegError
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import evaluate

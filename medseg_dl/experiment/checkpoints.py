@@ -15,7 +15,7 @@ from typing import List, Optional, Set
 
 import tensorflow as tf
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 
 _STEP = re.compile(r"ckpt-(\d+)$")
 

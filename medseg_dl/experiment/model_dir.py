@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from medseg_dl import atomic
-from medseg_dl.cluster import is_chief
+from medseg_dl.runtime import atomic
+from medseg_dl.runtime.cluster import is_chief
 from medseg_dl.config.params import Params
 from medseg_dl.data.index import case_paths
 from medseg_dl.data.subjects import Subject, find_subjects, split_subjects

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 import medseg_dl
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.data import dicom
 
 

@@ -34,7 +34,7 @@ from typing import Dict, Iterator, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
 from medseg_dl.data.targets import Targets

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 
 DTYPES = ("uint8", "float16")
 SUFFIXES = {"uint8": "_probabilities.nii.gz", "float16": "_probabilities.npy"}

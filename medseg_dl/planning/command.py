@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params, default_class_name, defaults_dict, parse_override
 from medseg_dl.data.io import read_volume

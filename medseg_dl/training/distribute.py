@@ -7,7 +7,7 @@
 """
 import tensorflow as tf
 
-from medseg_dl import cluster
+from medseg_dl.runtime import cluster
 from medseg_dl.config import schema
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.viz.plotting import display_scaled
 
 

@@ -2,7 +2,7 @@
 
 Each `*_figure` function builds a `matplotlib.figure.Figure` without pyplot (so no global backend
 is set and nothing is shown); `save_png` renders it with Agg and writes the file atomically
-(medseg_dl.atomic), so a crash leaves no half-written PNG. `robust_window` is the project's one
+(medseg_dl.runtime.atomic), so a crash leaves no half-written PNG. `robust_window` is the project's one
 display window (also used by the TensorBoard image summaries of training and evaluation).
 
 Slices are drawn with the first in-plane voxel axis horizontal and the second vertical, origin at
@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.errors import DataError
 
 CLASS_COLORS = ("#ff2020", "#00c8ff", "#ffd400", "#30ff30", "#ff30ff", "#ff8c00", "#9070ff", "#00ffb0")

@@ -24,7 +24,7 @@ def show_files(image_path: str, label_path: Optional[str] = None, prediction_pat
 def show_batch(params: Params, model_dir: ModelDir, out: str) -> str:
     """One augmented training batch (seed params.seed) as a PNG grid: what the network is fed. Devices as
     training's (training.device: its GPU memory setting before TensorFlow starts)."""
-    from medseg_dl.devices import configure_devices  # TensorFlow only for this picture
+    from medseg_dl.runtime.devices import configure_devices  # TensorFlow only for this picture
     from medseg_dl.pipeline.inputs import train_inputs
 
     configure_devices(params.training, "training")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import HIPPO_CASES, REPO, hippo_params, synthetic_dataset, tiny_params, write_nifti
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data import convert, store
 from medseg_dl.data.cases import recipe_from_params, subject_case

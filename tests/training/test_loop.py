@@ -15,7 +15,7 @@ import tensorflow as tf
 import yaml
 
 from conftest import REPO, synthetic_dataset, tiny_params
-from medseg_dl import devices
+from medseg_dl.runtime import devices
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import ModelDirError, TrainingError
 from medseg_dl.experiment.model_dir import open_model_dir
@@ -301,7 +301,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_a_second_trainer_on_the_folder_is_refused(tmp_path):
-    from medseg_dl.locks import process_start_time
+    from medseg_dl.runtime.locks import process_start_time
 
     params, model_dir = prepare(write_params(tmp_path))
     holder = os.getppid()  # a live process of this machine: as if it trained this folder

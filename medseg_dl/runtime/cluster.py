@@ -17,7 +17,7 @@ def tf_config() -> dict:
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         raise ParamsError("training.strategy = multi_worker needs the TF_CONFIG environment variable "
-                          "(cluster and task of this worker); see README, 'Several GPUs and machines'")
+                          "(cluster and task of this worker); see docs/gpus.md")
     try:
         config = json.loads(raw)
         config["cluster"], config["task"]["type"]

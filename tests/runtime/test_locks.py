@@ -11,13 +11,13 @@ import pytest
 from conftest import REPO
 
 from medseg_dl.errors import ModelDirError
-from medseg_dl import locks
-from medseg_dl.locks import ProcessLock, process_start_time
+from medseg_dl.runtime import locks
+from medseg_dl.runtime.locks import ProcessLock, process_start_time
 
 # SIGINT as in a terminal: a shell that starts the tests in the background (`... &`) makes its children ignore it
 HOLD = ("import signal, sys, time\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from medseg_dl.locks import ProcessLock\n"
+        "from medseg_dl.runtime.locks import ProcessLock\n"
         "with ProcessLock(sys.argv[1], 'trainer'):\n"
         "    time.sleep(60)\n")
 

@@ -1,12 +1,12 @@
-"""Device choice and GPU memory per process (medseg_dl.devices): what can be checked without a GPU.
+"""Device choice and GPU memory per process (medseg_dl.runtime.devices): what can be checked without a GPU.
 benchmarks/gpu_workflow.sh measures the rest (memory growth, limits, two processes on one GPU)."""
 import shutil
 
 import pytest
 
-from medseg_dl import devices
+from medseg_dl.runtime import devices
 from medseg_dl.config.params import Params
-from medseg_dl.devices import configure_devices, restrict_devices, uses_gpu
+from medseg_dl.runtime.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import ParamsError
 
 

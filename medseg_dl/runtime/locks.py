@@ -29,7 +29,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Iterator, Optional, Tuple
 
-from medseg_dl import atomic
+from medseg_dl.runtime import atomic
 from medseg_dl.errors import ModelDirError
 
 TAKEOVER_ATTEMPTS = 5
