@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from medseg_dl.config.architectures import NETWORKS
 from medseg_dl.errors import ParamsError
 
 NUMBER = (int, float)
@@ -192,8 +193,9 @@ SCHEMA = {
                                                 length=2)},
     },
     "model": {
-        "architecture": Key("unet", (str,), "network, from the architecture registry",
-                            choices=["unet", "medpatchnet"]),
+        "architecture": Key("unet", (str,), "network, a name of the architecture registry "
+                                            "(config/architectures.py: unet, medpatchnet and any registered)",
+                            choices=NETWORKS),
         "base_filters": Key(16, (int,), "filters of the first stage", minimum=1),
         "depth": Key(4, (int,), "resolution levels (each halves the size)", minimum=1),
         "strides": Key(None, (list, NONE), "unet: the down-sampling of each of the depth - 1 levels below the "

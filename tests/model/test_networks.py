@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from medseg_dl.config.architectures import NETWORKS, register_network
 from medseg_dl.config.params import Params
 from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError, ParamsError
-from medseg_dl.model.architectures import build_network, registered
+from medseg_dl.model.architectures import build_network
 from medseg_dl.model.architectures.medpatchnet import MedPatchNet
 from medseg_dl.model.architectures.unet import UNet, stage_filters
 from medseg_dl.model.losses import make_loss
@@ -28,12 +29,26 @@ def _batch(n, size, channels=1, seed=0):
             "position": tf.constant(rng.uniform(size=(n, 3)).astype(np.float32))}
 
 
-def test_registry_lists_both_networks_and_rejects_unknown_names():
-    assert registered() == ["medpatchnet", "unet"]
-    params = _params("unet")
-    params.model.architecture = "vnet"
-    with pytest.raises(ParamsError, match="model.architecture"):
-        build_network(params)
+@pytest.fixture
+def registry():
+    """The architecture registry, restored after the test."""
+    saved = dict(NETWORKS)
+    yield NETWORKS
+    NETWORKS.clear()
+    NETWORKS.update(saved)
+
+
+def test_the_registry_is_the_schemas_list_of_networks(registry):
+    """A name is a valid model.architecture exactly when it is registered, and builds what it registers."""
+    assert sorted(registry) == ["medpatchnet", "unet"]
+    with pytest.raises(ParamsError, match=r"model.architecture = 'tiny': expected one of \['unet', 'medpatchnet'\]"):
+        _params("tiny")
+    register_network("tiny", lambda params: keras.Sequential(name="tiny"))
+    register_network("unet_by_path", "medseg_dl.model.architectures.unet:build_unet")
+    assert build_network(_params("tiny")).name == "tiny"
+    assert isinstance(build_network(_params("unet_by_path")), UNet)
+    with pytest.raises(ValueError, match="name = 'unet': a network of this name is registered already"):
+        register_network("unet", lambda params: None)
 
 
 def test_too_many_esp_branches_is_a_params_error():

@@ -21,7 +21,6 @@ from keras import ops
 
 from medseg_dl.data.targets import Targets
 from medseg_dl.errors import ParamsError
-from medseg_dl.model.architectures import register
 from medseg_dl.model.architectures.unet import stage_filters
 from medseg_dl.model.layers import (BuildOnCall, ConvNormAct, ESPBlock, PositionalConv, UpBlock, check_channels,
                                     crop_spatial, make_activation, pad_to_multiple)
@@ -85,7 +84,6 @@ class MedPatchNet(BuildOnCall, keras.Model):
         return {**super().get_config(), **self.arguments}
 
 
-@register("medpatchnet")
 def build_medpatchnet(params):
     """MedPatchNet from params.model (base_filters, depth, esp_branches, norm, activation, norm_groups,
     use_position, fourier_features, dynamic_experts, bottleneck_kernel, dropout) and params.data

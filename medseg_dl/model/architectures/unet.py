@@ -25,7 +25,6 @@ import keras
 from keras import ops
 
 from medseg_dl.data.targets import Targets
-from medseg_dl.model.architectures import register
 from medseg_dl.model.layers import (BuildOnCall, ConvPair, ResidualBlock, UpBlock, check_channels, crop_spatial,
                                     cumulative_strides, pad_to_multiple, triple)
 
@@ -137,7 +136,6 @@ class UNet(BuildOnCall, keras.Model):
         return config
 
 
-@register("unet")
 def build_unet(params):
     """UNet from params.model (base_filters, depth, strides, kernel_sizes, norm, activation, norm_groups,
     residual, deep_supervision, dropout) and params.data (channels; the outputs of its `Targets`)."""
