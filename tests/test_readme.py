@@ -23,12 +23,13 @@ def test_readme_resume_table_is_generated_from_the_rules():
 
 def test_every_params_key_has_a_resume_rule():
     from medseg_dl.config.params import all_keys
-    from medseg_dl.experiment.resume import APPLIED, NO_EFFECT, REFUSED, rule
+    from medseg_dl.config.schema import APPLIED, NO_EFFECT, REFUSED, resume_rule
 
-    assert {rule(dotted)[0] for dotted, _ in all_keys()} <= {APPLIED, REFUSED, NO_EFFECT}
-    assert rule("training.warmup_steps")[0] == NO_EFFECT and rule("data.source_dir")[0] == APPLIED
-    assert rule("model.depth")[0] == REFUSED and rule("training.steps")[0] == APPLIED
-    assert rule("data.split.val")[0] == REFUSED and rule("sampling.batch_size")[0] == APPLIED
+    assert {resume_rule(dotted).verdict for dotted, _ in all_keys()} <= {APPLIED, REFUSED, NO_EFFECT}
+    verdict = {dotted: resume_rule(dotted).verdict for dotted, _ in all_keys()}
+    assert verdict["training.warmup_steps"] == NO_EFFECT and verdict["data.source_dir"] == APPLIED
+    assert verdict["model.depth"] == REFUSED and verdict["training.steps"] == APPLIED
+    assert verdict["data.split.val"] == REFUSED and verdict["sampling.batch_size"] == APPLIED
 
 
 def test_readme_benchmark_tables_are_those_of_the_results_files():

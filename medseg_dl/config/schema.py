@@ -17,6 +17,20 @@ NUMBER = (int, float)
 NONE = type(None)
 
 
+APPLIED, REFUSED, NO_EFFECT = "applied", "refused", "no effect"
+
+
+@dataclass(frozen=True)
+class OnResume:
+    """What resuming a run with a changed value of a key does (experiment/resume.py): its `verdict` (APPLIED,
+    REFUSED or NO_EFFECT) and `why`. `network`: the key decides whether a checkpoint fits the network, so the
+    evaluator and `medseg predict` refuse its changes too."""
+
+    verdict: str
+    why: str
+    network: bool = False
+
+
 @dataclass(frozen=True)
 class Key:
     """One params key: its default, accepted types, optional bounds/choices, and meaning."""
@@ -30,6 +44,7 @@ class Key:
     length: Optional[int] = None  # required list length, when the value is a list
     items: Optional[tuple] = None  # accepted types of the elements, when the value is a list
     pattern: Optional[str] = None  # regular expression a string value must match entirely
+    on_resume: Optional[OnResume] = None  # its own resume rule; None: its section's
 
     def check(self, value, dotted, source=""):
         """Raise `ParamsError` ("<source>: <dotted> = <value>: expected ...") unless `value` fits."""
@@ -70,6 +85,15 @@ def type_names(types):
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
+class Section(dict):
+    """A section of the schema: its keys and sub-sections (a dict), and `on_resume`, the resume rule of those
+    that state none of their own."""
+
+    def __init__(self, on_resume: OnResume, entries: dict):
+        super().__init__(entries)
+        self.on_resume = on_resume
+
+
 DEVICE = r"auto|cpu|gpu:\d+"
 
 
@@ -88,33 +112,44 @@ def _prob(doc="probability of applying this transform to a patch"):
 
 
 SCHEMA = {
-    "seed": Key(42, (int,), "one seed for splits, sampling, augmentation and weights", minimum=0),
-    "experiment": {
+    "seed": Key(42, (int,), "one seed for splits, sampling, augmentation and weights", minimum=0,
+                on_resume=OnResume(REFUSED, "it fixed the split, the conversion and the initial weights")),
+    "experiment": Section(OnResume(APPLIED, "recorded only (model_dir is the folder itself)"), {
         "name": Key("experiment", (str,), "experiment name, recorded in the model folder"),
         "model_dir": Key("runs/experiment", (str,), "model folder: params, file lists, checkpoints, logs, evaluations"),
-    },
-    "data": {
-        "source_dir": Key(None, (str, NONE), "folder of the raw dataset"),
+    }),
+    "data": Section(OnResume(REFUSED, "it defines the subjects, their split and the converted records"), {
+        "source_dir": Key(None, (str, NONE), "folder of the raw dataset",
+                          on_resume=OnResume(APPLIED, "the data folder may move: it must hold the same subjects "
+                                             "(ids, file names and sizes, checked before anything is written); "
+                                             "the file lists then point there")),
         "layout": Key("images_labels", (str,), "how subjects are laid out in source_dir",
                       choices=["images_labels", "msd", "subject_folders"]),
         "converted_dir": Key(None, (str, NONE), "where the converted cases go (one folder each, and dataset.json); "
                              "null: <model_dir>/converted"),
         "channels": Key(["image"], (list,), "channel names; subject_folders: one glob pattern per channel "
-                                            "(e.g. 'Flair*.nii.gz'), msd: names only"),
+                                            "(e.g. 'Flair*.nii.gz'), msd: names only",
+                        on_resume=OnResume(REFUSED, "it fixes the network's input channels", network=True)),
         "label_pattern": Key("*label*", (str,), "subject_folders: glob of the label file in a subject folder"),
         "mask_pattern": Key(None, (str, NONE), "subject_folders: glob of an optional brain/body mask"),
-        "subject_glob": Key("**", (str,), "subject_folders: glob (relative to source_dir) of candidate subject folders"),
+        "subject_glob": Key("**", (str,), "subject_folders: glob (relative to source_dir) of candidate subject "
+                                          "folders"),
         "num_classes": Key(2, (int,), "number of label values, background included: labels lie in [0, num_classes)",
-                           minimum=2, maximum=256),
-        "class_names": Key(None, (list, NONE), "one name per class; null: class_0, class_1, ..."),
+                           minimum=2, maximum=256,
+                           on_resume=OnResume(REFUSED, "it fixes the network's outputs", network=True)),
+        "class_names": Key(None, (list, NONE), "one name per class; null: class_0, class_1, ...",
+                           on_resume=OnResume(APPLIED, "names in logs and reports from now on")),
         "regions": Key(None, (list, NONE), "region-based training (BraTS): a list of {name, labels: [label values], "
                        "paint: one of them}; the network ends in one sigmoid per region (soft Dice + binary "
                        "cross-entropy), metrics score regions, and predictions paint the regions back into one "
                        "label map in list order (a later region overwrites an earlier one: list the largest "
-                       "first); null: one softmax over the num_classes labels", items=(dict,)),
+                       "first); null: one softmax over the num_classes labels", items=(dict,),
+                       on_resume=OnResume(REFUSED, "it fixes the network's outputs", network=True)),
         "ignore_label": Key(None, (int, NONE), "label value of voxels left out (sparse annotations): no loss term, "
                             "no metric, never a patch centre; not a class, so >= num_classes (nnU-Net: the "
-                            "highest value); null: every voxel counts", minimum=1, maximum=255),
+                            "highest value); null: every voxel counts", minimum=1, maximum=255,
+                            on_resume=OnResume(REFUSED, "it decides which voxels the converted records' sampling "
+                                               "locations and the trained network's losses counted")),
         "split": {
             "val": Key(0.2, NUMBER, "fraction of subjects for validation", minimum=0.0, maximum=1.0),
             "test": Key(0.0, NUMBER, "fraction of subjects for testing", minimum=0.0, maximum=1.0),
@@ -132,9 +167,11 @@ SCHEMA = {
                                                     "patient land in one fold (and test holds whole patients); an "
                                                     "id it does not match is a patient of its own"),
         },
-        "workers": Key(2, (int,), "parallel processes for conversion", minimum=1),
-    },
-    "preprocessing": {
+        "workers": Key(2, (int,), "parallel processes for conversion", minimum=1,
+                       on_resume=OnResume(APPLIED, "conversion processes from now on")),
+    }),
+    "preprocessing": Section(OnResume(REFUSED, "the converted records and the trained network depend on it",
+                                      network=True), {
         "normalization": Key("zscore", (str, list), "intensity normalisation, one for all channels or a list "
                              "with one per channel: zscore (per case), zscore_mask (per case inside the mask), "
                              "ct (clip to dataset percentiles, then dataset mean/std), none",
@@ -146,8 +183,8 @@ SCHEMA = {
         "max_locations_per_class": Key(2000, (int,), "voxel locations stored per class for class-balanced "
                                                       "sampling", minimum=1),
         "affine_tolerance": Key(1e-3, NUMBER, "largest |image affine - label affine| accepted", minimum=0.0),
-    },
-    "sampling": {
+    }),
+    "sampling": Section(OnResume(APPLIED, "the input pipeline is rebuilt at each start"), {
         "patch_size": Key([40, 56, 40], (list,), "patch size in voxels (x, y, z)", length=3, items=(int,),
                           minimum=1),
         "batch_size": Key(9, (int,), "patches per training batch (global, over all replicas)", minimum=1),
@@ -169,8 +206,8 @@ SCHEMA = {
         "patch_shuffle_buffer": Key(16, (int,), "patches in the buffer that mixes patches of different "
                                     "volumes into batches; 1: off", minimum=1),
         "deterministic": Key(False, (bool,), "repeatable order of parallel reads (slower)"),
-    },
-    "augmentation": {
+    }),
+    "augmentation": Section(OnResume(APPLIED, "the input pipeline is rebuilt at each start"), {
         "flip": {"p": _prob("probability of mirroring, drawn per axis"),
                  "axes": Key([0, 1, 2], (list,), "axes that may be mirrored")},
         "rotate": {"p": _prob(), "max_deg": Key([15.0, 15.0, 15.0], (list,),
@@ -191,8 +228,8 @@ SCHEMA = {
                                 "contrast": Key([0.75, 1.25], (list,), "multiplicative factor range", length=2)},
         "blur": {"p": _prob(), "sigma_vox": Key([0.5, 1.0], (list,), "Gaussian blur sigma range in voxels",
                                                 length=2)},
-    },
-    "model": {
+    }),
+    "model": Section(OnResume(REFUSED, "it fixes the network's variables in the checkpoints", network=True), {
         "architecture": Key("unet", (str,), "network, a name of the architecture registry "
                                             "(config/architectures.py: unet, medpatchnet and any registered)",
                             choices=NETWORKS),
@@ -223,21 +260,30 @@ SCHEMA = {
         "bottleneck_kernel": Key(1, (int,), "medpatchnet: kernel size of the bottleneck's position-conditioned "
                                             "convolution (3: E times the weights and cost of a static conv)",
                                  choices=[1, 3]),
-    },
-    "loss": {
+    }),
+    "loss": Section(OnResume(APPLIED, "from the resume step"), {
         "name": Key("dice_ce", (str,), "loss function", choices=["dice", "jaccard", "dice_ce", "jaccard_ce", "ce"]),
         "smooth": Key(1e-5, NUMBER, "smoothing added to numerator and denominator", minimum=0.0),
         "squared_denominator": Key(False, (bool,), "square the terms of the soft Dice/Jaccard denominator"),
         "batch_dice": Key(True, (bool,), "sum over the whole batch (true) or per sample then average"),
         "include_background": Key(False, (bool,), "include class 0 in the Dice/Jaccard term"),
         "ce_weight": Key(1.0, NUMBER, "weight of cross-entropy in the combined losses", minimum=0.0),
-    },
-    "training": {
-        "steps": Key(10000, (int,), "training steps", minimum=1),
-        "optimizer": Key("adam", (str,), "optimizer", choices=["adam", "adamw", "sgd"]),
-        "learning_rate": Key(0.001, NUMBER, "initial learning rate", minimum=0.0),
-        "schedule": Key("poly", (str,), "learning rate schedule", choices=["constant", "poly", "cosine"]),
-        "warmup_steps": Key(0, (int,), "linear warm-up steps", minimum=0),
+    }),
+    "training": Section(OnResume(APPLIED, "from the resume step"), {
+        "steps": Key(10000, (int,), "training steps", minimum=1,
+                     on_resume=OnResume(APPLIED, "the learning rate continues from its current value and decays "
+                                        "to 0 at the new last step; a stale done marker is removed, so the "
+                                        "evaluator follows")),
+        "optimizer": Key("adam", (str,), "optimizer", choices=["adam", "adamw", "sgd"],
+                         on_resume=OnResume(REFUSED, "the optimizer's state (moments, momentum) is in the "
+                                            "checkpoints")),
+        "learning_rate": Key(0.001, NUMBER, "initial learning rate", minimum=0.0,
+                             on_resume=OnResume(APPLIED, "the schedule restarts from this rate at the resume step")),
+        "schedule": Key("poly", (str,), "learning rate schedule", choices=["constant", "poly", "cosine"],
+                        on_resume=OnResume(APPLIED, "from the current rate at the resume step")),
+        "warmup_steps": Key(0, (int,), "linear warm-up steps", minimum=0,
+                            on_resume=OnResume(NO_EFFECT, "warm-up is only at the start of the first run; a resume "
+                                               "continues the schedule it restores")),
         "weight_decay": Key(0.0, NUMBER, "decoupled weight decay (adamw, sgd)", minimum=0.0),
         "momentum": Key(0.99, NUMBER, "sgd: Nesterov momentum", minimum=0.0, maximum=1.0),
         "clip_norm": Key(12.0, (int, float, NONE), "global gradient norm clipping; null: off", minimum=0.0),
@@ -251,7 +297,9 @@ SCHEMA = {
                          "auto (mixed_bfloat16 where bfloat16 is native: a CPU with AVX512-BF16 or AMX, a GPU of "
                          "compute capability 8.0+; float32 elsewhere; the choice is printed at start); float32; "
                          "mixed_bfloat16 (no loss scaling); mixed_float16 (GPUs; dynamic loss scaling)",
-                         choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
+                         choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                         on_resume=OnResume(REFUSED, "mixed_float16's loss-scale state is in the checkpoints "
+                                            "(and not in others)")),
         "jit_compile": Key(False, (bool,), "XLA-compile the training step (for GPUs; on a CPU XLA does not use "
                            "oneDNN's convolutions: measured 13x slower on a 2-core AVX512 CPU, so never on by "
                            "default)"),
@@ -261,8 +309,8 @@ SCHEMA = {
                              "with `medseg input-service dispatcher`) whose workers make the training batches when "
                              "this host's cores cannot feed its GPUs; null: this process makes them",
                              pattern=r"grpc://[^\s:]+:\d+"),
-    },
-    "evaluation": {
+    }),
+    "evaluation": Section(OnResume(APPLIED, "read by the evaluator when it starts (restart it to apply)"), {
         "overlap": Key(0.5, NUMBER, "fractional overlap of sliding windows", minimum=0.0, maximum=0.95),
         "blending": Key("gaussian", (str,), "window weighting", choices=["gaussian", "constant"]),
         "batch_size": Key(4, (int,), "windows per inference batch", minimum=1),
@@ -286,7 +334,7 @@ SCHEMA = {
         "checkpoint_process": Key("auto", (str,), "evaluate each checkpoint in a child process, so that nothing "
                                                    "stays in GPU memory between checkpoints: auto (when a GPU is "
                                                    "used), always, never", choices=["auto", "always", "never"]),
-    },
+    }),
 }
 
 
@@ -305,6 +353,24 @@ def key(dotted, schema=SCHEMA):
     if not isinstance(entry, Key):
         raise KeyError(f"{dotted} is a section, not a key")
     return entry
+
+
+def resume_rule(dotted):
+    """The `OnResume` of a dotted key: its own, else that of the innermost section that states one."""
+    tree, rule = SCHEMA, None
+    for part in dotted.split("."):
+        tree = tree[part]
+        rule = getattr(tree, "on_resume", None) or rule
+    return rule
+
+
+def resume_rules(tree=SCHEMA, prefix=""):
+    """(dotted name, `OnResume`) of every section and key that states its own rule, in schema order."""
+    for name, entry in tree.items():
+        if getattr(entry, "on_resume", None) is not None:
+            yield prefix + name, entry.on_resume
+        if isinstance(entry, dict):
+            yield from resume_rules(entry, prefix + name + ".")
 
 
 def check(dotted, value):
