@@ -7,7 +7,7 @@ edited by hand or with `--set`) compares the new params with them key by key: a 
 with the reason; a key whose rule is "refused" stops the command with one line naming the key, the
 reason and the fix, before any file is changed. The
 evaluator and `medseg predict` apply the same check to the network-defining keys, so a hand-edited
-params.yaml can never build a network the checkpoints do not fit. The README's resume table is
+params.yaml can never build a network the checkpoints do not fit. The resume table of docs/resume.md is
 generated from `RULES` (`medseg params-doc --resume`).
 """
 from dataclasses import dataclass
@@ -102,7 +102,7 @@ def check_resume(run_params: Optional[Params], params: Params, params_path: str,
 
 
 def resume_table() -> str:
-    """The README's resume table (Markdown) from `RULES`."""
+    """The resume table of docs/resume.md (Markdown) from `RULES`."""
     rows = ["| key | on resume | what happens, or why not |", "|---|---|---|"]
     rows += [f"| `{key}` | {verdict} | {why} |" for key, verdict, why in RULES]
     return "\n".join(rows)
