@@ -1,12 +1,12 @@
-"""The README's benchmark tables, generated from the raw JSON lines in benchmarks/results/.
+"""The benchmark tables of docs/benchmarks.md, generated from the raw JSON lines in benchmarks/results/.
 
-Each table sits in README.md between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; NAME is a
+Each table sits in docs/benchmarks.md between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; NAME is a
 results file (benchmarks/results/NAME.jsonl), every line of which becomes one row, in file order.
-`python benchmarks/tables.py` rewrites the README's tables; `tests/test_readme.py` fails when the
-README disagrees with the results files. Figures are rounded here, never typed in.
+`python benchmarks/tables.py` rewrites the page's tables; `tests/test_docs.py` fails when the
+page disagrees with the results files. Figures are rounded here, never typed in.
 
-    python benchmarks/tables.py            # rewrite README.md
-    python benchmarks/tables.py --check    # exit 1 if README.md is stale
+    python benchmarks/tables.py            # rewrite docs/benchmarks.md
+    python benchmarks/tables.py --check    # exit 1 if docs/benchmarks.md is stale
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-README = os.path.join(REPO, "README.md")
+PAGE = os.path.join(REPO, "docs", "benchmarks.md")  # the file the tables are written into
 TABLE = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 
@@ -242,22 +242,22 @@ def render(name):
 
 
 def regenerate(text):
-    """`text` (README.md) with every table block replaced by its rendering."""
+    """`text` (docs/benchmarks.md) with every table block replaced by its rendering."""
     return TABLE.sub(lambda m: m.group(1) + render(m.group(2)) + m.group(4), text)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is not up to date")
     args = parser.parse_args()
-    with open(README) as f:
+    with open(PAGE) as f:
         text = f.read()
     fresh = regenerate(text)
     if args.check:
         sys.exit(0 if fresh == text else 1)
-    with open(README + ".tmp", "w") as f:
+    with open(PAGE + ".tmp", "w") as f:
         f.write(fresh)
-    os.replace(README + ".tmp", README)
+    os.replace(PAGE + ".tmp", PAGE)
 
 
 if __name__ == "__main__":

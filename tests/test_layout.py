@@ -1,4 +1,4 @@
-"""The code map of the README holds: every import of the package points down the stage order, and
+"""The code map of docs/architecture.md holds: every import of the package points down the stage order, and
 training and inference do not know each other."""
 import ast
 import os

@@ -12,7 +12,7 @@ any box of it (a patch, a window, a slab) without decoding the rest.
         ct_samples           (S, C) float32 foreground intensities, zlib-compressed (normalization ct only: the
                              dataset statistics are pooled from these, no image is read again)
 
-Why this format (measured on a 256 x 256 x 128 CT-like case, docs in README "Converted data"): zlib is the
+Why this format (measured on a 256 x 256 x 128 CT-like case, docs in docs/data.md, "The converted format"): zlib is the
 one codec TensorFlow decodes in its own ops (`tf.io.decode_compressed`), so the readers are graph ops that
 run in parallel without the GIL and on tf.data service workers; chunks in files of their own are read
 without the rest; float16 halves the bytes of float32 (normalised intensities keep about 3 significant

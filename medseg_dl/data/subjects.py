@@ -60,7 +60,7 @@ def find_subjects(data_params: Mapping) -> List[Subject]:
     subjects = finder[data_params["layout"]](source_dir, data_params)
     if not subjects:
         raise DataError(f"{source_dir}: no subjects found for layout '{data_params['layout']}'; "
-                        f"check data.layout and the file patterns (see README, 'Your own data')")
+                        f"check data.layout and the file patterns (see docs/data.md, 'Three layouts')")
     ids = [s.id for s in subjects]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

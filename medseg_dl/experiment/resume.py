@@ -8,7 +8,7 @@ with the reason; a key whose rule is "refused" stops the command with one line n
 reason and the fix, before any file is changed. The
 evaluator and `medseg predict` apply the same check to the network-defining keys, so a hand-edited
 params.yaml can never build a network the checkpoints do not fit. The rules are the schema's (each key's
-or section's `on_resume`, config/schema.py); the resume table is generated from them
+or section's `on_resume`, config/schema.py); the resume table of docs/resume.md is generated from them
 (`medseg params-doc --resume`).
 """
 from dataclasses import dataclass

@@ -40,20 +40,23 @@ GPU_RECIPE = {
     "training.learning_rate": (0.01, "nnU-Net's initial rate, poly decay to 0"),
     "training.steps": (250000, "nnU-Net: 1000 epochs of 250 iterations"),
 }
-# the median training step of the planned hippocampus experiment on 2 CPU cores (its 60-minute run in README,
-# 'Accuracy'; benchmarks/results/hippocampus_accuracy.jsonl), from which the CPU recipe's time is stated
+# the median training step of the planned hippocampus experiment on 2 CPU cores (its 60-minute run in
+# docs/benchmarks.md, 'Accuracy'; benchmarks/results/hippocampus_accuracy.jsonl), from which the CPU recipe's
+# time is stated
 CPU_STEP_S = 0.49
 CPU_STEPS = 4000
 CPU_RECIPE = {
-    "model.base_filters": (16, "a CPU budget: see README, 'Accuracy'"),
+    "model.base_filters": (16, "a CPU budget: see docs/benchmarks.md, 'Accuracy'"),
     "model.deep_supervision": (True, "losses on the coarser decoder outputs too (nnU-Net)"),
     "loss.name": ("dice_ce", "soft Dice + cross-entropy (nnU-Net)"),
     "training.optimizer": ("adam", "test Dice 0.856 against 0.835 for nnU-Net's SGD (0.01, Nesterov 0.99) after 1000 "
                                    "steps of the planned hippocampus experiment on 2 CPU cores, and ahead at every "
-                                   "200 steps (README, 'Accuracy')"),
-    "training.learning_rate": (0.003, "the Adam rate of the CPU runs in README, 'Accuracy' (no other rate measured)"),
+                                   "200 steps (docs/benchmarks.md, 'Accuracy')"),
+    "training.learning_rate": (0.003, "the Adam rate of the CPU runs in docs/benchmarks.md, 'Accuracy' "
+                                      "(no other rate measured)"),
     "training.steps": (CPU_STEPS, f"about {CPU_STEPS * CPU_STEP_S / 60:.0f} minutes at the {CPU_STEP_S} s/step "
-                                  f"measured on 2 CPU cores for a hippocampus-sized patch (README, 'Accuracy')"),
+                                  f"measured on 2 CPU cores for a hippocampus-sized patch "
+                                  "(docs/benchmarks.md, 'Accuracy')"),
 }
 
 

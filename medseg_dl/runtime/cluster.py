@@ -22,7 +22,7 @@ def tf_config() -> dict:
         config = json.loads(raw)
         config["cluster"], config["task"]["type"]
     except (ValueError, KeyError, TypeError):
-        raise ParamsError("TF_CONFIG must be JSON with 'cluster' and 'task' keys; see README") from None
+        raise ParamsError("TF_CONFIG must be JSON with 'cluster' and 'task' keys; see docs/gpus.md") from None
     return config
 
 
