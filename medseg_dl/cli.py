@@ -10,6 +10,7 @@ import sys
 
 from medseg_dl.config import schema
 from medseg_dl.errors import MedsegError
+from medseg_dl.inference import EXPORT_FORMATS, PROBABILITY_DTYPES
 
 DISPATCHER_PORT = 5050  # medseg input-service dispatcher's default port
 
@@ -201,7 +202,7 @@ def build_parser():
     predict.add_argument("--input", required=True, nargs="+", help="image files, subject folders or folders")
     predict.add_argument("--output", required=True, help="folder for the label maps, <subject> + the input's suffix "
                          "(.nii.gz, .nrrd, .mha; .mha for .mhd, .nii.gz for a DICOM folder)")
-    predict.add_argument("--save-probabilities", choices=["uint8", "float16"], metavar="DTYPE",
+    predict.add_argument("--save-probabilities", choices=PROBABILITY_DTYPES, metavar="DTYPE",
                          help="also write the probabilities (X, Y, Z, K) on the input's grid, streamed: uint8 -> "
                               "<subject>_probabilities.nii.gz (round(255 p), scl_slope 1/255), float16 -> "
                               "<subject>_probabilities.npy")
@@ -211,7 +212,7 @@ def build_parser():
 
     export = commands.add_parser("export", help="write a SavedModel or ONNX files that segment preprocessed volumes")
     _add_model_arguments(export)
-    export.add_argument("--format", choices=["savedmodel", "onnx"], default="savedmodel",
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="savedmodel",
                         help="savedmodel (TensorFlow), or onnx (network.onnx, finish.onnx and segment.py: numpy and "
                              "onnxruntime, no TensorFlow)")
     export.add_argument("--output", required=True, metavar="DIR", help="the export folder (replaced whole)")

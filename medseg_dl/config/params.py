@@ -82,7 +82,7 @@ class Params(dict):
 
 def default_class_name(label: int) -> str:
     """The name of label value `label` where nothing names it (data.class_names unset, a dataset.json's label
-    without a name): class_<label>. (viz/plotting.py, which may not import config, spells it for a plot.)"""
+    without a name): class_<label>."""
     return f"class_{label}"
 
 

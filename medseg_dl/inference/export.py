@@ -39,13 +39,12 @@ from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
 from medseg_dl.data.targets import Targets
 from medseg_dl.errors import import_extra
-from medseg_dl.inference import postprocess, postprocess_graph
+from medseg_dl.inference import EXPORT_FORMATS, postprocess, postprocess_graph
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble
 
 METADATA = "metadata.json"
-FORMATS = ("savedmodel", "onnx")
 
 
 def segment_volume(predictor: Predictor, image: tf.Tensor):
@@ -155,8 +154,8 @@ def run_export(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str, Seq
     onnx_export.py) of one model folder, or of the ensemble of several or of the folds of one experiment root
     (as `medseg predict`: predict.py `load_predictor`), written to `output_dir` atomically with metadata.json
     (its recipe and post-processing decision); returns `output_dir`."""
-    if export_format not in FORMATS:
-        raise ValueError(f"export_format = {export_format!r}; expected one of {', '.join(FORMATS)}")
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format = {export_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     write = (import_extra("medseg_dl.inference.onnx_export", "onnx", "medseg export --format onnx").export_onnx
              if export_format == "onnx" else export_savedmodel)  # tf2onnx: imported only to export ONNX
     predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)

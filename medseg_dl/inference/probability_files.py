@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
+from medseg_dl.inference import PROBABILITY_DTYPES
 from medseg_dl.runtime import atomic
 
-DTYPES = ("uint8", "float16")
 SUFFIXES = {"uint8": "_probabilities.nii.gz", "float16": "_probabilities.npy"}
 COPY_BYTES = 1 << 24
 
@@ -39,8 +39,8 @@ class ProbabilityWriter:
 
     def __init__(self, stem: str, shape: Sequence[int], affine: np.ndarray, dtype: str,
                  header: Optional[nib.Nifti1Header] = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype = {dtype!r}; expected one of {', '.join(DTYPES)}")
+        if dtype not in PROBABILITY_DTYPES:
+            raise ValueError(f"dtype = {dtype!r}; expected one of {', '.join(PROBABILITY_DTYPES)}")
         self.path, self.shape, self.dtype = stem + SUFFIXES[dtype], tuple(int(s) for s in shape), dtype
         self._target = atomic.temporary_name(self.path)
         self._raw_path = self._target + ".raw" if dtype == "uint8" else self._target

@@ -99,8 +99,9 @@ def _classes(label_maps: Sequence[Optional[np.ndarray]], class_names: Optional[S
 
 
 def _class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
-    """Name of class `label` in `class_names` (index = label), or class_<label>."""
-    return class_names[label] if class_names and label < len(class_names) else f"class_{label}"
+    """Name of class `label` in `class_names` (index = label), or the label value where they do not name it
+    (the callers name every class: config.params.default_class_name)."""
+    return class_names[label] if class_names and label < len(class_names) else str(label)
 
 
 def _contour(ax, mask_2d: np.ndarray, spacing_2d: Sequence[float], color: str, linestyle) -> None:

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from medseg_dl.config.params import Params
+from medseg_dl.config.params import Params, default_class_name
 from medseg_dl.data.io import read_volume
 from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
 from medseg_dl.viz import plotting
@@ -13,12 +13,16 @@ from medseg_dl.viz import plotting
 
 def show_files(image_path: str, label_path: Optional[str] = None, prediction_path: Optional[str] = None,
                out: Optional[str] = None, class_names=None) -> Optional[str]:
-    """A volume file with optional label and prediction files: a viewer or a PNG (see plotting.show_volume)."""
+    """A volume file with optional label and prediction files: a viewer or a PNG (see plotting.show_volume).
+    class_names: names indexed by label value; the values they do not name are called `default_class_name`."""
     image = read_volume(image_path)
-    read_labels = lambda p: np.rint(read_volume(p).data).astype(np.int32) if p else None
-    return plotting.show_volume(image.data, read_labels(label_path), read_labels(prediction_path), out,
-                                spacing_mm=image.spacing_mm, class_names=class_names,
-                                title=os.path.basename(image_path))
+    reference, prediction = (np.rint(read_volume(p).data).astype(np.int32) if p else None
+                             for p in (label_path, prediction_path))
+    top_label = max((int(m.max()) for m in (reference, prediction) if m is not None), default=0)
+    names = list(class_names or [])
+    names += [default_class_name(label) for label in range(len(names), top_label + 1)]
+    return plotting.show_volume(image.data, reference, prediction, out, spacing_mm=image.spacing_mm,
+                                class_names=names, title=os.path.basename(image_path))
 
 
 def show_batch(params: Params, model_dir: ModelDir, out: str) -> str:
