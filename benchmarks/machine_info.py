@@ -2,10 +2,14 @@
 
 Every benchmark prints its JSON lines through `record`; a measured run (not `--quick`) also appends
 them to benchmarks/results/<name>.jsonl, the raw figures the README's tables are generated from
-(benchmarks/tables.py). Each line carries the machine and the versions of Python and of the packages
-that produced its figures (`library_versions`); a kept line also carries the date.
+(benchmarks/tables.py). Each line carries the machine, the versions of Python and of the packages
+that produced its figures (`library_versions`), the commit of this checkout (`git describe --dirty`)
+and, where it has a peak RSS, the method that measured it (`harness.RSS_METHOD`); a kept line also
+carries the date. A line is appended with one write to a file opened for appending, under an
+exclusive lock: lines of concurrent runs never interleave.
 """
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -13,9 +17,7 @@ import shutil
 import subprocess
 import sys
 
-from interpreters import python_for
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import harness
 # the packages behind each library's figures (a line that names no library is medseg_dl's)
 PACKAGES_OF = {"medseg_dl": ("tensorflow", "keras", "numpy", "scipy"), "monai": ("monai", "torch", "numpy"),
                "torchio": ("torchio", "torch", "numpy"), "torchio_per_patch": ("torchio", "torch", "numpy"),
@@ -55,23 +57,43 @@ def describe_machine():
 def library_versions(line):
     """{"python": version, package: version} of the line's library (`library`; medseg_dl where it names none),
     as installed for the interpreter that ran it: the library's own environment when the line says
-    `isolated` (`interpreters.python_for`), else this one (the process itself or a child with its interpreter)."""
+    `isolated` (`harness.python_for`), else this one (the process itself or a child with its interpreter)."""
     library = line.get("library", "medseg_dl")
-    python = python_for(library)[0] if line.get("isolated") else sys.executable
+    python = harness.python_for(library)[0] if line.get("isolated") else sys.executable
     done = subprocess.run([python, "-c", VERSIONS_SCRIPT, *PACKAGES_OF[library]], capture_output=True, text=True,
                           timeout=60, check=True)
     return json.loads(done.stdout)
 
 
+def commit():
+    """This checkout's commit, `git describe --always --dirty` (e.g. 5de2df9-dirty); "unknown" outside git."""
+    done = subprocess.run(["git", "-C", harness.REPO, "describe", "--always", "--dirty"], capture_output=True,
+                          text=True, timeout=60)
+    return done.stdout.strip() or "unknown"
+
+
 def record(name, line, keep):
-    """Print `line` (a dict) as one JSON line with its machine (where it lacks one) and the versions of
-    what produced it; with `keep`, also add the date and append it to benchmarks/results/<name>.jsonl."""
-    line = {**line, "machine": line.get("machine") or describe_machine(), "versions": library_versions(line)}
+    """Print `line` (a dict) as one JSON line with its machine (where it lacks one), the versions of what
+    produced it, the commit and the RSS method (where it has a peak RSS); with `keep`, also add the date and
+    append it to benchmarks/results/<name>.jsonl."""
+    line = {**line, "machine": line.get("machine") or describe_machine(), "versions": library_versions(line),
+            "commit": commit()}
+    if any(key.startswith("peak_rss") for key in line):
+        line["rss_method"] = harness.RSS_METHOD
     if keep:
         line = {**line, "date": line.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
     text = json.dumps(line)
     print(text, flush=True)
     if keep:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, f"{name}.jsonl"), "a") as f:
-            f.write(text + "\n")
+        append_line(os.path.join(harness.RESULTS_DIR, f"{name}.jsonl"), text)
+
+
+def append_line(path, text):
+    """Append `text` and a newline to `path` in one write, under an exclusive lock of the file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(descriptor, (text + "\n").encode())
+    finally:
+        os.close(descriptor)

@@ -61,6 +61,7 @@ def installed(*packages):
 def test_record_keeps_the_versions_of_the_interpreter_that_ran_the_line(tmp_path, monkeypatch):
     """A peer line that ran in its own environment gets that environment's versions (here a bare venv with a
     stand-in monai 9.9.9 and no numpy); a line that ran with this interpreter gets this one's."""
+    import harness
     import machine_info
 
     peer = tmp_path / "peer"
@@ -68,8 +69,8 @@ def test_record_keeps_the_versions_of_the_interpreter_that_ran_the_line(tmp_path
     site = next((peer / "lib").glob("python*/site-packages"))
     (site / "monai-9.9.9.dist-info").mkdir()
     (site / "monai-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: monai\nVersion: 9.9.9\n")
-    monkeypatch.setattr(machine_info, "python_for", lambda library: (str(peer / "bin" / "python"), True))
-    monkeypatch.setattr(machine_info, "RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(harness, "python_for", lambda library: (str(peer / "bin" / "python"), True))
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "results"))
     machine_info.record("kept", {"library": "monai", "isolated": True, "value": 1.0}, keep=True)
     machine_info.record("kept", {"library": "monai", "isolated": False, "value": 2.0}, keep=True)
     machine_info.record("kept", {"benchmark": "hippocampus_accuracy"}, keep=True)
