@@ -3,7 +3,7 @@ BraTS folder) converted, trained, its validation subjects evaluated.
 
 The multi-channel, large-volume path (2 channels, 240x240x155, 5 labels) through the same `medseg`
 commands a user runs, each in its own process; prints one JSON line with the wall time and the peak
-resident memory (RSS of the largest process, conversion workers included) of each stage, and the
+resident memory of each stage (its whole process tree, conversion workers included: `harness`), and the
 validation Dice per class. With --plan the line also carries what the planner chose (patch, batch,
 depth, normalisation, spacing) and is kept in benchmarks/results/brats_end_to_end.jsonl.
 
@@ -14,36 +14,16 @@ depth, normalisation, spacing) and is kept in benchmarks/results/brats_end_to_en
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 
-from machine_info import describe_machine, record
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-BRATS = os.path.join(os.path.dirname(REPO), "shared", "data", "brats2015_deepmedic")
-BRATS_PATTERNS = ["data.channels=[Flair*.nii.gz, T1c*.nii.gz]", "data.label_pattern=OTMultiClass*.nii.gz",
-                  "data.mask_pattern=brainmask*.nii.gz",
-                  "data.class_names=[background, necrosis, edema, non_enhancing, enhancing]"]
-# Runs a command and reports the largest peak RSS among its (waited-for) descendants, in KiB.
-PEAK_RSS_WRAPPER = ("import resource, subprocess, sys\n"
-                    "code = subprocess.call(sys.argv[1:])\n"
-                    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-                    "sys.exit(code)")
+from datasets import BRATS, BRATS_PATTERNS
+from harness import MEDSEG, REPO, run_measured
+from machine_info import record
 
 
 def run_stage(arguments):
-    """`medseg <arguments>` in a child process -> (stdout, minutes, peak RSS in MB)."""
-    command = [sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "-m", "medseg_dl.cli", *arguments]
-    started = time.time()
-    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    minutes = (time.time() - started) / 60
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"medseg {arguments[0]} failed with exit code {done.returncode}")
-    peak_kib = int(done.stderr.rsplit("peak_rss_kib", 1)[1].split()[0])
-    return done.stdout, minutes, round(peak_kib / 1024)
+    """`medseg <arguments>` in a child process -> (stdout, minutes, peak RSS in MB of its process tree)."""
+    measured = run_measured([*MEDSEG, *arguments], cwd=REPO)
+    return measured.stdout, measured.wall_s / 60, round(measured.peak_rss_mb)
 
 
 def main():
@@ -76,7 +56,7 @@ def main():
     if args.plan:
         record("brats_end_to_end", {**line, "planned": planned_choices(params_path)}, keep=True)
     else:
-        print(json.dumps({**line, "machine": describe_machine()}), flush=True)
+        record("brats_end_to_end", line, keep=False)
 
 
 def planned_experiment(plan_dir):

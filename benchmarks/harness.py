@@ -33,7 +33,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+if REPO not in sys.path:  # the in-process workloads import this checkout's medseg_dl, not an installed one
+    sys.path.insert(0, REPO)
 MEDSEG = [sys.executable, "-m", "medseg_dl.cli"]  # the `medseg` command of this checkout
 RSS_METHOD = "tree_rss_sampled"
 SAMPLE_EVERY_S = 0.1

@@ -16,44 +16,17 @@ intervals, and every interval's), network, settings.
     python benchmarks/hippocampus_accuracy.py --minutes 60 --architecture medpatchnet [--no-position]
 """
 import argparse
-import csv
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
-from machine_info import describe_machine, record
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
+from datasets import HIPPO
+from experiments import planned_experiment, score_test_split, step_times_s, train
+from harness import REPO
+from machine_info import record
 
 CALIBRATION_STEPS = 40
 STARTUP_MINUTES = 2.0  # TensorFlow import, conversion of missing cases, tracing: not in the budget
-HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
-CLASS_NAMES = "data.class_names=[background, anterior, posterior]"
-
-
-def train(params_path, overrides, minutes):
-    """Run `medseg train` in a subprocess; SIGTERM after `minutes` (None: run to training.steps).
-
-    Returns the wall time in minutes."""
-    command = [sys.executable, "-m", "medseg_dl.cli", "train", "--params", params_path, "--overwrite"]
-    for override in overrides:
-        command += ["--set", override]
-    started = time.time()
-    process = subprocess.Popen(command, cwd=REPO)
-    try:
-        process.wait(timeout=None if minutes is None else minutes * 60)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)
-        process.wait()
-    if process.returncode != 0:
-        raise SystemExit(f"training failed with exit code {process.returncode}")
-    return (time.time() - started) / 60
 
 
 def calibrated_steps(params_path, overrides, model_dir, minutes):
@@ -65,47 +38,6 @@ def calibrated_steps(params_path, overrides, model_dir, minutes):
     median_s = statistics.median(step_times_s(calibration_dir))
     shutil.rmtree(calibration_dir)
     return max(1, int(minutes * 60 / median_s))
-
-
-def planned_experiment(data_dir, work_dir):
-    """`medseg plan` of the dataset folder (CPU budget) into <work_dir>/planned.yaml."""
-    from medseg_dl.planning.command import run_plan
-
-    return run_plan(data_dir, "images_labels", os.path.join(work_dir, "planned.yaml"), overrides=[CLASS_NAMES])
-
-
-def score_test_split(model_dir_path, overrides):
-    """(params, summary of the last checkpoint, [(step, mean Dice)] of every kept checkpoint) on the test cases."""
-    from medseg_dl.config.params import Params
-    from medseg_dl.evaluation.cases import split_cases
-    from medseg_dl.evaluation.watcher import score_checkpoint
-    from medseg_dl.experiment.checkpoints import checkpoint_step, completed_checkpoints
-    from medseg_dl.experiment.model_dir import ModelDir
-
-    model_dir = ModelDir(model_dir_path)
-    params = Params.load(model_dir.params_path, overrides)
-    cases = split_cases(params, model_dir, "test", 1.0)
-    curve = []
-    for prefix in completed_checkpoints(model_dir.checkpoints):
-        summary = score_checkpoint(params, model_dir, cases, "test", prefix)
-        curve.append([checkpoint_step(prefix), round(summary["mean_dice"], 4)])
-    return params, summary, curve
-
-
-def step_times_s(model_dir_path):
-    """The mean step time of each logged interval of a run, without the first (it includes tracing) unless it
-    is the only one."""
-    from medseg_dl.experiment.model_dir import ModelDir
-
-    with open(ModelDir(model_dir_path).scalars_csv) as f:
-        rows = list(csv.DictReader(f))
-    return [float(row["step_time_s"]) for row in (rows[1:] or rows)]
-
-
-def report(result, results_name, data_dir):
-    """Print the result's JSON line; keep it in benchmarks/results/<results_name>.jsonl for runs on the real
-    hippocampus folder."""
-    record(results_name, result, keep=data_dir == HIPPO)
 
 
 def main():
@@ -140,12 +72,11 @@ def main():
               "base_filters": params.model.base_filters, "deep_supervision": params.model.deep_supervision,
               "patch_size": params.sampling.patch_size, "batch_size": params.sampling.batch_size,
               "optimizer": params.training.optimizer, "learning_rate": params.training.learning_rate,
-              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
-              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set}
     for class_name, stats in summary["classes"].items():
         for metric in ("dice", "assd_mm", "hd95_mm"):
             result[f"{metric}_{class_name}"] = stats[metric]["mean"]
-    report(result, "hippocampus_accuracy", args.data)
+    record("hippocampus_accuracy", result, keep=args.data == HIPPO)  # kept for runs on the real folder
 
 
 if __name__ == "__main__":

@@ -22,20 +22,21 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np
 
-from hippocampus_accuracy import CLASS_NAMES, HIPPO, REPO, planned_experiment, report, step_times_s
-from machine_info import describe_machine
+from datasets import HIPPO, HIPPO_CLASS_NAMES
+from experiments import planned_experiment, step_times_s
+from harness import MEDSEG, REPO
+from machine_info import record
 
 TIMED_VOLUMES = 10
 
 
 def train_fold(params_path, fold, overrides):
     """`medseg train --fold` in a subprocess; returns its wall time in minutes."""
-    command = [sys.executable, "-m", "medseg_dl.cli", "train", "--params", params_path, "--fold", str(fold)]
+    command = [*MEDSEG, "train", "--params", params_path, "--fold", str(fold)]
     for override in overrides:
         command += ["--set", override]
     started = time.time()
@@ -117,7 +118,7 @@ def main():
     work = os.path.abspath(args.model_dir)
     root = os.path.join(work, "unet")
     params_path = planned_experiment(args.data, work)
-    overrides = [CLASS_NAMES, f"data.split.folds={args.folds}", "data.split.val=0.0", "data.split.test=0.2",
+    overrides = [HIPPO_CLASS_NAMES, f"data.split.folds={args.folds}", "data.split.val=0.0", "data.split.test=0.2",
                  f"data.converted_dir={os.path.join(work, 'converted')}", f"experiment.model_dir={root}",
                  f"training.steps={args.steps}", f"training.checkpoint_every={args.steps}", *args.set]
     minutes = [round(train_fold(params_path, k, overrides), 1) for k in range(args.folds)]
@@ -144,9 +145,8 @@ def main():
               "test_mean_dice_ensemble_postprocessed": ensemble["postprocessed"]["mean_dice"],
               "test_dice_ensemble_by_class": mean_dice_by_class(ensemble["raw"]),
               **export_timing(root, fold_dirs, os.path.join(work, "exported")),
-              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set,
-              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    report(result, "hippocampus_cv", args.data)
+              "tta_mirroring": params.evaluation.tta_mirroring, "settings": args.set}
+    record("hippocampus_cv", result, keep=args.data == HIPPO)  # kept for runs on the real folder
 
 
 if __name__ == "__main__":

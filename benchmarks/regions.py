@@ -24,21 +24,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import nibabel as nib
 import numpy as np
-from hippocampus_accuracy import HIPPO, planned_experiment, score_test_split, step_times_s, train
-from machine_info import describe_machine, record
+from datasets import BRATS, BRATS_PATTERNS, HIPPO
+from experiments import planned_experiment, score_test_split, step_times_s, train
+from harness import MEDSEG, REPO
+from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-BRATS = os.path.join(os.path.dirname(REPO), "shared", "data", "brats2015_deepmedic")
 BRATS_HELD_OUT = ["brats_2013_pat0001_1", "brats_2013_pat0002_1"]
-BRATS_PATTERNS = ["data.channels=[Flair*.nii.gz, T1c*.nii.gz]", "data.label_pattern=OTMultiClass*.nii.gz",
-                  "data.mask_pattern=brainmask*.nii.gz",
-                  "data.class_names=[background, necrosis, edema, non_enhancing, enhancing]"]
 SPARSE_IGNORE = 3  # hippocampus: labels 0, 1, 2
 EVERY_NTH_SLICE = 3
 
@@ -52,7 +47,7 @@ def brats_regions():
 
 def medseg(*arguments):
     """`medseg ARGUMENTS` in a child process from the repository root; SystemExit when it fails."""
-    done = subprocess.run([sys.executable, "-m", "medseg_dl.cli", *arguments], cwd=REPO)
+    done = subprocess.run([*MEDSEG, *arguments], cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"medseg {arguments[0]} failed with exit code {done.returncode}")
 
@@ -111,7 +106,7 @@ def measure_brats(args):
         record("regions", {"benchmark": "regions", "workload": "brats", "trained_on": "regions" if regions
                            else "labels", "steps": args.steps, "train_minutes": round(minutes, 1),
                            "step_time_s": round(float(np.median(intervals_s)), 3), "held_out": BRATS_HELD_OUT,
-                           "scored_as_regions": score_as_regions(predictions), "machine": describe_machine()},
+                           "scored_as_regions": score_as_regions(predictions)},
                keep=not args.quick)
 
 
@@ -166,8 +161,8 @@ def measure_sparse(args):
                            "steps": summary["step"], "train_minutes": round(minutes, 1),
                            "step_time_s": round(float(np.median(step_times_s(model_dir))), 3),
                            "test_cases": summary["subjects"], "mean_dice": summary["mean_dice"],
-                           "dice": {name: stats["dice"]["mean"] for name, stats in summary["classes"].items()},
-                           "machine": describe_machine()}, keep=not args.quick)
+                           "dice": {name: stats["dice"]["mean"] for name, stats in summary["classes"].items()}},
+               keep=not args.quick)
 
 
 def main():

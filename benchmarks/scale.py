@@ -54,17 +54,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import nibabel as nib
 import numpy as np
 import yaml
-from interpreters import python_for
+from datasets import write_cases
+from harness import MEDSEG, REPO, ChildFailed, add_ratios, peers_available, python_for, run_measured, spread
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPACING_MM = (0.8, 0.8, 2.5)
 W8_SHAPE, W8_CLASSES, W8_WINDOW, W8_BATCH, W8_OVERLAP = [512, 512, 600], 14, 128, 2, 0.5
 W8_MODEL_SPACING_MM, W8_RSS_TARGET_MB = 1.5, 4096
 W8_NETWORK = "zero-cost: the channel broadcast to K class scores 2 c_k x - c_k^2 (argmax: the nearest of K centres)"
@@ -101,43 +98,6 @@ print("patches_per_s", seen / (time.time() - started))
 """
 
 
-def synthetic_ct(shape, classes, rng):
-    """(image (X, Y, Z) int16 HU, label (X, Y, Z) uint8) of BENCHMARKS.md's CT-like case: air (-1000) outside a
-    body ellipse filling ~70% of each slice, smooth soft tissue (0-80 HU) plus noise (std 20) inside, and
-    classes - 1 ellipsoid organs of 2-15% of the body each with their own mean HU."""
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij", sparse=True)
-    body = (x / 0.95) ** 2 + (y / 0.75) ** 2 <= 1.0
-    body = np.broadcast_to(body, shape)
-    smooth = 40 + 40 * np.sin(3 * x + rng.uniform(0, 6)) * np.cos(2 * y + rng.uniform(0, 6)) * np.cos(z * 2)
-    image = np.where(body, smooth + rng.normal(0, 20, shape).astype(np.float32), -1000.0)
-    label = np.zeros(shape, np.uint8)
-    body_fraction = body.mean()
-    for organ in range(1, classes):
-        volume = rng.uniform(0.02, 0.15) * body_fraction * 8 / (4 / 3 * np.pi)  # of the [-1, 1]^3 cube
-        radii = volume ** (1 / 3) * rng.uniform(0.7, 1.3, 3)
-        centre = rng.uniform(-0.5, 0.5, 3) * np.array([0.8, 0.6, 0.7])
-        inside = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + \
-                 ((z - centre[2]) / radii[2]) ** 2 <= 1.0
-        inside &= body
-        label[inside] = organ
-        image[inside] += rng.uniform(-60, 120)
-    return np.clip(image, -1024, 3071).astype(np.int16), label
-
-
-def write_cases(folder, count, shape, classes, seed=0):
-    """images/ and labels/ of `count` seeded cases under `folder` (written once: existing files are kept)."""
-    for sub in ("images", "labels"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    affine = np.diag([*SPACING_MM, 1.0])
-    for i in range(count):
-        names = [os.path.join(folder, sub, f"case_{i:03d}.nii.gz") for sub in ("images", "labels")]
-        if all(os.path.exists(n) for n in names):
-            continue
-        image, label = synthetic_ct(shape, classes, np.random.default_rng([seed, i]))
-        nib.save(nib.Nifti1Image(label, affine), names[1])
-        nib.save(nib.Nifti1Image(image, affine), names[0])
-
-
 def subset(cases_dir, folder, count):
     """`folder` with links to the first `count` cases of `cases_dir` (the data folder of one N)."""
     for sub in ("images", "labels"):
@@ -148,48 +108,11 @@ def subset(cases_dir, folder, count):
                 os.symlink(os.path.join(cases_dir, sub, f"case_{i:03d}.nii.gz"), link)
 
 
-def tree_rss_mb(pid):
-    """The RSS in MB of process `pid` and all its descendants (from /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(entry))
-            except OSError:
-                continue
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo += children.get(current, [])
-        try:
-            total += int(open(f"/proc/{current}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return total / 2**20
-
-
-def run_measured(command, env):
-    """Run `command` in the checkout of env["PYTHONPATH"] (`-m` and `-c` put the working directory first on
-    the path: it must be that checkout); returns (stdout, seconds, peak RSS in MB of its process tree, sampled
-    every 0.1 s)."""
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=env["PYTHONPATH"])
-    peak = [0.0]
-
-    def sample():
-        while process.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mb(process.pid))
-            time.sleep(0.1)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate()
-    sampler.join()
-    if process.returncode != 0:
-        sys.stderr.write(err[-4000:])
-        raise SystemExit(f"{' '.join(command[:4])} failed with exit code {process.returncode}")
-    return out, time.time() - started, round(peak[0])
+def in_checkout(command, env):
+    """Run `command` in the checkout of env["PYTHONPATH"] (`-m` and `-c` put the working directory first on the
+    path: it must be that checkout); returns (stdout, seconds, peak RSS in MB of its process tree, rounded)."""
+    measured = run_measured(command, env, cwd=env["PYTHONPATH"])
+    return measured.stdout, measured.wall_s, round(measured.peak_rss_mb)
 
 
 def folder_mb(folder):
@@ -225,19 +148,18 @@ def measure(count, args, cases_dir, env):
     model_dir = os.path.join(args.work, f"n{count}", f"run-{args.label}")
     subprocess.run(["rm", "-rf", model_dir], check=True)
     params = experiment(data_dir, model_dir, args.classes, [args.patch] * 3)
-    medseg = [sys.executable, "-m", "medseg_dl.cli"]
     common = {"workload": "W6", "library": "medseg_dl", "label": args.label, "cases": count,
               "shape": args.shape, "classes": args.classes}
-    _, seconds, peak = run_measured([*medseg, "convert", "--params", params], env)
+    _, seconds, peak = in_checkout([*MEDSEG, "convert", "--params", params], env)
     lines = [{**common, "stage": "convert", "peak_rss_mb": peak, "seconds": round(seconds, 1),
               "disk_mb": round(folder_mb(os.path.join(model_dir, "converted")), 1),
               "source_mb": round(source_mb(data_dir), 1)}]
     own = os.path.join(model_dir, "params.yaml")
-    out, seconds, peak = run_measured([sys.executable, "-c", INPUT_EPOCH, own], env)
+    out, seconds, peak = in_checkout([sys.executable, "-c", INPUT_EPOCH, own], env)
     rate = float(out.rsplit("patches_per_s", 1)[1].split()[0])
     lines.append({**common, "stage": "input_epoch", "peak_rss_mb": peak, "seconds": round(seconds, 1),
                   "patches_per_s": round(rate, 2), "patch": [args.patch] * 3})
-    _, seconds, peak = run_measured([*medseg, "train", "--params", own], env)
+    _, seconds, peak = in_checkout([*MEDSEG, "train", "--params", own], env)
     lines.append({**common, "stage": "train_20_steps", "peak_rss_mb": peak, "seconds": round(seconds, 1)})
     return lines
 
@@ -272,14 +194,14 @@ def measure_nnunet(count, args, cases_dir):
     common = {"workload": "W6", "library": "nnunetv2", "isolated": True, "label": "nnU-Net v2", "cases": count,
               "shape": args.shape, "classes": args.classes}
     tool = os.path.join(os.path.dirname(python), "nnUNetv2_plan_and_preprocess")
-    _, seconds, peak = run_measured([tool, "-d", str(900 + count), "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
+    _, seconds, peak = in_checkout([tool, "-d", str(900 + count), "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env)
     preprocessed = os.path.join(paths["nnUNet_preprocessed"], name)
     lines = [{**common, "stage": "convert", "peak_rss_mb": peak, "seconds": round(seconds, 1),
               "disk_mb": round(folder_mb(os.path.join(preprocessed, "nnUNetPlans_3d_fullres")), 1),
               "disk_all_mb": round(folder_mb(preprocessed), 1),
               "source_mb": round(source_mb(os.path.join(paths["nnUNet_raw"], name)), 1)}]
     patches = (count - round(0.2 * count)) * 8
-    out, seconds, peak = run_measured([python, "-c", NNUNET_EPOCH, preprocessed, str(args.patch), str(patches)], env)
+    out, seconds, peak = in_checkout([python, "-c", NNUNET_EPOCH, preprocessed, str(args.patch), str(patches)], env)
     rate = float(out.rsplit("patches_per_s", 1)[1].split()[0])
     lines.append({**common, "stage": "input_epoch", "peak_rss_mb": peak, "seconds": round(seconds, 1),
                   "patches_per_s": round(rate, 2), "patch": [args.patch] * 3})
@@ -301,11 +223,10 @@ def measure_evaluator(val_count, args, cases_dir, env):
     values["evaluation"].update({"tta_mirroring": False, "save_overlays": False})
     with open(params, "w") as f:
         yaml.safe_dump(values, f)
-    medseg = [sys.executable, "-m", "medseg_dl.cli"]
     own = os.path.join(model_dir, "params.yaml")
     for stage in (["convert", "--params", params], ["train", "--params", own]):
-        run_measured([*medseg, *stage], env)
-    _, seconds, peak = run_measured([*medseg, "evaluate", "--params", own, "--once"], env)
+        in_checkout([*MEDSEG, *stage], env)
+    _, seconds, peak = in_checkout([*MEDSEG, "evaluate", "--params", own, "--once"], env)
     with open(os.path.join(model_dir, "filelists", "val.json")) as f:
         validation = len(json.load(f))
     return {"workload": "W6-eval", "library": "medseg_dl", "label": args.label, "cases": validation,
@@ -327,7 +248,6 @@ def measure_w7(args, env):
     values["model"].update({"base_filters": 4, "depth": 3})
     with open(params, "w") as f:
         yaml.safe_dump(values, f)
-    medseg = [sys.executable, "-m", "medseg_dl.cli"]
     stages = {"convert": ["convert", "--params", params],
               "train_20_patches": ["train", "--params", os.path.join(model_dir, "params.yaml")],
               "predict": ["predict", "--model-dir", model_dir, "--checkpoint", "latest", "--input",
@@ -335,9 +255,9 @@ def measure_w7(args, env):
     lines = []
     for stage, arguments in stages.items():
         try:
-            _, seconds, peak = run_measured([*medseg, *arguments], env)
+            _, seconds, peak = in_checkout([*MEDSEG, *arguments], env)
             passed = True
-        except SystemExit as failure:
+        except ChildFailed as failure:
             print(failure, file=sys.stderr)
             seconds, peak, passed = float("nan"), float("nan"), False
         lines.append({"workload": "W7", "library": "medseg_dl", "label": args.label, "cases": 1, "shape": args.shape,
@@ -489,28 +409,17 @@ def w8_normalised(cases_dir):
 def w8_child(code, python, npy, labels_path, args, env, extra=()):
     """(the child's JSON dict, its peak RSS in MB as a process tree) of a W8 child `code` run by `python`."""
     arguments = [npy, labels_path, args.patch, args.classes, W8_BATCH, args.repetitions, W8_OVERLAP, *extra]
-    out, _, peak = run_measured([python, "-c", code, *map(str, arguments)], env)
+    out, _, peak = in_checkout([python, "-c", code, *map(str, arguments)], env)
     return json.loads(out.strip().splitlines()[-1]), peak
 
 
 def w8_line(args, library, label, stage, result, peak, **details):
     """A W8 JSON line: the median seconds of the runs (`value`, `seconds`), every run and the peak RSS in MB."""
-    runs = [round(s, 3) for s in result["seconds_runs"]]
-    seconds = round(float(np.median(result["seconds_runs"])), 3)
+    figure = spread(result["seconds_runs"], 3)
     return {"workload": "W8", "library": library, "label": label, "cases": 1, "shape": args.shape,
-            "classes": args.classes, "stage": stage, "value": seconds, "unit": "s", "median_of": len(runs),
-            "min": min(runs), "max": max(runs), "value_runs": runs, "seconds": seconds, "peak_rss_mb": peak,
+            "classes": args.classes, "stage": stage, **figure, "unit": "s", "seconds": figure["value"],
+            "peak_rss_mb": peak,
             "overlap": W8_OVERLAP, "blending": "gaussian", **details}
-
-
-def peer_importable(library):
-    """True when `library`'s interpreter imports it (else a note on stderr: its line is left out)."""
-    python, _ = python_for(library)
-    found = subprocess.run([python, "-c", f"import torch, {library}"], capture_output=True).returncode == 0
-    if not found:
-        print(f"W8: {library} is not importable by {python}: its line is left out (benchmarks/venvs.sh)",
-              file=sys.stderr)
-    return found
 
 
 def w8_zero_cost_line(library, code, label, npy, args, env):
@@ -534,12 +443,11 @@ def measure_w8_zero_cost(args, npy, env):
     labels_agree_with_<peer> (the fraction of voxels with equal labels)."""
     ours, ours_path = w8_zero_cost_line("medseg_dl", W8_MEDSEG, args.label, npy, args, env)
     lines = [ours]
-    for library, (code, label) in W8_PEERS.items():
-        if args.peer == "none" or not peer_importable(library):
-            continue
+    peers = [] if args.peer == "none" else peers_available({library: f"torch, {library}" for library in W8_PEERS})
+    for library in peers:
+        code, label = W8_PEERS[library]
         theirs, theirs_path = w8_zero_cost_line(library, code, label, npy, args, env)
-        ours[f"speedup_vs_{library}"] = round(theirs["value"] / ours["value"], 3)
-        ours[f"peak_rss_ratio_vs_{library}"] = round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
+        add_ratios(ours, theirs, library)
         ours[f"labels_agree_with_{library}"] = round(float(np.mean(np.load(ours_path) == np.load(theirs_path))), 5)
         lines.append(theirs)
     return lines
@@ -548,7 +456,7 @@ def measure_w8_zero_cost(args, npy, env):
 def w8_plan(cases_dir, args, env):
     """The params that `medseg plan` writes for the W8 case folder (a CPU budget), as a YAML path."""
     output = os.path.join(args.work, "w8-plan.yaml")
-    run_measured([sys.executable, "-m", "medseg_dl.cli", "plan", "--data", cases_dir, "--layout", "images_labels",
+    in_checkout([*MEDSEG, "plan", "--data", cases_dir, "--layout", "images_labels",
                   "--modality", "CT", "--output", output], env)
     return output
 
@@ -587,14 +495,14 @@ def w8_model_folder(args, env):
     with open(params, "w") as f:
         yaml.safe_dump(values, f)
     for stage in (["convert", "--params", params], ["train", "--params", os.path.join(model_dir, "params.yaml")]):
-        run_measured([sys.executable, "-m", "medseg_dl.cli", *stage], env)
+        in_checkout([*MEDSEG, *stage], env)
     return model_dir
 
 
 def probabilities_option(env):
     """(the `medseg predict` arguments that save probabilities, their dtype): uint8 where --save-probabilities
     takes a dtype among which it is, else the flag (float32)."""
-    out, _, _ = run_measured([sys.executable, "-m", "medseg_dl.cli", "predict", "--help"], env)
+    out, _, _ = in_checkout([*MEDSEG, "predict", "--help"], env)
     usage = " ".join(out.split())
     taken = usage.split("--save-probabilities", 1)[1].lstrip(" [").split("]", 1)[0].strip()
     if not taken:
@@ -615,7 +523,7 @@ def measure_w8_mapped_back(args, image_path, env):
     for stage, extra in (("predict_mapped_back", []), (f"predict_mapped_back_probabilities_{dtype}", option)):
         output = os.path.join(args.work, "w8-predicted")
         subprocess.run(["rm", "-rf", output], check=True)
-        _, seconds, peak = run_measured([sys.executable, "-m", "medseg_dl.cli", "predict", "--model-dir", model_dir,
+        _, seconds, peak = in_checkout([*MEDSEG, "predict", "--model-dir", model_dir,
                                          "--checkpoint", "latest", "--input", image_path, "--output", output,
                                          "--set", f"evaluation.accumulation={args.accumulation}", *extra], env)
         written = nib.load(os.path.join(output, "case_000.nii.gz")).shape

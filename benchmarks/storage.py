@@ -1,5 +1,6 @@
 """The converted-case format, measured: bytes on disk and read times of the chunked case store (data/store.py)
-beside the candidates it was chosen against, on the same W6 cases (BENCHMARKS.md; `scale.py` writes them).
+beside the candidates it was chosen against, on the same W6 cases (BENCHMARKS.md; `datasets.write_cases` writes
+them, as for `scale.py`).
 
     python benchmarks/storage.py [--cases 4] [--quick]
 
@@ -10,22 +11,20 @@ blosc2: only the chunks the box touches; the TFRecord: the whole case). One line
 cases (every case kept under `_runs`), in benchmarks/results/storage.jsonl (not with --quick).
 """
 import argparse
+import importlib.util
 import os
 import shutil
 import statistics
-import sys
 import tempfile
-import time
 
 import nibabel as nib
 import numpy as np
+from datasets import write_cases
+from harness import timed_runs
 from machine_info import record
-from scale import write_cases
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from medseg_dl.data import store  # noqa: E402  (before TensorFlow: medseg_dl sets its log level)
-import tensorflow as tf  # noqa: E402
+from medseg_dl.data import store  # before TensorFlow: medseg_dl sets its log level
+import tensorflow as tf
 
 BOX = 96
 
@@ -44,10 +43,7 @@ def normalised(image):
 def timed(function):
     """Seconds of the second call of `function` (the first traces the TensorFlow functions, as a pipeline does
     once)."""
-    function()
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+    return timed_runs(lambda _: function(), 1)[1][0]
 
 
 def ours(image, label, folder):
@@ -109,11 +105,8 @@ def main():
     write_cases(cases_dir, args.cases, args.shape, 5)
     formats = {"medseg_dl case store (float16 HU, zlib 1, 64^3 chunks)": ours,
                "TFRecord (normalised float32, GZIP; format 1)": tfrecord}
-    try:
-        import blosc2  # noqa: F401
+    if importlib.util.find_spec("blosc2"):
         formats["blosc2 (float16 HU, zstd 3 + shuffle, 64^3 chunks)"] = blosc2_format
-    except ImportError:
-        pass
     results = {name: [] for name in formats}
     sources = []
     for i in range(args.cases):
