@@ -4,8 +4,8 @@
 
 The volume: FLAIR and T1c of one subject (240x240x155x2 float32, 1 mm voxels) and its label map
 (OTMultiClass, labels 0..4, rounded to int32), read once by the parent and handed to each library's
-fresh subprocess as .npy files, so that its peak RSS (imports, the arrays and the deformation; VmHWM,
-as ru_maxrss keeps the parent's peak across exec) is its own. Every call deforms the image (linear
+fresh subprocess as .npy files, so that its peak RSS (imports, the arrays and the deformation; measured by
+the harness, `harness.RSS_METHOD`) is its own. Every call deforms the image (linear
 interpolation, zero padding) and the label map (nearest) with one new random field (seeded by the
 repetition) and the same rotation, ANGLES_DEG about x, y, z (one fixed draw of U(-15, 15) degrees),
 each library in its own angle convention. The elastic fields are matched in RMS displacement, about
@@ -21,7 +21,7 @@ each library in its own angle convention. The elastic fields are matched in RMS 
   cubic B-spline (RMS 0.70 x 2.85 = 2.0 voxels), the rotation as its output affine about the middle,
   order 1 (image) and 0 (label). It needs numpy < 2 (0.5.1 is built against numpy 1): it runs in
   its own environment (benchmarks/venvs.sh); its subprocess imports only numpy and elasticdeform.
-Each library runs with its own interpreter (`interpreters.python_for`; `isolated` on its line).
+Each library runs with its own interpreter (`harness.python_for`; `isolated` on its line).
 The figure is the median s/volume of the repetitions (each kept: `value_runs`) after one warm-up
 (`first_call_s`: the warm-up, with medseg_dl's XLA compilation); medseg_dl's line adds
 speedup_vs_<peer> = peer s / our s.
@@ -30,17 +30,13 @@ speedup_vs_<peer> = peer s / our s.
 import argparse
 import json
 import os
-import subprocess
 import tempfile
-import time
 
 import numpy as np
-from interpreters import python_for
-from machine_info import describe_machine, record
+from datasets import BRATS_SUBJECT, read_brats_image
+from harness import add_ratios, peers_available, run_python, spread, timed_runs
+from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBJECT_DIR = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
-CHANNEL_FILES = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")
 LABEL_FILE = "OTMultiClass.nii.gz"
 ANGLES_DEG = (4.11, -6.91, -13.77)  # about x, y, z: np.random.default_rng(0).uniform(-15, 15, 3), rounded
 RMS_MM = 2.0
@@ -54,7 +50,7 @@ def write_volume(subject_dir, quick, folder):
     """Write the workload's image.npy (X, Y, Z, 2) float32 and label.npy (X, Y, Z) int32 into `folder`;
     quick: a 64x64x48 crop."""
     from medseg_dl.data.io import read_volume
-    image = np.stack([read_volume(os.path.join(subject_dir, name)).data for name in CHANNEL_FILES], axis=-1)
+    image = read_brats_image(subject_dir)
     label = np.rint(read_volume(os.path.join(subject_dir, LABEL_FILE)).data).astype(np.int32)
     if quick:
         image, label = image[88:152, 88:152, 54:102], label[88:152, 88:152, 54:102]
@@ -62,25 +58,12 @@ def write_volume(subject_dir, quick, folder):
     np.save(os.path.join(folder, "label.npy"), np.ascontiguousarray(label))
 
 
-def timed(run, repetitions):
-    """(seconds of the warm-up call run(0), seconds of each of `repetitions` calls run(1), run(2), ...)."""
-    start = time.perf_counter()
-    run(0)
-    first = time.perf_counter() - start
-    times = []
-    for repetition in range(1, repetitions + 1):
-        start = time.perf_counter()
-        run(repetition)
-        times.append(time.perf_counter() - start)
-    return first, times
-
-
 def run_medseg_dl(image, label, repetitions):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from medseg_dl.pipeline.whole_volume import deform_volume
-    return timed(lambda seed: deform_volume(image, label, rotation_deg=ANGLES_DEG, elastic_sigma_mm=6.5,
-                                            elastic_magnitude_mm=RMS_MM, elastic_grid_points=7, seed=seed),
-                 repetitions)
+    return timed_runs(lambda seed: deform_volume(image, label, rotation_deg=ANGLES_DEG, elastic_sigma_mm=6.5,
+                                                 elastic_magnitude_mm=RMS_MM, elastic_grid_points=7, seed=seed),
+                      repetitions)
 
 
 def run_monai(image, label, repetitions):
@@ -98,7 +81,7 @@ def run_monai(image, label, repetitions):
         transform.set_random_state(seed)
         return transform(data)
 
-    return timed(deform, repetitions)
+    return timed_runs(deform, repetitions)
 
 
 def run_torchio(image, label, repetitions):
@@ -116,7 +99,7 @@ def run_torchio(image, label, repetitions):
         torch.manual_seed(seed)
         return transform(subject)
 
-    return timed(deform, repetitions)
+    return timed_runs(deform, repetitions)
 
 
 def middle_rotation_affine(shape_vox):
@@ -141,67 +124,34 @@ def run_elasticdeform(image, label, repetitions):
                                                 points=ELASTICDEFORM_POINTS, order=[1, 0], mode="constant",
                                                 axis=[(0, 1, 2), (0, 1, 2)], affine=affine)
 
-    return timed(deform, repetitions)
+    return timed_runs(deform, repetitions)
 
 
 RUNNERS = {"medseg_dl": run_medseg_dl, "monai": run_monai, "torchio": run_torchio,
            "elasticdeform": run_elasticdeform}
 
 
-def peak_rss_mb():
-    """This process's peak resident memory in MB since its exec (VmHWM of /proc/self/status)."""
-    with open("/proc/self/status") as status:
-        return next(int(row.split()[1]) for row in status if row.startswith("VmHWM:")) / 1024
-
-
 def child(library, args):
     """Run one library and print its raw measurements as one JSON object."""
     image = np.load(os.path.join(args.volume_dir, "image.npy"))
     label = np.load(os.path.join(args.volume_dir, "label.npy"))
-    first, times = RUNNERS[library](image, label, args.repetitions)
-    print(json.dumps({"times": times, "first_call_s": first, "shape": list(image.shape),
-                      "peak_rss_mb": peak_rss_mb()}))
+    warmup_s, times = RUNNERS[library](image, label, args.repetitions)  # each runner: harness.timed_runs
+    print(json.dumps({"times": times, "first_call_s": warmup_s[0], "shape": list(image.shape)}))
 
 
 def measure(library, args):
-    """Raw measurements of one library, from a fresh subprocess."""
-    python, isolated = python_for(library)
-    command = [python, os.path.abspath(__file__), "--child", library,
-               "--repetitions", str(args.repetitions), "--volume-dir", args.volume_dir]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{library} failed:\n{result.stderr[-3000:]}")
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "isolated": isolated}
+    """Raw measurements of one library, from a fresh subprocess with its peak RSS."""
+    measured, isolated = run_python(library, [os.path.abspath(__file__), "--child", library,
+                                              "--repetitions", args.repetitions, "--volume-dir", args.volume_dir])
+    return {**measured.result, "peak_rss_mb": measured.peak_rss_mb, "isolated": isolated}
 
 
-def line(library, raw, machine_name):
+def line(library, raw):
     """The BENCHMARKS.md JSON line of one library."""
-    times = raw["times"]
-    return {"workload": "W4", "library": library, "value": round(float(np.median(times)), 4), "unit": "s",
-            "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
-            "value_runs": [round(t, 4) for t in times], "machine": machine_name,
+    return {"workload": "W4", "library": library, **spread(raw["times"], 4), "unit": "s",
             "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "first_call_s": round(raw["first_call_s"], 4), "shape": raw["shape"],
             "rotation_deg": list(ANGLES_DEG), "elastic_rms_mm": RMS_MM, "isolated": raw["isolated"]}
-
-
-def peers_available(args):
-    """The peer libraries importable by their interpreters."""
-    found = []
-    for library in PEERS:
-        probe = subprocess.run([python_for(library)[0], "-c", f"import {library}"], capture_output=True, check=False)
-        if probe.returncode == 0:
-            found.append(library)
-    return found
-
-
-def add_ratios(lines):
-    """Add speedup_vs_<peer> (peer s / our s) to the medseg_dl line."""
-    ours = next(item for item in lines if item["library"] == "medseg_dl")
-    for other in lines:
-        if other is not ours:
-            ours[f"speedup_vs_{other['library']}"] = round(other["value"] / ours["value"], 3)
 
 
 def main(argv=None):
@@ -211,7 +161,7 @@ def main(argv=None):
     parser.add_argument("--peers", action="store_true",
                         help="also run MONAI, TorchIO and elasticdeform when importable")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs after the warm-up (default 3)")
-    parser.add_argument("--subject-dir", default=SUBJECT_DIR, help="folder of the BraTS subject")
+    parser.add_argument("--subject-dir", default=BRATS_SUBJECT, help="folder of the BraTS subject")
     parser.add_argument("--child", metavar="LIBRARY", help=argparse.SUPPRESS)
     parser.add_argument("--volume-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,13 +170,13 @@ def main(argv=None):
     if args.child:
         child(args.child, args)
         return
-    libraries = ["medseg_dl"] + (peers_available(args) if args.peers else [])
-    machine_name = describe_machine()
+    libraries = ["medseg_dl"] + (peers_available({peer: peer for peer in PEERS}) if args.peers else [])
     with tempfile.TemporaryDirectory() as folder:
         write_volume(args.subject_dir, args.quick, folder)
         args.volume_dir = folder
-        lines = [line(library, measure(library, args), machine_name) for library in libraries]
-    add_ratios(lines)
+        lines = [line(library, measure(library, args)) for library in libraries]
+    for other in lines[1:]:  # speedup_vs_<peer> (peer s / our s) on the medseg_dl line
+        add_ratios(lines[0], other, other["library"], rss=False)
     for item in lines:
         record("augmentation", item, keep=not args.quick)
 
