@@ -15,14 +15,12 @@ difference float16 vs float32, and the mean foreground Dice against the referenc
 """
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
-
+from harness import REPO, child_env, run_measured
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def validation_cases(model_dir, quick, overrides=(), split="val"):
@@ -62,15 +60,15 @@ def mean_dice(predictions, references, num_classes):
 
 
 def reference_labels(reference, model_dir, quick, split):
-    """The labels of the cases of `split` segmented by the checkout at `reference` (a child process)."""
+    """The labels of the cases of `split` segmented by the checkout at `reference` (a child process; medseg_dl is
+    imported from the reference before this script, whose harness would put this checkout first on the path)."""
     out = os.path.join("/tmp", f"accumulation_reference_{os.getpid()}.npz")
     code = (f"import sys; sys.path[:0] = [{reference!r}, {os.path.join(REPO, 'benchmarks')!r}]\n"
-            f"import numpy as np, accumulation, medseg_dl\n"
+            f"import numpy as np, medseg_dl, accumulation\n"
             f"assert medseg_dl.__file__.startswith({reference!r}), medseg_dl.__file__\n"
             f"labels = accumulation.segment({model_dir!r}, {quick!r}, None, {split!r})[0]\n"
             f"np.savez({out!r}, **labels)")
-    env = {**os.environ, "PYTHONPATH": reference}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=reference)
+    run_measured([sys.executable, "-c", code], env=child_env(reference), cwd=reference)
     with np.load(out) as saved:
         labels = {k: saved[k] for k in saved.files}
     os.remove(out)
@@ -107,7 +105,6 @@ def main():
     parser.add_argument("--split", choices=["val", "test"], default="val", help="the cases segmented")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, REPO)
     record("accumulation", measure(args), keep=not args.quick)
 
 

@@ -6,9 +6,9 @@ preprocessed volumes, seconds per volume and peak RSS, each in its own process.
 
 The model folder's test (or --split val) cases (its filelists; --cases: the first N) are preprocessed once
 here (the model's recipe: reorientation, resampling, normalisation) and saved as .npy with their spacing;
-the model is exported as a SavedModel and as ONNX (`medseg export`). Then, each in a fresh process, one volume after another,
-both outputs (probabilities and labels) of every volume, in float32 (evaluation.accumulation float32, the
-precision of both exports):
+the model is exported as a SavedModel and as ONNX (`medseg export`). Then, each in a fresh process, one
+volume after another, both outputs (probabilities and labels) of every volume, in float32
+(evaluation.accumulation float32, the precision of both exports):
 - `predictor`: `Predictor.probabilities` and the labels of those probabilities (`Targets.labels_of_probabilities`),
   one pass over the windows, as `medseg predict` segments a case on its model grid;
 - `savedmodel`: `serve(image, spacing_mm)` of `tf.saved_model.load`;
@@ -16,25 +16,21 @@ precision of both exports):
 - `predict_cli`: `medseg predict` on the cases' image files, the whole command (start, model loading, reading,
   preprocessing, mapping back, writing): its wall time over the number of cases.
 The first volume of each in-process runner is a warm-up (its time is kept as `first_s`); the value is the
-median of the others. Peak RSS is each process's VmHWM (the whole command for predict_cli: its process tree,
-ru_maxrss of the children). One JSON line per runner, kept in benchmarks/results/deploy.jsonl unless --quick.
+median of the others. Peak RSS is that of each process's tree, measured by the harness (`harness.RSS_METHOD`).
+One JSON line per runner, kept in benchmarks/results/deploy.jsonl unless --quick.
 """
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-
+from harness import MEDSEG, run_measured, spread
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNERS = ("predictor", "savedmodel", "onnxruntime")
-# the in-process runners: each prints {"seconds": [...], "peak_rss_mb": VmHWM}
+# the in-process runners: each prints {"seconds": [...]}, one per volume
 CHILD = r"""
 import json, os, sys, time
 import numpy as np
@@ -64,16 +60,13 @@ for name in names:
     probabilities, labels = run(image, spacing_mm)
     seconds.append(time.perf_counter() - begin)
     np.save(name + "_" + runner + "_labels.npy", labels)
-with open("/proc/self/status") as status:
-    peak = next(int(row.split()[1]) for row in status if row.startswith("VmHWM:")) / 1024
-print(json.dumps({"seconds": seconds, "peak_rss_mb": peak}))
+print(json.dumps({"seconds": seconds}))
 """
 
 
 def prepare(args, folder):
     """Save the test cases' preprocessed images (<folder>/case_<i>.npy, _spacing_mm.npy) and export the model
     (<folder>/savedmodel, <folder>/onnx); returns (the names, the cases' image paths, export seconds)."""
-    sys.path.insert(0, REPO)
     from medseg_dl.config.params import Params
     from medseg_dl.data.cases import stored_recipe, subject_case
     from medseg_dl.data.io import spacing_from_affine
@@ -100,27 +93,18 @@ def prepare(args, folder):
 def run_child(runner, args, folder, names):
     """{"seconds": [...], "peak_rss_mb"} of one in-process runner, in a fresh process."""
     export_dir = os.path.join(folder, "onnx" if runner == "onnxruntime" else "savedmodel")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, "-c", CHILD, runner, args.model_dir, export_dir, *names],
-                          capture_output=True, text=True, env=env, cwd=folder)
-    if done.returncode != 0:
-        raise RuntimeError(f"{runner} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    measured = run_measured([sys.executable, "-c", CHILD, runner, args.model_dir, export_dir, *names], cwd=folder)
+    return {**measured.result, "peak_rss_mb": measured.peak_rss_mb}
 
 
 def run_predict_cli(args, folder, subjects):
-    """{"seconds": the whole command's wall time, "peak_rss_mb": its process tree's peak (ru_maxrss)} of
-    `medseg predict` on the cases' image files (one subject folder or file each)."""
+    """{"seconds": the whole command's wall time, "peak_rss_mb": its process tree's peak} of `medseg predict` on
+    the cases' image files (one subject folder or file each)."""
     inputs = [os.path.dirname(s.channels[0]) if len(s.channels) > 1 else s.channels[0] for s in subjects]
-    command = [sys.executable, "-m", "medseg_dl.cli", "predict", "--model-dir", args.model_dir, "--checkpoint",
-               "latest", "--set", "evaluation.accumulation=float32", "--input", *inputs, "--output",
-               os.path.join(folder, "predicted")]
-    begin = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
-    seconds = time.perf_counter() - begin
-    if done.returncode != 0:
-        raise RuntimeError(f"medseg predict failed:\n{done.stderr[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    measured = run_measured([*MEDSEG, "predict", "--model-dir", args.model_dir, "--checkpoint", "latest", "--set",
+                             "evaluation.accumulation=float32", "--input", *inputs, "--output",
+                             os.path.join(folder, "predicted")])
+    return {"seconds": measured.wall_s, "peak_rss_mb": measured.peak_rss_mb}
 
 
 def lines(args, names, export_s, raw, cli):
@@ -132,12 +116,10 @@ def lines(args, names, export_s, raw, cli):
     out = []
     for runner in RUNNERS:
         seconds = raw[runner]["seconds"]
-        timed = seconds[1:] or seconds
         differ = sum(int((np.load(f"{n}_{runner}_labels.npy") != np.load(f"{n}_predictor_labels.npy")).sum())
                      for n in names)
         out.append({**common, "library": "medseg_dl" if runner == "predictor" else runner, "runner": runner,
-                    "value": round(float(np.median(timed)), 4), "median_of": len(timed),
-                    "value_runs": [round(t, 4) for t in seconds], "first_s": round(seconds[0], 4),
+                    **spread(seconds[1:] or seconds, 4), "first_s": round(seconds[0], 4),
                     "peak_rss_mb": round(raw[runner]["peak_rss_mb"], 1), "labels_differ_from_predictor": differ,
                     **({"export_s": round(export_s[runner if runner != "onnxruntime" else "onnx"], 2)}
                        if runner != "predictor" else {})})
@@ -160,7 +142,7 @@ def main():
     args.cases = 2 if args.quick else args.cases
     with tempfile.TemporaryDirectory(prefix="medseg_deploy_") as folder:
         names, subjects, export_s = prepare(args, folder)
-        cli = run_predict_cli(args, folder, subjects)  # first: ru_maxrss of the children is the largest so far
+        cli = run_predict_cli(args, folder, subjects)
         raw = {runner: run_child(runner, args, folder, names) for runner in RUNNERS}
         for line in lines(args, names, export_s, raw, cli):
             record("deploy", line, keep=not args.quick)

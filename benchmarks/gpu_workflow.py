@@ -6,8 +6,8 @@ runs alone for `--minutes`, then again (a fresh model folder) with `medseg evalu
 checkpoint every `--checkpoint-every` steps); both are stopped with SIGTERM. Steps/s is the median over
 the logged intervals after the first (tracing); every interval's is kept (`steps_per_s_runs`). Peak
 memory: GPU memory per process from `nvidia-smi --query-compute-apps` sampled every 0.5 s (the
-evaluator's child processes counted as the evaluator), or, without a GPU (`--cpu`), the peak RSS
-(VmHWM). Prints one JSON line per run and appends them to benchmarks/results/gpu_workflow.jsonl.
+evaluator's child processes counted as the evaluator), or, without a GPU (`--cpu`), the peak RSS of
+each process tree (`harness.RSS_METHOD`). Prints one JSON line per run and appends them to benchmarks/results/gpu_workflow.jsonl.
 """
 import argparse
 import csv
@@ -17,75 +17,49 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
-from machine_info import describe_machine, record
+from harness import MEDSEG, REPO, TreeRssSampler, process_tree
+from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_SETTINGS = ["model.base_filters=8", "sampling.patch_size=[32,40,32]", "sampling.batch_size=4"]
 
 
 def medseg(log, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.Popen([sys.executable, "-m", "medseg_dl.cli", *args], cwd=REPO, env=env, start_new_session=True,
+    return subprocess.Popen([*MEDSEG, *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def descendants(pid):
-    """pid and all its descendants (from /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
+class GpuSampler(threading.Thread):
+    """Samples the GPU memory of the process tree of `pid` (`nvidia-smi --query-compute-apps`) every 0.5 s until
+    `stop()`, which returns its peak in MB."""
 
-
-class MemorySampler(threading.Thread):
-    """Peak memory in MB per named process tree, GPU (nvidia-smi) or host RSS (VmHWM)."""
-
-    def __init__(self, processes, gpu):
+    def __init__(self, pid):
         super().__init__(daemon=True)
-        self.processes, self.gpu, self.peak_mb, self.running = processes, gpu, {k: 0.0 for k in processes}, True
+        self.pid, self.peak_mb, self.stopped = pid, 0.0, threading.Event()
 
     def run(self):
-        while self.running:
-            usage = self._gpu_usage() if self.gpu else None
-            for name, process in self.processes.items():
-                pids = descendants(process.pid)
-                used = sum(usage.get(p, 0.0) for p in pids) if usage is not None else sum(map(_rss_peak_mb, pids))
-                self.peak_mb[name] = max(self.peak_mb[name], used)
-            time.sleep(0.5)
+        while not self.stopped.wait(0.5):
+            usage = gpu_usage_mb()
+            self.peak_mb = max(self.peak_mb, sum(usage.get(p, 0.0) for p in process_tree(self.pid)))
 
-    @staticmethod
-    def _gpu_usage():
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True).stdout
-        usage = {}
-        for line in out.strip().splitlines():
-            pid, used = (part.strip() for part in line.split(","))
-            usage[int(pid)] = float(used)
-        return usage
+    def stop(self):
+        self.stopped.set()
+        self.join()
+        return self.peak_mb
 
 
-def _rss_peak_mb(pid):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+def gpu_usage_mb():
+    """{pid: GPU memory in MB} of the processes on the GPUs."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    usage = {}
+    for line in out.strip().splitlines():
+        pid, used = (part.strip() for part in line.split(","))
+        usage[int(pid)] = float(used)
+    return usage
 
 
 def interval_steps_per_s(model_dir):
@@ -107,15 +81,16 @@ def one_run(args, precision, beside, work):
             time.sleep(1.0)
         processes["evaluator"] = medseg(model_dir + "-eval.log", "evaluate", "--params",
                                         os.path.join(model_dir, "params.yaml"))
-    sampler = MemorySampler(processes, args.gpu)
-    sampler.start()
+    samplers = {name: (GpuSampler if args.gpu else TreeRssSampler)(process.pid)
+                for name, process in processes.items()}
+    for sampler in samplers.values():
+        sampler.start()
     time.sleep(args.minutes * 60)
     for process in processes.values():
         os.killpg(process.pid, signal.SIGTERM)
     for process in processes.values():
         process.wait(timeout=300)
-    sampler.running = False
-    sampler.join()
+    peak_mb = {name: sampler.stop() for name, sampler in samplers.items()}
     evaluated = len(json.load(open(os.path.join(model_dir, "eval", "history.json")))) \
         if os.path.isfile(os.path.join(model_dir, "eval", "history.json")) else 0
     unit = "gpu_mb" if args.gpu else "rss_mb"
@@ -123,8 +98,7 @@ def one_run(args, precision, beside, work):
     return {"benchmark": "gpu_workflow", "precision": precision, "evaluator_beside": beside,
             "steps_per_s": statistics.median(rates) if rates else float("nan"), "steps_per_s_runs": rates,
             "minutes": args.minutes, "checkpoints_evaluated": evaluated,
-            **{f"peak_{unit}_{name}": round(mb, 1) for name, mb in sampler.peak_mb.items()},
-            "settings": args.set, "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            **{f"peak_{unit}_{name}": round(mb, 1) for name, mb in peak_mb.items()}, "settings": args.set}
 
 
 def main():

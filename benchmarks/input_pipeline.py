@@ -10,7 +10,7 @@ After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200, W1b peers 16: t
 With --peers (and torch, monai, torchio importable by the peers' interpreter) MONAI and TorchIO run
 the same workload in the same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
 per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
-library) runs in its own subprocess, with the library's own interpreter (`interpreters.python_for`;
+library) runs in its own subprocess, with the library's own interpreter (`harness.python_for`;
 `isolated` on its line), one after the other; each peer line gets a `ratio` key and
 the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). One JSON line per
 (workload, library), kept in benchmarks/results/input_pipeline.jsonl (not with --quick).
@@ -19,21 +19,17 @@ import argparse
 import glob
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
-from interpreters import python_for
-from machine_info import describe_machine, record
+from datasets import BRATS, HIPPO
+from harness import ChildFailed, peers_available, run_python, speedup, spread
+from machine_info import record
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from medseg_dl.data.io import read_volume
+from medseg_dl.data.preprocess import class_locations, normalize
 
-from medseg_dl.data.io import read_volume  # noqa: E402
-from medseg_dl.data.preprocess import class_locations, normalize  # noqa: E402
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 WORKLOADS = {
     "W1a": {"patch": [40, 56, 40], "batch": 9, "classes": 3, "segment": 288, "peer_segment": 288},
     "W1b": {"patch": [96, 96, 96], "batch": 2, "classes": 5, "segment": 200, "peer_segment": 16},
@@ -51,14 +47,14 @@ def load_cases(workload, quick):
     """List of dicts: image (X, Y, Z, C) float32 z-scored per case, label (X, Y, Z) int32, subject."""
     cases = []
     if workload == "W1a":
-        labels = sorted(glob.glob(os.path.join(DATA, "msd_hippocampus", "labels", "*.nii.gz")))[: 8 if quick else None]
+        labels = sorted(glob.glob(os.path.join(HIPPO, "labels", "*.nii.gz")))[: 8 if quick else None]
         for path in labels:
             image = read_volume(path.replace(os.sep + "labels" + os.sep, os.sep + "images" + os.sep)).data
             cases.append({"image": normalize(image[..., None].astype(np.float32), "zscore"),
                           "label": np.rint(read_volume(path).data).astype(np.int32),
                           "subject": os.path.basename(path).split(".")[0]})
     else:
-        folders = sorted(glob.glob(os.path.join(DATA, "brats2015_deepmedic", "*", "brats_*")))[: 1 if quick else None]
+        folders = sorted(glob.glob(os.path.join(BRATS, "*", "brats_*")))[: 1 if quick else None]
         for folder in folders:
             channels = [read_volume(glob.glob(os.path.join(folder, f"{name}*.nii.gz"))[0]).data.astype(np.float32)
                         for name in ("Flair", "T1c")]
@@ -94,9 +90,7 @@ def timed_rates(next_batch, warmup_patches, segment_patches, segments=3):
 
 
 def result_line(workload, library, rates, **details):
-    return {"workload": workload, "library": library, "value": round(statistics.median(rates), 3),
-            "unit": "patches/s", "median_of": len(rates), "min": round(min(rates), 3), "max": round(max(rates), 3),
-            "value_runs": [round(rate, 3) for rate in rates], "machine": describe_machine(), **details}
+    return {"workload": workload, "library": library, **spread(rates, 3), "unit": "patches/s", **details}
 
 
 # --- medseg_dl ------------------------------------------------------------------------------------
@@ -270,24 +264,16 @@ RUNNERS = {"medseg_dl": run_medseg, "monai": run_monai,
            "torchio_per_patch": lambda w, c, q: run_torchio(w, c, q, per_patch=True)}
 
 
-def peers_available():
-    """True when the peers' interpreter imports torch, MONAI and TorchIO."""
-    probe = subprocess.run([python_for("monai")[0], "-c", "import monai, torch, torchio"], capture_output=True)
-    return probe.returncode == 0
-
-
 def run_in_subprocess(workload, library, quick, timeout_s=1800):
     """The JSON line of one (workload, library) run in a fresh interpreter; None (reported on stderr)
     if it fails or takes longer than `timeout_s`."""
-    python, isolated = python_for(library)
-    command = [python, os.path.abspath(__file__), "--workload", workload, "--library", library]
+    arguments = [os.path.abspath(__file__), "--workload", workload, "--library", library, *["--quick"] * quick]
     try:
-        output = subprocess.run(command + (["--quick"] if quick else []), check=True, stdout=subprocess.PIPE,
-                                text=True, timeout=timeout_s)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        print(f"{workload} {library}: no result ({err})", file=sys.stderr)
+        measured, isolated = run_python(library, arguments, timeout_s=timeout_s)
+    except ChildFailed as failure:
+        print(f"{workload} {library}: no result ({failure})", file=sys.stderr)
         return None
-    return {**json.loads(output.stdout.strip().splitlines()[-1]), "isolated": isolated}
+    return {**measured.result, "isolated": isolated}
 
 
 def main():
@@ -303,7 +289,7 @@ def main():
         if args.library:  # a child of run_in_subprocess: its parent keeps the line
             print(json.dumps(RUNNERS[args.library](workload, load_cases(workload, args.quick), args.quick)), flush=True)
             continue
-        if not (args.peers and peers_available()):
+        if not (args.peers and peers_available({"monai": "monai, torch, torchio"})):
             line = RUNNERS["medseg_dl"](workload, load_cases(workload, args.quick), args.quick)
             record("input_pipeline", {**line, **({"label": args.label} if args.label else {})}, keep=not args.quick)
             continue
@@ -311,7 +297,7 @@ def main():
         for library in list(RUNNERS)[1:]:  # each peer line as soon as it is measured
             line = run_in_subprocess(workload, library, args.quick)
             if line and ours:
-                line["ratio"] = ours[f"ratio_{library}"] = round(ours["value"] / line["value"], 2)
+                line["ratio"] = ours[f"ratio_{library}"] = speedup(ours, line, digits=2)
             if line:
                 record("input_pipeline", line, keep=not args.quick)
         if ours:

@@ -26,14 +26,15 @@ Usage: python benchmarks/metrics.py [--workload W3] [--quick] [--peers]
 import argparse
 import glob
 import os
-import statistics
 import time
 import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from machine_info import describe_machine, record
+from datasets import BRATS
+from harness import speedup, spread
+from machine_info import record
 from scipy import ndimage
 
 from medseg_dl.data.targets import Targets
@@ -45,7 +46,6 @@ TARGETS = Targets(NUM_CLASSES, tuple(f"class_{c}" for c in range(NUM_CLASSES))) 
 ISOTROPIC_MM = (1.0, 1.0, 1.0)
 ANISOTROPIC_MM = (0.8, 0.8, 2.5)
 METRIC_KEYS = ("dice", "assd_mm", "hd95_mm")
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2015_deepmedic"
 SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 
 
@@ -187,12 +187,6 @@ def measure(runners, cases, repetitions):
     return {name: (seconds[name][ISOTROPIC_MM], seconds[name][ANISOTROPIC_MM], values[name]) for name in runners}
 
 
-def spread(seconds):
-    """The median ("value"), min, max and every pass ("value_runs") of seconds per subject."""
-    return {"value": round(statistics.median(seconds), 4), "min": round(min(seconds), 4),
-            "max": round(max(seconds), 4), "value_runs": [round(s, 4) for s in seconds]}
-
-
 def max_relative_differences(ours, theirs):
     """{metric: max |a - b| / max(|a|, |b|)} over pairs where both are finite, and the skipped count."""
     worst, skipped = {key: 0.0 for key in METRIC_KEYS}, 0
@@ -206,11 +200,12 @@ def max_relative_differences(ours, theirs):
     return worst, skipped
 
 
-def result_line(library, timing, cases, repetitions, machine):
+def result_line(library, timing, cases):
+    """The JSON line of one library: seconds per subject at 1 mm (the figure) and anisotropic, over the passes."""
     isotropic_s, anisotropic_s = timing
-    return {"workload": "W3", "library": library, **spread(isotropic_s), "unit": "s", "median_of": repetitions,
-            "machine": machine, "subjects": len(cases), "spacing_mm": list(ISOTROPIC_MM),
-            "anisotropic": {"spacing_mm": list(ANISOTROPIC_MM), **spread(anisotropic_s)}}
+    return {"workload": "W3", "library": library, **spread(isotropic_s, 4), "unit": "s", "subjects": len(cases),
+            "spacing_mm": list(ISOTROPIC_MM), "anisotropic": {"spacing_mm": list(ANISOTROPIC_MM),
+                                                              **spread(anisotropic_s, 4)}}
 
 
 def parse_args(argv=None):
@@ -222,7 +217,7 @@ def parse_args(argv=None):
                         help="comma-separated subset of " + ",".join(PEERS) + " (implies --peers)")
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--data-dir", default=BRATS)
     args = parser.parse_args(argv)
     if args.quick:
         args.subjects, args.repetitions = 1, 1
@@ -248,19 +243,18 @@ def load_peers(names):
 
 def main(argv=None):
     args = parse_args(argv)
-    machine = describe_machine()
     cases = load_cases(args.data_dir, args.subjects)
     peers, skipped = load_peers(args.peer_names)
     results = measure({"medseg_dl": medseg_runner(), **peers}, cases, args.repetitions)
     ours_iso, ours_aniso, ours_values = results.pop("medseg_dl")
-    line = result_line("medseg_dl", (ours_iso, ours_aniso), cases, args.repetitions, machine)
-    line["mean_dice_spacing_1"] = round(float(np.mean([v["dice"] for v in ours_values[: len(cases)]])), 6)
-    record("metrics", line, keep=not args.quick)
+    ours = result_line("medseg_dl", (ours_iso, ours_aniso), cases)
+    ours["mean_dice_spacing_1"] = round(float(np.mean([v["dice"] for v in ours_values[: len(cases)]])), 6)
+    record("metrics", ours, keep=not args.quick)
     for name, (iso, aniso, values) in results.items():
-        line = result_line(name, (iso, aniso), cases, args.repetitions, machine)
+        line = result_line(name, (iso, aniso), cases)
         worst, not_compared = max_relative_differences(ours_values, values)
-        line.update(ratio=round(statistics.median(iso) / statistics.median(ours_iso), 2),
-                    ratio_anisotropic=round(statistics.median(aniso) / statistics.median(ours_aniso), 2),
+        line.update(ratio=speedup(ours, line, digits=2),
+                    ratio_anisotropic=speedup(ours["anisotropic"], line["anisotropic"], digits=2),
                     max_rel_diff={key: float(f"{v:.3g}") for key, v in worst.items()},
                     same_convention=list(PEERS[name][1]), not_compared=not_compared)
         record("metrics", line, keep=not args.quick)

@@ -35,7 +35,7 @@ batch 2, Gaussian blending; each measured process is a child (`run_measured`: it
 peak RSS is the process tree's). `zero_cost_labels`: the label map on the model grid (the argmax of the blended
 scores) of medseg_dl's `Predictor.labels`, MONAI's `sliding_window_inference` and nnU-Net v2's
 `nnUNetPredictor.predict_sliding_window_return_logits` (one window per network call, its own batch; no mirroring),
-each with its interpreter (`interpreters.python_for`), on the same normalised image (a .npy under --work), after a
+each with its interpreter (`harness.python_for`), on the same normalised image (a .npy under --work), after a
 warm-up on one window. The network costs nothing: the one channel broadcast to the 14 class scores 2 c_k x - c_k^2
 (centres c_k evenly from the image's minimum to its maximum, so the argmax is the centre nearest x; a plain
 repetition would tie every class, every label would be 0 and the libraries' labels could not be compared). The

@@ -14,8 +14,8 @@ alone over the same number of windows (one batch, called as often as the volume 
 (speedup_vs_<peer>, windowing_speedup_vs_<peer>). Every library returns the same thing, the blended
 logits (medseg_dl: `Predictor.logits`); `probabilities_s` on the medseg_dl lines adds the softmax
 (`Predictor.probabilities`). Each (workload, library, blending) runs in a fresh subprocess with the
-library's own interpreter (`interpreters.python_for`; `isolated` on its line), so its peak RSS
-(ru_maxrss: imports, the read volume and the inference) is its own. The figure is the median
+library's own interpreter (`harness.python_for`; `isolated` on its line), so its peak RSS
+(imports, the read volume and the inference; `harness.RSS_METHOD`) is its own. The figure is the median
 s/volume of the repetitions after one warm-up (network_s and probabilities_s too); every repetition is
 kept beside its median (`value_runs`, `network_s_runs`, `probabilities_s_runs`). `--peers` adds MONAI
 sliding_window_inference (gaussian/constant) and TorchIO GridSampler + GridAggregator (hann/average),
@@ -26,17 +26,12 @@ repetition).
 import argparse
 import json
 import os
-import resource
-import subprocess
-import time
 
 import numpy as np
-from interpreters import python_for
+from datasets import BRATS_SUBJECT, read_brats_image
+from harness import add_ratios, peers_available, run_python, speedup, spread, timed_runs
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBJECT_DIR = os.path.join(REPO, "..", "shared", "data", "brats2015_deepmedic", "train", "brats_2013_pat0005_1")
-CHANNEL_FILES = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")
 NUM_CLASSES, BATCH_SIZE, OVERLAP = 5, 4, 0.5
 WORKLOADS = ("W2", "W2-overhead")
 CONFIGS = {"medseg_dl": ("gaussian", "constant"), "monai": ("gaussian", "constant"), "torchio": ("hann", "average")}
@@ -46,22 +41,10 @@ MATCHING_BLENDING = {"gaussian": {"monai": "gaussian", "torchio": "hann"},
 
 def load_volume(subject_dir, quick):
     """The workload volume (X, Y, Z, 2) float32 and the window size; quick: a 64x64x48 crop, window 32."""
-    from medseg_dl.data.io import read_volume
-    image = np.stack([read_volume(os.path.join(subject_dir, name)).data for name in CHANNEL_FILES], axis=-1)
+    image = read_brats_image(subject_dir)
     if quick:
-        return np.ascontiguousarray(image[88:152, 88:152, 54:102], np.float32), 32
-    return image.astype(np.float32, copy=False), 96
-
-
-def timed(run, repetitions):
-    """Seconds of each of `repetitions` calls of `run` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repetitions):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
+        return np.ascontiguousarray(image[88:152, 88:152, 54:102]), 32
+    return image, 96
 
 
 def run_medseg_dl(image, window, blending, repetitions, workload):
@@ -81,11 +64,15 @@ def run_medseg_dl(image, window, blending, repetitions, workload):
     targets = Targets(NUM_CLASSES, tuple(f"class_{k}" for k in range(NUM_CLASSES)))
     predictor = Predictor(lambda inputs: network(inputs["image"]), (window,) * 3, targets, overlap=OVERLAP,
                           blending=blending, batch_size=BATCH_SIZE)
-    times = timed(lambda: predictor.logits(image), repetitions)
-    details = {"probabilities_s": timed(lambda: predictor.probabilities(image), repetitions)}
+    times = timed_runs(lambda _: predictor.logits(image), repetitions)[1]
+    details = {"probabilities_s": timed_runs(lambda _: predictor.probabilities(image), repetitions)[1]}
     num_windows = window_grid(image.shape[:3], (window,) * 3, OVERLAP, blending).num_windows
     batch = tf.random.uniform((BATCH_SIZE, window, window, window, image.shape[-1]))
-    details["network_s"] = timed(lambda: run_batches(lambda: network(batch).numpy(), num_windows), repetitions)
+
+    def network_alone(_):
+        run_batches(lambda: network(batch).numpy(), num_windows)
+
+    details["network_s"] = timed_runs(network_alone, repetitions)[1]
     return times, details, num_windows
 
 
@@ -109,7 +96,7 @@ def torch_network(image, window, workload):
 
 def torch_details(torch, network, num_windows, window, channels, repetitions):
     batch = torch.rand(BATCH_SIZE, channels, window, window, window)
-    return {"network_s": timed(lambda: run_batches(lambda: network(batch), num_windows), repetitions)}
+    return {"network_s": timed_runs(lambda _: run_batches(lambda: network(batch), num_windows), repetitions)[1]}
 
 
 def run_monai(image, window, blending, repetitions, workload):
@@ -121,8 +108,8 @@ def run_monai(image, window, blending, repetitions, workload):
         counter["windows"] += batch.shape[0]
         return conv(batch)
 
-    times = timed(lambda: sliding_window_inference(volume[None], (window,) * 3, BATCH_SIZE, network,
-                                                   overlap=OVERLAP, mode=blending), repetitions)
+    times = timed_runs(lambda _: sliding_window_inference(volume[None], (window,) * 3, BATCH_SIZE, network,
+                                                          overlap=OVERLAP, mode=blending), repetitions)[1]
     num_windows = counter["windows"] // (repetitions + 1)
     return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
 
@@ -139,7 +126,7 @@ def run_torchio(image, window, blending, repetitions, workload):
             aggregator.add_batch(conv(batch["image"][tio.DATA]), batch[tio.LOCATION])
         return aggregator.get_output_tensor()
 
-    times = timed(predict, repetitions)
+    times = timed_runs(lambda _: predict(), repetitions)[1]
     num_windows = len(tio.inference.GridSampler(subject, window, patch_overlap=int(window * OVERLAP)))
     return times, torch_details(torch, conv, num_windows, window, image.shape[-1], repetitions), num_windows
 
@@ -152,29 +139,21 @@ def child(workload, library, blending, args):
     image, window = load_volume(args.subject_dir, args.quick)
     times, details, num_windows = RUNNERS[library](image, window, blending, args.repetitions, workload)
     print(json.dumps({"times": times, **details, "windows": num_windows, "voxels": int(np.prod(image.shape[:3])),
-                      "window": window, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "window": window}))
 
 
 def measure(workload, library, blending, args):
-    """Raw measurements of one configuration, from a fresh subprocess."""
-    python, isolated = python_for(library)
-    command = [python, os.path.abspath(__file__), "--child", workload, library, blending,
-               "--repetitions", str(args.repetitions), "--subject-dir", args.subject_dir]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True,
-                            env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{workload} {library} {blending} failed:\n{result.stderr[-3000:]}")
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "isolated": isolated}
+    """Raw measurements of one configuration, from a fresh subprocess with its peak RSS."""
+    measured, isolated = run_python(library, [os.path.abspath(__file__), "--child", workload, library, blending,
+                                              "--repetitions", args.repetitions, "--subject-dir", args.subject_dir,
+                                              *["--quick"] * args.quick])
+    return {**measured.result, "peak_rss_mb": measured.peak_rss_mb, "isolated": isolated}
 
 
 def line(workload, library, blending, raw):
     """The BENCHMARKS.md JSON line of one configuration."""
-    times = raw["times"]
-    value = float(np.median(times))
-    item = {"workload": workload, "library": library, "value": round(value, 4), "unit": "s",
-            "median_of": len(times), "min": round(min(times), 4), "max": round(max(times), 4),
-            "value_runs": [round(t, 4) for t in times], "blending": blending,
+    value = float(np.median(raw["times"]))
+    item = {"workload": workload, "library": library, **spread(raw["times"], 4), "unit": "s", "blending": blending,
             "voxels_per_s": round(raw["voxels"] / value),
             "peak_rss_mb": round(raw["peak_rss_mb"], 1), "windows": raw["windows"], "window": raw["window"],
             "isolated": raw["isolated"]}
@@ -186,18 +165,7 @@ def line(workload, library, blending, raw):
     return item
 
 
-def peers_available():
-    """The peer libraries importable by their interpreters."""
-    found = []
-    for library in ("monai", "torchio"):
-        probe = subprocess.run([python_for(library)[0], "-c", f"import torch, {library}"], capture_output=True,
-                               check=False)
-        if probe.returncode == 0:
-            found.append(library)
-    return found
-
-
-def add_ratios(lines):
+def add_peer_ratios(lines):
     """Add speedup_vs_<peer> (peer s / our s) and peak_rss_ratio_vs_<peer> to the medseg_dl lines."""
     by_key = {(item["workload"], item["library"], item["blending"]): item for item in lines}
     for item in lines:
@@ -206,10 +174,9 @@ def add_ratios(lines):
         for peer, peer_blending in MATCHING_BLENDING[item["blending"]].items():
             other = by_key.get((item["workload"], peer, peer_blending))
             if other is not None:
-                item[f"speedup_vs_{peer}"] = round(other["value"] / item["value"], 3)
+                add_ratios(item, other, peer)
                 if "windowing_s" in item and "windowing_s" in other:
-                    item[f"windowing_speedup_vs_{peer}"] = round(other["windowing_s"] / item["windowing_s"], 3)
-                item[f"peak_rss_ratio_vs_{peer}"] = round(item["peak_rss_mb"] / other["peak_rss_mb"], 3)
+                    item[f"windowing_speedup_vs_{peer}"] = speedup(item, other, "windowing_s")
 
 
 def main(argv=None):
@@ -218,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small crop, one repetition (smoke run)")
     parser.add_argument("--peers", action="store_true", help="also run MONAI and TorchIO when importable")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs after the warm-up (default 3)")
-    parser.add_argument("--subject-dir", default=SUBJECT_DIR, help="folder of the BraTS subject")
+    parser.add_argument("--subject-dir", default=BRATS_SUBJECT, help="folder of the BraTS subject")
     parser.add_argument("--child", nargs=3, metavar=("WORKLOAD", "LIBRARY", "BLENDING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repetitions is None:
@@ -226,10 +193,11 @@ def main(argv=None):
     if args.child:
         child(*args.child, args)
         return
-    libraries = ["medseg_dl"] + (peers_available() if args.peers else [])
+    libraries = ["medseg_dl"] + (peers_available({peer: f"torch, {peer}" for peer in ("monai", "torchio")})
+                                 if args.peers else [])
     lines = [line(workload, library, blending, measure(workload, library, blending, args))
              for workload in args.workload or WORKLOADS for library in libraries for blending in CONFIGS[library]]
-    add_ratios(lines)
+    add_peer_ratios(lines)
     for item in lines:
         record("sliding_window", item, keep=not args.quick)
 

@@ -14,8 +14,8 @@ import os
 import re
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+from harness import REPO, RESULTS_DIR
+
 PAGE = os.path.join(REPO, "docs", "benchmarks.md")  # the file the tables are written into
 TABLE = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
@@ -233,7 +233,7 @@ def table_rows(name, lines):
 
 def render(name):
     """The markdown table of benchmarks/results/<name>.jsonl (one row per line), or a line saying it is missing."""
-    path = os.path.join(RESULTS, f"{name}.jsonl")
+    path = os.path.join(RESULTS_DIR, f"{name}.jsonl")
     if not os.path.isfile(path):
         return f"(no results yet: {os.path.relpath(path, REPO)} is written by its benchmark)\n"
     with open(path) as f:

@@ -14,14 +14,13 @@ dtype policy anew, so none leaks into the next.
 import argparse
 import csv
 import os
-import sys
 import tempfile
 
 import numpy as np
+from datasets import HIPPO
+from harness import spread
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HIPPO = os.path.join(os.path.dirname(REPO), "shared", "data", "msd_hippocampus")
 W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 15]},
                    "scale": {"p": 1.0, "range": [0.85, 1.25]}, "elastic": {"p": 1.0},
                    "noise": {"p": 1.0, "std": [0.1, 0.1]}}
@@ -61,7 +60,6 @@ def main():
     parser.add_argument("--architectures", nargs="+", default=["unet", "medpatchnet"])
     args = parser.parse_args()
     steps, log_every = (6, 2) if args.quick else (args.steps, max(args.steps // 4, 1))
-    sys.path.insert(0, REPO)
     from medseg_dl.runtime.devices import resolve_precision
     with tempfile.TemporaryDirectory() as work_dir:
         converted_dir = os.path.join(work_dir, "converted")
@@ -73,8 +71,7 @@ def main():
                 waits = [float(r["data_wait_fraction"]) for r in rows]
                 step_times = [float(r["step_time_s"]) for r in rows]
                 record("training", {"workload": "W1a-train", "library": "medseg_dl", "network": architecture,
-                                    "value": float(np.median(rates)), "unit": "patches/s", "median_of": len(rates),
-                                    "min": min(rates), "max": max(rates), "value_runs": rates,
+                                    **spread(rates, 3), "unit": "patches/s",
                                     "data_wait_fraction": float(np.median(waits)), "data_wait_fraction_runs": waits,
                                     "step_time_s": float(np.median(step_times)), "step_time_s_runs": step_times,
                                     "precision": resolve_precision(precision, "auto"),

@@ -10,8 +10,8 @@ the streaming Dice) in float32, mixed_bfloat16 and float32 with jit_compile (`--
 out); the peer is MONAI DynUNet(filters=[16, 32, 64, 128], strides=[1, 2, 2, 2], norm_name="instance")
 with DiceCELoss (softmax, background excluded, batch Dice: our loss's definition) and torch Adam,
 in float32 and under torch.autocast(bfloat16), with torch's default threads. Each configuration runs
-in a fresh subprocess with the library's own interpreter (`interpreters.python_for`; `isolated` on
-its line): the keras dtype policy is global, and its peak RSS is its own. The figure is the
+in a fresh subprocess with the library's own interpreter (`harness.python_for`; `isolated` on
+its line): the keras dtype policy is global, and its peak RSS (`harness.RSS_METHOD`) is its own. The figure is the
 median patches/s of 6 timed steps after 2 warm-up steps (every step's rate and time kept: `value_runs`,
 `step_time_s_runs`); a configuration whose second warm-up step takes over 10 s times 2 steps (said by
 `note`). medseg_dl lines carry `speedup_vs_monai` (ours /
@@ -31,17 +31,13 @@ smoke run, never kept).
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
-from interpreters import python_for
+from harness import ChildFailed, run_python, speedup, spread, timed_runs
 from machine_info import record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, LEVELS = 3, 4
 WARMUP_STEPS, TIMED_STEPS, SLOW_STEP_S, SLOW_TIMED_STEPS, PROFILE_CALLS, TOP_OPS = 2, 6, 10.0, 2, 5, 8
 CONFIGS = [("medseg_dl", "float32", False), ("medseg_dl", "mixed_bfloat16", False), ("medseg_dl", "float32", True),
@@ -62,18 +58,12 @@ def synthetic_batch(quick):
             "position": rng.uniform(size=(batch_size, 3)).astype(np.float32)}
 
 
-def seconds(call):
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def timed_steps(step, quick):
     """(seconds of the timed steps, seconds of the warm-up steps): TIMED_STEPS, or SLOW_TIMED_STEPS when
     the last warm-up step took over SLOW_STEP_S (quick: 1)."""
-    warmup_s = [seconds(step) for _ in range(WARMUP_STEPS)]
+    warmup_s, _ = timed_runs(lambda _: step(), 0, warmups=WARMUP_STEPS)
     count = 1 if quick else SLOW_TIMED_STEPS if warmup_s[-1] > SLOW_STEP_S else TIMED_STEPS
-    return [seconds(step) for _ in range(count)], warmup_s
+    return timed_runs(lambda _: step(), count, warmups=0)[1], warmup_s
 
 
 def medseg_spec(precision, quick, jit_compile=False, norm="instance"):
@@ -143,14 +133,12 @@ def call_seconds(function, quick):
     after WARMUP_STEPS warm-up calls."""
     import tensorflow as tf
 
-    def call():
+    def call(_):
         for output in tf.nest.flatten(function()):
             if output is not None:
                 output.numpy()
 
-    for _ in range(WARMUP_STEPS):
-        call()
-    return [seconds(call) for _ in range(1 if quick else PROFILE_CALLS)]
+    return timed_runs(call, 1 if quick else PROFILE_CALLS, warmups=WARMUP_STEPS)[1]
 
 
 def top_op_types(step):
@@ -238,33 +226,28 @@ def child(library, precision, args):
         if library == "monai":
             import torch
             raw["torch_threads"] = torch.get_num_threads()
-    print(json.dumps({**raw, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps(raw))
 
 
 def measure(library, precision, jit_compile, args, timeout_s=3600):
-    """The raw figures of one configuration from a fresh subprocess; None (reported on stderr) on failure."""
-    python, isolated = python_for(library)
-    command = [python, os.path.abspath(__file__), "--child", library, precision]
-    command += ["--jit-compile"] * jit_compile + ["--quick"] * args.quick + ["--profile"] * args.profile
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """The raw figures of one configuration from a fresh subprocess, with its peak RSS; None (reported on stderr)
+    on failure."""
+    arguments = [os.path.abspath(__file__), "--child", library, precision]
+    arguments += ["--jit-compile"] * jit_compile + ["--quick"] * args.quick + ["--profile"] * args.profile
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s, check=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        print(f"{library} {precision}{' jit_compile' * jit_compile}: no result ({err})\n"
-              f"{(err.stderr or '')[-3000:]}", file=sys.stderr)
+        measured, isolated = run_python(library, arguments, timeout_s=timeout_s)
+    except ChildFailed as failure:
+        print(f"{library} {precision}{' jit_compile' * jit_compile}: no result ({failure})", file=sys.stderr)
         return None
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "isolated": isolated}
+    return {**measured.result, "peak_rss_mb": measured.peak_rss_mb, "isolated": isolated}
 
 
 def step_line(library, jit_compile, raw, quick):
     """The BENCHMARKS.md JSON line of one configuration."""
     batch_size, patch, base_filters = sizes(quick)
     times_s = raw["times_s"]
-    rates = [batch_size / s for s in times_s]
-    line = {"workload": "W5", "library": library, "value": round(float(np.median(rates)), 3), "unit": "patches/s",
-            "median_of": len(times_s), "min": round(min(rates), 3), "max": round(max(rates), 3),
-            "value_runs": [round(rate, 3) for rate in rates], "step_time_s": round(float(np.median(times_s)), 3),
+    line = {"workload": "W5", "library": library, **spread([batch_size / s for s in times_s], 3),
+            "unit": "patches/s", "step_time_s": round(float(np.median(times_s)), 3),
             "step_time_s_runs": [round(s, 3) for s in times_s], "precision": raw["precision"],
             "jit_compile": jit_compile, "peak_rss_mb": round(raw["peak_rss_mb"], 1),
             "warmup_s": [round(s, 2) for s in raw["warmup_s"]], "batch_size": batch_size, "patch": list(patch),
@@ -278,14 +261,14 @@ def step_line(library, jit_compile, raw, quick):
 
 def add_speedups(lines):
     """speedup_vs_monai (ours / MONAI float32 patches/s) and speedup_vs_monai_same_precision on our lines."""
-    monai = {line["precision"]: line["value"] for line in lines if line["library"] == "monai"}
+    monai = {line["precision"]: line for line in lines if line["library"] == "monai"}
     for line in lines:
         if line["library"] != "medseg_dl":
             continue
         if "float32" in monai:
-            line["speedup_vs_monai"] = round(line["value"] / monai["float32"], 3)
+            line["speedup_vs_monai"] = speedup(line, monai["float32"])
         if line["precision"] != "float32" and line["precision"] in monai:
-            line["speedup_vs_monai_same_precision"] = round(line["value"] / monai[line["precision"]], 3)
+            line["speedup_vs_monai_same_precision"] = speedup(line, monai[line["precision"]])
 
 
 def main():
