@@ -10,7 +10,6 @@ evaluator's child processes counted as the evaluator), or, without a GPU (`--cpu
 each process tree (`harness.RSS_METHOD`). Prints one JSON line per run and appends them to benchmarks/results/gpu_workflow.jsonl.
 """
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import subprocess
 import threading
 import time
 
+from experiments import step_times_s
 from harness import MEDSEG, REPO, TreeRssSampler, process_tree
 from machine_info import record
 
@@ -62,13 +62,6 @@ def gpu_usage_mb():
     return usage
 
 
-def interval_steps_per_s(model_dir):
-    """Steps/s of each logged interval of the run after the first (it includes tracing)."""
-    with open(os.path.join(model_dir, "logs", "train", "scalars.csv")) as f:
-        rows = list(csv.DictReader(f))[1:]
-    return [1.0 / float(r["step_time_s"]) for r in rows]
-
-
 def one_run(args, precision, beside, work):
     model_dir = os.path.join(work, f"{precision}-{'beside' if beside else 'alone'}")
     settings = [f"experiment.model_dir={model_dir}", f"data.converted_dir={os.path.join(work, 'converted')}",
@@ -94,7 +87,7 @@ def one_run(args, precision, beside, work):
     evaluated = len(json.load(open(os.path.join(model_dir, "eval", "history.json")))) \
         if os.path.isfile(os.path.join(model_dir, "eval", "history.json")) else 0
     unit = "gpu_mb" if args.gpu else "rss_mb"
-    rates = interval_steps_per_s(model_dir)
+    rates = [1.0 / s for s in step_times_s(model_dir)]  # each logged interval after the first (tracing)
     return {"benchmark": "gpu_workflow", "precision": precision, "evaluator_beside": beside,
             "steps_per_s": statistics.median(rates) if rates else float("nan"), "steps_per_s_runs": rates,
             "minutes": args.minutes, "checkpoints_evaluated": evaluated,
