@@ -1,5 +1,6 @@
 """The benchmark harness (benchmarks/harness.py): the peak RSS of a child's whole process tree, timeouts,
 repetitions and ratios; and the fields and appending of a kept line (benchmarks/machine_info.py)."""
+import ast
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import harness  # noqa: E402
 import machine_info  # noqa: E402
 
-MB = 2**20
+BENCHMARKS = os.path.join(REPO, "benchmarks")
 # holds `mb` resident MB for a second (bytes filled with ones: every page touched)
 HOLD = "import sys, time; block = b'\\x01' * (int(sys.argv[1]) * 2**20); time.sleep(1.0)"
 # starts `count` children of HOLD with `mb` each and waits for them
@@ -73,3 +74,18 @@ def test_a_kept_line_has_the_machine_versions_commit_date_and_rss_method(tmp_pat
         assert "cores" in line["machine"] and line["date"] and line["commit"] != "unknown"
         assert line["versions"]["python"] and "tensorflow" in line["versions"]
     assert measured["rss_method"] == harness.RSS_METHOD and "rss_method" not in accuracy
+
+
+def test_scripts_import_no_other_script_and_measure_no_rss_themselves():
+    """A benchmark script (a module of benchmarks/ with a main) imports the harness's modules, never another
+    script, and leaves peak RSS to the harness (no ru_maxrss, VmHWM or /proc of its own)."""
+    sources = {name[:-3]: open(os.path.join(BENCHMARKS, name)).read()
+               for name in os.listdir(BENCHMARKS) if name.endswith(".py")}
+    scripts = {name for name, source in sources.items() if 'if __name__ == "__main__":' in source}
+    assert {"augmentation", "deploy", "scale", "tables"} <= scripts and "harness" not in scripts
+    for name in scripts:
+        nodes = list(ast.walk(ast.parse(sources[name])))
+        imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & scripts, f"{name} imports {imported & scripts}"
+        assert not any(word in sources[name] for word in ("ru_maxrss", "VmHWM", "/proc/")), name
