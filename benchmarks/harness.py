@@ -1,7 +1,13 @@
 """The benchmark harness: where things are, child processes with their peak RSS, repetitions and ratios.
 
-Every benchmark script keeps only its workloads and measures them through this module (and keeps its lines
-through `machine_info.record`); no script imports another script.
+Every benchmark script keeps only its workloads and measures them through this module; it keeps its lines
+through `machine_info.record` (machine, versions, commit, date, RSS method), takes its data from `datasets`
+and the `medseg` runs several scripts share from `experiments`; no script imports another script.
+
+Repetitions: `timed_runs` (warm-up calls, then the timed ones) and `spread` (the median as the line's
+`value`, with `median_of`, `min`, `max` and every run in `value_runs`). Peers: `peers_available` (the
+libraries whose interpreter imports them). Ratios: `speedup` (how many times faster ours is, the direction
+read from the line's unit) and `add_ratios` (speedup_vs_<peer>, peak_rss_ratio_vs_<peer>).
 
 Child processes. A workload that must run alone (its imports, its memory, its library's own environment)
 runs in a child process: `run_python(library, arguments)` runs it with the interpreter of `library`

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One virtual environment per measured library under .venv-bench/ (benchmarks/interpreters.py picks
+# One virtual environment per measured library under .venv-bench/ (benchmarks/harness.py, python_for, picks
 # them): a process then holds only its own library. In one environment with everything, MONAI imports
 # TensorFlow (about 640 MB of RSS charged to MONAI) and ITK imports torch (charged to medseg_dl).
 #   ours           medseg_dl and its dependencies, no torch
