@@ -117,7 +117,7 @@ def memory_dataset(cases, num_classes):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    locations, counts = zip(*[class_locations(c["label"], num_classes, 2000, rng)[:2] for c in cases])
+    locations, counts, voxels = zip(*[class_locations(c["label"], num_classes, 2000, rng) for c in cases])
 
     def ragged(arrays):  # row i: arrays[i] with its leading axes flattened ((N,) or (N, 3))
         rows = [a.reshape(-1, *a.shape[1:]) if a.ndim == 2 else a.ravel() for a in arrays]
@@ -125,6 +125,7 @@ def memory_dataset(cases, num_classes):
 
     slices = {"image": ragged([c["image"] for c in cases]), "label": ragged([c["label"] for c in cases]),
               "class_locations": ragged(list(locations)), "class_location_counts": np.stack(counts),
+              "class_voxels": np.stack(voxels),
               "shape": np.array([c["label"].shape for c in cases], np.int32),
               "spacing_mm": np.ones((len(cases), 3), np.float32),  # both workloads are 1 mm isotropic
               "subject": [c["subject"] for c in cases]}
