@@ -7,7 +7,8 @@ checkpoint every `--checkpoint-every` steps); both are stopped with SIGTERM. Ste
 the logged intervals after the first (tracing); every interval's is kept (`steps_per_s_runs`). Peak
 memory: GPU memory per process from `nvidia-smi --query-compute-apps` sampled every 0.5 s (the
 evaluator's child processes counted as the evaluator), or, without a GPU (`--cpu`), the peak RSS of
-each process tree (`harness.RSS_METHOD`). Prints one JSON line per run and appends them to benchmarks/results/gpu_workflow.jsonl.
+each process tree (`harness.RSS_METHOD`). Prints one JSON line per run and appends them to
+benchmarks/results/gpu_workflow.jsonl.
 """
 import argparse
 import json

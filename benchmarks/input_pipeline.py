@@ -8,8 +8,8 @@ After a warm-up, 3 segments are timed (W1a 288 patches, W1b 200, W1b peers 16: t
 1 patch/s; `segment_patches`); the figure is the median rate (every segment's kept: `value_runs`).
 
 With --peers (and torch, monai, torchio importable by the peers' interpreter) MONAI and TorchIO run
-the same workload in the same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches per draw) and
-per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
+the same workload in the same run, TorchIO twice: its usual Queue (the transform on each subject, 8 patches
+per draw) and per patch (each patch sampled from the untransformed subject, then transformed). Every (workload,
 library) runs in its own subprocess, with the library's own interpreter (`harness.python_for`;
 `isolated` on its line), one after the other; each peer line gets a `ratio` key and
 the medseg_dl line, printed last, `ratio_<peer>` keys (ours / theirs). One JSON line per

@@ -43,8 +43,8 @@ scores are affine in x, so their blend is that of x itself whatever the weights:
 (nnU-Net accumulates in float16) where every voxel is covered by windows in the right place. The medseg_dl line
 has speedup_vs_<peer> (peer s / ours), peak_rss_ratio_vs_<peer> and labels_agree_with_<peer> (the fraction of
 equal voxels). `planned_labels` (stage planned, not by default; always with --quick): the network `medseg plan`
-chooses for the case (random weights), with the 128^3 window where it is a multiple of the network's total stride; with --quick it also
-estimates the full-size run (`estimated_full_seconds`). `predict_mapped_back` and
+chooses for the case (random weights), with the 128^3 window where it is a multiple of the network's total
+stride; with --quick it also estimates the full-size run (`estimated_full_seconds`). `predict_mapped_back` and
 `predict_mapped_back_probabilities_<dtype>`: `medseg predict` (the CLI) of the case with a model folder that
 resamples to 1.5 mm (a small U-Net trained for 2 steps on 3 small synthetic cases), its labels mapped back to the
 case's grid; the target is a peak RSS of 4 GB.

@@ -6,9 +6,10 @@ them, as for `scale.py`).
 
 Per case: the source .nii.gz (image + label), our case folder (the image as CT conversion stores it, whole HU
 in float16, byte-shuffled, zlib level 1, 64^3 chunks), the normalised float32 GZIP TFRecord of format 1, and
-blosc2 (the same float16 HU, zstd, shuffle, the same chunks) when the `blosc2` package is importable; for each, the seconds to read the whole case and one 96^3 box (ours and
-blosc2: only the chunks the box touches; the TFRecord: the whole case). One line per format, medians over the
-cases (every case kept under `_runs`), in benchmarks/results/storage.jsonl (not with --quick).
+blosc2 (the same float16 HU, zstd, shuffle, the same chunks) when the `blosc2` package is importable; for each,
+the seconds to read the whole case and one 96^3 box (ours and blosc2: only the chunks the box touches; the
+TFRecord: the whole case). One line per format, medians over the cases (every case kept under `_runs`), in
+benchmarks/results/storage.jsonl (not with --quick).
 """
 import argparse
 import importlib.util
@@ -124,8 +125,10 @@ def main():
         record("storage", {"workload": "W6 cases", "format": name, "cases": args.cases, "shape": args.shape,
                            "mb_per_case": round(statistics.median(mb), 2),
                            "of_source": round(statistics.median(mb) / statistics.median(sources), 2),
-                           "read_case_s": round(statistics.median(whole), 3), "read_box_s": round(statistics.median(box), 4),
-                           "mb_per_case_runs": [round(v, 2) for v in mb], "read_case_s_runs": [round(v, 3) for v in whole],
+                           "read_case_s": round(statistics.median(whole), 3),
+                           "read_box_s": round(statistics.median(box), 4),
+                           "mb_per_case_runs": [round(v, 2) for v in mb],
+                           "read_case_s_runs": [round(v, 3) for v in whole],
                            "read_box_s_runs": [round(v, 4) for v in box],
                            "source_mb_per_case": round(statistics.median(sources), 2)}, keep=not args.quick)
 
