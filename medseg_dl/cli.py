@@ -23,7 +23,7 @@ def _add_params_arguments(parser, required=True):
 
 def _cmd_convert(args):
     from medseg_dl.data.convert import convert_dataset
-    from medseg_dl.experiment.model_dir import open_model_dir
+    from medseg_dl.experiment.experiment import open_model_dir
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
@@ -35,7 +35,7 @@ def _cmd_convert(args):
 
 
 def _cmd_train(args):
-    from medseg_dl.experiment.model_dir import open_model_dir
+    from medseg_dl.experiment.experiment import open_model_dir
     from medseg_dl.training.loop import run_training
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, fold=args.fold)
@@ -45,7 +45,7 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     from medseg_dl.evaluation.watcher import run_evaluation
-    from medseg_dl.experiment.model_dir import load_experiment
+    from medseg_dl.experiment.experiment import load_experiment
 
     if args.cv:
         from medseg_dl.config.params import Params

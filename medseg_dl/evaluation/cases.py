@@ -21,7 +21,8 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, CaseRecipe, case_from_volume, read_image, read_label, stored_recipe, subject_case
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError
-from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects, read_filelist, split_case_paths
+from medseg_dl.experiment.filelists import filelist_subjects, read_filelist, split_case_paths
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.original_grid import same_grid
 from medseg_dl.pipeline.inputs import case_entries, intensity_vectors, read_case
 

@@ -196,8 +196,9 @@ def _in_child_processes(params):
 def _make_runner(params, model_dir, cases, staging, in_children):
     """In this process, or one child process per checkpoint (`_in_child_processes`; it reads the cases itself)."""
     if in_children:
-        params.save(os.path.join(staging, "params.yaml"))
-        return ChildProcessRunner(os.path.join(staging, "params.yaml"))
+        staged_params = os.path.join(staging, ModelDir.PARAMS_NAME)
+        params.save(staged_params)
+        return ChildProcessRunner(staged_params)
     return InProcessRunner(params, model_dir, cases)
 
 

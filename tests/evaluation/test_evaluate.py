@@ -24,7 +24,8 @@ from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate
 from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.evaluation.watcher import Evaluator
-from medseg_dl.experiment.model_dir import ModelDir, open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor

@@ -9,7 +9,9 @@ from conftest import synthetic_dataset, tiny_params
 from medseg_dl.config.params import Params
 from medseg_dl.data.subjects import fold_lists
 from medseg_dl.errors import ParamsError
-from medseg_dl.experiment.model_dir import ModelDir, fold_model_dirs, load_experiment, open_model_dir, read_filelist
+from medseg_dl.experiment.experiment import Experiment, fold_model_dirs, load_experiment, open_model_dir
+from medseg_dl.experiment.filelists import read_filelist
+from medseg_dl.experiment.model_dir import ModelDir
 
 SPLIT = {"val": 0.2, "test": 0.15, "folds": 3}
 
@@ -105,8 +107,8 @@ def test_fold_model_dirs_and_root_files(tmp_path):
     assert fold_model_dirs(Params.load(path)) == expected
     params, _, _ = open_model_dir(path, fold=2)
     assert fold_model_dirs(params) == expected  # from one fold's params too
-    assert ModelDir(root).fold(1) == expected[1]
-    assert ModelDir(root).cv == os.path.join(root, "cv")
-    assert ModelDir(root).postprocessing_json == os.path.join(root, "postprocessing.json")
+    assert Experiment(root).fold(1) == expected[1]
+    assert Experiment(root).cv == os.path.join(root, "cv")
+    assert Experiment(root).decision_path == os.path.join(root, "postprocessing.json")
     with pytest.raises(ParamsError, match="data.split.folds = 0"):
         fold_model_dirs(Params.load(path, overrides=["data.split.folds=0"]))

@@ -10,7 +10,8 @@ import yaml
 from conftest import HIPPO_CASES, REPO, hippo_params
 from medseg_dl.config.params import Params
 from medseg_dl.errors import ModelDirError
-from medseg_dl.experiment.model_dir import open_model_dir, read_filelist
+from medseg_dl.experiment.experiment import open_model_dir
+from medseg_dl.experiment.filelists import read_filelist
 
 
 def _write_params(tmp_path, root, **sections):

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO, write_nifti
 from medseg_dl.config.params import Params
 from medseg_dl.errors import ParamsError
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.planning import planner
 from medseg_dl.planning.command import run_plan
 from medseg_dl.training.loop import run_training

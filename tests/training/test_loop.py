@@ -18,7 +18,7 @@ from conftest import REPO, synthetic_dataset, tiny_params
 from medseg_dl.runtime import devices
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import ModelDirError, TrainingError
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.training import loop as training
 
 
