@@ -204,8 +204,7 @@ def _make_runner(params, model_dir, cases, staging, in_children):
 
 def _remove_leftovers(model_dir):
     """What a killed evaluator left: its staging copies and partial reports (we hold the eval lock)."""
-    for name in os.listdir(model_dir.eval_root):
-        if name.startswith(ModelDir.STAGING_PREFIX):
-            shutil.rmtree(os.path.join(model_dir.eval_root, name), ignore_errors=True)
+    for folder in model_dir.staging_folders():
+        shutil.rmtree(folder, ignore_errors=True)
     atomic.remove_stale_temporaries(model_dir.eval_root)
     atomic.remove_stale_temporaries(model_dir.best)

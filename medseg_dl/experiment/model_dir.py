@@ -121,6 +121,11 @@ class ModelDir:
         steps = [int(n) for n in os.listdir(self.eval_root) if n.isdigit()] if os.path.isdir(self.eval_root) else []
         return [(s, self.summary_path(s)) for s in sorted(steps) if os.path.isfile(self.summary_path(s))]
 
+    def staging_folders(self) -> List[str]:
+        """The evaluator's staging folders eval/staging-*/ (those a killed evaluator left, when none runs)."""
+        names = os.listdir(self.eval_root)
+        return [os.path.join(self.eval_root, n) for n in names if n.startswith(self.STAGING_PREFIX)]
+
     @property
     def history(self) -> str:
         return os.path.join(self.eval_root, "history.json")

@@ -12,6 +12,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.errors import ModelDirError
 from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.experiment.filelists import read_filelist
+from medseg_dl.experiment.model_dir import ModelDir
 
 
 def _write_params(tmp_path, root, **sections):
@@ -70,3 +71,11 @@ def test_completed_checkpoints_of_a_relative_folder_are_the_files(tmp_path, monk
     found = completed_checkpoints("run/checkpoints")
     assert [os.path.basename(p) for p in found] == ["ckpt-3", "ckpt-6"]
     assert all(os.path.isfile(p + ".index") for p in found)
+
+
+def test_the_staging_folders_are_those_of_the_evaluator_in_eval(tmp_path):
+    model_dir = ModelDir(str(tmp_path))
+    for name in ("staging-abc", "staging-def", "5", "history-staging-x"):
+        os.makedirs(os.path.join(model_dir.eval_root, name))
+    assert sorted(model_dir.staging_folders()) == [os.path.join(model_dir.eval_root, n)
+                                                   for n in ("staging-abc", "staging-def")]
