@@ -91,7 +91,7 @@ def run_cross_validation(params: Params, checkpoint: str = "latest") -> Dict:
     raw = write_report(reports.raw, itertools.chain.from_iterable(
         fold_segmentations(fold, k) for k, fold in enumerate(folds)), saving_predictions(params), None, extra=extra)
     targets = Targets.from_params(params.data)
-    saved = SavedPredictions([fold.cases for fold in folds], predictions_of(reports.raw), targets)
+    saved = SavedPredictions([fold.cases for fold in folds], reports.raw, targets)
     decision = postprocessing.decide(saved, targets)
     atomic.write_json(experiment.decision_path, decision)
     after = write_report(reports.postprocessed, saved.segmentations(
@@ -116,7 +116,7 @@ def run_ensemble_test(params: Params, checkpoint: str = "auto") -> Dict:
     raw = evaluate(Predictor.from_params(ensemble.networks, first), cases, reports.raw,
                    saving_predictions(first), None, "test ensemble", extra={"checkpoints": steps})
     decision = postprocess.read_decision(experiment.decision_path)
-    saved = SavedPredictions([cases], predictions_of(reports.raw), Targets.from_params(first.data))
+    saved = SavedPredictions([cases], reports.raw, Targets.from_params(first.data))
     after = write_report(reports.postprocessed, saved.segmentations(
         decision, Progress("test ensemble post-processed", len(saved))), first, None,
         extra={"checkpoints": steps, "postprocessing": decision})
@@ -131,7 +131,3 @@ def saving_predictions(params: Params) -> Params:
     saving.evaluation.save_predictions = True
     return saving
 
-
-def predictions_of(report_dir: str) -> str:
-    """The predictions/ folder of a report."""
-    return os.path.join(report_dir, ModelDir.REPORT_PREDICTIONS)

@@ -1,11 +1,12 @@
-"""The model folder of one training run. `ModelDir` is the one place that names its files:
+"""The model folder of one training run. `ModelDir` is the one place that names its files (`Report`, those of
+its report folders):
 
     <model_dir>/params.yaml                resolved parameters; passing this path resumes the run
     <model_dir>/filelists/{train,val,test}.json
     <model_dir>/checkpoints/               last N training checkpoints, done.json, run_params.yaml
     <model_dir>/best/                      best K checkpoints + best.json
     <model_dir>/logs/{train,eval}/         TensorBoard event files; logs/train/scalars.csv
-    <model_dir>/eval/<step>/               metrics.csv, summary.json, overlays/, predictions/
+    <model_dir>/eval/<step>/               metrics.csv, summary.json, overlays/, predictions/ (`Report`)
     <model_dir>/eval/<step>-<folder>/      the same for another labelled folder (evaluate --data)
     <model_dir>/eval/history.json          evaluated steps; eval/PAUSE pauses the evaluator
     <model_dir>/eval/staging-*/            the evaluator's private copies of checkpoints (and its params.yaml)
@@ -26,15 +27,40 @@ from medseg_dl.runtime import atomic
 
 
 @dataclass(frozen=True)
+class Report:
+    """Paths inside one report folder (`root`): eval/<step>/ of a model folder, or a cross-validation report of
+    the experiment root (experiment.py `Reports`); also the folder a report is written into before it replaces
+    that one (evaluation/report.py)."""
+
+    root: str
+
+    @property
+    def metrics_csv(self) -> str:
+        return os.path.join(self.root, "metrics.csv")
+
+    @property
+    def summary_json(self) -> str:
+        return os.path.join(self.root, "summary.json")
+
+    def overlay(self, subject_id: str) -> str:
+        """The picture of one case: overlays/<subject>.png."""
+        return os.path.join(self.root, "overlays", f"{subject_id}.png")
+
+    @property
+    def predictions(self) -> str:
+        return os.path.join(self.root, "predictions")
+
+    def prediction(self, subject_id: str) -> str:
+        """The saved prediction of one case: predictions/<subject>.nii.gz."""
+        return os.path.join(self.predictions, f"{subject_id}.nii.gz")
+
+
+@dataclass(frozen=True)
 class ModelDir:
     """Paths inside one model folder (`root`, absolute)."""
 
     root: str
 
-    REPORT_METRICS = "metrics.csv"
-    REPORT_SUMMARY = "summary.json"
-    REPORT_OVERLAYS = "overlays"
-    REPORT_PREDICTIONS = "predictions"
     STAGING_PREFIX = "staging-"  # eval/staging-*/: the evaluator's private copies of checkpoints
     WORKER_PREFIX = ".worker-checkpoints-"  # .worker-checkpoints-<pid>/: a non-chief worker's discarded checkpoints
     PARAMS_NAME = "params.yaml"  # a model folder's params, and the evaluator's in its staging folder
@@ -114,7 +140,7 @@ class ModelDir:
         return os.path.join(self.eval_root, str(step) if tag is None else f"{step}-{tag}")
 
     def summary_path(self, step: int, tag: Optional[str] = None) -> str:
-        return os.path.join(self.report_dir(step, tag), self.REPORT_SUMMARY)
+        return Report(self.report_dir(step, tag)).summary_json
 
     def validation_summaries(self) -> List[Tuple[int, str]]:
         """(step, summary.json path) of every validation report, sorted by step."""

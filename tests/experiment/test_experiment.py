@@ -61,7 +61,7 @@ def test_the_reports_and_the_decision_of_the_root(root):
 # checkpoints, which are keys of the summaries too
 LAYOUT_NAMES = ("params.yaml", "postprocessing.json", "fold_", "filelists", "test-ensemble", "cv",
                 "converted", "done.json", "run_params.yaml", "best.json",
-                "history.json", "scalars.csv", "metrics.csv", "summary.json", "overlays", "staging-",
+                "history.json", "scalars.csv", "metrics.csv", "summary.json", "overlays", "predictions", "staging-",
                 ".worker-checkpoints-", "train.lock", "eval.lock", "curves.png", "nonfinite_batch.json", "PAUSE",
                 "unreadable", ".write-test")
 
