@@ -23,13 +23,14 @@ def _add_params_arguments(parser, required=True):
 
 def _cmd_convert(args):
     from medseg_dl.data.convert import convert_dataset
+    from medseg_dl.data.index import case_paths
     from medseg_dl.experiment.experiment import open_model_dir
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
     folder = params.data.converted_dir
-    size_mb = sum(os.path.getsize(os.path.join(case, name)) for e in index["subjects"].values()
-                  for case, _, names in os.walk(os.path.join(folder, e["case"])) for name in names) / 2**20
+    size_mb = sum(os.path.getsize(os.path.join(case, name)) for path in case_paths(folder, list(index["subjects"]))
+                  for case, _, names in os.walk(path) for name in names) / 2**20
     print(f"converted {len(index['subjects'])} subjects into {folder} ({size_mb:.1f} MB); "
           f"model folder {model_dir.root}")
 
