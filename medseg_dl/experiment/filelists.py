@@ -54,12 +54,18 @@ def _size_bytes(path: str) -> int:
 
 
 def filelist_subjects(model_dir: ModelDir, split: str) -> List[Subject]:
-    """The subjects (with their source files) of `filelists/<split>.json`, in its order."""
+    """The subjects (with their source files) of `filelists/<split>.json`, in its order; `DataError` if it does
+    not exist."""
     return [_entry_subject(entry) for entry in _filelist_entries(model_dir, split)]
 
 
 def _filelist_entries(model_dir: ModelDir, split: str) -> List[Dict]:
-    with open(model_dir.filelist(split)) as f:
+    """The entries of `filelists/<split>.json`; `DataError` if it does not exist."""
+    path = model_dir.filelist(split)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
+                        f"params file first")
+    with open(path) as f:
         return json.load(f)
 
 
@@ -111,10 +117,6 @@ def _first_difference(entries: List[Dict], found: Dict[str, Subject]) -> Optiona
 
 def read_filelist(model_dir: ModelDir, split: str) -> List[str]:
     """The subject ids of `filelists/<split>.json`; `DataError` if it does not exist."""
-    path = model_dir.filelist(split)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file list not found; run `medseg convert` or `medseg train` with the "
-                        f"params file first")
     return [entry["id"] for entry in _filelist_entries(model_dir, split)]
 
 
