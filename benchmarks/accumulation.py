@@ -27,7 +27,8 @@ def validation_cases(model_dir, quick, overrides=(), split="val"):
     """(params, the `Case`s of a model folder's `split`, its trained network), with the code on sys.path."""
     from medseg_dl.config.params import Params
     from medseg_dl.data.cases import case_from_volume
-    from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
+    from medseg_dl.experiment.filelists import split_case_paths
+    from medseg_dl.experiment.model_dir import ModelDir
     from medseg_dl.inference.trained import load_trained
     from medseg_dl.pipeline.inputs import volume_inputs
     folder = ModelDir(model_dir)

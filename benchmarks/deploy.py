@@ -70,7 +70,8 @@ def prepare(args, folder):
     from medseg_dl.config.params import Params
     from medseg_dl.data.cases import stored_recipe, subject_case
     from medseg_dl.data.io import spacing_from_affine
-    from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects
+    from medseg_dl.experiment.filelists import filelist_subjects
+    from medseg_dl.experiment.model_dir import ModelDir
     from medseg_dl.inference.export import run_export
     model_dir = ModelDir(args.model_dir)
     subjects = filelist_subjects(model_dir, args.split)[:args.cases]

@@ -125,7 +125,7 @@ def main():
 
     from medseg_dl.config.params import Params
     from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ensemble_test
-    from medseg_dl.experiment.model_dir import fold_model_dirs
+    from medseg_dl.experiment.experiment import fold_model_dirs
 
     params = Params.load(params_path, overrides)
     fold_dirs = fold_model_dirs(params)

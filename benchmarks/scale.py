@@ -68,7 +68,8 @@ W8_NETWORK = "zero-cost: the channel broadcast to K class scores 2 c_k x - c_k^2
 INPUT_EPOCH = """
 import sys, time, yaml
 from medseg_dl.config.params import Params
-from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
+from medseg_dl.experiment.filelists import split_case_paths
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.pipeline.inputs import train_inputs
 params = Params.load(sys.argv[1])
 files = split_case_paths(params, ModelDir(params.experiment.model_dir), "train")

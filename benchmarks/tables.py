@@ -2,7 +2,7 @@
 
 Each table sits in docs/benchmarks.md between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; NAME is a
 results file (benchmarks/results/NAME.jsonl), every line of which becomes one row, in file order.
-`python benchmarks/tables.py` rewrites the page's tables; `tests/test_docs.py` fails when the
+`python benchmarks/tables.py` rewrites the page's tables; `tests/integration/test_docs.py` fails when the
 page disagrees with the results files. Figures are rounded here, never typed in.
 
     python benchmarks/tables.py            # rewrite docs/benchmarks.md

@@ -28,7 +28,8 @@ W1_AUGMENTATION = {"flip": {"p": 0.5}, "rotate": {"p": 1.0, "max_deg": [15, 15, 
 
 def run(architecture, steps, log_every, work_dir, converted_dir, precision, quick):
     from medseg_dl.config.params import Params
-    from medseg_dl.experiment.model_dir import ModelDir, write_filelists
+    from medseg_dl.experiment.filelists import write_filelists
+    from medseg_dl.experiment.model_dir import ModelDir
     from medseg_dl.training.loop import run_training
 
     params = Params.from_dict({

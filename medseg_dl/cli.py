@@ -24,19 +24,20 @@ def _add_params_arguments(parser, required=True):
 
 def _cmd_convert(args):
     from medseg_dl.data.convert import convert_dataset
-    from medseg_dl.experiment.model_dir import open_model_dir
+    from medseg_dl.data.index import case_paths
+    from medseg_dl.experiment.experiment import open_model_dir
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, trainer=False)
     index = convert_dataset(params, overwrite=args.overwrite)
     folder = params.data.converted_dir
-    size_mb = sum(os.path.getsize(os.path.join(case, name)) for e in index["subjects"].values()
-                  for case, _, names in os.walk(os.path.join(folder, e["case"])) for name in names) / 2**20
+    size_mb = sum(os.path.getsize(os.path.join(case, name)) for path in case_paths(folder, list(index["subjects"]))
+                  for case, _, names in os.walk(path) for name in names) / 2**20
     print(f"converted {len(index['subjects'])} subjects into {folder} ({size_mb:.1f} MB); "
           f"model folder {model_dir.root}")
 
 
 def _cmd_train(args):
-    from medseg_dl.experiment.model_dir import open_model_dir
+    from medseg_dl.experiment.experiment import open_model_dir
     from medseg_dl.training.loop import run_training
 
     params, model_dir, _ = open_model_dir(args.params, args.set, args.overwrite, fold=args.fold)
@@ -46,7 +47,7 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     from medseg_dl.evaluation.watcher import run_evaluation
-    from medseg_dl.experiment.model_dir import load_experiment
+    from medseg_dl.experiment.experiment import load_experiment
 
     if args.cv:
         from medseg_dl.config.params import Params

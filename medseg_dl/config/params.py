@@ -7,7 +7,7 @@ Values are merged over the schema's defaults (schema.py), validated (unknown key
 "did you mean" hint; types, bounds, choices and list lengths are checked), and relative paths
 (`PATH_KEYS`) are made absolute against the working directory, except in a file whose
 `experiment.model_dir` is '.': that is the folder of the file itself, and its other relative
-paths are relative to it too. A model folder's own params.yaml is saved so (experiment/model_dir.py),
+paths are relative to it too. A model folder's own params.yaml is saved so (experiment/experiment.py),
 which makes the folder movable: moved or copied, it is still its own model folder.
 """
 import copy

@@ -2,7 +2,7 @@
 
 Reading goes through `medio` (nibabel for NIfTI, itk for the others) in nibabel's coordinate convention,
 so the 4x4 `affine` maps voxel indices to RAS mm exactly as `nibabel.load(path).affine` does, for every
-format (tests/data/test_io.py: NRRD, MHA and MHD made by SimpleITK from a NIfTI file read as that file,
+format (tests/unit/data/test_io.py: NRRD, MHA and MHD made by SimpleITK from a NIfTI file read as that file,
 an oblique DICOM series made by pydicom with the affine of its tags). A DICOM folder is checked first
 (dicom.py: one series, no missing slice, even spacing). Writing (`write_volume`) uses nibabel for NIfTI
 and medio (itk) for NRRD and MHA; `output_suffix` is the format of a result written over an input.

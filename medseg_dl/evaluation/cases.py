@@ -19,9 +19,11 @@ import tensorflow as tf
 
 from medseg_dl.config.params import Params
 from medseg_dl.data.cases import Case, CaseRecipe, case_from_volume, read_image, read_label, stored_recipe, subject_case
+from medseg_dl.data.index import case_paths
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError
-from medseg_dl.experiment.model_dir import ModelDir, filelist_subjects, read_filelist, split_case_paths
+from medseg_dl.experiment.filelists import filelist_subjects
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.original_grid import same_grid
 from medseg_dl.pipeline.inputs import case_entries, intensity_vectors, read_case
 
@@ -59,8 +61,11 @@ class EvaluationCases:
 def split_cases(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
                 timeout_s: Optional[float] = None) -> EvaluationCases:
     """The converted cases of a split's file list; waits while training still converts them (at most `timeout_s`)."""
-    paths = _converted_paths(params, model_dir, split, poll_seconds, timeout_s)
     subjects = filelist_subjects(model_dir, split)
+    if not subjects:
+        raise MedsegError(f"{model_dir.filelist(split)} is empty; set data.split.{split} > 0 or give "
+                          f"explicit lists, or evaluate another folder with --data DIR")
+    paths = _converted_paths(params, [s.id for s in subjects], split, poll_seconds, timeout_s)
     return EvaluationCases({s.id: s for s in subjects}, stored_recipe(params),
                            functools.partial(_converted_cases, params, paths))
 
@@ -93,16 +98,13 @@ def one_at_a_time() -> tf.data.Options:
     return options
 
 
-def _converted_paths(params: Params, model_dir: ModelDir, split: str, poll_seconds: float,
+def _converted_paths(params: Params, subject_ids: Sequence[str], split: str, poll_seconds: float,
                      timeout_s: Optional[float]) -> Sequence[str]:
-    """The case folders of a split, once all are converted (at most `timeout_s` of waiting)."""
-    if not read_filelist(model_dir, split):
-        raise MedsegError(f"{model_dir.filelist(split)} is empty; set data.split.{split} > 0 or give "
-                          f"explicit lists, or evaluate another folder with --data DIR")
+    """The case folders of the subjects of a split, once all are converted (at most `timeout_s` of waiting)."""
     started = time.time()
     while True:
         try:
-            return split_case_paths(params, model_dir, split)
+            return case_paths(params.data.converted_dir, subject_ids)
         except DataError:
             if timeout_s is not None and time.time() - started > timeout_s:
                 raise MedsegError(f"{params.data.converted_dir}: the {split} subjects are still not converted after "

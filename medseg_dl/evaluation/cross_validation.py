@@ -31,7 +31,8 @@ from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate, segmentations
 from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.experiment.checkpoints import checkpoint_step
-from medseg_dl.experiment.model_dir import ModelDir, experiment_root, fold_model_dirs
+from medseg_dl.experiment.experiment import Experiment, fold_model_dirs, fold_name
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.progress import Progress
@@ -78,24 +79,25 @@ def run_cross_validation(params: Params, checkpoint: str = "latest") -> Dict:
     the post-processing on the saved predictions; returns {"raw": summary, "postprocessed": summary,
     "postprocessing": decision}. The summaries record the checkpoint of each fold and how it was chosen."""
     configure_devices(params.evaluation, "evaluation")
-    root = experiment_root(params)
+    experiment = Experiment.of(params)
     folds = [fold_of(fold_dir, checkpoint) for fold_dir in fold_model_dirs(params)]
     choice = CHECKPOINT_CHOICES.get(checkpoint, f"the checkpoint {checkpoint}")
     if checkpoint != "latest":
         print(f"warning: cross-validation with {choice}", flush=True)
-    extra = {"checkpoints": {f"fold_{k}": checkpoint_step(f.prefix) for k, f in enumerate(folds)},
+    extra = {"checkpoints": {fold_name(k): checkpoint_step(f.prefix) for k, f in enumerate(folds)},
              "checkpoint_choice": choice}
-    os.makedirs(root.cv, exist_ok=True)
-    raw = write_report(root.cv_report("raw"), itertools.chain.from_iterable(
+    reports = experiment.cv_reports
+    os.makedirs(experiment.cv, exist_ok=True)
+    raw = write_report(reports.raw, itertools.chain.from_iterable(
         fold_segmentations(fold, k) for k, fold in enumerate(folds)), saving_predictions(params), None, extra=extra)
     targets = Targets.from_params(params.data)
-    saved = SavedPredictions([fold.cases for fold in folds], predictions_of(root.cv_report("raw")), targets)
+    saved = SavedPredictions([fold.cases for fold in folds], reports.raw, targets)
     decision = postprocessing.decide(saved, targets)
-    atomic.write_json(root.postprocessing_json, decision)
-    after = write_report(root.cv_report("postprocessed"), saved.segmentations(
+    atomic.write_json(experiment.decision_path, decision)
+    after = write_report(reports.postprocessed, saved.segmentations(
         decision, Progress("cv post-processed", len(saved))), params, None, extra={**extra, "postprocessing": decision})
     print(f"cross-validation over {raw['subjects']} cases: mean Dice {raw['mean_dice']:.4f}, after post-processing "
-          f"{after['mean_dice']:.4f} ({root.postprocessing_json})", flush=True)
+          f"{after['mean_dice']:.4f} ({experiment.decision_path})", flush=True)
     return {"raw": raw, "postprocessed": after, "postprocessing": decision}
 
 
@@ -105,17 +107,17 @@ def run_ensemble_test(params: Params, checkpoint: str = "auto") -> Dict:
     when `evaluate --cv` has not decided one) applied to the saved raw predictions; returns {"raw": summary,
     "postprocessed": summary, "postprocessing": decision or None}."""
     configure_devices(params.evaluation, "evaluation")
-    root, folds = experiment_root(params), fold_model_dirs(params)
-    ensemble = load_ensemble([f.root for f in folds], checkpoint)
+    experiment, folds = Experiment.of(params), fold_model_dirs(params)
+    ensemble = load_ensemble(folds, checkpoint)
     first = ensemble.params
     cases = split_cases(first, folds[0], "test", first.evaluation.poll_seconds)
-    steps = {f"fold_{k}": m.step for k, m in enumerate(ensemble.members)}
-    report = os.path.join(root.cv, "test-ensemble")
-    raw = evaluate(Predictor.from_params(ensemble.networks, first), cases, os.path.join(report, "raw"),
+    steps = {fold_name(k): m.step for k, m in enumerate(ensemble.members)}
+    reports = experiment.test_ensemble_reports
+    raw = evaluate(Predictor.from_params(ensemble.networks, first), cases, reports.raw,
                    saving_predictions(first), None, "test ensemble", extra={"checkpoints": steps})
-    decision = postprocess.read_decision(root.root)
-    saved = SavedPredictions([cases], predictions_of(os.path.join(report, "raw")), Targets.from_params(first.data))
-    after = write_report(os.path.join(report, "postprocessed"), saved.segmentations(
+    decision = postprocess.read_decision(experiment.decision_path)
+    saved = SavedPredictions([cases], reports.raw, Targets.from_params(first.data))
+    after = write_report(reports.postprocessed, saved.segmentations(
         decision, Progress("test ensemble post-processed", len(saved))), first, None,
         extra={"checkpoints": steps, "postprocessing": decision})
     print(f"ensemble of {len(folds)} folds on {raw['subjects']} test cases: mean Dice {raw['mean_dice']:.4f}, after "
@@ -129,7 +131,3 @@ def saving_predictions(params: Params) -> Params:
     saving.evaluation.save_predictions = True
     return saving
 
-
-def predictions_of(report_dir: str) -> str:
-    """The predictions/ folder of a report."""
-    return os.path.join(report_dir, ModelDir.REPORT_PREDICTIONS)

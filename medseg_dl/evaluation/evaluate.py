@@ -2,7 +2,7 @@
 
     evaluate(predictor, cases, report_dir, params, step, what)    the report of a trained predictor
     segmentations(predictor, cases, progress)                     its segmentations as the report consumes them
-    SavedPredictions(parts, predictions_dir, targets)             the predictions a report saved: iterated, the
+    SavedPredictions(parts, report_dir, targets)                  the predictions a report saved: iterated, the
                                                                   (reference, prediction, spacing_mm) of each case
                                                                   (postprocessing.decide); `.segmentations(decision)`
                                                                   post-processed, for their report
@@ -28,6 +28,7 @@ from medseg_dl.data.targets import Targets
 from medseg_dl.errors import DataError
 from medseg_dl.evaluation.cases import EvaluationCases
 from medseg_dl.evaluation.report import Segmentation, write_report
+from medseg_dl.experiment.model_dir import Report
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor
@@ -55,16 +56,16 @@ def segmentations(predictor: Predictor, cases: EvaluationCases, progress: Progre
         progress.end_case()
 
 
-def saved_segmentations(cases: EvaluationCases, predictions_dir: str, targets: Targets, decision: Optional[Dict] = None,
+def saved_segmentations(cases: EvaluationCases, report_dir: str, targets: Targets, decision: Optional[Dict] = None,
                         progress: Optional[Progress] = None) -> Iterator[Segmentation]:
-    """Each case with the prediction a report saved (`predictions_dir`/<subject>.nii.gz, (X, Y, Z) uint8 on its
-    original grid), post-processed by `decision` (None: as saved; inference.postprocess.apply with that grid's
+    """Each case with the prediction the report `report_dir` saved (predictions/<subject>.nii.gz, (X, Y, Z) uint8
+    on its original grid), post-processed by `decision` (None: as saved; inference.postprocess.apply with that grid's
     spacing and the structures of `targets`), read when asked for and held no longer than `segmentations` holds
     its own."""
     for case in cases:
         if progress is not None:
             progress.start_case(case.subject_id)
-        segmentation = _on_original_grid(cases, case, saved_prediction(predictions_dir, case))
+        segmentation = _on_original_grid(cases, case, saved_prediction(report_dir, case))
         del case  # as in `segmentations`
         if decision is not None:
             segmentation = dataclasses.replace(segmentation, prediction=postprocess.apply(
@@ -75,10 +76,10 @@ def saved_segmentations(cases: EvaluationCases, predictions_dir: str, targets: T
             progress.end_case()
 
 
-def saved_prediction(predictions_dir: str, case: Case) -> np.ndarray:
-    """The saved prediction (X, Y, Z) uint8 of `case`; `DataError` naming the file when it is missing or is not
-    on the case's original grid."""
-    path = os.path.join(predictions_dir, f"{case.subject_id}.nii.gz")
+def saved_prediction(report_dir: str, case: Case) -> np.ndarray:
+    """The prediction (X, Y, Z) uint8 of `case` that the report `report_dir` saved; `DataError` naming the file when
+    it is missing or is not on the case's original grid."""
+    path = Report(report_dir).prediction(case.subject_id)
     if not os.path.isfile(path):
         raise DataError(f"{path}: the saved prediction of subject '{case.subject_id}' is missing; evaluate again "
                         f"(the report saves every prediction)")
@@ -91,13 +92,13 @@ def saved_prediction(predictions_dir: str, case: Case) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SavedPredictions:
-    """The predictions a report saved in `predictions_dir` of the cases of `parts`, read again, one case at a time,
+    """The predictions the report `report_dir` saved of the cases of `parts`, read again, one case at a time,
     every time they are asked for. Iterating gives (reference (X, Y, Z) uint8, prediction (X, Y, Z) uint8,
     spacing_mm (3,) float64) per case: the re-iterable cases of postprocessing.decide. targets: the experiment's
     (Targets.from_params(params.data)), whose structures a post-processing decision numbers."""
 
     parts: Sequence[EvaluationCases]
-    predictions_dir: str
+    report_dir: str
     targets: Targets
 
     def __len__(self) -> int:
@@ -110,7 +111,7 @@ class SavedPredictions:
                       ) -> Iterator[Segmentation]:
         """`saved_segmentations` of every part, in order."""
         for part in self.parts:
-            yield from saved_segmentations(part, self.predictions_dir, self.targets, decision, progress)
+            yield from saved_segmentations(part, self.report_dir, self.targets, decision, progress)
 
 
 def _scored_pair(segmentation: Segmentation) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

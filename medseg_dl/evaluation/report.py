@@ -1,4 +1,5 @@
-"""The report of one evaluation: `<model_dir>/eval/<step>/` (file names: ModelDir), written one case at a time.
+"""The report of one evaluation: `<model_dir>/eval/<step>/` (file names: model_dir.py `Report`), written one case
+at a time.
 
     metrics.csv     one row per (subject, structure: a foreground class, or a region): class (its number
                     from 1), class_name, dice, jaccard, assd_mm, hd95_mm, surface_dice, reference_mm3,
@@ -31,7 +32,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.io import write_volume
 from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation import scoring
-from medseg_dl.experiment.model_dir import ModelDir
+from medseg_dl.experiment.model_dir import Report
 from medseg_dl.viz import plotting
 
 COLUMNS = ["subject", "class", "class_name", *scoring.METRICS, "empty_reference", "empty_prediction",
@@ -64,10 +65,10 @@ def write_report(report_dir: str, segmentations: Iterable[Segmentation], params:
                                    "all)"), atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
         cases, panels = _write_cases(folder, segmentations, params, Targets.from_params(params.data))
-        rows = read_rows(os.path.join(folder, ModelDir.REPORT_METRICS))
+        rows = read_rows(Report(folder).metrics_csv)
         summary = {"step": step, "subjects": cases, **scoring.summarize(rows),
                    **(extra or {}), "per_case": rows}
-        with open(os.path.join(folder, ModelDir.REPORT_SUMMARY), "w") as f:
+        with open(Report(folder).summary_json, "w") as f:
             json.dump(summary, f, indent=1, default=float)
     if writer is not None:
         _write_summaries(writer, step, summary, panels)
@@ -78,7 +79,7 @@ def _write_cases(folder: str, segmentations: Iterable[Segmentation], params: Par
                  targets: Targets) -> Tuple[int, Optional[np.ndarray]]:
     """Score and write each segmentation (metrics.csv rows, overlay, prediction), holding none once the next is
     asked for; returns (the number of cases, the TensorBoard panels of the first: `_panels`)."""
-    metrics = os.path.join(folder, ModelDir.REPORT_METRICS)
+    metrics = Report(folder).metrics_csv
     _write_csv(metrics, [])
     cases, panels = 0, None
     for segmentation in segmentations:
@@ -126,13 +127,13 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
 def _write_pictures(folder: str, segmentation: Segmentation, params: Params, targets: Targets) -> None:
     evaluation = params.evaluation
     if evaluation.save_overlays:
-        path = os.path.join(folder, ModelDir.REPORT_OVERLAYS, f"{segmentation.subject_id}.png")
+        path = Report(folder).overlay(segmentation.subject_id)
         plotting.orthogonal_overlay(segmentation.image, path, reference=_shown(segmentation.reference, targets),
                                     prediction=segmentation.prediction, class_names=targets.class_names,
                                     spacing_mm=segmentation.spacing_mm, title=segmentation.subject_id)
     if evaluation.save_predictions:
-        os.makedirs(os.path.join(folder, ModelDir.REPORT_PREDICTIONS), exist_ok=True)
-        write_volume(os.path.join(folder, ModelDir.REPORT_PREDICTIONS, f"{segmentation.subject_id}.nii.gz"),
+        os.makedirs(Report(folder).predictions, exist_ok=True)
+        write_volume(Report(folder).prediction(segmentation.subject_id),
                      segmentation.prediction.astype(np.uint8), segmentation.affine)
 
 

@@ -196,15 +196,15 @@ def _in_child_processes(params):
 def _make_runner(params, model_dir, cases, staging, in_children):
     """In this process, or one child process per checkpoint (`_in_child_processes`; it reads the cases itself)."""
     if in_children:
-        params.save(os.path.join(staging, "params.yaml"))
-        return ChildProcessRunner(os.path.join(staging, "params.yaml"))
+        staged_params = os.path.join(staging, ModelDir.PARAMS_NAME)
+        params.save(staged_params)
+        return ChildProcessRunner(staged_params)
     return InProcessRunner(params, model_dir, cases)
 
 
 def _remove_leftovers(model_dir):
     """What a killed evaluator left: its staging copies and partial reports (we hold the eval lock)."""
-    for name in os.listdir(model_dir.eval_root):
-        if name.startswith(ModelDir.STAGING_PREFIX):
-            shutil.rmtree(os.path.join(model_dir.eval_root, name), ignore_errors=True)
+    for folder in model_dir.staging_folders():
+        shutil.rmtree(folder, ignore_errors=True)
     atomic.remove_stale_temporaries(model_dir.eval_root)
     atomic.remove_stale_temporaries(model_dir.best)

@@ -20,7 +20,7 @@ symmetrically; window starts along an axis of (padded) size S for a window P are
 with n = ceil((S - P) / (P (1 - overlap))) + 1; the position of a window is its middle (start - padding before +
 (P - 1) / 2) over max(shape - 1, 1) per axis, clipped to [0, 1]; the weights are the outer product of one
 profile per axis (Gaussian with sigma P / 8, or constant; max 1, at least 1e-3); the weighted logits are summed
-in float32 and divided by the weight sum. tests/inference/test_onnx_runner.py checks each rule against
+in float32 and divided by the weight sum. tests/unit/inference/test_onnx_runner.py checks each rule against
 windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows, and the outputs.
 """
 import json

@@ -1,7 +1,8 @@
 """Applying a post-processing decision (connected components) to a label map: what predict and export follow.
 
 The decision is chosen on cross-validation predictions by `evaluation.postprocessing.decide` (which imports
-this module: inference does not import evaluation) and stored as `<experiment root>/postprocessing.json`:
+this module: inference does not import evaluation) and stored as `<experiment root>/postprocessing.json`
+(experiment/experiment.py `Experiment.decision_path`):
 
     {"foreground_largest_component": bool,       # keep only the largest component of all foreground
      "largest_component_classes": [s, ...],      # per structure s >= 1: keep only its largest component
@@ -31,7 +32,6 @@ from medseg_dl.errors import DataError
 
 STRUCTURE = np.ones((3, 3, 3), bool)  # 26-connectivity
 NOTHING = {"foreground_largest_component": False, "largest_component_classes": [], "min_island_mm3": {}}
-DECISION_NAME = "postprocessing.json"  # in the experiment root (the folder given as --model-dir)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -97,10 +97,9 @@ def _filter_structure(out: np.ndarray, targets: Targets, structure: int,
     out[removed] = leaving[out[removed]]
 
 
-def read_decision(folder: Optional[str]) -> Optional[Dict]:
-    """The decision in `<folder>/postprocessing.json`, or None when there is none (or no folder);
-    `DataError` naming the file when it is not a decision."""
-    path = os.path.join(folder, DECISION_NAME) if folder else None
+def read_decision(path: Optional[str]) -> Optional[Dict]:
+    """The decision in the file `path` (`Experiment.decision_path`), or None when there is no such file (or no
+    path); `DataError` naming the file when it is not a decision."""
     if path is None or not os.path.isfile(path):
         return None
     try:

@@ -7,8 +7,8 @@ data.regions) are mapped back (trilinearly) onto the input's original voxel grid
 the painting of the regions (`Targets.labels_of_probabilities`), so the saved label map has exactly the input's
 shape and affine (and a NIfTI input's header), in the input's format: NRRD for NRRD, MHA for MHA and MHD, NIfTI
 for NIfTI and DICOM series (data.io `output_suffix`). The post-processing decision of the experiment
-(`<model_dir>/postprocessing.json`, inference/postprocess.py) is applied last, as in nnU-Net: to that
-final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
+(`Experiment.decision_path`, `<model_dir>/postprocessing.json`; inference/postprocess.py) is applied last, as in
+nnU-Net: to that final label map on the original grid, with the original voxel spacing (its thresholds are in mm^3).
 `--save-probabilities uint8|float16` also writes the mapped-back probabilities (K = the classes, or the
 regions; before the arg-max or painting, so before post-processing), streamed to disk slab by slab
 (probability_files.py). `--dicom-seg` also writes a DICOM SEG for each DICOM series input (dicom_seg.py).
@@ -33,7 +33,6 @@ from medseg_dl.data.io import output_suffix, spacing_from_affine, write_volume
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
 from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.errors import DataError, import_extra
-from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.original_grid import model_axis_of, original_slabs, same_grid
 from medseg_dl.inference.predictor import Predictor
@@ -115,14 +114,14 @@ def load_predictor(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
     """(the Predictor, the loaded ensemble, the post-processing decision or None) of `--model-dir D [D ...]
     [--folds ...] [--checkpoint ...]` (trained.py `resolve_members`, `load_ensemble`), with the devices of
     the first member's evaluation section; overrides apply to every member's params."""
-    folders, decision_dir = resolve_members([model_dirs] if isinstance(model_dirs, str) else model_dirs, folds)
-    member_params = [Params.load(ModelDir(f).params_path, overrides) for f in folders]
+    folders, decider = resolve_members([model_dirs] if isinstance(model_dirs, str) else model_dirs, folds)
+    member_params = [Params.load(f.params_path, overrides) for f in folders]
     configure_devices(member_params[0].evaluation, "evaluation")
     ensemble = load_ensemble(folders, checkpoint, member_params)
-    decision = postprocess.read_decision(decision_dir)
+    decision = postprocess.read_decision(decider.decision_path if decider else None)
     if decision is not None:
         steps = {k: decision[k] for k in postprocess.NOTHING}
-        print(f"post-processing ({os.path.join(decision_dir, postprocess.DECISION_NAME)}): {steps}", flush=True)
+        print(f"post-processing ({decider.decision_path}): {steps}", flush=True)
     return Predictor.from_params(ensemble.networks, ensemble.params), ensemble, decision
 
 

@@ -4,17 +4,15 @@ an ensemble of several model folders, or of the fold folders of a cross-validati
     trained = load_trained(model_dir, "auto")          # best where kept, else latest; or best, latest, a path
     predictor = Predictor.from_params(trained.network, trained.params)
 
-    folders, decision_dir = resolve_members([root], folds="all")     # <root>/fold_<k>/ (or [d1, d2, ...])
-    ensemble = load_ensemble(folders, "auto")                        # each member's best, else latest
+    folders, decider = resolve_members([root], folds="all")  # ModelDirs <root>/fold_<k>/ (or [d1, d2, ...])
+    ensemble = load_ensemble(folders, "auto")                 # each member's best, else latest
     predictor = Predictor.from_params(ensemble.networks, ensemble.params)
 
 Only the network is built (no optimizer, loss or schedule); the optimizer slots of a training
 checkpoint are ignored. The compute dtype follows `training.precision` as in
 training ("auto" resolved for evaluation.device).
 """
-import glob
 import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +23,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data.cases import stored_recipe
 from medseg_dl.errors import CheckpointError, MedsegError, ParamsError
 from medseg_dl.experiment.checkpoints import BestCheckpoints, checkpoint_step, completed_checkpoints
+from medseg_dl.experiment.experiment import Experiment
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.experiment.resume import NETWORK_KEYS, check_resume
 from medseg_dl.model.architectures import build_network, create_variables
@@ -97,9 +96,6 @@ def load_trained(model_dir: ModelDir, which: str = "auto", params: Params = None
     return TrainedModel(params, network, prefix, checkpoint_step(prefix))
 
 
-FOLD_FOLDER = re.compile(r"^fold_(\d+)$")  # <root>/fold_<k>/: one complete model folder per fold
-
-
 @dataclass(frozen=True)
 class TrainedEnsemble:
     """members: the trained networks of one or more model folders, all with the same window, classes,
@@ -117,30 +113,12 @@ class TrainedEnsemble:
         return tuple(m.network for m in self.members)
 
 
-def fold_dirs(root: str, folds: Union[str, Sequence[int]] = "all") -> List[str]:
-    """The fold folders `<root>/fold_<k>/` (absolute, by k) that hold a params.yaml: every one for "all",
-    else those of the fold numbers `folds`. `ParamsError` when there is none or a fold is missing."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(os.path.abspath(root)), "fold_*", "params.yaml")):
-        match = FOLD_FOLDER.match(os.path.basename(os.path.dirname(path)))
-        if match:
-            found[int(match.group(1))] = os.path.dirname(path)
-    if not found:
-        raise ParamsError(f"{root}: no fold folders (fold_<k>/params.yaml) in this experiment root; give the root "
-                          f"that holds them, or model folders without --folds")
-    chosen = sorted(found) if folds == "all" else [int(k) for k in folds]
-    missing = [k for k in chosen if k not in found]
-    if missing or not chosen:
-        raise ParamsError(f"{root}: fold(s) {missing} not found; its folds are {sorted(found)} (--folds all, or "
-                          f"some of these numbers)")
-    return [found[k] for k in chosen]
-
-
 def resolve_members(model_dirs: Sequence[str], folds: Union[None, str, Sequence[int]] = None
-                    ) -> Tuple[List[str], Optional[str]]:
-    """(member folders (absolute), the folder whose postprocessing.json applies or None) of `--model-dir D
-    [D ...] [--folds all|K ...]`: with folds, the fold folders of the one experiment root D and D itself;
-    without, the folders D and, for a single one, D itself (several folders have no common decision)."""
+                    ) -> Tuple[List[ModelDir], Optional[Experiment]]:
+    """(member folders, the experiment whose post-processing decision applies or None) of `--model-dir D
+    [D ...] [--folds all|K ...]`: with folds, the fold folders of the one experiment root D (`Experiment.folds`)
+    and D itself; without, the folders D and, for a single one, D itself (several folders have no common
+    decision). Folder names are made absolute."""
     roots = [os.path.abspath(d) for d in model_dirs]
     if not roots:
         raise ParamsError("give at least one model folder (--model-dir)")
@@ -148,21 +126,20 @@ def resolve_members(model_dirs: Sequence[str], folds: Union[None, str, Sequence[
         if len(roots) != 1:
             raise ParamsError(f"--folds takes the folds of one experiment root, but {len(roots)} folders were "
                               f"given as --model-dir; give the root alone")
-        return fold_dirs(roots[0], folds), roots[0]
+        return Experiment(roots[0]).folds(folds), Experiment(roots[0])
     for root in roots:
-        if not os.path.isfile(ModelDir(root).params_path) and glob.glob(os.path.join(glob.escape(root), "fold_*")):
+        if not os.path.isfile(ModelDir(root).params_path) and Experiment(root).holds_fold_folders():
             raise ParamsError(f"{root}: an experiment root of fold folders, not a model folder; add --folds all "
                               f"(or --folds 0 2 ...)")
-    return roots, (roots[0] if len(roots) == 1 else None)
+    return [ModelDir(root) for root in roots], (Experiment(roots[0]) if len(roots) == 1 else None)
 
 
-def load_ensemble(model_dirs: Sequence[str], which: Union[str, Sequence[str]] = "auto",
+def load_ensemble(folders: Sequence[ModelDir], which: Union[str, Sequence[str]] = "auto",
                   params: Optional[Sequence[Params]] = None) -> TrainedEnsemble:
-    """The trained networks of the model folders `model_dirs` (see `resolve_members`), each at its own
+    """The trained networks of the model folders `folders` (see `resolve_members`), each at its own
     checkpoint `which`: auto, best or latest (each folder's), or one value (those, or a path) per folder. params: the
     folders' params when already loaded (one per folder, e.g. with overrides), else their params.yaml.
     `ParamsError` naming two folders when they differ in the window, classes, channels or preprocessing."""
-    folders = [ModelDir(os.path.abspath(d)) for d in model_dirs]
     params = [Params.load(f.params_path) for f in folders] if params is None else list(params)
     checkpoints = _member_checkpoints(which, len(folders))
     if len(params) != len(folders):

@@ -30,7 +30,9 @@ from medseg_dl.errors import DataError, ModelDirError, OutOfMemoryError, Trainin
 from medseg_dl.experiment.checkpoints import (completed_checkpoints, remove_unlisted_checkpoints,
                                               set_aside_checkpoints)
 from medseg_dl.runtime.locks import ProcessLock
-from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
+from medseg_dl.experiment.experiment import save_params
+from medseg_dl.experiment.filelists import split_case_paths
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.model.model_fn import model_fn
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training import reporting
@@ -127,7 +129,7 @@ def _train(params, model_dir, strategy, chief, files):
         print(f"resumed from {restored} at step {start}", flush=True)
         _continue_schedule(spec, start, params)
     if chief:
-        model_dir.save_params(params, model_dir.run_params)
+        save_params(model_dir, params, model_dir.run_params)
     saved_dir = model_dir.checkpoints if chief else model_dir.worker_checkpoints(os.getpid())
     manager = tf.train.CheckpointManager(checkpoint, saved_dir, max_to_keep=params.training.keep_last)
     try:

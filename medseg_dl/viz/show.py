@@ -7,7 +7,8 @@ import numpy as np
 
 from medseg_dl.config.params import Params, default_class_name
 from medseg_dl.data.io import read_volume
-from medseg_dl.experiment.model_dir import ModelDir, split_case_paths
+from medseg_dl.experiment.filelists import split_case_paths
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.viz import plotting
 
 

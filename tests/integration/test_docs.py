@@ -7,16 +7,8 @@ import os
 import re
 import sys
 
+from helpers import REPO
 
-def _repo():
-    """The repository root: the folder above this file that holds pyproject.toml (wherever tests/ puts this file)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    while not os.path.isfile(os.path.join(here, "pyproject.toml")):
-        here = os.path.dirname(here)
-    return here
-
-
-REPO = _repo()
 TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest tests"
 DOCS = os.path.join(REPO, "docs")
 
@@ -193,3 +185,15 @@ def test_every_page_of_docs_is_linked_from_the_readme():
     readme = read("README.md")
     unlinked = [name for name in os.listdir(DOCS) if name.endswith(".md") and f"(docs/{name}" not in readme]
     assert unlinked == []
+
+
+def test_every_test_file_the_docs_and_code_name_exists():
+    """A path `tests/....py` named in the README, docs/, the package or the benchmarks is a file: a moved test
+    leaves no stale pointer."""
+    named = set()
+    for folder in ("docs", "medseg_dl", "benchmarks"):
+        for path in glob.glob(os.path.join(REPO, folder, "**", "*.*"), recursive=True):
+            if path.endswith((".md", ".py", ".sh")):
+                named.update(re.findall(r"\btests/[\w/]+\.py\b", open(path).read()))
+    named.update(re.findall(r"\btests/[\w/]+\.py\b", read("README.md")))
+    assert named and [path for path in sorted(named) if not os.path.isfile(os.path.join(REPO, path))] == []

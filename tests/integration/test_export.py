@@ -23,7 +23,7 @@ from medseg_dl.data.io import spacing_from_affine
 from medseg_dl.data.subjects import Subject
 from medseg_dl.data.targets import Targets
 from medseg_dl.errors import MedsegError
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.inference import export, onnx_runner, postprocess
 from medseg_dl.inference.onnx_export import export_onnx
 from medseg_dl.inference.predict import load_predictor, run_prediction

@@ -16,7 +16,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data import store
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.io import read_volume
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.inference.predict import run_prediction
 from medseg_dl.training.loop import run_training
 

@@ -12,7 +12,8 @@ import yaml
 
 from helpers import REPO, synthetic_dataset, tiny_params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.experiment.model_dir import open_model_dir, read_filelist, split_case_paths
+from medseg_dl.experiment.experiment import open_model_dir
+from medseg_dl.experiment.filelists import read_filelist, split_case_paths
 from medseg_dl.pipeline.inputs import train_inputs
 from medseg_dl.training.loop import run_training
 

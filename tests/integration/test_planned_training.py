@@ -8,7 +8,7 @@ import yaml
 
 from helpers import ellipsoid_dataset
 from medseg_dl.config.params import Params
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.planning.command import run_plan
 from medseg_dl.training.loop import run_training
 

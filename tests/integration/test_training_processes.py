@@ -11,7 +11,7 @@ import time
 import tensorflow as tf
 
 from helpers import REPO, checkpoint_counters, damage_checkpoint, read_scalars, tiny_params_file
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 
 
 def _start(path, *extra):

@@ -14,7 +14,7 @@ from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ense
 from medseg_dl.inference.predict import run_prediction
 from medseg_dl.evaluation.watcher import run_evaluation
 from medseg_dl.experiment.checkpoints import BestCheckpoints
-from medseg_dl.experiment.model_dir import ModelDir, open_model_dir
+from medseg_dl.experiment.experiment import Experiment, open_model_dir
 from medseg_dl.training.loop import run_training
 
 
@@ -31,7 +31,7 @@ def test_every_case_is_scored_once_by_the_model_of_its_fold(tmp_path, capsys):
         params, model_dir, _ = open_model_dir(str(path), fold=fold)
         run_training(params, model_dir)
         val_ids += [entry["id"] for entry in json.load(open(model_dir.filelist("val")))]
-    fold_0 = ModelDir(ModelDir(str(tmp_path / "run")).fold(0).root)
+    fold_0 = Experiment(str(tmp_path / "run")).fold(0)
     BestCheckpoints(fold_0.best, fold_0.best_index, 1, "mean_dice").offer(
         os.path.join(fold_0.checkpoints, "ckpt-2"), 2, 0.9)
     experiment = Params.load(str(path))
@@ -41,14 +41,14 @@ def test_every_case_is_scored_once_by_the_model_of_its_fold(tmp_path, capsys):
     assert sorted({row["subject"] for row in raw["per_case"]}) == sorted(val_ids)
     assert raw["checkpoints"] == {"fold_0": 4, "fold_1": 4}  # the final steps, not fold 0's best
     assert raw["checkpoint_choice"].startswith("the final (latest) checkpoint of each fold: chosen without")
-    assert json.load(open(os.path.join(ModelDir(str(tmp_path / "run")).cv_report("raw"), "summary.json")))[
+    assert json.load(open(os.path.join(Experiment(str(tmp_path / "run")).cv_reports.raw, "summary.json")))[
         "checkpoint_choice"] == raw["checkpoint_choice"]
-    root_dir = ModelDir(experiment.experiment.model_dir)
-    decision = json.load(open(root_dir.postprocessing_json))
+    root_dir = Experiment(experiment.experiment.model_dir)
+    decision = json.load(open(root_dir.decision_path))
     assert {"foreground_largest_component", "largest_component_classes", "dice_before", "dice_after"} <= set(decision)
     assert after["mean_dice"] >= raw["mean_dice"] - 1e-9  # applied only where it raises mean Dice
-    for kind in ("raw", "postprocessed"):
-        assert os.path.isfile(os.path.join(root_dir.cv_report(kind), "summary.json"))
+    for report in (root_dir.cv_reports.raw, root_dir.cv_reports.postprocessed):
+        assert os.path.isfile(os.path.join(report, "summary.json"))
     test_summary = run_evaluation(Params.load(fold_0.params_path), fold_0, split="test")
     test_ids = [entry["id"] for entry in json.load(open(fold_0.filelist("test")))]
     assert test_summary["subjects"] == len(test_ids) == 1 and test_ids[0] not in val_ids
@@ -70,4 +70,4 @@ def test_every_case_is_scored_once_by_the_model_of_its_fold(tmp_path, capsys):
     for row in ensemble["postprocessed"]["per_case"]:
         if row["class"] > 0 and not np.isnan(row["dice"]):
             assert abs(row["dice"] - scoring.dice(reference == row["class"], labels == row["class"])) < 1e-12
-    assert os.path.isfile(os.path.join(root_dir.cv, "test-ensemble", "postprocessed", "summary.json"))
+    assert os.path.isfile(os.path.join(root_dir.test_ensemble_reports.postprocessed, "summary.json"))

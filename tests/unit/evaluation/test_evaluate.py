@@ -24,7 +24,8 @@ from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate
 from medseg_dl.evaluation.report import Segmentation, write_report
 from medseg_dl.evaluation.watcher import Evaluator
-from medseg_dl.experiment.model_dir import ModelDir, open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
+from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.predict import segment_case
 from medseg_dl.inference.predictor import Predictor
@@ -100,7 +101,7 @@ def test_at_most_one_case_is_alive_at_a_time(tmp_path, monkeypatch, grid):
     assert reader.reads == summary["subjects"] == 4 and len(summary["per_case"]) == 8
     assert sorted(os.listdir(tmp_path / "report" / "predictions")) == [f"{s.id}.nii.gz" for s in subjects]
     targets = Targets.from_params(params.data)
-    saved = SavedPredictions([case_source(subjects, recipe, reader)], str(tmp_path / "report" / "predictions"), targets)
+    saved = SavedPredictions([case_source(subjects, recipe, reader)], str(tmp_path / "report"), targets)
     decision = postprocessing.decide(saved, targets)  # every pass over the saved predictions holds one case too
     assert reader.reads > 8 and decision["cases"] == 4
     assert write_report(str(tmp_path / "after"), saved.segmentations(decision), params, 3)["subjects"] == 4
@@ -233,14 +234,14 @@ def test_the_cv_decision_from_saved_predictions_is_the_one_from_predictions_in_m
     for k, part in enumerate(parts):
         evaluate(predictor, part, str(tmp_path / f"fold_{k}"), params, None, f"cv fold {k}")
         for name in os.listdir(tmp_path / f"fold_{k}" / "predictions"):
-            os.renames(tmp_path / f"fold_{k}" / "predictions" / name, tmp_path / "predictions" / name)
+            os.renames(tmp_path / f"fold_{k}" / "predictions" / name, tmp_path / "cv" / "predictions" / name)
     in_memory = []
     for part in parts:
         for case in part:
             _, reference, affine = part.original_grid(case)
             in_memory.append((reference, segment_case(predictor, case), np.sqrt((affine[:3, :3] ** 2).sum(0))))
     targets = Targets.from_params(params.data)
-    saved = SavedPredictions(parts, str(tmp_path / "predictions"), targets)
+    saved = SavedPredictions(parts, str(tmp_path / "cv"), targets)
     decision = postprocessing.decide(saved, targets)
     assert decision == postprocessing.decide(in_memory, targets) and decision["cases"] == 6
     assert decision["dice_after"] != decision["dice_before"]  # some post-processing was accepted

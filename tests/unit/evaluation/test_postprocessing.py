@@ -176,10 +176,11 @@ def test_apply_connects_26_neighbours():
 
 
 def test_the_decision_file_is_read_or_named_when_it_is_not_one(tmp_path):
-    assert postprocess.read_decision(str(tmp_path)) is None and postprocess.read_decision(None) is None
+    path = str(tmp_path / "postprocessing.json")
+    assert postprocess.read_decision(path) is None and postprocess.read_decision(None) is None
     decision = {**postprocess.NOTHING, "min_island_mm3": {"1": 12.5}, "dice_before": [0.5, None]}
     (tmp_path / "postprocessing.json").write_text(json.dumps(decision))
-    assert postprocess.read_decision(str(tmp_path)) == decision
+    assert postprocess.read_decision(path) == decision
     (tmp_path / "postprocessing.json").write_text(json.dumps({"largest_component_classes": [1]}))
     with pytest.raises(DataError, match="postprocessing.json: not a post-processing decision"):
-        postprocess.read_decision(str(tmp_path))
+        postprocess.read_decision(path)

@@ -14,7 +14,7 @@ from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import MedsegError
 from medseg_dl.evaluation import runner, watcher as evaluation
 from medseg_dl.evaluation.cases import split_cases
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.training.loop import run_training
 
 

@@ -10,7 +10,9 @@ import yaml
 from helpers import HIPPO_CASES, REPO, hippo_params
 from medseg_dl.config.params import Params
 from medseg_dl.errors import ModelDirError
-from medseg_dl.experiment.model_dir import open_model_dir, read_filelist
+from medseg_dl.experiment.experiment import open_model_dir
+from medseg_dl.experiment.filelists import read_filelist
+from medseg_dl.experiment.model_dir import ModelDir, Report
 
 
 def _write_params(tmp_path, root, **sections):
@@ -69,3 +71,21 @@ def test_completed_checkpoints_of_a_relative_folder_are_the_files(tmp_path, monk
     found = completed_checkpoints("run/checkpoints")
     assert [os.path.basename(p) for p in found] == ["ckpt-3", "ckpt-6"]
     assert all(os.path.isfile(p + ".index") for p in found)
+
+
+def test_the_staging_folders_are_those_of_the_evaluator_in_eval(tmp_path):
+    model_dir = ModelDir(str(tmp_path))
+    for name in ("staging-abc", "staging-def", "5", "history-staging-x"):
+        os.makedirs(os.path.join(model_dir.eval_root, name))
+    assert sorted(model_dir.staging_folders()) == [os.path.join(model_dir.eval_root, n)
+                                                   for n in ("staging-abc", "staging-def")]
+
+
+def test_a_report_names_its_files(tmp_path):
+    report = Report(str(tmp_path / "eval" / "3"))
+    assert (report.metrics_csv, report.summary_json) == (os.path.join(report.root, "metrics.csv"),
+                                                         os.path.join(report.root, "summary.json"))
+    assert report.overlay("s1") == os.path.join(report.root, "overlays", "s1.png")
+    assert report.prediction("s1") == os.path.join(report.predictions, "s1.nii.gz")
+    assert report.predictions == os.path.join(report.root, "predictions")
+    assert ModelDir(str(tmp_path)).summary_path(3) == report.summary_json

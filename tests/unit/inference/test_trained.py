@@ -6,7 +6,9 @@ import yaml
 
 from medseg_dl.config.params import Params
 from medseg_dl.errors import ParamsError
-from medseg_dl.inference.trained import fold_dirs, load_ensemble, resolve_members
+from medseg_dl.experiment.experiment import Experiment
+from medseg_dl.experiment.model_dir import ModelDir
+from medseg_dl.inference.trained import load_ensemble, resolve_members
 
 
 def fold_root(tmp_path):
@@ -19,22 +21,13 @@ def fold_root(tmp_path):
     return root
 
 
-def test_fold_folders_are_found_by_their_params_and_chosen_by_number(tmp_path):
+def test_members_and_the_experiment_of_the_post_processing_decision(tmp_path):
     root = fold_root(tmp_path)
-    assert fold_dirs(str(root)) == [str(root / f"fold_{k}") for k in (0, 2, 10)]
-    assert fold_dirs(str(root), [10, 0]) == [str(root / "fold_10"), str(root / "fold_0")]
-    with pytest.raises(ParamsError, match=r"fold\(s\) \[1\] not found; its folds are \[0, 2, 10\]"):
-        fold_dirs(str(root), [0, 1])
-    with pytest.raises(ParamsError, match="no fold folders"):
-        fold_dirs(str(root / "other"))
-
-
-def test_members_and_the_folder_of_the_post_processing_decision(tmp_path):
-    root = fold_root(tmp_path)
-    assert resolve_members([str(root)], "all") == ([str(root / f"fold_{k}") for k in (0, 2, 10)], str(root))
+    folders, decider = resolve_members([str(root)], "all")
+    assert folders == [ModelDir(str(root / f"fold_{k}")) for k in (0, 2, 10)] and decider == Experiment(str(root))
     one = str(root / "fold_0")
-    assert resolve_members([one]) == ([one], one)
-    assert resolve_members([one, str(root / "fold_2")]) == ([one, str(root / "fold_2")], None)
+    assert resolve_members([one]) == ([ModelDir(one)], Experiment(one))
+    assert resolve_members([one, str(root / "fold_2")]) == ([ModelDir(one), ModelDir(str(root / "fold_2"))], None)
     with pytest.raises(ParamsError, match="add --folds all"):
         resolve_members([str(root)])
     with pytest.raises(ParamsError, match="one experiment root"):
@@ -48,7 +41,7 @@ def write_params(folder, **sections):
         values.setdefault(section, {}).update(settings)
     os.makedirs(folder, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(values))
-    return str(folder)
+    return ModelDir(str(folder))
 
 
 @pytest.mark.parametrize("sections, key", [
@@ -60,10 +53,10 @@ def write_params(folder, **sections):
 def test_members_must_share_window_classes_channels_and_preprocessing(tmp_path, sections, key):
     """Checked from the params before any checkpoint is read: one line naming both folders."""
     first, second = write_params(tmp_path / "a"), write_params(tmp_path / "b", **sections)
-    with pytest.raises(ParamsError, match=f"differ in {key}: {first} has .*, {second} has ") as error:
+    with pytest.raises(ParamsError, match=f"differ in {key}: {first.root} has .*, {second.root} has ") as error:
         load_ensemble([first, second], "latest")
     assert "\n" not in str(error.value)
-    params = [Params.load(os.path.join(f, "params.yaml")) for f in (first, second)]
+    params = [Params.load(f.params_path) for f in (first, second)]
     with pytest.raises(ParamsError, match=f"differ in {key}"):
         load_ensemble([first, second], "latest", params)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 from helpers import checkpoint_counters, damage_checkpoint, read_scalars, tiny_params_file
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import ModelDirError, TrainingError
-from medseg_dl.experiment.model_dir import open_model_dir
+from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.runtime import devices
 from medseg_dl.training import loop as training
 
