@@ -52,12 +52,14 @@ def test_batches_made_by_two_workers_are_balanced_and_cover_the_training_list(tm
     params, model_dir, _ = open_model_dir(str(path))
     convert_dataset(params)
     training_list = read_filelist(model_dir, "train")
-    batches = [b for _, b in zip(range(18), train_inputs(params, split_case_paths(params, model_dir, "train"),
+    batches = [b for _, b in zip(range(54), train_inputs(params, split_case_paths(params, model_dir, "train"),
                                                          seed=0).as_numpy_iterator())]
     assert all(b["image"].shape == (4, 13, 13, 13, 1) and b["label"].shape == (4, 13, 13, 13) for b in batches)
     subjects = [s.decode() for b in batches for s in b["subject"]]
-    assert set(subjects) == set(training_list)  # 72 patches: every training volume, and only those
+    assert set(subjects) == set(training_list)  # 216 patches: every training volume, and only those
     centres = np.concatenate([b["label"][:, 6, 6, 6] for b in batches])
     shares = np.bincount(centres, minlength=3) / len(centres)
-    assert np.all(shares > 0.2), shares  # a centre on each class equally often (1/3 each)
+    # a centre on each class equally often: 1/3 each (0.31-0.36 measured in-process); below 0.2 by chance is
+    # 4 standard deviations of 216 draws (of 72 draws, 2.4: that failed once); uniform centres fall mostly on 0
+    assert np.all(shares > 0.2), shares
     assert run_training(params, model_dir) == 3
