@@ -209,3 +209,14 @@ def ellipsoid_dataset(root, spacing, shape, channels=1, hu=False, cases=4):
         write_nifti(root / "images" / f"c{i}.nii.gz", image[..., 0] if channels == 1 else image, affine)
         write_nifti(root / "labels" / f"c{i}.nii.gz", label, affine)
     return root
+
+
+def fold_root(tmp_path):
+    """An experiment root tmp_path/experiment with fold_0, fold_2, fold_10 (each with a params.yaml); fold_1
+    without one; fold_x and other/ beside, which are not folds."""
+    root = tmp_path / "experiment"
+    for name in ("fold_0", "fold_2", "fold_10", "fold_x", "other"):
+        (root / name).mkdir(parents=True)
+        (root / name / "params.yaml").write_text("{}\n")
+    (root / "fold_1").mkdir()
+    return root

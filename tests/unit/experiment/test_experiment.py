@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from helpers import REPO, synthetic_dataset, tiny_params
+from helpers import REPO, fold_root, synthetic_dataset, tiny_params
 from medseg_dl.config.params import Params
 from medseg_dl.data.subjects import fold_lists
 from medseg_dl.errors import ParamsError
@@ -20,13 +20,8 @@ from medseg_dl.experiment.model_dir import ModelDir
 
 @pytest.fixture
 def root(tmp_path):
-    """An experiment root with fold_0, fold_2, fold_10 (params.yaml); fold_1 without; fold_x, other/ beside."""
-    folder = tmp_path / "experiment"
-    for name in ("fold_0", "fold_10", "fold_2", "fold_x", "other"):
-        (folder / name).mkdir(parents=True)
-        (folder / name / "params.yaml").write_text("{}\n")
-    (folder / "fold_1").mkdir()
-    return str(folder)
+    """helpers.fold_root, as a string."""
+    return str(fold_root(tmp_path))
 
 
 def test_folds_are_found_by_their_params_and_ordered_by_number(root):

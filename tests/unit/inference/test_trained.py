@@ -4,21 +4,12 @@ import os
 import pytest
 import yaml
 
+from helpers import fold_root
 from medseg_dl.config.params import Params
 from medseg_dl.errors import ParamsError
 from medseg_dl.experiment.experiment import Experiment
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.trained import load_ensemble, resolve_members
-
-
-def fold_root(tmp_path):
-    """<root>/fold_0, fold_2, fold_10 with params.yaml; fold_1 without; fold_x and other/ ignored."""
-    root = tmp_path / "experiment"
-    for name in ("fold_0", "fold_2", "fold_10", "fold_x", "other"):
-        (root / name).mkdir(parents=True)
-        (root / name / "params.yaml").write_text("{}\n")
-    (root / "fold_1").mkdir()
-    return root
 
 
 def test_members_and_the_experiment_of_the_post_processing_decision(tmp_path):
