@@ -18,9 +18,9 @@ from typing import Any, Tuple
 
 import yaml
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.schema import SCHEMA
 from medseg_dl.errors import ParamsError
+from medseg_dl.runtime import atomic
 
 PATH_KEYS = ("experiment.model_dir", "data.source_dir", "data.converted_dir")
 

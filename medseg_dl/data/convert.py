@@ -27,13 +27,13 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from medseg_dl.runtime.atomic import disk_full_error, is_disk_full, remove_stale_temporaries
 from medseg_dl.config.params import Params
 from medseg_dl.data import preprocess, store
 from medseg_dl.data.cases import recipe_from_params, stored_case, uses
 from medseg_dl.data.index import FORMAT_VERSION, INDEX_NAME, read_index, write_index
 from medseg_dl.data.subjects import Subject, find_subjects
 from medseg_dl.errors import DataError, MedsegError, ModelDirError
+from medseg_dl.runtime.atomic import disk_full_error, is_disk_full, remove_stale_temporaries
 from medseg_dl.runtime.locks import ProcessLock
 
 CONVERSION_LOCK = "convert.lock"

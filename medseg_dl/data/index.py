@@ -6,8 +6,8 @@ import json
 import os
 from typing import List, Sequence
 
-from medseg_dl.runtime import atomic
 from medseg_dl.errors import DataError
+from medseg_dl.runtime import atomic
 
 INDEX_NAME = "dataset.json"
 FORMAT_VERSION = 2  # 1: one TFRecord per subject; 2: one chunked case folder per subject (store.py)

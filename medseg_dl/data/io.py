@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 from medio import Affine, MetaData, read_img, save_img
 
-from medseg_dl.runtime import atomic
 from medseg_dl.data import dicom
 from medseg_dl.errors import DataError
+from medseg_dl.runtime import atomic
 
 
 @dataclass

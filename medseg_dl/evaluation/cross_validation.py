@@ -22,10 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.targets import Targets
-from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.evaluation import postprocessing
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import SavedPredictions, evaluate, segmentations
@@ -37,6 +35,8 @@ from medseg_dl.inference import postprocess
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.progress import Progress
 from medseg_dl.inference.trained import load_ensemble, load_trained, resolve_checkpoint
+from medseg_dl.runtime import atomic
+from medseg_dl.runtime.devices import configure_devices
 
 CHECKPOINT_CHOICES = {"latest": "the final (latest) checkpoint of each fold: chosen without its validation "
                                 "cases", "auto": "the best checkpoint where an evaluator kept one, else the "

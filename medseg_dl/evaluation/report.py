@@ -27,12 +27,12 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data.io import write_volume
 from medseg_dl.data.targets import Targets
 from medseg_dl.evaluation import scoring
 from medseg_dl.experiment.model_dir import Report
+from medseg_dl.runtime import atomic
 from medseg_dl.viz import plotting
 
 COLUMNS = ["subject", "class", "class_name", *scoring.METRICS, "empty_reference", "empty_prediction",
@@ -65,10 +65,11 @@ def write_report(report_dir: str, segmentations: Iterable[Segmentation], params:
                                    "all)"), atomic.replacing(report_dir) as folder:
         os.makedirs(folder)
         cases, panels = _write_cases(folder, segmentations, params, Targets.from_params(params.data))
-        rows = read_rows(Report(folder).metrics_csv)
+        report = Report(folder)
+        rows = read_rows(report.metrics_csv)
         summary = {"step": step, "subjects": cases, **scoring.summarize(rows),
                    **(extra or {}), "per_case": rows}
-        with open(Report(folder).summary_json, "w") as f:
+        with open(report.summary_json, "w") as f:
             json.dump(summary, f, indent=1, default=float)
     if writer is not None:
         _write_summaries(writer, step, summary, panels)
@@ -125,15 +126,15 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
 
 
 def _write_pictures(folder: str, segmentation: Segmentation, params: Params, targets: Targets) -> None:
-    evaluation = params.evaluation
+    evaluation, report = params.evaluation, Report(folder)
     if evaluation.save_overlays:
-        path = Report(folder).overlay(segmentation.subject_id)
+        path = report.overlay(segmentation.subject_id)
         plotting.orthogonal_overlay(segmentation.image, path, reference=_shown(segmentation.reference, targets),
                                     prediction=segmentation.prediction, class_names=targets.class_names,
                                     spacing_mm=segmentation.spacing_mm, title=segmentation.subject_id)
     if evaluation.save_predictions:
-        os.makedirs(Report(folder).predictions, exist_ok=True)
-        write_volume(Report(folder).prediction(segmentation.subject_id),
+        os.makedirs(report.predictions, exist_ok=True)
+        write_volume(report.prediction(segmentation.subject_id),
                      segmentation.prediction.astype(np.uint8), segmentation.affine)
 
 

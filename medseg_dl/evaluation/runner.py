@@ -19,13 +19,13 @@ from typing import Dict, Sequence
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.errors import CheckpointError, MedsegError
 from medseg_dl.evaluation.cases import EvaluationCases, split_cases
 from medseg_dl.evaluation.evaluate import evaluate
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import inference_network, restore_weights
+from medseg_dl.runtime.devices import configure_devices
 
 UNREADABLE_EXIT = 3  # the child's exit code for an unreadable checkpoint
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)

@@ -25,19 +25,19 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
-from medseg_dl.runtime.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import CheckpointError, MedsegError
 from medseg_dl.evaluation.cases import EvaluationCases, folder_cases, split_cases
 from medseg_dl.evaluation.evaluate import evaluate
 from medseg_dl.evaluation.runner import ChildProcessRunner, InProcessRunner
 from medseg_dl.experiment.checkpoints import (BestCheckpoints, CheckpointGone, checkpoint_step, completed_checkpoints,
                                               remove_checkpoint, stage_checkpoint)
-from medseg_dl.runtime.locks import ProcessLock
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import load_trained, resolve_checkpoint
+from medseg_dl.runtime import atomic
+from medseg_dl.runtime.devices import configure_devices, restrict_devices, uses_gpu
+from medseg_dl.runtime.locks import ProcessLock
 
 
 class Evaluator:

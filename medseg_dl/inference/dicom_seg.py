@@ -16,8 +16,8 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 import medseg_dl
-from medseg_dl.runtime import atomic
 from medseg_dl.data import dicom
+from medseg_dl.runtime import atomic
 
 
 def write_dicom_seg(path: str, labels: np.ndarray, affine: np.ndarray, series_folder: str,

@@ -34,7 +34,6 @@ from typing import Dict, Iterator, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from medseg_dl.runtime import atomic
 from medseg_dl.data import preprocess
 from medseg_dl.data.cases import stored_recipe
 from medseg_dl.data.targets import Targets
@@ -43,6 +42,7 @@ from medseg_dl.inference import EXPORT_FORMATS, postprocess, postprocess_graph
 from medseg_dl.inference.predict import load_predictor
 from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.trained import TrainedEnsemble
+from medseg_dl.runtime import atomic
 
 METADATA = "metadata.json"
 

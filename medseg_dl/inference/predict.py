@@ -25,13 +25,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import nibabel as nib
 import numpy as np
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data import dicom
 from medseg_dl.data.cases import Case, stored_recipe, subject_case
 from medseg_dl.data.io import output_suffix, spacing_from_affine, write_volume
 from medseg_dl.data.subjects import Subject, folder_channels, is_volume_path, match_one, strip_suffix
-from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.errors import DataError, import_extra
 from medseg_dl.inference import postprocess
 from medseg_dl.inference.original_grid import model_axis_of, original_slabs, same_grid
@@ -39,6 +37,8 @@ from medseg_dl.inference.predictor import Predictor
 from medseg_dl.inference.probability_files import ProbabilityWriter
 from medseg_dl.inference.progress import Progress
 from medseg_dl.inference.trained import TrainedEnsemble, load_ensemble, resolve_members
+from medseg_dl.runtime import atomic
+from medseg_dl.runtime.devices import configure_devices
 
 
 def input_subjects(paths: List[str], data_params: Mapping) -> List[Subject]:

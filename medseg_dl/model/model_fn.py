@@ -20,11 +20,11 @@ import tensorflow as tf
 
 from medseg_dl.config import schema
 from medseg_dl.data.targets import Targets
-from medseg_dl.runtime.devices import resolve_precision
 from medseg_dl.errors import ParamsError
 from medseg_dl.model.architectures import build_network, create_variables
 from medseg_dl.model.losses import make_loss
 from medseg_dl.model.metrics import StreamingDice
+from medseg_dl.runtime.devices import resolve_precision
 
 POLY_EXPONENT = 0.9  # nnU-Net's polynomial decay
 

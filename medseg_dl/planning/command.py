@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config import schema
 from medseg_dl.config.params import Params, default_class_name, defaults_dict, parse_override
 from medseg_dl.data.io import read_volume
@@ -15,6 +14,7 @@ from medseg_dl.data.targets import regions_from_dataset_json
 from medseg_dl.errors import ParamsError
 from medseg_dl.planning.fingerprint import dataset_fingerprint
 from medseg_dl.planning.planner import num_classes, plan
+from medseg_dl.runtime import atomic
 
 
 

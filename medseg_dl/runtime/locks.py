@@ -29,8 +29,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Iterator, Optional, Tuple
 
-from medseg_dl.runtime import atomic
 from medseg_dl.errors import ModelDirError
+from medseg_dl.runtime import atomic
 
 TAKEOVER_ATTEMPTS = 5
 

@@ -7,8 +7,8 @@
 """
 import tensorflow as tf
 
-from medseg_dl.runtime import cluster
 from medseg_dl.config import schema
+from medseg_dl.runtime import cluster
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

@@ -21,20 +21,20 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from medseg_dl.runtime import atomic
-from medseg_dl.runtime.cluster import is_chief
 from medseg_dl.config.params import Params
 from medseg_dl.data.convert import convert_dataset
-from medseg_dl.runtime.devices import configure_devices
 from medseg_dl.errors import DataError, ModelDirError, OutOfMemoryError, TrainingError
 from medseg_dl.experiment.checkpoints import (completed_checkpoints, remove_unlisted_checkpoints,
                                               set_aside_checkpoints)
-from medseg_dl.runtime.locks import ProcessLock
 from medseg_dl.experiment.experiment import save_params
 from medseg_dl.experiment.filelists import split_case_paths
 from medseg_dl.experiment.model_dir import ModelDir
 from medseg_dl.model.model_fn import model_fn
 from medseg_dl.pipeline.inputs import train_inputs
+from medseg_dl.runtime import atomic
+from medseg_dl.runtime.cluster import is_chief
+from medseg_dl.runtime.devices import configure_devices
+from medseg_dl.runtime.locks import ProcessLock
 from medseg_dl.training import reporting
 from medseg_dl.training.distribute import make_strategy
 

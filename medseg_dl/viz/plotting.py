@@ -21,8 +21,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from medseg_dl.runtime import atomic
 from medseg_dl.errors import DataError
+from medseg_dl.runtime import atomic
 
 CLASS_COLORS = ("#ff2020", "#00c8ff", "#ffd400", "#30ff30", "#ff30ff", "#ff8c00", "#9070ff", "#00ffb0")
 VIEWS = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))  # name, cut axis, in-plane

@@ -13,13 +13,13 @@ import tensorflow as tf
 import yaml
 
 from helpers import REPO, synthetic_dataset, tiny_params
-from medseg_dl.runtime import atomic
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.errors import DiskFullError, OutOfMemoryError
 from medseg_dl.evaluation import report, watcher
 from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.inference import predict
 from medseg_dl.inference.predictor import Predictor
+from medseg_dl.runtime import atomic
 from medseg_dl.training import loop as training
 from medseg_dl.training import reporting
 

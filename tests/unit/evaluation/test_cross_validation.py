@@ -11,10 +11,10 @@ from helpers import synthetic_dataset, tiny_params
 from medseg_dl.config.params import Params
 from medseg_dl.evaluation import scoring
 from medseg_dl.evaluation.cross_validation import run_cross_validation, run_ensemble_test
-from medseg_dl.inference.predict import run_prediction
 from medseg_dl.evaluation.watcher import run_evaluation
 from medseg_dl.experiment.checkpoints import BestCheckpoints
 from medseg_dl.experiment.experiment import Experiment, open_model_dir
+from medseg_dl.inference.predict import run_prediction
 from medseg_dl.training.loop import run_training
 
 

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from medseg_dl.config.params import Params
-from medseg_dl.data.preprocess import class_locations
 from medseg_dl.data import store
 from medseg_dl.data.index import FORMAT_VERSION, write_index
+from medseg_dl.data.preprocess import class_locations
 from medseg_dl.errors import DataError, ParamsError
 from medseg_dl.pipeline import inputs
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from medseg_dl.runtime import atomic
 from medseg_dl.config.params import Params
 from medseg_dl.data import io, store
 from medseg_dl.evaluation import report
+from medseg_dl.runtime import atomic
 from medseg_dl.viz import plotting
 
 

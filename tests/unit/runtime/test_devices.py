@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from medseg_dl.runtime import devices
 from medseg_dl.config.params import Params
-from medseg_dl.runtime.devices import configure_devices, restrict_devices, uses_gpu
 from medseg_dl.errors import ParamsError
+from medseg_dl.runtime import devices
+from medseg_dl.runtime.devices import configure_devices, restrict_devices, uses_gpu
 
 
 def test_a_gpu_that_does_not_exist_is_a_params_error_naming_the_key():
