@@ -1,6 +1,7 @@
 """ProcessLock: one holder per lock file; stale locks (kill -9, reused pid, corrupt file) taken over."""
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -14,31 +15,47 @@ from medseg_dl.errors import ModelDirError
 from medseg_dl.runtime import locks
 from medseg_dl.runtime.locks import ProcessLock, process_start_time
 
-# SIGINT as in a terminal: a shell that starts the tests in the background (`... &`) makes its children ignore it
+# SIGINT as in a terminal: a shell that starts the tests in the background (`... &`) makes its children ignore it.
+# The child says "held" once inside its `with` block, so a signal never lands inside acquire().
 HOLD = ("import signal, sys, time\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from medseg_dl.runtime.locks import ProcessLock\n"
         "with ProcessLock(sys.argv[1], 'trainer'):\n"
-        "    time.sleep(60)\n")
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n")
 
 
 def start_holder(path):
-    """A child process that acquires the lock at `path` and sleeps; returns it once the file is
-    complete."""
+    """A child process that acquires the lock at `path` and sleeps; returns it once it holds the lock."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], env=env)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and child.poll() is None:
-        if path.is_file() and path.read_text().endswith("}"):
-            return child
-        time.sleep(0.01)
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], env=env, stdout=subprocess.PIPE)
+    ready, _, _ = select.select([child.stdout], [], [], 60)
+    if ready and child.stdout.readline() == b"held\n":
+        return child
     child.kill()
-    raise AssertionError(f"the child did not create {path} (exit code {child.poll()})")
+    raise AssertionError(f"the child did not take the lock {path} in 60 s (exit code {child.wait()})")
+
+
+def signal_masks(pid):
+    """The pending, blocked, ignored and caught signal masks of process `pid` (/proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        return " ".join(line.strip() for line in status if line.startswith(("SigPnd", "ShdPnd", "SigBlk",
+                                                                          "SigIgn", "SigCgt")))
 
 
 def stop(child, sig=signal.SIGINT):
+    """Send `sig` to `child` and wait for it to end; a child still running after 60 s fails the test with its
+    signal masks (a blocked or ignored SIGINT would show there)."""
     child.send_signal(sig)
-    child.wait(10)
+    try:
+        child.wait(60)
+    except subprocess.TimeoutExpired:
+        masks = signal_masks(child.pid)
+        child.kill()
+        child.wait()
+        raise AssertionError(f"the lock holder (pid {child.pid}) ignored {sig.name} for 60 s: {masks}")
+    finally:
+        child.stdout.close()
 
 
 def write_lock(path, **fields):
