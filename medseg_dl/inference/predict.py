@@ -140,14 +140,18 @@ def run_prediction(model_dirs: Union[str, Sequence[str]], checkpoint: Union[str,
     settings are the first member's. An `output_dir` that is a file is a `DataError`, raised before any work."""
     if os.path.isfile(output_dir):
         raise DataError(f"{output_dir}: the output is a file; give a folder for the label maps")
-    seg_writer = import_extra("medseg_dl.inference.dicom_seg", "dicom", "medseg predict --dicom-seg"
-                              ).write_dicom_seg if dicom_seg else None  # highdicom: imported only here
+    seg_module = import_extra("medseg_dl.inference.dicom_seg", "dicom", "medseg predict --dicom-seg"
+                              ) if dicom_seg else None  # highdicom: imported only here
     predictor, ensemble, decision = load_predictor(model_dirs, checkpoint, folds, overrides)
     recipe = stored_recipe(ensemble.params)
+    subjects = input_subjects(inputs, ensemble.params.data)
+    for subject in subjects if seg_module else ():
+        if os.path.isdir(subject.channels[0]):
+            seg_module.check_series(subject.channels[0])  # before any case is predicted
     with atomic.disk_full_reported(output_dir, "the label maps", "predict again (each file is written whole or "
                                    "not at all)"):
-        return _predict_subjects(predictor, decision, recipe, input_subjects(inputs, ensemble.params.data),
-                                 output_dir, save_probabilities, seg_writer)
+        return _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities,
+                                 seg_module.write_dicom_seg if seg_module else None)
 
 
 def _predict_subjects(predictor, decision, recipe, subjects, output_dir, save_probabilities, seg_writer=None):

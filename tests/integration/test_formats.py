@@ -16,6 +16,7 @@ from medseg_dl.config.params import Params
 from medseg_dl.data import store
 from medseg_dl.data.convert import convert_dataset
 from medseg_dl.data.io import read_volume
+from medseg_dl.errors import DataError
 from medseg_dl.experiment.experiment import open_model_dir
 from medseg_dl.inference.predict import run_prediction
 from medseg_dl.training.loop import run_training
@@ -142,3 +143,19 @@ def test_predict_writes_a_dicom_seg_whose_frames_are_the_labels_of_their_source_
         framed.add((k, segment))
     present = {(k, n) for k in range(labels.shape[2]) for n in (1, 2) if (labels[:, :, k] == n).any()}
     assert framed == present and {n for _, n in present} == {1, 2}
+
+
+def test_predict_refuses_a_series_a_dicom_seg_cannot_reference_before_it_writes_anything(
+        nifti_twins, trained_root, tmp_path):
+    """`--dicom-seg` with a NIfTI input first and then a series without StudyInstanceUID: one line naming the series,
+    and no output at all (the series is checked before any case is predicted)."""
+    series = tmp_path / "case_dicom"
+    write_as("dicom", nifti_twins["image"], series)
+    for path in series.iterdir():
+        dataset = pydicom.dcmread(path)
+        del dataset.StudyInstanceUID
+        dataset.save_as(path)
+    with pytest.raises(DataError, match=f"^{series}: the DICOM series has no StudyInstanceUID, which a DICOM SEG"):
+        run_prediction(trained_root, "latest", [str(nifti_twins["image"]), str(series)], str(tmp_path / "out"),
+                       dicom_seg=True)
+    assert not (tmp_path / "out").exists()

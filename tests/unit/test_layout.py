@@ -70,7 +70,6 @@ TESTED_ELSEWHERE = {
     "evaluation/runner": ["unit/evaluation/test_watcher.py", "unit/runtime/test_devices.py"],
     "experiment/checkpoints": ["unit/experiment/test_model_dir.py", "unit/training/test_loop.py"],
     "experiment/resume": ["unit/training/test_loop.py", "unit/evaluation/test_watcher.py", "integration/test_docs.py"],
-    "inference/dicom_seg": ["integration/test_formats.py"],
     "inference/export": ["integration/test_export.py"],
     "inference/onnx_export": ["integration/test_export.py"],
     "inference/original_grid": ["unit/inference/test_predict.py"],
