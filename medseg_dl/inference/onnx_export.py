@@ -3,10 +3,13 @@ onnxruntime, where neither TensorFlow nor medseg_dl is installed (ONNX Runtime o
 `network.onnx` in OpenVINO or TensorRT).
 
 The folder (replaced whole, atomically):
-- `network.onnx`: the `Predictor`'s window function (`Predictor.window_function`: one network, or the
+- `network.onnx`: the `Predictor`'s window logits (`Predictor.window_logits`: one network, or the
   ensemble's log mean probability over its members and, with mirroring TTA, the 8 flips), converted by
   tf2onnx from the same traced code; float32, any batch and window size the network takes.
   Inputs "windows" (N, px, py, pz, C), "positions" (N, 3) float32; output (N, px, py, pz, K) logits.
+  With mirroring TTA each member runs once on the 8 flips stacked (`flips_in_one_call`): the graph holds one
+  copy of each network, not 8: tf2onnx's optimizer takes many times less (its time grows faster than the
+  graph), and the network sees 8N windows per call.
 - `finish.onnx`: average logits (X, Y, Z, K) float32 and spacing_mm (3,) float32 -> probabilities (X, Y, Z, K)
   float32 (softmax, or sigmoid per region) and labels (X, Y, Z) int32, in this order (arg-max or regions
   painted, then the experiment's post-processing decision: postprocess_graph.py, 26-connected components
@@ -20,6 +23,7 @@ the windows costs nothing beside the network. The runner sums in float32, so its
 Predictor's with evaluation.accumulation float32 to float32 rounding of the two runtimes' convolutions
 (the test: 1e-4), and its labels equal them.
 """
+import functools
 import os
 import shutil
 from typing import Dict, Optional
@@ -52,7 +56,8 @@ def export_onnx(predictor: Predictor, num_channels: int, output_dir: str, metada
                         tf.TensorSpec([3], tf.float32, name="spacing_mm")]
     with exported_folder(output_dir, "the ONNX export", metadata) as folder:
         os.makedirs(folder)
-        _convert(tf.function(predictor.window_logits), network_signature, os.path.join(folder, "network.onnx"))
+        _convert(tf.function(functools.partial(predictor.window_logits, flips_in_one_call=True)), network_signature,
+                 os.path.join(folder, "network.onnx"))
         _convert(tf.function(finish), finish_signature, os.path.join(folder, "finish.onnx"))
         shutil.copyfile(RUNNER, os.path.join(folder, "segment.py"))
     return output_dir

@@ -10,8 +10,8 @@ onnxruntime only (no TensorFlow, no medseg_dl: the export folder holds a copy of
 
 The export folder: `network.onnx` (windows (N, px, py, pz, C) float32, positions (N, 3) float32 -> window logits
 (N, px, py, pz, K) float32: one network, or the ensemble's log mean probability over its members and, with
-mirroring TTA, the 8 flips; `Predictor.window_function` converted by tf2onnx, any window size the network
-takes), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,) float32 -> probabilities, labels:
+mirroring TTA, the 8 flips, stacked into one call of each member; `Predictor.window_logits` converted by
+tf2onnx, any window size the network takes), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,) float32 -> probabilities, labels:
 `Targets.probabilities_in_graph`, `Targets.labels_in_graph` and the post-processing of postprocess_graph.py) and
 metadata.json (the window settings used here, the preprocessing, the inputs and outputs).
 
@@ -21,7 +21,8 @@ with n = ceil((S - P) / (P (1 - overlap))) + 1; the position of a window is its 
 (P - 1) / 2) over max(shape - 1, 1) per axis, clipped to [0, 1]; the weights are the outer product of one
 profile per axis (Gaussian with sigma P / 8, or constant; max 1, at least 1e-3); the weighted logits are summed
 in float32 and divided by the weight sum. tests/unit/inference/test_onnx_runner.py checks each rule against
-windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows, and the outputs.
+windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows (8 times as many
+inside the network with mirroring TTA), and the outputs.
 """
 import json
 import math

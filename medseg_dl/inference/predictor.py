@@ -261,26 +261,34 @@ class Predictor:
             self._window_functions[num_channels] = tf.function(self.window_logits, input_signature=signature)
         return self._window_functions[num_channels]
 
-    def window_logits(self, windows: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+    def window_logits(self, windows: tf.Tensor, positions: tf.Tensor, flips_in_one_call: bool = False) -> tf.Tensor:
         """Window logits (N, px, py, pz, K) float32 of windows (N, px, py, pz, C) float32 at positions (N, 3)
         float32: the network's logits for one network without mirroring, else, over the members (and the 8
-        flips), log(mean softmax) for labels or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region."""
+        flips), log(mean softmax) for labels or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region.
+
+        flips_in_one_call: each member runs once on the 8 flips stacked (8N windows) instead of once per flip, so a
+        traced graph holds one copy of each network, not 8 (the ONNX export); the same sums in the same order."""
         if len(self.networks) == 1 and not self.tta_mirroring:
             return self._logits(0, windows, positions)
         flips = MIRROR_AXES if self.tta_mirroring else [[]]
         total = 0.0
         for member in range(len(self.networks)):
-            for axes in flips:
-                total += self._flipped_probabilities(member, axes, windows, positions)
+            if flips_in_one_call:
+                stacked = self._logits(member, tf.concat([tf.reverse(windows, axes) for axes in flips], axis=0),
+                                       tf.concat([_mirrored(positions, axes) for axes in flips], axis=0))
+                flipped_logits = tf.split(stacked, len(flips), axis=0)
+            else:
+                flipped_logits = (self._logits(member, tf.reverse(windows, axes), _mirrored(positions, axes))
+                                  for axes in flips)
+            for axes, logits in zip(flips, flipped_logits):
+                total += self._probabilities_flipped_back(tf.reverse(logits, axes))
         log_mean = tf.math.log(tf.maximum(total / (len(self.networks) * len(flips)), TINY_PROBABILITY))
         return log_mean[..., 0] - log_mean[..., 1] if self.targets.uses_regions else log_mean
 
-    def _flipped_probabilities(self, member, axes, windows, positions):
-        """The probabilities of member `member` on `windows` (N, px, py, pz, C) flipped on the batch `axes` (a
-        subset of 1, 2, 3) with `positions` (N, 3) mirrored there, flipped back: the softmax (N, px, py, pz, K)
-        float32, or per region (N, px, py, pz, K, 2) float32 the sigmoid of its logit and of its negation."""
-        flips = tf.constant([axis in axes for axis in (1, 2, 3)])
-        logits = tf.reverse(self._logits(member, tf.reverse(windows, axes), mirror_positions(positions, flips)), axes)
+    def _probabilities_flipped_back(self, logits):
+        """The probabilities of a member's logits (N, px, py, pz, K) float32 (on the flipped windows, flipped back):
+        the softmax (N, px, py, pz, K) float32, or per region (N, px, py, pz, K, 2) float32 the sigmoid of its logit
+        and of its negation."""
         if self.targets.uses_regions:
             return tf.stack([tf.sigmoid(logits), tf.sigmoid(-logits)], axis=-1)
         return tf.nn.softmax(logits, axis=-1)
@@ -294,6 +302,11 @@ class Predictor:
                               f"{expected} (sampling.patch_size + one output per {source}); use a window the "
                               f"network accepts and the classes or regions it was built with")
         return tf.cast(logits, tf.float32)
+
+
+def _mirrored(positions: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    """`positions` (N, 3) float32 of windows flipped on the batch `axes` (a subset of 1, 2, 3): mirrored there."""
+    return mirror_positions(positions, tf.constant([axis in axes for axis in (1, 2, 3)]))
 
 
 def _as_networks(network_or_networks):
