@@ -9,7 +9,7 @@ The folder (replaced whole, atomically):
   Inputs "windows" (N, px, py, pz, C), "positions" (N, 3) float32; output (N, px, py, pz, K) logits.
   With mirroring TTA each member runs once on the 8 flips stacked (`flips_in_one_call`): the graph holds one
   copy of each network, not 8: tf2onnx's optimizer takes many times less (its time grows faster than the
-  graph), and the network sees 8N windows per call.
+  graph), and the network sees 8N windows per call (onnx_runner.py sends N = windows.batch_size // 8, at least 1).
 - `finish.onnx`: average logits (X, Y, Z, K) float32 and spacing_mm (3,) float32 -> probabilities (X, Y, Z, K)
   float32 (softmax, or sigmoid per region) and labels (X, Y, Z) int32, in this order (arg-max or regions
   painted, then the experiment's post-processing decision: postprocess_graph.py, 26-connected components

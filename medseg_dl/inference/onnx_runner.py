@@ -10,10 +10,10 @@ onnxruntime only (no TensorFlow, no medseg_dl: the export folder holds a copy of
 
 The export folder: `network.onnx` (windows (N, px, py, pz, C) float32, positions (N, 3) float32 -> window logits
 (N, px, py, pz, K) float32: one network, or the ensemble's log mean probability over its members and, with
-mirroring TTA, the 8 flips, stacked into one call of each member; `Predictor.window_logits` converted by
-tf2onnx, any window size the network takes), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,) float32 -> probabilities, labels:
-`Targets.probabilities_in_graph`, `Targets.labels_in_graph` and the post-processing of postprocess_graph.py) and
-metadata.json (the window settings used here, the preprocessing, the inputs and outputs).
+mirroring TTA, the 8 flips, stacked into one call of each member; `Predictor.window_logits` converted by tf2onnx,
+any window size the network takes), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,) float32 ->
+probabilities, labels: `Targets.probabilities_in_graph`, `Targets.labels_in_graph` and the post-processing of
+postprocess_graph.py) and metadata.json (the window settings used here, the preprocessing, the inputs and outputs).
 
 Here: the sliding window of windows.py in numpy. A volume smaller than the window along an axis is zero-padded
 symmetrically; window starts along an axis of (padded) size S for a window P are round(linspace(0, S - P, n))
@@ -21,8 +21,9 @@ with n = ceil((S - P) / (P (1 - overlap))) + 1; the position of a window is its 
 (P - 1) / 2) over max(shape - 1, 1) per axis, clipped to [0, 1]; the weights are the outer product of one
 profile per axis (Gaussian with sigma P / 8, or constant; max 1, at least 1e-3); the weighted logits are summed
 in float32 and divided by the weight sum. tests/unit/inference/test_onnx_runner.py checks each rule against
-windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows (8 times as many
-inside the network with mirroring TTA), and the outputs.
+windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows (with mirroring TTA
+the network runs each window's 8 flips at once, so a batch is windows.batch_size // 8 windows, at least one),
+and the outputs.
 """
 import json
 import math
@@ -34,6 +35,7 @@ import numpy as np
 import onnxruntime
 
 MIN_WEIGHT = 1e-3
+FLIPS = 8  # the mirroring flips network.onnx runs each window in (Predictor.window_logits)
 
 
 def window_starts(size_vox: int, window_vox: int, overlap: float) -> np.ndarray:
@@ -81,7 +83,9 @@ class OnnxSegmenter:
             self.metadata = json.load(f)
         windows = self.metadata["windows"]
         self.patch_size_vox = tuple(windows["patch_size_vox"])
-        self.overlap, self.blending, self.batch_size = windows["overlap"], windows["blending"], windows["batch_size"]
+        self.overlap, self.blending = windows["overlap"], windows["blending"]
+        # with mirroring TTA network.onnx stacks the 8 flips of each window: send 1/8 of the Predictor's batch
+        self.batch_size = max(1, windows["batch_size"] // (FLIPS if windows["tta_mirroring"] else 1))
         self.network = onnxruntime.InferenceSession(os.path.join(folder, "network.onnx"), providers=list(providers))
         self.finish = onnxruntime.InferenceSession(os.path.join(folder, "finish.onnx"), providers=list(providers))
 

@@ -121,13 +121,13 @@ def test_extension_by_editing_params_yaml_while_the_evaluator_watches(tmp_path):
 
 
 def test_kill9_of_trainer_and_evaluator_at_several_moments(tmp_path):
-    path, run = experiment(tmp_path, steps=16, checkpoint_every=2, keep_last=3)
+    path, run = experiment(tmp_path, steps=12, checkpoint_every=3, keep_last=3)
     with open(path) as f:
         params = yaml.safe_load(f)
     params["evaluation"]["checkpoint_process"] = "always"  # one child process per checkpoint (the GPU mode)
     open(path, "w").write(yaml.safe_dump(params))
     trainer = Process(tmp_path / "train.log", "train", "--params", path)
-    wait_until(lambda: (run / "checkpoints" / "ckpt-4.index").exists(), [trainer])
+    wait_until(lambda: (run / "checkpoints" / "ckpt-3.index").exists(), [trainer])
     trainer.kill9()  # between checkpoints, holding its lock
     own = str(run / "params.yaml")
     evaluator = Process(tmp_path / "eval.log", "evaluate", "--params", own, "--timeout", "180")
@@ -136,10 +136,10 @@ def test_kill9_of_trainer_and_evaluator_at_several_moments(tmp_path):
     evaluator.kill9()  # while a checkpoint is staged
     trainer = Process(tmp_path / "train.log", "train", "--params", own)  # takes over the stale lock
     evaluator = Process(tmp_path / "eval.log", "evaluate", "--params", own, "--timeout", "180")
-    wait_until(lambda: (run / "checkpoints" / "ckpt-10.index").exists(), [trainer, evaluator])
+    wait_until(lambda: (run / "checkpoints" / "ckpt-9.index").exists(), [trainer, evaluator])
     trainer.kill9()
     trainer = Process(tmp_path / "train.log", "train", "--params", own)
     trainer.wait_ok()
     evaluator.wait_ok()
     assert "Traceback" not in trainer.output() + evaluator.output()
-    check_the_end(run, 16, tmp_path / "eval.log")
+    check_the_end(run, 12, tmp_path / "eval.log")
