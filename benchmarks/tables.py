@@ -176,9 +176,9 @@ def deploy_cells(r):
     volumes += " ..." if len(shapes) > 1 else ""
     if r["runner"] == "predict_cli":
         return [r["workload"], "medseg predict (whole command)", volumes, f"{r['value']} (total {r['total_s']} s)",
-                "", r["peak_rss_mb"], "", ""]
+                "", r["peak_rss_mb"], "", "", r.get("commit", "")]
     return [r["workload"], r["runner"], volumes, r["value"], r["first_s"], r["peak_rss_mb"],
-            r.get("export_s", ""), r["labels_differ_from_predictor"]]
+            r.get("export_s", ""), r["labels_differ_from_predictor"], r.get("commit", "")]
 
 
 # results name -> (column titles before "machine, date", the cells of one line in that order)
@@ -217,7 +217,7 @@ RENDERERS = {
     "demo": (["run", "code", "Dice anterior / posterior", "mean Dice", "validation cases"], demo_cells),
     "regions": (["data", "run", "steps", "train minutes", "s/step", "scored on", "Dice / HD95 mm"], regions_cells),
     "deploy": (["workload", "runner", "volumes", "s/volume (median)", "first volume s", "peak RSS MB", "export s",
-                "labels differing from the Predictor"], deploy_cells),
+                "labels differing from the Predictor", "commit"], deploy_cells),
     "storage": (["format", "cases", "MB per case", "of the source .nii.gz", "read a case s", "read a 96^3 box s"],
                 storage_cells),
 }
