@@ -3,7 +3,7 @@
 Every benchmark prints its JSON lines through `record`; a measured run (not `--quick`) also appends
 them to benchmarks/results/<name>.jsonl, the raw figures the README's tables are generated from
 (benchmarks/tables.py). Each line carries the machine, the versions of Python and of the packages
-that produced its figures (`library_versions`), the commit of this checkout (`git describe --dirty`)
+that produced its figures (`library_versions`), the commit of this checkout (`commit`)
 and, where it has a peak RSS, the method that measured it (`harness.RSS_METHOD`); a kept line also
 carries the date. A line is appended with one write to a file opened for appending, under an
 exclusive lock: lines of concurrent runs never interleave.
@@ -66,10 +66,13 @@ def library_versions(line):
 
 
 def commit():
-    """This checkout's commit, `git describe --always --dirty` (e.g. 5de2df9-dirty); "unknown" outside git."""
-    done = subprocess.run(["git", "-C", harness.REPO, "describe", "--always", "--dirty"], capture_output=True,
-                          text=True, timeout=60)
-    return done.stdout.strip() or "unknown"
+    """This checkout's commit, `git describe --always` (e.g. 5de2df9), with "-dirty" where a tracked file outside
+    benchmarks/results differs from it (the lines a run appends there do not count); "unknown" outside git."""
+    described = subprocess.run(["git", "-C", harness.REPO, "describe", "--always"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    changed = subprocess.run(["git", "-C", harness.REPO, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results"], capture_output=True, text=True, timeout=60).stdout
+    return (described + ("-dirty" if changed.strip() else "")) if described else "unknown"
 
 
 def record(name, line, keep):

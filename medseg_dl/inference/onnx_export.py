@@ -3,13 +3,14 @@ onnxruntime, where neither TensorFlow nor medseg_dl is installed (ONNX Runtime o
 `network.onnx` in OpenVINO or TensorRT).
 
 The folder (replaced whole, atomically):
-- `network.onnx`: the `Predictor`'s window logits (`Predictor.window_logits`: one network, or the
-  ensemble's log mean probability over its members and, with mirroring TTA, the 8 flips), converted by
-  tf2onnx from the same traced code; float32, any batch and window size the network takes.
-  Inputs "windows" (N, px, py, pz, C), "positions" (N, 3) float32; output (N, px, py, pz, K) logits.
-  With mirroring TTA each member runs once on the 8 flips stacked (`flips_in_one_call`): the graph holds one
-  copy of each network, not 8: tf2onnx's optimizer takes many times less (its time grows faster than the
-  graph), and the network sees 8N windows per call (onnx_runner.py sends N = windows.batch_size // 8, at least 1).
+- `network.onnx`: for one network without mirroring TTA its logits (`Predictor.window_logits`); else the sum
+  of the members' probabilities on the windows as given (`Predictor.probability_sum`: softmax (N, px, py, pz, K),
+  or per region the sigmoid of the logit and of its negation (N, px, py, pz, K, 2)), which the runner calls once
+  per flip on the flipped windows, so the graph holds each network once, not 8 times (tf2onnx's optimizer takes
+  more than linearly longer with the graph). Converted by tf2onnx from the same traced code; float32, any batch
+  and window size the network takes. Inputs "windows" (N, px, py, pz, C), "positions" (N, 3) float32.
+- `combine.onnx` (only with mirroring TTA or several members): the flipped-back sums of every flip added, "total",
+  -> window logits (N, px, py, pz, K) float32, the log mean probability (`Predictor.log_mean`).
 - `finish.onnx`: average logits (X, Y, Z, K) float32 and spacing_mm (3,) float32 -> probabilities (X, Y, Z, K)
   float32 (softmax, or sigmoid per region) and labels (X, Y, Z) int32, in this order (arg-max or regions
   painted, then the experiment's post-processing decision: postprocess_graph.py, 26-connected components
@@ -23,7 +24,6 @@ the windows costs nothing beside the network. The runner sums in float32, so its
 Predictor's with evaluation.accumulation float32 to float32 rounding of the two runtimes' convolutions
 (the test: 1e-4), and its labels equal them.
 """
-import functools
 import os
 import shutil
 from typing import Dict, Optional
@@ -41,8 +41,9 @@ OPSET = 17  # ONNX Runtime >= 1.14, TensorRT >= 8.6, OpenVINO >= 2023.0
 
 def export_onnx(predictor: Predictor, num_channels: int, output_dir: str, metadata: Dict,
                 postprocessing: Optional[Dict]) -> str:
-    """Write network.onnx, finish.onnx (with the `postprocessing` decision, None: none), segment.py and
-    `metadata` as metadata.json to `output_dir` (replaced whole, atomically); returns `output_dir`."""
+    """Write network.onnx, combine.onnx (where the predictor averages), finish.onnx (with the `postprocessing`
+    decision, None: none), segment.py and `metadata` as metadata.json to `output_dir` (replaced whole,
+    atomically); returns `output_dir`."""
     network_signature = [tf.TensorSpec([None, None, None, None, num_channels], tf.float32, name="windows"),
                          tf.TensorSpec([None, 3], tf.float32, name="positions")]
     targets = predictor.targets
@@ -56,8 +57,13 @@ def export_onnx(predictor: Predictor, num_channels: int, output_dir: str, metada
                         tf.TensorSpec([3], tf.float32, name="spacing_mm")]
     with exported_folder(output_dir, "the ONNX export", metadata) as folder:
         os.makedirs(folder)
-        _convert(tf.function(functools.partial(predictor.window_logits, flips_in_one_call=True)), network_signature,
-                 os.path.join(folder, "network.onnx"))
+        if predictor.averages:
+            total = [None, None, None, None, targets.outputs] + ([2] if targets.uses_regions else [])
+            _convert(tf.function(predictor.probability_sum), network_signature, os.path.join(folder, "network.onnx"))
+            _convert(tf.function(predictor.log_mean), [tf.TensorSpec(total, tf.float32, name="total")],
+                     os.path.join(folder, "combine.onnx"))
+        else:
+            _convert(tf.function(predictor.window_logits), network_signature, os.path.join(folder, "network.onnx"))
         _convert(tf.function(finish), finish_signature, os.path.join(folder, "finish.onnx"))
         shutil.copyfile(RUNNER, os.path.join(folder, "segment.py"))
     return output_dir

@@ -8,12 +8,13 @@ onnxruntime only (no TensorFlow, no medseg_dl: the export folder holds a copy of
     # probabilities (X, Y, Z, K) float32: softmax per class, or sigmoid per region
     # labels (X, Y, Z) int32: the arg-max or the regions painted, post-processed by the experiment's decision
 
-The export folder: `network.onnx` (windows (N, px, py, pz, C) float32, positions (N, 3) float32 -> window logits
-(N, px, py, pz, K) float32: one network, or the ensemble's log mean probability over its members and, with
-mirroring TTA, the 8 flips, stacked into one call of each member; `Predictor.window_logits` converted by tf2onnx,
-any window size the network takes), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,) float32 ->
-probabilities, labels: `Targets.probabilities_in_graph`, `Targets.labels_in_graph` and the post-processing of
-postprocess_graph.py) and metadata.json (the window settings used here, the preprocessing, the inputs and outputs).
+The export folder (onnx_export.py): `network.onnx` (windows (N, px, py, pz, C) float32, positions (N, 3) float32 ->
+the window logits (N, px, py, pz, K) float32 of one network without mirroring TTA, else the sum of the members'
+probabilities on the windows as given), `combine.onnx` where the export averages (the sums over the flips ->
+window logits, the log mean probability), `finish.onnx` (average logits (X, Y, Z, K) float32, spacing_mm (3,)
+float32 -> probabilities, labels: `Targets.probabilities_in_graph`, `Targets.labels_in_graph` and the
+post-processing of postprocess_graph.py) and metadata.json (the window settings used here, the preprocessing, the
+inputs and outputs). All are converted by tf2onnx from the Predictor's own code.
 
 Here: the sliding window of windows.py in numpy. A volume smaller than the window along an axis is zero-padded
 symmetrically; window starts along an axis of (padded) size S for a window P are round(linspace(0, S - P, n))
@@ -21,10 +22,12 @@ with n = ceil((S - P) / (P (1 - overlap))) + 1; the position of a window is its 
 (P - 1) / 2) over max(shape - 1, 1) per axis, clipped to [0, 1]; the weights are the outer product of one
 profile per axis (Gaussian with sigma P / 8, or constant; max 1, at least 1e-3); the weighted logits are summed
 in float32 and divided by the weight sum. tests/unit/inference/test_onnx_runner.py checks each rule against
-windows.py. Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of windows (with mirroring TTA
-the network runs each window's 8 flips at once, so a batch is windows.batch_size // 8 windows, at least one),
-and the outputs.
+windows.py. With mirroring TTA each batch of windows runs through network.onnx once per flip (the Predictor's
+8 flips in its order: the windows flipped, their positions mirrored to 1 - p on the flipped axes, the output
+flipped back and summed in float32). Memory: the padded volume, its sums (X, Y, Z, K) float32, one batch of
+windows, and the outputs.
 """
+import itertools
 import json
 import math
 import os
@@ -35,7 +38,7 @@ import numpy as np
 import onnxruntime
 
 MIN_WEIGHT = 1e-3
-FLIPS = 8  # the mirroring flips network.onnx runs each window in (Predictor.window_logits)
+MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]  # Predictor's order
 
 
 def window_starts(size_vox: int, window_vox: int, overlap: float) -> np.ndarray:
@@ -75,19 +78,34 @@ def grid(shape_vox: Sequence[int], patch_size_vox: Sequence[int], overlap: float
 
 
 class OnnxSegmenter:
-    """The exported segmentation of one folder (`network.onnx`, `finish.onnx`, metadata.json); onnxruntime's
-    CPU provider unless `providers` names others (e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"])."""
+    """The exported segmentation of one folder (`network.onnx`, `combine.onnx` if any, `finish.onnx`,
+    metadata.json); onnxruntime's CPU provider unless `providers` names others (e.g.
+    ["CUDAExecutionProvider", "CPUExecutionProvider"])."""
 
     def __init__(self, folder: str, providers: Sequence[str] = ("CPUExecutionProvider",)):
         with open(os.path.join(folder, "metadata.json")) as f:
             self.metadata = json.load(f)
         windows = self.metadata["windows"]
         self.patch_size_vox = tuple(windows["patch_size_vox"])
-        self.overlap, self.blending = windows["overlap"], windows["blending"]
-        # with mirroring TTA network.onnx stacks the 8 flips of each window: send 1/8 of the Predictor's batch
-        self.batch_size = max(1, windows["batch_size"] // (FLIPS if windows["tta_mirroring"] else 1))
-        self.network = onnxruntime.InferenceSession(os.path.join(folder, "network.onnx"), providers=list(providers))
-        self.finish = onnxruntime.InferenceSession(os.path.join(folder, "finish.onnx"), providers=list(providers))
+        self.overlap, self.blending, self.batch_size = windows["overlap"], windows["blending"], windows["batch_size"]
+        self.flips = MIRROR_AXES if windows["tta_mirroring"] else [()]
+        session = lambda name: onnxruntime.InferenceSession(os.path.join(folder, name), providers=list(providers))
+        self.network, self.finish = session("network.onnx"), session("finish.onnx")
+        self.combine = session("combine.onnx") if os.path.isfile(os.path.join(folder, "combine.onnx")) else None
+
+    def window_logits(self, windows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Window logits (N, px, py, pz, K) float32 of windows (N, px, py, pz, C) float32 at positions (N, 3)
+        float32: network.onnx's own, or combine.onnx's of the sum over the flips of network.onnx's output on the
+        windows flipped (positions mirrored: 1 - p on the flipped axes), flipped back."""
+        if self.combine is None:
+            return self.network.run(None, {"windows": windows, "positions": positions})[0]
+        total = 0.0
+        for axes in self.flips:
+            mirrored = positions.copy()
+            mirrored[:, [axis - 1 for axis in axes]] = 1.0 - mirrored[:, [axis - 1 for axis in axes]]
+            flipped = np.ascontiguousarray(np.flip(windows, axes))
+            total = total + np.flip(self.network.run(None, {"windows": flipped, "positions": mirrored})[0], axes)
+        return self.combine.run(None, {"total": np.ascontiguousarray(total, np.float32)})[0]
 
     def average_logits(self, image: np.ndarray) -> np.ndarray:
         """The weighted average (X, Y, Z, K) float32 of the window logits over `image` (X, Y, Z, C) float32."""
@@ -103,7 +121,7 @@ class OnnxSegmenter:
         for begin in range(0, len(starts), self.batch_size):
             batch = starts[begin:begin + self.batch_size]
             windows = np.stack([padded[x:x + px, y:y + py, z:z + pz] for x, y, z in batch])
-            logits = self.network.run(None, {"windows": windows, "positions": positions[begin:begin + len(batch)]})[0]
+            logits = self.window_logits(windows, positions[begin:begin + len(batch)])
             if sums is None:
                 sums = np.zeros(padded.shape[:3] + logits.shape[-1:], np.float32)
             for (x, y, z), window_logits in zip(batch, logits):

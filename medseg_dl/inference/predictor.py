@@ -261,37 +261,49 @@ class Predictor:
             self._window_functions[num_channels] = tf.function(self.window_logits, input_signature=signature)
         return self._window_functions[num_channels]
 
-    def window_logits(self, windows: tf.Tensor, positions: tf.Tensor, flips_in_one_call: bool = False) -> tf.Tensor:
+    def window_logits(self, windows: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
         """Window logits (N, px, py, pz, K) float32 of windows (N, px, py, pz, C) float32 at positions (N, 3)
-        float32: the network's logits for one network without mirroring, else, over the members (and the 8
-        flips), log(mean softmax) for labels or log(mean sigmoid(x)) - log(mean sigmoid(-x)) per region.
-
-        flips_in_one_call: each member runs once on the 8 flips stacked (8N windows) instead of once per flip, so a
-        traced graph holds one copy of each network, not 8 (the ONNX export); the same sums in the same order."""
-        if len(self.networks) == 1 and not self.tta_mirroring:
+        float32: the network's logits for one network without mirroring (`averages` false), else, over the 8
+        flips (with mirroring) and the members, log(mean softmax) for labels or log(mean sigmoid(x)) -
+        log(mean sigmoid(-x)) per region: `log_mean` of the flipped-back `probability_sum` of each flip."""
+        if not self.averages:
             return self._logits(0, windows, positions)
-        flips = MIRROR_AXES if self.tta_mirroring else [[]]
+        total = 0.0
+        for axes in self.flips:
+            flips = tf.constant([axis in axes for axis in (1, 2, 3)])
+            total += tf.reverse(self.probability_sum(tf.reverse(windows, axes), mirror_positions(positions, flips)),
+                                axes)
+        return self.log_mean(total)
+
+    @property
+    def averages(self) -> bool:
+        """Whether the window logits average probabilities (several members, or mirroring TTA)."""
+        return len(self.networks) > 1 or self.tta_mirroring
+
+    @property
+    def flips(self) -> list:
+        """The flips averaged: the batch axes (subsets of 1, 2, 3) of the 8 mirrorings, or only none."""
+        return MIRROR_AXES if self.tta_mirroring else [[]]
+
+    def probability_sum(self, windows: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+        """The sum over the members of their probabilities on windows (N, px, py, pz, C) float32 as given, at
+        positions (N, 3) float32: of the softmax (N, px, py, pz, K) float32, or per region (N, px, py, pz, K, 2)
+        float32 of the sigmoid of its logit and of its negation. The ONNX export's network.onnx."""
         total = 0.0
         for member in range(len(self.networks)):
-            if flips_in_one_call:
-                stacked = self._logits(member, tf.concat([tf.reverse(windows, axes) for axes in flips], axis=0),
-                                       tf.concat([_mirrored(positions, axes) for axes in flips], axis=0))
-                flipped_logits = tf.split(stacked, len(flips), axis=0)
+            logits = self._logits(member, windows, positions)
+            if self.targets.uses_regions:
+                total += tf.stack([tf.sigmoid(logits), tf.sigmoid(-logits)], axis=-1)
             else:
-                flipped_logits = (self._logits(member, tf.reverse(windows, axes), _mirrored(positions, axes))
-                                  for axes in flips)
-            for axes, logits in zip(flips, flipped_logits):
-                total += self._probabilities_flipped_back(tf.reverse(logits, axes))
-        log_mean = tf.math.log(tf.maximum(total / (len(self.networks) * len(flips)), TINY_PROBABILITY))
-        return log_mean[..., 0] - log_mean[..., 1] if self.targets.uses_regions else log_mean
+                total += tf.nn.softmax(logits, axis=-1)
+        return total
 
-    def _probabilities_flipped_back(self, logits):
-        """The probabilities of a member's logits (N, px, py, pz, K) float32 (on the flipped windows, flipped back):
-        the softmax (N, px, py, pz, K) float32, or per region (N, px, py, pz, K, 2) float32 the sigmoid of its logit
-        and of its negation."""
-        if self.targets.uses_regions:
-            return tf.stack([tf.sigmoid(logits), tf.sigmoid(-logits)], axis=-1)
-        return tf.nn.softmax(logits, axis=-1)
+    def log_mean(self, total: tf.Tensor) -> tf.Tensor:
+        """Window logits (N, px, py, pz, K) float32 of the `probability_sum`s (their shape) of every flip summed:
+        the log of their mean over the members and flips (floored at TINY_PROBABILITY), per region the difference
+        of its two logs. The ONNX export's combine.onnx."""
+        log_mean = tf.math.log(tf.maximum(total / (len(self.networks) * len(self.flips)), TINY_PROBABILITY))
+        return log_mean[..., 0] - log_mean[..., 1] if self.targets.uses_regions else log_mean
 
     def _logits(self, member, windows, positions):
         logits = self.networks[member]({"image": windows, "position": positions}, **self._training_kwargs[member])
@@ -302,11 +314,6 @@ class Predictor:
                               f"{expected} (sampling.patch_size + one output per {source}); use a window the "
                               f"network accepts and the classes or regions it was built with")
         return tf.cast(logits, tf.float32)
-
-
-def _mirrored(positions: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
-    """`positions` (N, 3) float32 of windows flipped on the batch `axes` (a subset of 1, 2, 3): mirrored there."""
-    return mirror_positions(positions, tf.constant([axis in axes for axis in (1, 2, 3)]))
 
 
 def _as_networks(network_or_networks):

@@ -182,7 +182,8 @@ def test_exported_ensemble_segments_like_the_predictor_and_predict_without_medse
 
 
 class RegionNetwork(keras.Model):
-    """A 1x1x1 convolution of 2 channels to the logits of 3 regions, with weights large enough to paint each."""
+    """A 1x1x1 convolution of 2 channels to the logits of 3 regions, with weights large enough to paint each, plus
+    a term of the window's position (x, y, z for the 3 regions): a mirrored flip needs its mirrored position."""
 
     def __init__(self):
         super().__init__()
@@ -190,7 +191,7 @@ class RegionNetwork(keras.Model):
                                         bias_initializer=keras.initializers.Constant([2.0, 0.0, -2.0]))
 
     def call(self, inputs, training=None):
-        return self.conv(inputs["image"])
+        return self.conv(inputs["image"]) + 4.0 * (inputs["position"][:, None, None, None, :] - 0.5)
 
 
 def served_outputs(folder, export_format, image, spacing_mm):
@@ -202,16 +203,18 @@ def served_outputs(folder, export_format, image, spacing_mm):
     return out["probabilities"].numpy(), out["labels"].numpy()
 
 
-@pytest.mark.parametrize("export_format", ["savedmodel", "onnx"])
-def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post_processed(tmp_path, export_format):
+@pytest.mark.parametrize("export_format, tta_mirroring", [("savedmodel", True), ("onnx", True), ("onnx", False)])
+def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post_processed(tmp_path, export_format,
+                                                                                          tta_mirroring):
     """With data.regions the SavedModel and the ONNX runner return the Predictor's sigmoid per region and its
     painted labels, post-processed per region (structure s = the s-th region) as postprocess.apply; the
-    metadata carries the targets (regions, paint order, ignore label)."""
+    metadata carries the targets (regions, paint order, ignore label). The ONNX export of one network without
+    mirroring has no combine.onnx: network.onnx gives its logits."""
     regions = [{"name": "whole", "labels": [1, 2, 3], "paint": 1}, {"name": "core", "labels": [2, 3], "paint": 2},
                {"name": "enhancing", "labels": [3], "paint": 3}]
     params = Params.from_dict({"data": {"num_classes": 4, "regions": regions, "ignore_label": 5,
                                         "channels": ["a", "b"]}, "sampling": {"patch_size": [8, 8, 8]},
-                               "evaluation": {"tta_mirroring": True, "accumulation": "float32"}})
+                               "evaluation": {"tta_mirroring": tta_mirroring, "accumulation": "float32"}})
     network = RegionNetwork()
     network({"image": tf.zeros([1, 8, 8, 8, 2]), "position": tf.zeros([1, 3])})
     predictor = Predictor.from_params(network, params)
@@ -223,6 +226,7 @@ def test_exported_regions_return_their_sigmoids_and_the_regions_painted_and_post
     metadata = export.export_metadata(ensemble, predictor, decision, export_format)
     write(predictor, 2, str(tmp_path / "exported"), metadata, decision)
     metadata = json.loads((tmp_path / "exported" / export.METADATA).read_text())
+    assert (tmp_path / "exported" / "combine.onnx").exists() == (export_format == "onnx" and tta_mirroring)
     assert metadata["targets"] == Targets.from_params(params.data).to_dict()
     assert metadata["targets"]["ignore_label"] == 5
     assert "sigmoid per region" in metadata["network_data_format"]["outputs"]["probabilities"]["description"]
@@ -244,7 +248,7 @@ def test_onnx_export_segments_like_the_predictor_where_tensorflow_cannot_be_impo
     output = tmp_path / "onnx"
     (output / "stale").mkdir(parents=True)  # replaced whole
     assert export.run_export([str(folds)], "latest", str(output), folds="all", export_format="onnx") == str(output)
-    assert sorted(os.listdir(output)) == ["finish.onnx", "metadata.json", "network.onnx", "segment.py"]
+    assert sorted(os.listdir(output)) == ["combine.onnx", "finish.onnx", "metadata.json", "network.onnx", "segment.py"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
     predictor, ensemble, _ = load_predictor([str(folds)], ["latest"], "all", ["evaluation.accumulation=float32"])
     _, images = new_images(tmp_path, stored_recipe(ensemble.params))

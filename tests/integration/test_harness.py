@@ -3,6 +3,7 @@ repetitions and ratios; and the fields and appending of a kept line (benchmarks/
 import ast
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -89,3 +90,22 @@ def test_scripts_import_no_other_script_and_measure_no_rss_themselves():
         imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & scripts, f"{name} imports {imported & scripts}"
         assert not any(word in sources[name] for word in ("ru_maxrss", "VmHWM", "/proc/")), name
+
+
+def test_the_commit_is_dirty_for_changed_code_but_not_for_the_lines_a_run_appends(tmp_path, monkeypatch):
+    """A measured run appends to a tracked benchmarks/results/*.jsonl: that alone leaves the commit clean."""
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "x.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(harness, "REPO", str(tmp_path))
+    clean = machine_info.commit()
+    assert clean and not clean.endswith("-dirty")
+    with open(tmp_path / "benchmarks" / "results" / "x.jsonl", "a") as f:
+        f.write("{}\n")
+    assert machine_info.commit() == clean
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert machine_info.commit() == clean + "-dirty"

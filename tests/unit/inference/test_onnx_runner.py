@@ -1,8 +1,9 @@
 """The numpy runner of the ONNX export (inference/onnx_runner.py, copied as segment.py): it cannot import
-windows.py, so its window grid is checked equal to it."""
+windows.py or the predictor, so its window grid and flips are checked equal to theirs."""
 import numpy as np
 
 from medseg_dl.inference import onnx_runner
+from medseg_dl.inference.predictor import MIRROR_AXES
 from medseg_dl.inference.windows import window_grid
 
 
@@ -18,3 +19,8 @@ def test_the_onnx_runners_window_grid_is_that_of_windows_py():
                 np.testing.assert_array_equal(positions, expected.positions)
                 for got, want in zip(coverages, expected.coverage):
                     np.testing.assert_array_equal(got, want)
+
+
+def test_the_onnx_runners_flips_are_the_predictors_in_its_order():
+    """segment.py sums network.onnx's outputs over the flips in the order the Predictor sums them."""
+    assert [list(axes) for axes in onnx_runner.MIRROR_AXES] == MIRROR_AXES and len(MIRROR_AXES) == 8

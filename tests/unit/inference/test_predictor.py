@@ -355,20 +355,3 @@ def test_an_ensemble_with_mirroring_averages_the_region_sigmoids():
     twice = Predictor([network, network], (16, 16, 16), REGIONS).window_function(2)(window, tf.constant([[0.5] * 3]))
     np.testing.assert_allclose(twice.numpy(), logits, rtol=1e-5, atol=1e-5)
 
-
-@pytest.mark.parametrize("targets", [classes(3), REGIONS], ids=["labels", "regions"])
-def test_flips_in_one_call_give_the_window_logits_of_one_call_per_flip(targets):
-    """The ONNX export's form (each member runs once on the 8 flips stacked) against the Predictor's (once per
-    flip): two members whose logits depend on the window and on its position, three windows at other positions."""
-    def member(seed):
-        convolve = conv_network(random_kernel(seed))
-        return lambda inputs: convolve(inputs) + 3.0 * inputs["position"][:, None, None, None, :]
-
-    predictor = Predictor([member(31), member(32)], (8, 6, 10), targets, tta_mirroring=True, **EXACT)
-    window_batch = tf.constant(np.random.default_rng(33).normal(size=(3, 8, 6, 10, 2)).astype(np.float32))
-    positions = tf.constant([[0.1, 0.5, 0.9], [0.7, 0.2, 0.4], [0.0, 1.0, 0.6]], tf.float32)
-    per_flip = predictor.window_logits(window_batch, positions).numpy()
-    one_call = tf.function(lambda w, p: predictor.window_logits(w, p, flips_in_one_call=True))(window_batch, positions)
-    np.testing.assert_allclose(one_call.numpy(), per_flip, atol=1e-6, rtol=0)
-    unflipped = predictor.networks[0]({"image": window_batch, "position": positions}).numpy()
-    assert np.abs(per_flip - unflipped).max() > 0.1  # the flips and the second member matter
