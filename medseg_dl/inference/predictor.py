@@ -270,8 +270,8 @@ class Predictor:
             return self._logits(0, windows, positions)
         total = 0.0
         for axes in self.flips:
-            flips = tf.constant([axis in axes for axis in (1, 2, 3)])
-            total += tf.reverse(self.probability_sum(tf.reverse(windows, axes), mirror_positions(positions, flips)),
+            flipped = tf.constant([axis in axes for axis in (1, 2, 3)])
+            total += tf.reverse(self.probability_sum(tf.reverse(windows, axes), mirror_positions(positions, flipped)),
                                 axes)
         return self.log_mean(total)
 
