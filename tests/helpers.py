@@ -4,6 +4,7 @@ conversions expected to fail.
 Import it as `helpers` (tests/ is on sys.path: conftest.py lies there)."""
 import csv
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +23,24 @@ HIPPO = os.path.join(DATA, "msd_hippocampus")
 BRATS = os.path.join(DATA, "brats2015_deepmedic")
 BRATS_SUBJECT = os.path.join(BRATS, "train", "brats_2013_pat0005_1")
 HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+
+
+# What a CPU user must not see on stderr (tests/integration/test_logs.py, test_end_to_end.py)
+TENSORFLOW_NOISE = [
+    re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d"),  # a C++ log line in absl's format: I0000 00:00:1796518796.45 ...
+    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IE] "),  # INFO/ERROR in TensorFlow's own older format
+    re.compile("cuInit"),  # the CUDA platform's failed start on a machine without an NVIDIA driver (E-level)
+    re.compile("oneDNN custom operations"),  # the INFO notice that oneDNN kernels are on
+    re.compile("absl::InitializeLog"),  # absl's notice that it logs to stderr before it is set up
+    re.compile("leaked semaphore"),  # multiprocessing's resource tracker: a conversion worker was killed
+]
+# the environment a user runs `medseg` in: without the TF_CPP_MIN_LOG_LEVEL this suite sets, without CUDA_VISIBLE_DEVICES
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+
+
+def tensorflow_noise(stderr):
+    """The lines of `stderr` (str) that match TENSORFLOW_NOISE."""
+    return [line for line in stderr.splitlines() if any(p.search(line) for p in TENSORFLOW_NOISE)]
 
 
 def hippo_params(root, model_dir, **sections):

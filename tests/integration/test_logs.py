@@ -1,6 +1,7 @@
-"""What a CPU user sees on stderr: `medseg convert`, `train` and `evaluate` run as a user runs them (without
-the TF_CPP_MIN_LOG_LEVEL this suite sets, without CUDA_VISIBLE_DEVICES) print no TensorFlow C++ chatter
-and no leaked-semaphore warning, while TensorFlow's warnings still reach the user."""
+"""What a CPU user sees on stderr (helpers.USER_ENV: without the TF_CPP_MIN_LOG_LEVEL this suite sets, without
+CUDA_VISIBLE_DEVICES): a failed conversion in a process pool leaves no leaked-semaphore warning, and TensorFlow's
+warnings still reach the user. test_end_to_end.py checks that convert (in a pool), train, evaluate, predict and show
+print no TensorFlow C++ chatter."""
 import os
 import re
 import subprocess
@@ -8,36 +9,16 @@ import sys
 
 import yaml
 
-from helpers import REPO, synthetic_dataset, tiny_params
+from helpers import REPO, USER_ENV, synthetic_dataset, tensorflow_noise, tiny_params
 
-NOISE = [
-    re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d"),  # a C++ log line in absl's format: I0000 00:00:1796518796.45 ...
-    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IE] "),  # INFO/ERROR in TensorFlow's own older format
-    re.compile("cuInit"),  # the CUDA platform's failed start on a machine without an NVIDIA driver (E-level)
-    re.compile("oneDNN custom operations"),  # the INFO notice that oneDNN kernels are on
-    re.compile("absl::InitializeLog"),  # absl's notice that it logs to stderr before it is set up
-    re.compile("leaked semaphore"),  # multiprocessing's resource tracker: a conversion worker was killed
-]
-USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
 MEDSEG = os.path.join(os.path.dirname(sys.executable), "medseg")
 
 
 def medseg(*args):
     done = subprocess.run([MEDSEG, *args], env=USER_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    noise = [line for line in done.stderr.splitlines() if any(p.search(line) for p in NOISE)]
+    noise = tensorflow_noise(done.stderr)
     assert not noise, f"medseg {args[0]} printed:\n" + "\n".join(noise)
     return done
-
-
-def test_convert_train_evaluate_print_no_tensorflow_chatter(tmp_path):
-    root = synthetic_dataset(tmp_path / "data")
-    params = tiny_params(root, tmp_path / "run", training={"steps": 4, "checkpoint_every": 4, "log_every": 2})
-    params["data"]["workers"] = 2  # conversion in a process pool
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert medseg("convert", "--params", str(tmp_path / "params.yaml")).returncode == 0
-    run_params = str(tmp_path / "run" / "params.yaml")
-    assert medseg("train", "--params", run_params).returncode == 0
-    assert medseg("evaluate", "--params", run_params, "--once").returncode == 0
 
 
 def test_failed_conversion_leaves_no_semaphore(tmp_path):
