@@ -103,8 +103,8 @@ def export_timing(root, fold_dirs, output_dir):
     return {"export_s": round(export_s, 1), "export_s_per_volume": round(statistics.median(exported_s), 3),
             "export_s_per_volume_runs": [round(s, 3) for s in exported_s],
             "predictor_s_per_volume": round(statistics.median(predictor_s), 3),
-            "predictor_s_per_volume_runs": [round(s, 3) for s in predictor_s], "timed_volumes": len(cases),
-            "export_labels_identical": f"{equal}/{len(cases)}", "members": len(ensemble.members)}
+            "predictor_s_per_volume_runs": [round(s, 3) for s in predictor_s], "timed_volumes": len(exported_s),
+            "export_labels_identical": f"{equal}/{len(exported_s)}", "members": len(ensemble.members)}
 
 
 def main():
