@@ -59,6 +59,9 @@ def step_times_s(model_dir_path):
     is the only one."""
     from medseg_dl.experiment.model_dir import ModelDir
 
-    with open(ModelDir(model_dir_path).scalars_csv) as f:
+    path = ModelDir(model_dir_path).scalars_csv
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing: the training logged no step (see its log); give it more time")
+    with open(path) as f:
         rows = list(csv.DictReader(f))
     return [float(row["step_time_s"]) for row in (rows[1:] or rows)]
