@@ -101,8 +101,8 @@ class OnnxSegmenter:
             return self.network.run(None, {"windows": windows, "positions": positions})[0]
         total = 0.0
         for axes in self.flips:
-            mirrored = positions.copy()
-            mirrored[:, [axis - 1 for axis in axes]] = 1.0 - mirrored[:, [axis - 1 for axis in axes]]
+            mirrored, columns = positions.copy(), [axis - 1 for axis in axes]
+            mirrored[:, columns] = 1.0 - mirrored[:, columns]
             flipped = np.ascontiguousarray(np.flip(windows, axes))
             total = total + np.flip(self.network.run(None, {"windows": flipped, "positions": mirrored})[0], axes)
         return self.combine.run(None, {"total": np.ascontiguousarray(total, np.float32)})[0]
